@@ -1,0 +1,22 @@
+"""DiffuApriel for Hugging Face Transformers. Importing this package registers the model type "diffuapriel" with
+`AutoConfig`, `AutoModel` and `AutoModelForMaskedLM`."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from .configuration_diffuapriel import DiffuAprielConfig
+from .modeling_diffuapriel import DiffuAprielForMaskedLM, DiffuAprielModel, DiffuAprielPreTrainedModel
+from .presets import PRESETS, preset_config
+
+AutoConfig.register(DiffuAprielConfig.model_type, DiffuAprielConfig, exist_ok=True)
+AutoModel.register(DiffuAprielConfig, DiffuAprielModel, exist_ok=True)
+AutoModelForMaskedLM.register(DiffuAprielConfig, DiffuAprielForMaskedLM, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "DiffuAprielConfig",
+    "DiffuAprielModel",
+    "DiffuAprielForMaskedLM",
+    "DiffuAprielPreTrainedModel",
+    "PRESETS",
+    "preset_config",
+]

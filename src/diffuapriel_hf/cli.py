@@ -1,0 +1,29 @@
+"""The `diffuapriel` command: `diffuapriel {train,generate,convert} ...`. Each subcommand lives in its own module,
+imported only when it runs, and exposes `add_arguments(parser)` and `run(args)`."""
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("diffuapriel_hf.train", "train a model with transformers' Trainer"),
+    "generate": ("diffuapriel_hf.generate_command", "generate or infill text with a model"),
+    "convert": ("diffuapriel_hf.convert", "convert a Mamba-2 language model into DiffuApriel"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="diffuapriel", description="DiffuApriel masked diffusion language models")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text)
+        if name == chosen:
+            importlib.import_module(module_name).add_arguments(sub)
+    args = parser.parse_args(argv)
+    return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Diffusion sampling for `DiffuAprielForMaskedLM.generate` (filled in by the generation work)."""
+
+
+class DiffusionGenerationMixin:
+    pass
