@@ -125,6 +125,9 @@ class DiffuAprielConfig(PretrainedConfig):
         self.use_mamba_kernels = use_mamba_kernels
         self.mask_token_id = mask_token_id
         self.sampling_eps = sampling_eps
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+        # Our own checks first, so that an invalid field gets our message rather than the base class's.
+        self.validate()
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -132,7 +135,6 @@ class DiffuAprielConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate()
 
     @property
     def mamba_intermediate_size(self) -> int:

@@ -155,9 +155,13 @@ def rotate_half(x):
 class DiffuAprielRotaryEmbedding(nn.Module):
     def __init__(self, config: DiffuAprielConfig):
         super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: DiffuAprielConfig) -> torch.Tensor:
         dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -282,6 +286,9 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, DiffuAprielRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, DiffuAprielRotaryEmbedding):
+            # A non-persistent buffer: from_pretrained materialises the model without it, so it is computed here.
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
         elif isinstance(module, Mamba2Mixer):
             # Mamba-2's initialisation: A = -[1..H], D = 1, dt log-uniform in [dt_min, dt_max] (stored as
             # softplus^-1(dt) in dt_bias).
@@ -412,6 +419,10 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
     vocabulary entry included; the mask token is excluded where probabilities are formed (the loss, the samplers)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The loss is normalised inside forward by its own count (the positions with a positive weight), not by
+    # Trainer's `num_items_in_batch` (the labelled positions): without this, Trainer would see `**kwargs`, assume the
+    # model normalises by `num_items_in_batch`, and skip its division by the gradient accumulation steps.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: DiffuAprielConfig):
         super().__init__(config)

@@ -5,10 +5,10 @@ their speed and quality compare like for like; `tests/test_config.py` checks the
 
 | preset               | layers                     | parameters    |
 |----------------------|----------------------------|---------------|
-| `diffuapriel-1.3b`   | 20 bidirectional Mamba-2   | 1,392,748,544 |
-| `diffuapriel-h-1.3b` | 18 Mamba-2 + 4 attention   | 1,377,976,320 |
-| `diffutran-1.3b`     | 24 attention               | 1,342,244,864 |
-| `diffuapriel-240m`   | 12 bidirectional Mamba-2   |   247,056,384 |
+| `diffuapriel-1.3b`   | 20 bidirectional Mamba-2   | 1,388,559,872 |
+| `diffuapriel-h-1.3b` | 18 Mamba-2 + 4 attention   | 1,377,453,824 |
+| `diffutran-1.3b`     | 24 attention               | 1,336,154,112 |
+| `diffuapriel-240m`   | 12 bidirectional Mamba-2   |   247,639,296 |
 """
 
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
