@@ -10,6 +10,10 @@ from .presets import PRESETS, preset_config
 AutoConfig.register(DiffuAprielConfig.model_type, DiffuAprielConfig, exist_ok=True)
 AutoModel.register(DiffuAprielConfig, DiffuAprielModel, exist_ok=True)
 AutoModelForMaskedLM.register(DiffuAprielConfig, DiffuAprielForMaskedLM, exist_ok=True)
+# save_pretrained then also writes the source files and config.json's auto_map (Hub remote code, see hub.py).
+DiffuAprielConfig.register_for_auto_class()
+DiffuAprielModel.register_for_auto_class("AutoModel")
+DiffuAprielForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
 __version__ = "0.1.0"
 __all__ = [
