@@ -282,6 +282,28 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`, but weights whose shapes do not match the config raise a `ValueError` that
+        names each tensor and both shapes (transformers names them only in its logged load report).
+        `ignore_mismatched_sizes=True` still re-initialises them instead."""
+        if kwargs.get("ignore_mismatched_sizes"):
+            return super().from_pretrained(*args, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            *args, **kwargs, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+        if loading_info["mismatched_keys"]:
+            raise ValueError(
+                "the checkpoint's weights do not match its config: "
+                + "; ".join(
+                    f"{key} has shape {tuple(found)} in the checkpoint but {tuple(expected)} in the model the config "
+                    "describes"
+                    for key, found, expected in sorted(loading_info["mismatched_keys"])
+                )
+            )
+        return (model, loading_info) if output_loading_info else model
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, DiffuAprielRMSNorm):
