@@ -77,7 +77,8 @@ def mamba_chunk_scan_combined_reference(
 
     # 2. The state each chunk adds, as seen at its end.
     decay_to_end = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (b, h, c, q)
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, x_dt)
+    B_decayed = B * decay_to_end.permute(0, 2, 3, 1)[..., None]  # (b, c, q, h, n)
+    chunk_states = torch.einsum("bclhn,bclhp->bchpn", B_decayed, x_dt)
 
     # 3. Carry the states across chunks (a recurrence over chunks, written as one product).
     if initial_states is None:
@@ -90,7 +91,8 @@ def mamba_chunk_scan_combined_reference(
     states, final_state = states[:, :-1], states[:, -1]
 
     # 4. What the state entering each chunk contributes to its outputs.
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cumsum))
+    y_from_state = torch.einsum("bclhn,bchpn->bclhp", C, states)
+    y = y + y_from_state * torch.exp(A_cumsum).permute(0, 2, 3, 1)[..., None]
 
     y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
     if D is not None:
@@ -146,6 +148,25 @@ _kernel_ops = None  # None: not looked for yet; False: not installed
 _warned_fallback = False
 
 
+def _causal_conv1d_via_kernel(kernel):
+    """causal-conv1d's kernel where it applies (width 2 to 4, silu or no activation), the reference elsewhere.
+
+    The kernel reads x (b, d, l) in place either channels-first (l contiguous) or channels-last (d contiguous, as the
+    transpose of a (b, l, d) row slice is); channels-last needs d and the row stride to be multiples of 8, so any
+    other channels-last view is copied to channels-first. Its output has x's layout and dtype; the weight and bias may
+    be float32 under a bfloat16 input (autocast)."""
+
+    def causal_conv1d(x, weight, bias=None, activation=None):
+        if not 2 <= weight.shape[-1] <= 4 or activation not in (None, "silu", "swish"):
+            return causal_conv1d_reference(x, weight, bias, activation)
+        channels_last = x.stride(1) == 1 and x.stride(2) > 1
+        if channels_last and (x.shape[1] % 8 or x.stride(2) % 8 or x.stride(0) % 8):
+            x = x.contiguous()
+        return kernel(x, weight, bias, activation=activation)
+
+    return causal_conv1d
+
+
 def kernel_ops():
     """The CUDA kernels as `MambaOps`, or None when mamba-ssm is not installed. causal-conv1d is optional: without it
     the convolution takes the PyTorch reference (cuDNN's depthwise convolution) and the rest stays on kernels."""
@@ -160,8 +181,10 @@ def kernel_ops():
             try:
                 from causal_conv1d import causal_conv1d_fn
             except ImportError:
-                causal_conv1d_fn = causal_conv1d_reference
-            _kernel_ops = MambaOps("kernels", mamba_chunk_scan_combined, causal_conv1d_fn, rmsnorm_fn)
+                conv = causal_conv1d_reference
+            else:
+                conv = _causal_conv1d_via_kernel(causal_conv1d_fn)
+            _kernel_ops = MambaOps("kernels", mamba_chunk_scan_combined, conv, rmsnorm_fn)
     return _kernel_ops or None
 
 

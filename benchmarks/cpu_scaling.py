@@ -1,0 +1,99 @@
+"""How the cost of one forward pass (one denoising step) grows with sequence length on the CPU, PyTorch path.
+
+Each (config, length) runs in a fresh subprocess so that its peak resident memory is its own. Writes
+benchmarks/results/cpu_scaling.json and .md.
+
+    python benchmarks/cpu_scaling.py                       # tiny and ~50M configs, 1K..16K tokens
+    python benchmarks/cpu_scaling.py --lengths 1024 2048   # a quicker look
+"""
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "tiny": dict(name="tiny"),
+    # ~50M parameters: GPT-2 vocabulary, 6 bidirectional Mamba-2 blocks of width 512 with state size 128.
+    "mamba-50m": dict(
+        name="diffuapriel-240m", hidden_size=512, num_hidden_layers=6, intermediate_size=1024, mamba_d_state=128,
+    ),
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def measure(config_name: str, seqlen: int, repeats: int) -> dict:
+    """Runs in the child process: build the model, time `repeats` forward passes, report the peak RSS."""
+    from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
+
+    fields = dict(CONFIGS[config_name])
+    config = preset_config(fields.pop("name"), **fields)
+    torch.manual_seed(0)
+    model = DiffuAprielForMaskedLM(config).eval()
+    ids = torch.randint(0, config.vocab_size - 1, (1, seqlen))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    with torch.inference_mode():
+        model(ids[:, :256])  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(ids)
+            times.append(time.perf_counter() - start)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(
+        config=config_name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        seqlen=seqlen,
+        forward_s=min(times),
+        ms_per_token=1000 * min(times) / seqlen,
+        peak_rss_mib=round(peak_mib, 1),
+        peak_rss_growth_mib=round(peak_mib - rss_before / 1024, 1),
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "LENGTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.repeats)))
+        return
+
+    rows = []
+    for config_name in args.configs:
+        for seqlen in args.lengths:
+            child = [sys.executable, __file__, "--child", config_name, str(seqlen), "--repeats", str(args.repeats)]
+            row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    machine = dict(
+        processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__
+    )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu_scaling.json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=2) + "\n")
+    lines = [
+        f"CPU forward pass (PyTorch path, fp32, batch 1), {machine['threads']} threads, torch {machine['torch']}.",
+        "",
+        "| config | params | tokens | forward (s) | ms / token | peak RSS (MiB) | RSS growth (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['parameters'] / 1e6:.1f}M | {r['seqlen']} | {r['forward_s']:.3f} | "
+            f"{r['ms_per_token']:.3f} | {r['peak_rss_mib']} | {r['peak_rss_growth_mib']} |"
+        )
+    (RESULTS / "cpu_scaling.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
