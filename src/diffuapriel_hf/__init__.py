@@ -4,6 +4,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_diffuapriel import DiffuAprielConfig
+from .data import DataCollatorForMaskedDiffusion
 from .modeling_diffuapriel import DiffuAprielForMaskedLM, DiffuAprielModel, DiffuAprielPreTrainedModel
 from .presets import PRESETS, preset_config
 
@@ -17,6 +18,7 @@ DiffuAprielForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
 __version__ = "0.1.0"
 __all__ = [
+    "DataCollatorForMaskedDiffusion",
     "DiffuAprielConfig",
     "DiffuAprielModel",
     "DiffuAprielForMaskedLM",

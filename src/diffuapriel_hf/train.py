@@ -1,0 +1,347 @@
+"""Train a DiffuApriel masked diffusion LM with `transformers.Trainer`: `diffuapriel train ...` or
+`python -m diffuapriel_hf.train ...`.
+
+Text files (each file one document) or a dataset saved with `datasets`' `save_to_disk` go in; the documents are
+tokenized, joined with the eos token and cut into sequences of `--seq_len` tokens. The tokenizer is either trained
+here (byte-level BPE with `tokenizers`, sized to the model's vocabulary) or an existing one given a mask token. A
+held-out share of the sequences is evaluated as the negative ELBO in bits per token on a fixed grid of diffusion
+times with fixed masks, so evaluations are comparable across steps and runs. The output folder holds the config,
+safetensors weights, tokenizer, generation config and the train/eval metrics (tokens per second included).
+
+Distribution is `accelerate`'s, through `Trainer`: the same command runs under `accelerate launch` on several GPUs
+with DDP or FSDP (see benchmarks/training_throughput.md).
+"""
+
+import argparse
+import math
+import os
+from functools import partial
+from typing import Optional
+
+import torch
+
+from .configuration_diffuapriel import DiffuAprielConfig
+from .data import DataCollatorForMaskedDiffusion
+from .diffusion import bits_per_token, elbo_times, perplexity_bound, token_nll
+from .presets import PRESETS, preset_config
+
+EOS_TOKEN, PAD_TOKEN, MASK_TOKEN = "<|endoftext|>", "<|pad|>", "<|mask|>"
+# Configuration entries that describe a run or a library version rather than the model.
+NON_MODEL_CONFIG_KEYS = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "auto_map"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    source = data.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train_files", nargs="+", metavar="FILE", help="UTF-8 text files, each one document")
+    source.add_argument("--dataset", metavar="DIR", help="a dataset saved by datasets' save_to_disk ('train' split of a DatasetDict)")
+    data.add_argument("--text_column", default="text", help="the dataset's text column (default: text)")
+    data.add_argument("--seq_len", type=int, default=1024, help="tokens per training sequence (default: 1024)")
+    data.add_argument("--eval_fraction", type=float, default=0.01,
+                      help="share of the sequences held out for the ELBO evaluation; 0 turns evaluation off")
+    data.add_argument("--elbo_samples", type=int, default=8,
+                      help="diffusion times on the ELBO evaluation grid, per held-out sequence (default: 8)")
+
+    model = parser.add_argument_group("model and tokenizer")
+    config = model.add_mutually_exclusive_group(required=True)
+    config.add_argument("--preset", choices=sorted(PRESETS), help="a named model configuration")
+    config.add_argument("--config", metavar="PATH", help="a config.json, or a folder holding one")
+    model.add_argument("--vocab_size", type=int, help="override the configuration's vocab_size")
+    model.add_argument("--tokenizer", metavar="NAME_OR_PATH",
+                       help="an existing tokenizer (a mask token is added if missing); default: train a byte-level "
+                            "BPE tokenizer of the model's vocab_size on the training text")
+
+    training = parser.add_argument_group("training (transformers.TrainingArguments)")
+    training.add_argument("--output_dir", required=True)
+    training.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; -1: run --num_train_epochs")
+    training.add_argument("--num_train_epochs", type=float, default=1.0)
+    training.add_argument("--per_device_train_batch_size", type=int, default=8)
+    training.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--learning_rate", type=float, default=3e-4)
+    training.add_argument("--weight_decay", type=float, default=0.1)
+    training.add_argument("--warmup_steps", type=int, default=0)
+    training.add_argument("--lr_scheduler_type", default="cosine")
+    training.add_argument("--logging_steps", type=int, default=10)
+    training.add_argument("--eval_steps", type=int, default=500)
+    training.add_argument("--save_steps", type=int, default=500)
+    training.add_argument("--save_total_limit", type=int, default=2)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    training.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    training.add_argument("--dataloader_num_workers", type=int, default=0)
+    training.add_argument("--report_to", default="none", help="logging integrations: none, tensorboard, wandb, ...")
+    training.add_argument("--resume_from_checkpoint", metavar="DIR",
+                          help="a checkpoint folder of an earlier run, or 'last' for the newest in --output_dir")
+
+
+def read_text_files(paths: list[str]) -> list[str]:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"--train_files: {path!r} is not a file")
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            texts.append(handle.read())
+    return texts
+
+
+def load_corpus(args):
+    """The training documents as a `datasets.Dataset` with one column `text`."""
+    import datasets
+
+    if args.train_files:
+        corpus = datasets.Dataset.from_dict({"text": read_text_files(args.train_files)})
+    else:
+        if not os.path.isdir(args.dataset):
+            raise ValueError(f"--dataset: {args.dataset!r} is not a folder saved by datasets' save_to_disk")
+        corpus = datasets.load_from_disk(args.dataset)
+        if isinstance(corpus, datasets.DatasetDict):
+            if "train" not in corpus:
+                raise ValueError(f"--dataset: the DatasetDict has no 'train' split (splits: {list(corpus)})")
+            corpus = corpus["train"]
+        if args.text_column not in corpus.column_names:
+            raise ValueError(f"--text_column: {args.text_column!r} is not a column of the dataset ({corpus.column_names})")
+        corpus = corpus.select_columns([args.text_column]).rename_column(args.text_column, "text")
+    if not any(text and text.strip() for text in corpus["text"]):
+        raise ValueError("the training corpus is empty: no document holds any text")
+    return corpus
+
+
+def train_bpe_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `texts` (strings or batches of strings), with eos (also bos), pad and mask tokens,
+    as a `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    special = [EOS_TOKEN, PAD_TOKEN, MASK_TOKEN]
+    if vocab_size < len(alphabet) + len(special):
+        raise ValueError(
+            f"vocab_size {vocab_size} leaves no room for a byte-level BPE tokenizer and its mask token: it needs at "
+            f"least {len(alphabet) + len(special)} (256 bytes and {len(special)} special tokens); raise --vocab_size"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        mask_token=MASK_TOKEN,
+    )
+
+
+def prepare_tokenizer(tokenizer, vocab_size: int):
+    """Give an existing tokenizer the special tokens training needs (mask, eos; pad = eos) and check that the model's
+    vocabulary holds all of its tokens."""
+    added = {}
+    if tokenizer.mask_token is None:
+        added["mask_token"] = MASK_TOKEN
+    if tokenizer.eos_token is None:
+        added["eos_token"] = EOS_TOKEN
+    if added:
+        tokenizer.add_special_tokens(added)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is never attended to nor counted
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens{' with the added ' + ', '.join(added) if added else ''}, more "
+            f"than the model's vocab_size {vocab_size}: no room for its mask token; raise --vocab_size to at least "
+            f"{len(tokenizer)}"
+        )
+    return tokenizer
+
+
+def chunk_documents(batch: dict, tokenizer, seq_len: int) -> dict:
+    """`datasets.map(batched=True)` function: tokenize the documents, end each with eos, join them and cut the stream
+    into sequences of `seq_len` tokens (the tail shorter than `seq_len` is dropped)."""
+    stream = []
+    for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
+        stream.extend(ids + [tokenizer.eos_token_id])
+    return {"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
+
+
+def elbo_eval_examples(sequences: list[list[int]], num_samples: int) -> list[dict]:
+    """Each held-out sequence once per time of the ELBO grid, with its own fixed noise seed: the evaluation set whose
+    loss-weighted negative log-likelihood, summed and divided by the counted tokens, is the negative ELBO per token."""
+    times = elbo_times(num_samples).tolist()
+    return [
+        {"input_ids": ids, "t": t, "noise_seed": i * num_samples + k}
+        for i, ids in enumerate(sequences) for k, t in enumerate(times)
+    ]
+
+
+def elbo_terms(logits: torch.Tensor, labels: tuple, mask_token_id: int) -> torch.Tensor:
+    """`preprocess_logits_for_metrics`: one batch's logits (B, L, V) reduced to (B, 2), each sequence's loss-weighted
+    nats and its counted tokens (labels is the pair (labels, loss_weights): `label_names` names both)."""
+    labels, loss_weights = labels
+    nats = (token_nll(logits, labels, mask_token_id) * loss_weights.float()).sum(-1)  # (B,)
+    return torch.stack([nats, (loss_weights > 0).sum(-1).float()], dim=-1)
+
+
+def elbo_metrics(prediction) -> dict:
+    """`compute_metrics` over the gathered `elbo_terms` of the whole evaluation set."""
+    nats, tokens = prediction.predictions[:, 0].sum(), prediction.predictions[:, 1].sum()
+    return {"bits_per_token": bits_per_token(nats, tokens), "perplexity_bound": perplexity_bound(nats, tokens)}
+
+
+def resolve_checkpoint(args) -> Optional[str]:
+    if args.resume_from_checkpoint is None:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    path = args.resume_from_checkpoint
+    if path == "last":
+        path = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if path is None:
+            raise ValueError(f"--resume_from_checkpoint last: {args.output_dir!r} holds no checkpoint-* folder")
+    for name in ("config.json", "trainer_state.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ValueError(f"--resume_from_checkpoint: {path!r} is not a Trainer checkpoint (no {name})")
+    return path
+
+
+def check_resume_config(config: DiffuAprielConfig, checkpoint: str) -> None:
+    saved = DiffuAprielConfig.from_pretrained(checkpoint).to_dict()
+    ours = config.to_dict()
+    differences = sorted(k for k in set(saved) | set(ours) if k not in NON_MODEL_CONFIG_KEYS and saved.get(k) != ours.get(k))
+    if differences:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {ours.get(k)!r}" for k in differences)
+        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} does not match this run's model config ({details})")
+
+
+def save_generation_config(model, output_dir: str) -> None:
+    """Write generation_config.json when the generation module provides `DiffusionGenerationConfig`."""
+    try:
+        from .generation import DiffusionGenerationConfig
+    except ImportError:
+        return
+    config = model.config
+    generation_config = DiffusionGenerationConfig(
+        mask_token_id=config.mask_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+    )
+    model.generation_config = generation_config
+    generation_config.save_pretrained(output_dir)
+
+
+def run(args) -> int:
+    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    from .modeling_diffuapriel import DiffuAprielForMaskedLM
+
+    # Everything that can be wrong with the inputs is checked before the first step.
+    config = preset_config(args.preset) if args.preset else DiffuAprielConfig.from_pretrained(args.config)
+    vocab_size = args.vocab_size or config.vocab_size
+    if args.seq_len < 1:
+        raise ValueError(f"--seq_len must be positive, got {args.seq_len}")
+    if config.max_position_embeddings is not None and args.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"--seq_len {args.seq_len} is above the config's max_position_embeddings {config.max_position_embeddings}"
+        )
+    if not 0 <= args.eval_fraction < 1:
+        raise ValueError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    checkpoint = resolve_checkpoint(args)
+
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_scheduler_type=args.lr_scheduler_type,
+        logging_steps=args.logging_steps, logging_first_step=True, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, seed=args.seed, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=args.dataloader_num_workers,
+        report_to=args.report_to,
+        eval_strategy="steps" if args.eval_fraction > 0 else "no", eval_steps=args.eval_steps,
+        # The collator reads the evaluation set's `t` / `noise_seed` columns, which forward does not take.
+        remove_unused_columns=False,
+        # Both go to `elbo_terms`; the loss itself is computed by the model from the batch.
+        label_names=["labels", "loss_weights"],
+        # Every parameter takes part in every forward pass.
+        ddp_find_unused_parameters=False,
+    )
+
+    corpus = load_corpus(args)
+    # The main process trains (or prepares) the tokenizer and saves it; the others load that copy, so all processes
+    # share one vocabulary.
+    tokenizer_dir = os.path.join(args.output_dir, "tokenizer")
+    with training_args.main_process_first(local=False, desc="tokenizer"):
+        if checkpoint is not None:
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        elif not training_args.should_save:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        else:
+            if args.tokenizer:
+                tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(args.tokenizer), vocab_size)
+            else:
+                tokenizer = train_bpe_tokenizer((b["text"] for b in corpus.iter(batch_size=1000)), vocab_size)
+            tokenizer.save_pretrained(tokenizer_dir)
+    prepare_tokenizer(tokenizer, vocab_size)
+
+    config.update(dict(
+        vocab_size=vocab_size, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+    ))
+    config.validate()
+    if checkpoint is not None:
+        check_resume_config(config, checkpoint)
+
+    sequences = corpus.map(
+        chunk_documents, batched=True, remove_columns=corpus.column_names,
+        fn_kwargs=dict(tokenizer=tokenizer, seq_len=args.seq_len), desc="tokenizing",
+    )
+    num_eval = math.ceil(args.eval_fraction * len(sequences)) if args.eval_fraction > 0 else 0
+    if len(sequences) - num_eval < 1:
+        raise ValueError(
+            f"the corpus gives {len(sequences)} sequence(s) of {args.seq_len} tokens: too few to train"
+            + (f" and hold out {num_eval} for evaluation" if num_eval else "")
+            + "; add text or lower --seq_len"
+        )
+    train_dataset = sequences.select(range(len(sequences) - num_eval))
+    eval_dataset = None
+    if num_eval:
+        from datasets import Dataset
+
+        held_out = sequences.select(range(len(sequences) - num_eval, len(sequences)))["input_ids"]
+        eval_dataset = Dataset.from_list(elbo_eval_examples(held_out, args.elbo_samples))
+
+    set_seed(args.seed)  # the initial weights
+    model = DiffuAprielForMaskedLM(config)
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=DataCollatorForMaskedDiffusion(tokenizer, sampling_eps=config.sampling_eps),
+        processing_class=tokenizer,
+        compute_metrics=elbo_metrics if eval_dataset is not None else None,
+        preprocess_logits_for_metrics=(
+            partial(elbo_terms, mask_token_id=config.mask_token_id) if eval_dataset is not None else None
+        ),
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_tokens_per_second"] = metrics["train_samples_per_second"] * args.seq_len
+    metrics["world_size"] = training_args.world_size
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    if eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        save_generation_config(model, args.output_dir)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffuapriel_hf.train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
