@@ -117,17 +117,30 @@ def test_hidden_states_and_attentions_follow_hybrid_conventions():
         tiny_model("hybrid", attn_implementation="sdpa")(ids, output_attentions=True)
 
 
-def test_sdpa_and_eager_agree_with_padding():
+@pytest.mark.parametrize("implementation", ["sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])
+def test_attention_implementations_agree_with_eager_under_padding(implementation):
     ids = random_ids(tiny_model("attention").config, 2, 10)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     outputs = []
-    for implementation in ("eager", "sdpa"):
-        with torch.no_grad():
-            model = tiny_model("attention", seed=4, attn_implementation=implementation)
+    for name in ("eager", implementation):
+        with torch.no_grad():  # flex_attention has no backward on the CPU
+            model = tiny_model("attention", seed=4, attn_implementation=name)
             outputs.append(model(ids, attention_mask=mask).logits)
     torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outputs[0][1, 4:], outputs[1][1, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_device_map_auto_and_fp16_loading(tmp_path):
+    model = tiny_model("hybrid", seed=7)
+    ids = random_ids(model.config, 2, 9)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reference = model(ids).logits
+        mapped = DiffuAprielForMaskedLM.from_pretrained(tmp_path, device_map="auto")
+        torch.testing.assert_close(mapped(ids).logits, reference)
+        half = DiffuAprielForMaskedLM.from_pretrained(tmp_path, dtype=torch.float16)
+        assert half(ids).logits.dtype == torch.float16
 
 
 def test_logits_are_untouched_and_loss_excludes_the_mask_token():
