@@ -1,0 +1,177 @@
+"""Hub folders: the remote-code bundle (and its drift from the package), save_pretrained / save_for_hub, loading with
+trust_remote_code=True where diffuapriel_hf cannot be imported, and what loading refuses."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
+from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
+
+from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
+from diffuapriel_hf.hub import AUTO_MAP, HEADER, bundle_drift, bundle_files, save_for_hub, write_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return DiffuAprielForMaskedLM(preset_config("tiny")).eval()
+
+
+def tiny_tokenizer(config) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {f"w{i}": i for i in range(config.vocab_size - 1)}
+    backend = Tokenizer(models.WordLevel(words, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w3", pad_token="w0", bos_token="w1",
+                                        eos_token="w2")
+    tokenizer.add_special_tokens({"mask_token": "<|mask|>"})
+    assert tokenizer.mask_token_id == config.mask_token_id
+    return tokenizer
+
+
+def test_modeling_folder_is_the_generated_bundle():
+    drift = bundle_drift(REPO / "modeling")
+    assert not drift, f"modeling/ drifted from src/ ({drift}): run `python -m diffuapriel_hf.hub bundle modeling`"
+
+
+def test_drift_is_detected(tmp_path):
+    write_bundle(tmp_path)
+    assert bundle_drift(tmp_path) == []
+    edited = tmp_path / "mamba_ops.py"
+    edited.write_text(edited.read_text() + "\n# a hand edit\n")
+    (tmp_path / "modeling_diffuapriel.py").unlink()
+    (tmp_path / "stale.py").write_text("")
+    assert bundle_drift(tmp_path) == [
+        "modeling_diffuapriel.py: missing",
+        "stale.py: not generated from the package",
+        "mamba_ops.py: differs from src/diffuapriel_hf/mamba_ops.py",
+    ]
+
+
+def test_bundle_is_self_contained(tmp_path):
+    files = bundle_files()
+    assert {"configuration_diffuapriel.py", "modeling_diffuapriel.py", "mamba_ops.py", "diffusion.py",
+            "generation.py"} <= set(files)
+    write_bundle(tmp_path)
+    for name, text in files.items():
+        assert text.startswith(HEADER.format(name=name))
+        # Relative imports only among the bundle's own files, no import of the package by name, and every other
+        # import installed here (the optional kernels, absent here, must be imported inside `try`).
+        assert {f"{module}.py" for module in get_relative_imports(tmp_path / name)} <= set(files), name
+        assert "diffuapriel_hf" not in get_imports(tmp_path / name), name
+        check_imports(tmp_path / name)
+
+
+def test_save_pretrained_writes_remote_code(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoConfig"] == AUTO_MAP["AutoConfig"]
+    assert config["auto_map"]["AutoModelForMaskedLM"] == AUTO_MAP["AutoModelForMaskedLM"]
+    for name in bundle_files():
+        assert (tmp_path / name).is_file(), name
+
+
+def test_save_for_hub_writes_a_complete_repo(tiny_model, tmp_path):
+    tokenizer = tiny_tokenizer(tiny_model.config)
+    save_for_hub(tiny_model, tmp_path, tokenizer=tokenizer, repo_id="someone/diffuapriel-tiny")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    for name in ("model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).is_file(), name
+    for name, text in bundle_files().items():
+        assert (tmp_path / name).read_text() == text, name
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "fill-mask"
+    assert {"diffuapriel", "masked-diffusion", "mamba2", "custom_code"} <= set(card.data.tags)
+    assert f"{tiny_model.num_parameters():,}" in card.text and "2: 2 bidirectional Mamba-2" in card.text
+    assert 'from_pretrained("someone/diffuapriel-tiny", trust_remote_code=True)' in card.text
+    assert "model.generate(" in card.text
+
+
+LOAD_WITHOUT_PACKAGE = r"""
+import sys
+
+
+class BlockPackage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "diffuapriel_hf":
+            raise ImportError("diffuapriel_hf is blocked in this process")
+
+
+sys.meta_path.insert(0, BlockPackage())
+import torch
+from transformers import AutoModelForMaskedLM
+
+folder, inputs, outputs = sys.argv[1:]
+model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+if any(name.split(".")[0] == "diffuapriel_hf" for name in sys.modules):
+    raise RuntimeError("diffuapriel_hf was imported")
+ids = torch.load(inputs)
+with torch.no_grad():
+    logits = model(ids).logits
+generated = model.generate(ids, max_new_tokens=6, steps=6, seed=0)
+torch.save({"logits": logits, "generated": generated, "class": type(model).__module__}, outputs)
+"""
+
+
+@pytest.mark.slow
+def test_remote_code_loads_where_the_package_cannot_be_imported(tiny_model, tmp_path):
+    save_for_hub(tiny_model, tmp_path / "repo", tokenizer=tiny_tokenizer(tiny_model.config))
+    ids = torch.randint(3, tiny_model.config.vocab_size - 1, (2, 7))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(tmp_path / "repo"), str(tmp_path / "ids.pt"),
+         str(tmp_path / "out.pt")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    remote = torch.load(tmp_path / "out.pt")
+    assert remote["class"].startswith("transformers_modules.")
+    with torch.no_grad():
+        torch.testing.assert_close(remote["logits"], tiny_model(ids).logits, rtol=0, atol=0)
+    assert torch.equal(remote["generated"], tiny_model.generate(ids, max_new_tokens=6, steps=6, seed=0))
+
+
+def test_weights_of_the_wrong_shape_are_named(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.1.mixer.left_to_right.dt_bias"] = torch.zeros(3)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    pattern = r"model\.layers\.1\.mixer\.left_to_right\.dt_bias has shape \(3,\) in the checkpoint but \(8,\)"
+    with pytest.raises(ValueError, match=pattern):
+        AutoModelForMaskedLM.from_pretrained(tmp_path)
+    model = DiffuAprielForMaskedLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+    assert model.model.layers[1].mixer.left_to_right.dt_bias.shape == (8,)
+
+
+class RunsCode:
+    """Unpickling this calls `open(path, "w")`: a checkpoint that would run code when loaded unsafely."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_pickle_checkpoint_never_runs_code(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    sentinel = tmp_path / "code_ran"
+    torch.save({**tiny_model.state_dict(), "model.norm.weight": RunsCode(sentinel)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        DiffuAprielForMaskedLM.from_pretrained(tmp_path)
+    assert not sentinel.exists()
