@@ -3,7 +3,11 @@ DiffuApriel: parity of the logits, the mask token, the backward direction, the M
 
 import inspect
 import json
+import os
 import re
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,3 +313,19 @@ def test_safetensors_and_bin_sources_read_alike(tmp_path):
     assert from_safetensors.keys() == from_bin.keys()
     for key in from_bin:
         torch.testing.assert_close(from_safetensors[key], from_bin[key])
+
+
+@pytest.mark.parametrize("script", ["convert_transformers_mamba2.py", "convert_mamba_ssm.py"])
+def test_conversion_scripts_take_their_own_format_only(tmp_path, monkeypatch, script):
+    random_mamba2().save_pretrained(tmp_path / "source")
+    output = tmp_path / "converted"
+    monkeypatch.setattr(sys, "argv", [script, str(tmp_path / "source"), str(output), "--no-bidirectional"])
+    path = str(Path(__file__).resolve().parents[1] / "conversion" / script)
+    if script == "convert_mamba_ssm.py":
+        with pytest.raises(ValueError, match="is a transformers checkpoint, but a mamba-ssm checkpoint was expected"):
+            runpy.run_path(path, run_name="__main__")
+        return
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(path, run_name="__main__")
+    assert exited.value.code == 0
+    assert {"model.safetensors", "config.json", "generation_config.json", "README.md"} <= set(os.listdir(output))

@@ -34,6 +34,7 @@ from .modeling_diffuapriel import DiffuAprielForMaskedLM
 
 TRANSFORMERS = "transformers"
 MAMBA_SSM = "mamba-ssm"
+SOURCE_FORMATS = (TRANSFORMERS, MAMBA_SSM)
 BACKWARD_INITS = ("copy", "fresh")
 DEFAULT_MASK_TOKEN = "<|mask|>"
 
@@ -336,6 +337,7 @@ def convert_checkpoint(
     tokenizer=None,
     mask_token: str = DEFAULT_MASK_TOKEN,
     dtype: Optional[torch.dtype] = None,
+    source_format: Optional[str] = None,
 ):
     """Convert a Mamba-2 language model folder into a `DiffuAprielForMaskedLM`.
 
@@ -350,6 +352,7 @@ def convert_checkpoint(
             tokenizer when it has one.
         mask_token: the mask token's text, when the tokenizer has none.
         dtype: the dtype of the converted weights (default: the source's).
+        source_format: `"transformers"` or `"mamba-ssm"` to refuse any other format; None detects it.
 
     Returns (model, tokenizer or None).
     """
@@ -357,7 +360,10 @@ def convert_checkpoint(
     if backward_init not in BACKWARD_INITS:
         raise ValueError(f"backward_init must be one of {BACKWARD_INITS}, got {backward_init!r}")
     raw_config = read_config(source)
-    source_format = detect_format(raw_config)
+    detected = detect_format(raw_config)
+    if source_format is not None and detected != source_format:
+        raise ValueError(f"{source} is a {detected} checkpoint, but a {source_format} checkpoint was expected")
+    source_format = detected
     if source_format == TRANSFORMERS:
         from transformers import Mamba2Config
 
@@ -442,13 +448,25 @@ def add_arguments(parser):
                         help="tokenizer folder to add the mask token to (default: the source folder's, if any)")
     parser.add_argument("--mask-token", default=DEFAULT_MASK_TOKEN, help="text of the mask token when it is added")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the weights (default: source's)")
+    parser.add_argument("--source-format", choices=SOURCE_FORMATS, default=None,
+                        help="refuse a source of any other format (default: detect it)")
 
 
 def run(args):
     output = convert(
         args.source, args.output, bidirectional=args.bidirectional, backward_init=args.backward_init,
         intermediate_size=args.intermediate_size, tokenizer=args.tokenizer, mask_token=args.mask_token,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=DTYPES[args.dtype] if args.dtype else None, source_format=args.source_format,
     )
     print(f"wrote {output}")
     return 0
+
+
+def script_main(source_format: str, description: str, argv=None) -> int:
+    """The command of a conversion script under `conversion/`: `diffuapriel convert` pinned to one source format."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(source_format=source_format)
+    return run(parser.parse_args(argv))
