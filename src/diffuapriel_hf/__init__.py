@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_diffuapriel import DiffuAprielConfig
 from .data import DataCollatorForMaskedDiffusion
+from .generation import DiffusionGenerationConfig
 from .modeling_diffuapriel import DiffuAprielForMaskedLM, DiffuAprielModel, DiffuAprielPreTrainedModel
 from .presets import PRESETS, preset_config
 
@@ -23,6 +24,7 @@ __all__ = [
     "DiffuAprielModel",
     "DiffuAprielForMaskedLM",
     "DiffuAprielPreTrainedModel",
+    "DiffusionGenerationConfig",
     "PRESETS",
     "preset_config",
 ]

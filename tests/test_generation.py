@@ -1,0 +1,483 @@
+"""Diffusion generation (DESIGN section 5, issue 4): config, sampling math, generate() and the fill-mask pipeline."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForMaskedLM, GenerationConfig, PreTrainedTokenizerFast, TextStreamer, pipeline
+
+from diffuapriel_hf import DiffuAprielForMaskedLM, DiffusionGenerationConfig, preset_config
+from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.generation import (
+    DiffusionGenerateOutput,
+    ancestral_reveal_probability,
+    confidence_scores,
+    filter_logits,
+    num_tokens_to_commit,
+    pad_after_eos,
+    sample_categorical,
+    select_top,
+)
+
+STACKS = {"mamba": [MAMBA, MAMBA], "hybrid": [MAMBA, ATTENTION]}
+
+
+def tiny_model(kind="mamba", seed=0, sharpen=None, **overrides):
+    """A tiny random model. `sharpen` multiplies the (untied) LM head so that the predictions are confident, as a
+    trained model's are (a random tiny model predicts nearly uniformly)."""
+    torch.manual_seed(seed)
+    if sharpen is not None:
+        overrides["tie_word_embeddings"] = False
+    config = preset_config("tiny", num_hidden_layers=len(STACKS[kind]), layer_types=STACKS[kind], **overrides)
+    model = DiffuAprielForMaskedLM(config).eval()
+    if sharpen is not None:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(sharpen)
+    return model
+
+
+def random_ids(model, *shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    first_word = model.config.eos_token_id + 1  # ids below are pad / bos / eos in the tiny preset
+    return torch.randint(first_word, model.config.mask_token_id, shape, generator=generator)
+
+
+def left_pad(model, prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), model.config.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def states(initial, output):
+    """The sequence before the first step and after every step."""
+    return [initial] + list(output.history)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The config
+
+
+def test_model_generation_config_is_built_from_the_model_config():
+    model = tiny_model()
+    gc = model.generation_config
+    assert isinstance(gc, DiffusionGenerationConfig)
+    config = model.config
+    assert (gc.mask_token_id, gc.pad_token_id, gc.bos_token_id, gc.eos_token_id) == (
+        config.mask_token_id, config.pad_token_id, config.bos_token_id, config.eos_token_id,
+    )
+    assert gc.remasking == "low_confidence" and gc.steps is None and gc.block_length is None
+
+
+@pytest.mark.parametrize(
+    "settings, argument",
+    [
+        (dict(steps=0), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(block_length=0), "block_length"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(remasking="lowest"), "remasking"),
+        (dict(confidence_threshold=1.5), "confidence_threshold"),
+        (dict(confidence_threshold=0.9, remasking="ancestral"), "confidence_threshold"),
+        (dict(mask_token_id=-3), "mask_token_id"),
+    ],
+)
+def test_config_validation_names_the_argument(settings, argument):
+    with pytest.raises(ValueError, match=argument):
+        DiffusionGenerationConfig(**settings)
+    model = tiny_model()
+    with pytest.raises(ValueError, match=argument):  # the same checks for per-call overrides
+        model.generate(random_ids(model, 1, 4), max_new_tokens=4, **settings)
+
+
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (dict(max_new_tokens=10, block_length=4), "block_length"),
+        (dict(max_new_tokens=8, block_length=4, steps=3), "steps"),
+        (dict(max_length=3), "max_length"),
+        (dict(max_length=6), "max_length"),  # exactly the prompt, nothing to fill
+        (dict(max_new_tokens=300), "max_position_embeddings"),
+        (dict(), "max_new_tokens"),  # no length and no mask in the prompt
+        (dict(max_new_tokens=4, numbr_of_steps=3), "numbr_of_steps"),
+    ],
+)
+def test_generate_validation_names_the_argument(call, argument):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=argument):
+        model.generate(random_ids(model, 1, 6), **call)
+
+
+def test_right_padding_is_refused():
+    model = tiny_model()
+    ids = random_ids(model, 2, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4)
+
+
+def test_per_call_settings_do_not_change_the_model_config():
+    model = tiny_model()
+    before = model.generation_config.to_dict()
+    model.generate(random_ids(model, 1, 4), max_new_tokens=4, steps=2, remasking="margin")
+    assert model.generation_config.to_dict() == before
+
+
+def test_generation_config_saves_with_the_model_and_reloads(tmp_path):
+    model = tiny_model()
+    model.generation_config.update(
+        steps=8, block_length=4, remasking="margin", confidence_threshold=0.8, do_sample=True, temperature=0.7,
+        top_p=0.9, max_new_tokens=16,
+    )
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert saved["remasking"] == "margin" and saved["block_length"] == 4 and saved["mask_token_id"] == 95
+    for loaded in (DiffuAprielForMaskedLM.from_pretrained(tmp_path), AutoModelForMaskedLM.from_pretrained(tmp_path)):
+        assert isinstance(loaded.generation_config, DiffusionGenerationConfig)
+        assert loaded.generation_config == model.generation_config
+        ids = random_ids(model, 1, 4)
+        assert torch.equal(loaded.generate(ids, seed=5), model.generate(ids, seed=5))
+    # A checkpoint without generation_config.json falls back to the one built from the model config.
+    (tmp_path / "generation_config.json").unlink()
+    loaded = DiffuAprielForMaskedLM.from_pretrained(tmp_path)
+    assert isinstance(loaded.generation_config, DiffusionGenerationConfig)
+    assert loaded.generation_config.steps is None and loaded.generation_config.mask_token_id == 95
+    # A config given to from_pretrained wins, as a DiffusionGenerationConfig.
+    loaded = DiffuAprielForMaskedLM.from_pretrained(tmp_path, generation_config=GenerationConfig(max_new_tokens=12))
+    assert isinstance(loaded.generation_config, DiffusionGenerationConfig)
+    assert loaded.generation_config.max_new_tokens == 12
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sampling math
+
+
+@pytest.mark.parametrize("num_masked, steps", [(10, 4), (5, 4), (2, 4), (16, 16), (7, 1), (0, 3)])
+def test_commit_schedule_spreads_the_masks_evenly(num_masked, steps):
+    counts, remaining = [], torch.tensor([num_masked])
+    for steps_left in range(steps, 0, -1):
+        n = int(num_tokens_to_commit(remaining, torch.tensor([steps_left])))
+        counts.append(n)
+        remaining -= n
+    # LLaDA's schedule: num_masked // steps each, the remainder one each to the first steps.
+    base, extra = divmod(num_masked, steps)
+    assert counts == [base + 1] * extra + [base] * (steps - extra)
+
+
+def test_commit_schedule_catches_up_after_a_large_step():
+    # 8 masks over 4 steps, but the first step committed 6 (threshold): the other 2 spread over the 3 steps left.
+    remaining, counts = torch.tensor([2]), []
+    for steps_left in (3, 2, 1):
+        counts.append(int(num_tokens_to_commit(remaining, torch.tensor([steps_left]))))
+        remaining -= counts[-1]
+    assert counts == [1, 1, 0]
+
+
+def test_filter_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, False, True]]
+    torch.testing.assert_close(filter_logits(logits, temperature=2.0), logits / 2)
+    probs = logits.softmax(-1)[0]  # sorted: 3.0 (0.61), 2.0 (0.22), 1.0 (0.08), ...
+    keep_two = float(probs[4] + probs[0]) - 1e-4  # the first two hold just more than this
+    assert torch.isfinite(filter_logits(logits, top_p=keep_two)).tolist() == [[True, False, False, False, True]]
+    assert torch.isfinite(filter_logits(logits, top_p=float(probs[4]) - 1e-4)).sum() == 1  # the top token stays
+    assert torch.isfinite(filter_logits(logits, top_k=0, top_p=1.0)).all()
+
+
+def test_sample_categorical_draws_from_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]).expand(40000, 5)
+    noise = torch.empty(probs.shape).exponential_(generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(sample_categorical(probs, noise), minlength=5).float() / probs.shape[0]
+    torch.testing.assert_close(frequencies, probs[0], atol=0.01, rtol=0)
+    assert frequencies[4] == 0
+
+
+def test_confidence_scores():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]])
+    tokens = torch.tensor([1, 0])
+    torch.testing.assert_close(confidence_scores("low_confidence", probs, tokens), torch.tensor([0.2, 0.4]))
+    torch.testing.assert_close(confidence_scores("margin", probs, tokens), torch.tensor([0.5, 0.05]))
+    entropy = -(probs * probs.log()).sum(-1)
+    torch.testing.assert_close(confidence_scores("entropy", probs, tokens), -entropy)
+    uniform = torch.tensor([0.3, 0.9])
+    assert torch.equal(confidence_scores("random", probs, tokens, uniform), uniform)
+    with pytest.raises(ValueError, match="remasking"):
+        confidence_scores("ancestral", probs, tokens)
+
+
+def test_ancestral_reveal_probability():
+    assert float(ancestral_reveal_probability(torch.tensor(1.0), torch.tensor(0.0))) == 1.0
+    # From t = 0.8 to s = 0.6: alpha goes 0.2 -> 0.4, so a quarter of the masks (0.2 of 0.8) is revealed.
+    torch.testing.assert_close(ancestral_reveal_probability(torch.tensor(0.8), torch.tensor(0.6)), torch.tensor(0.25))
+
+
+def test_select_top_and_pad_after_eos():
+    scores = torch.tensor([[0.1, 0.5, float("-inf"), 0.5], [0.2, float("-inf"), float("-inf"), 0.9]])
+    chosen = select_top(scores, torch.tensor([2, 3]))
+    assert chosen.tolist() == [[False, True, False, True], [True, False, False, True]]  # never a -inf entry
+    assert select_top(scores, torch.tensor([1, 0])).tolist() == [[False, True, False, False], [False] * 4]
+    sequences = torch.tensor([[5, 2, 7, 2, 8], [2, 6, 6, 6, 6]])
+    generated = torch.tensor([[False, True, True, True, True], [False, True, True, True, True]])
+    assert pad_after_eos(sequences, generated, [2], 0).tolist() == [[5, 2, 0, 0, 0], [2, 6, 6, 6, 6]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# generate()
+
+
+def test_semi_autoregressive_blocks_and_steps():
+    model = tiny_model()
+    ids = random_ids(model, 1, 5)
+    out = model.generate(
+        ids, max_new_tokens=12, block_length=4, steps=6, eos_token_id=None, return_dict_in_generate=True,
+        output_history=True,
+    )
+    assert isinstance(out, DiffusionGenerateOutput)
+    assert out.sequences.shape == (1, 17) and torch.equal(out.sequences[:, :5], ids)
+    assert out.num_forward_passes == 6 and len(out.history) == 6  # 2 steps per block, 2 tokens per step
+    mask_id = model.config.mask_token_id
+    for step, state in enumerate(out.history):
+        masked = (state[0, 5:] == mask_id).view(3, 4)  # (block, position)
+        finished_blocks = (step + 1) // 2
+        assert not masked[:finished_blocks].any()
+        assert masked[finished_blocks:].sum() == 12 - 2 * (step + 1)
+        assert masked[finished_blocks + 1 :].all()  # later blocks untouched
+    assert not (out.sequences == mask_id).any()
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random", "ancestral"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_committed_tokens_never_change_and_the_mask_is_never_chosen(remasking, do_sample):
+    model = tiny_model(kind="hybrid")
+    ids = random_ids(model, 2, 4)
+    # A random tiny model with tied embeddings predicts the mask token itself at a masked position: it must be
+    # excluded anyway.
+    masked_input = torch.cat([ids, torch.full((2, 4), model.config.mask_token_id)], dim=1)
+    assert (model(masked_input).logits[:, 4:].argmax(-1) == model.config.mask_token_id).any()
+    out = model.generate(
+        ids, max_new_tokens=8, block_length=4, steps=8 if remasking == "ancestral" else 4, remasking=remasking,
+        do_sample=do_sample, seed=0, eos_token_id=None, return_dict_in_generate=True, output_history=True,
+    )
+    mask_id = model.config.mask_token_id
+    previous = torch.cat([ids, torch.full((2, 8), mask_id)], dim=1)
+    for state in out.history:
+        committed = previous != mask_id
+        assert torch.equal(state[committed], previous[committed])
+        previous = state
+    assert torch.equal(out.history[-1], out.sequences)
+    assert not (out.sequences == mask_id).any()
+
+
+def test_confidence_threshold_commits_every_sure_token_in_one_step():
+    model = tiny_model(sharpen=60.0)
+    ids = random_ids(model, 1, 6, seed=1)
+    threshold, mask_id, new = 0.5, model.config.mask_token_id, 16
+    plain = model.generate(ids, max_new_tokens=new, block_length=8, eos_token_id=None, return_dict_in_generate=True)
+    assert plain.num_forward_passes == new  # one token per step
+    out = model.generate(
+        ids, max_new_tokens=new, block_length=8, confidence_threshold=threshold, eos_token_id=None,
+        return_dict_in_generate=True, output_history=True,
+    )
+    assert out.num_forward_passes == len(out.history) < new
+    history = states(torch.cat([ids, torch.full((1, new), mask_id)], dim=1), out)
+    for before, after in zip(history, history[1:]):
+        logits = model(before).logits[0].float()
+        logits[:, mask_id] = float("-inf")
+        probs = logits.softmax(-1)
+        block_start = 6 + 8 * int((before[0, 6:14] != mask_id).all())
+        in_block = torch.zeros(before.shape[1], dtype=torch.bool)
+        in_block[block_start : block_start + 8] = True
+        in_block &= before[0] == mask_id
+        committed = (before[0] == mask_id) & (after[0] != mask_id)
+        assert committed.sum() >= 1 and not (committed & ~in_block).any()
+        sure = in_block & (probs.max(-1).values >= threshold)
+        assert not (sure & ~committed).any()
+        assert torch.equal(after[0][committed], probs.argmax(-1)[committed])
+    # Every token sure enough: one step per block.
+    fast = model.generate(ids, max_new_tokens=new, block_length=8, confidence_threshold=1e-6, return_dict_in_generate=True)
+    assert fast.num_forward_passes == 2
+
+
+def test_ancestral_sampler_skips_the_forward_pass_after_a_step_that_changed_nothing():
+    model = tiny_model()
+    ids = random_ids(model, 1, 4)
+    out = model.generate(
+        ids, max_new_tokens=8, steps=32, remasking="ancestral", do_sample=True, seed=3, eos_token_id=None,
+        return_dict_in_generate=True, output_history=True,
+    )
+    history = states(torch.cat([ids, torch.full((1, 8), model.config.mask_token_id)], dim=1), out)
+    changed = [not torch.equal(a, b) for a, b in zip(history, history[1:])]
+    assert len(changed) <= 32 and not all(changed)  # it stops once every mask is revealed
+    assert out.num_forward_passes == 1 + sum(changed[:-1])  # a pass at the first step and after every change
+    assert not (out.sequences == model.config.mask_token_id).any()
+
+
+@pytest.mark.parametrize("new_tokens", [0, 4])
+def test_infilling_fills_every_mask_and_keeps_every_given_token(new_tokens):
+    model = tiny_model(kind="hybrid")
+    mask_id = model.config.mask_token_id
+    ids = random_ids(model, 2, 10)
+    holes = torch.zeros_like(ids, dtype=torch.bool)
+    holes[0, [0, 4, 5]] = True
+    holes[1, [9]] = True
+    ids = ids.masked_fill(holes, mask_id)
+    settings = dict(max_new_tokens=new_tokens) if new_tokens else {}
+    out = model.generate(ids, do_sample=True, seed=1, eos_token_id=None, **settings)
+    assert out.shape == (2, 10 + new_tokens)
+    assert torch.equal(out[:, :10][~holes], ids[~holes])
+    assert not (out == mask_id).any()
+    # Infilling a padded batch: the same as each alone.
+    prompts = [ids[0], ids[1, 3:]]
+    padded, attention = left_pad(model, prompts)
+    batched = model.generate(padded, attention_mask=attention, seed=4, do_sample=True, **settings)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], seed=4, do_sample=True, **settings)
+        assert torch.equal(batched[row, padded.shape[1] - len(prompt) :], alone[0])
+
+
+BATCH_SETTINGS = [
+    dict(),
+    dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, remasking="entropy"),
+    dict(do_sample=True, remasking="ancestral", steps=16),
+    dict(do_sample=True, remasking="random", steps=4),
+    dict(confidence_threshold=0.3, remasking="margin"),
+]
+
+
+@pytest.mark.parametrize("kind", sorted(STACKS))
+@pytest.mark.parametrize("settings", BATCH_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "greedy")
+def test_left_padded_batch_gives_what_each_prompt_gives_alone(kind, settings):
+    model = tiny_model(kind=kind, seed=1, sharpen=8.0)
+    prompts = [random_ids(model, n, seed=n) for n in (3, 9, 6)]
+    prompts[1][4] = model.config.mask_token_id  # one prompt also has a hole to fill
+    ids, attention = left_pad(model, prompts)
+    out = model.generate(ids, attention_mask=attention, max_new_tokens=8, block_length=4, seed=11, **settings)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=8, block_length=4, seed=11, **settings)
+        assert torch.equal(out[row, ids.shape[1] - len(prompt) :], alone[0])
+        assert torch.equal(out[row, : ids.shape[1] - len(prompt)], ids[row, : ids.shape[1] - len(prompt)])
+
+
+def test_eos_ends_a_sequence():
+    model = tiny_model(sharpen=4.0)
+    ids = random_ids(model, 1, 3, seed=2)
+    settings = dict(max_new_tokens=16, block_length=4, do_sample=True, seed=7)
+    free = model.generate(ids, eos_token_id=None, return_dict_in_generate=True, **settings)
+    generated = free.sequences[0, 3:].tolist()
+    # Call a token of the second block that appears nowhere before it "eos": the run must then be the same up to it,
+    # padding after it, and skip the last two blocks.
+    eos = next(t for t in generated[4:8] if t not in generated[:4] and t != model.config.pad_token_id)
+    first = 3 + generated.index(eos)
+    out = model.generate(ids, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True, **settings)
+    assert torch.equal(out.sequences[0, : first + 1], free.sequences[0, : first + 1])
+    assert (out.sequences[0, first + 1 :] == 0).all()
+    assert out.num_forward_passes == free.num_forward_passes // 2
+    # In a batch, a row that ends early does not change the others.
+    other = random_ids(model, 1, 3, seed=5)
+    batch = model.generate(torch.cat([ids, other]), eos_token_id=eos, pad_token_id=0, **settings)
+    assert torch.equal(batch[0], out.sequences[0])
+    assert torch.equal(batch[1], model.generate(other, eos_token_id=eos, pad_token_id=0, **settings)[0])
+
+
+def test_seed_and_generator_are_repeatable_and_leave_the_global_rng_alone():
+    model = tiny_model()
+    ids = random_ids(model, 2, 4)
+    settings = dict(max_new_tokens=8, do_sample=True, remasking="random", steps=4)
+    global_state = torch.random.get_rng_state()
+    first = model.generate(ids, seed=1, **settings)
+    assert torch.equal(torch.random.get_rng_state(), global_state)
+    torch.manual_seed(1234)  # the global RNG has no say
+    assert torch.equal(model.generate(ids, seed=1, **settings), first)
+    assert not torch.equal(model.generate(ids, seed=2, **settings), first)
+    generated = [model.generate(ids, generator=torch.Generator().manual_seed(9), **settings) for _ in range(2)]
+    assert torch.equal(generated[0], generated[1])
+    # One seed per row: rows of the same prompt differ; a row's seed gives what that seed gives alone.
+    same = ids[:1].expand(2, 4)
+    per_row = model.generate(same, seed=[1, 2], **settings)
+    assert not torch.equal(per_row[0], per_row[1])
+    assert torch.equal(per_row[1], model.generate(same[:1], seed=2, **settings)[0])
+    per_row_generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    assert torch.equal(model.generate(same, generator=per_row_generators, **settings), per_row)
+    with pytest.raises(ValueError, match="seed"):
+        model.generate(ids, seed=[1, 2, 3], **settings)
+
+
+def test_sampling_with_top_k_1_is_greedy_and_sampling_differs_from_greedy():
+    model = tiny_model()
+    ids = random_ids(model, 2, 4)
+    greedy = model.generate(ids, max_new_tokens=8, seed=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, seed=0), greedy)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.0, seed=0), greedy)
+    assert not torch.equal(model.generate(ids, max_new_tokens=8, do_sample=True, seed=0), greedy)
+
+
+def test_return_dict_matches_the_tensor_output():
+    model = tiny_model()
+    ids = random_ids(model, 1, 4)
+    tensor = model.generate(ids, max_new_tokens=8, steps=4)
+    out = model.generate(ids, max_new_tokens=8, steps=4, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, tensor) and out.num_forward_passes == 4 and out.history is None
+
+
+class RecordingStreamer:
+    def __init__(self):
+        self.pieces, self.ended = [], False
+
+    def put(self, tokens):
+        assert not self.ended
+        self.pieces.append(tokens.clone())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_the_prompt_then_each_block():
+    model = tiny_model()
+    ids = random_ids(model, 1, 5)
+    ids[0, 2] = model.config.mask_token_id
+    streamer = RecordingStreamer()
+    out = model.generate(ids, max_new_tokens=12, block_length=4, eos_token_id=None, streamer=streamer)
+    assert streamer.ended and [p.shape[1] for p in streamer.pieces] == [5, 4, 4, 4]
+    assert torch.equal(torch.cat(streamer.pieces, dim=1), out)
+    assert streamer.pieces[0][0, 2] != model.config.mask_token_id  # the prompt arrives with its hole filled
+
+
+def word_tokenizer(config):
+    """A word-level tokenizer over the tiny preset's vocabulary: [PAD] [BOS] [EOS] w3 ... w94 [MASK]."""
+    vocab = {"[PAD]": config.pad_token_id, "[BOS]": config.bos_token_id, "[EOS]": config.eos_token_id}
+    vocab.update({f"w{i}": i for i in range(3, config.mask_token_id)})
+    vocab["[MASK]"] = config.mask_token_id
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", mask_token="[MASK]"
+    )
+
+
+def test_text_streamer_prints_the_generated_text(capsys):
+    model = tiny_model()
+    tokenizer = word_tokenizer(model.config)
+    ids = tokenizer("w5 w6 w7", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, block_length=4, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    printed = capsys.readouterr().out
+    assert printed.strip() == tokenizer.decode(out[0, 3:], skip_special_tokens=True).strip() != ""
+
+
+def test_fill_mask_pipeline():
+    model = tiny_model(kind="hybrid")
+    tokenizer = word_tokenizer(model.config)
+    fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)
+    predictions = fill("w3 w4 [MASK] w5", top_k=3)
+    logits = model(tokenizer("w3 w4 [MASK] w5", return_tensors="pt").input_ids).logits[0, 2]
+    expected = logits.softmax(-1).topk(3)
+    assert [p["token"] for p in predictions] == expected.indices.tolist()
+    torch.testing.assert_close(torch.tensor([p["score"] for p in predictions]), expected.values)
+    assert all(p["sequence"].startswith("w3 w4") for p in predictions)
+    assert len(fill(["w3 [MASK]", "w7 w8 [MASK] w9"], top_k=2)) == 2
