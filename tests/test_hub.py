@@ -56,6 +56,11 @@ def test_drift_is_detected(tmp_path):
         "stale.py: not generated from the package",
         "mamba_ops.py: differs from src/diffuapriel_hf/mamba_ops.py",
     ]
+    # Regenerating repairs the drift, removing a file an earlier bundle generated but not a hand-written one.
+    (tmp_path / "stale.py").write_text(HEADER.format(name="stale.py"))
+    (tmp_path / "notes.py").write_text("# mine\n")
+    write_bundle(tmp_path)
+    assert bundle_drift(tmp_path) == ["notes.py: not generated from the package"]
 
 
 def test_bundle_is_self_contained(tmp_path):

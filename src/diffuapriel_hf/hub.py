@@ -41,11 +41,16 @@ def bundle_files() -> dict[str, str]:
 
 
 def write_bundle(folder: Union[str, Path]) -> list[Path]:
-    """Write the remote-code bundle into `folder`; returns the paths written."""
+    """Write the remote-code bundle into `folder` and delete the files an earlier bundle left there that the package no
+    longer needs (only files with the generated header). Returns the paths written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    files = bundle_files()
+    for stale in folder.glob("*.py"):
+        if stale.name not in files and stale.read_text(encoding="utf-8").startswith(HEADER.format(name=stale.name)):
+            stale.unlink()
     written = []
-    for name, text in bundle_files().items():
+    for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
         written.append(folder / name)
     return written
