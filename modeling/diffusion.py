@@ -1,0 +1,151 @@
+# Generated from src/diffuapriel_hf/diffusion.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
+# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
+"""Masked diffusion math (MDLM / LLaDA): small pure functions on tensors.
+
+Forward process, log-linear schedule: sigma(t) = -log(1 - t), so a token keeps its value with probability
+alpha_t = exp(-sigma(t)) = 1 - t and is replaced by [MASK] with probability 1 - alpha_t = t. The continuous-time
+negative ELBO is
+    NELBO(x) = integral_0^1 -alpha'_t / (1 - alpha_t) * E_{x_t ~ q(.|x, t)} [ sum_{i masked} -log p(x^i | x_t) ] dt,
+with the weight -alpha'_t / (1 - alpha_t) = 1/t. Training samples t per sequence; evaluation integrates over a fixed
+grid of t so that its result is repeatable.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_times(batch_size: int, sampling_eps: float = 1e-3, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Diffusion times for a batch, stratified (MDLM's antithetic sampling): one uniform offset u shared by the batch,
+    t_i = (u + i / B) mod 1, so that exactly one time falls in each of the B strata of [0, 1); then mapped to
+    [sampling_eps, 1) so that the 1/t weight stays bounded. Returns (B,) float32 on the CPU."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 < sampling_eps < 1:
+        raise ValueError(f"sampling_eps must be in (0, 1), got {sampling_eps}")
+    offset = torch.rand(1, generator=generator)
+    u = (offset + torch.arange(batch_size) / batch_size) % 1.0  # (B,)
+    return sampling_eps + (1.0 - sampling_eps) * u
+
+
+def mask_probability(t: torch.Tensor) -> torch.Tensor:
+    """Probability 1 - alpha_t that a token is masked at time t under the log-linear schedule (alpha_t = 1 - t)."""
+    return t
+
+
+def loss_weight(t: torch.Tensor) -> torch.Tensor:
+    """The ELBO weight -alpha'_t / (1 - alpha_t) of the log-linear schedule: 1/t."""
+    return 1.0 / t
+
+
+def noise_tokens(
+    input_ids: torch.Tensor,
+    t: torch.Tensor,
+    mask_token_id: int,
+    noisable: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw x_t ~ q(x_t | x_0): each noisable token is independently replaced by `mask_token_id` with probability
+    `mask_probability(t)` of its sequence.
+
+    input_ids: (B, L); t: (B,); noisable: (B, L) bool, False where a token is never masked (padding, an SFT prompt).
+    The uniforms are drawn on the CPU (from `generator` when given) so that a seed gives the same masks on every
+    device. Returns (noised input_ids (B, L), masked (B, L) bool)."""
+    if t.shape != input_ids.shape[:1]:
+        raise ValueError(f"t must have shape (batch,) = {tuple(input_ids.shape[:1])}, got {tuple(t.shape)}")
+    uniforms = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)  # (B, L)
+    masked = uniforms < mask_probability(t).to(input_ids.device)[:, None]
+    if noisable is not None:
+        masked &= noisable.bool()
+    return input_ids.masked_fill(masked, mask_token_id), masked
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """-log p(label) at each labelled position, with the mask token's logit excluded (SUBS parameterisation: a clean
+    token is never [MASK]). logits: (B, L, V); labels: (B, L), -100 where nothing is predicted. Returns (B, L)
+    float32, 0 at unlabelled positions."""
+    logits = logits.float().clone()
+    logits[..., mask_token_id] = float("-inf")
+    predicted = labels != -100
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).masked_fill(~predicted.reshape(-1), 0),
+        reduction="none",
+    ).view_as(labels)
+    return nll * predicted
+
+
+def masked_diffusion_loss(
+    logits: torch.Tensor, labels: torch.Tensor, loss_weights: Optional[torch.Tensor], mask_token_id: Optional[int]
+) -> torch.Tensor:
+    """The MDLM objective, normalised per counted token.
+
+    logits: (B, L, V); labels: (B, L), -100 where nothing is predicted; loss_weights: (B, L), the weight 1/t of every
+    position that counts (masked or not), 0 elsewhere. Returns sum(weight * CE over labelled positions) / number of
+    counted positions. Without weights: the mean cross-entropy over the labelled positions. The mask token's logit
+    is excluded (SUBS parameterisation: a clean token is never [MASK]).
+    """
+    if mask_token_id is None:
+        raise ValueError("the config has no mask_token_id: set config.mask_token_id to compute the diffusion loss")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    nll = token_nll(logits, labels, mask_token_id)  # (B, L)
+    if loss_weights is None:
+        return nll.sum() / (labels != -100).sum().clamp(min=1)
+    if loss_weights.shape != labels.shape:
+        raise ValueError(f"loss_weights must have the shape of labels {tuple(labels.shape)}, got {tuple(loss_weights.shape)}")
+    counted = (loss_weights > 0).sum().clamp(min=1)
+    return (nll * loss_weights.float()).sum() / counted
+
+
+def elbo_times(num_samples: int) -> torch.Tensor:
+    """The fixed grid of diffusion times of the ELBO evaluation: the midpoints (k + 1/2) / K of K equal strata of
+    (0, 1), the midpoint rule for the integral over t. Returns (K,) float32."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    return (torch.arange(num_samples, dtype=torch.float32) + 0.5) / num_samples
+
+
+@torch.no_grad()
+def negative_elbo(
+    model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, num_samples: int = 16, seed: int = 0
+) -> torch.Tensor:
+    """The negative ELBO of each sequence in nats, an upper bound on -log p(x): the integral over t estimated on the
+    grid `elbo_times(num_samples)`, each time with its own masks drawn from a private generator seeded with `seed`
+    (the global RNG is untouched), so that two calls on the same inputs agree exactly.
+
+    input_ids: (B, L); attention_mask: (B, L), 0 at padding (never masked, never counted). The model runs in eval
+    mode (dropout off) and is put back in its previous mode. Returns (B,) float32."""
+    mask_token_id = model.config.mask_token_id
+    if mask_token_id is None:
+        raise ValueError("the config has no mask_token_id: set config.mask_token_id to compute the ELBO")
+    noisable = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    nelbo = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)  # (B,)
+    try:
+        for t in elbo_times(num_samples).tolist():
+            times = torch.full(input_ids.shape[:1], t)  # (B,)
+            noised, masked = noise_tokens(input_ids, times, mask_token_id, noisable, generator)
+            logits = model(input_ids=noised, attention_mask=attention_mask).logits  # (B, L, V)
+            labels = input_ids.masked_fill(~masked, -100)
+            nelbo += loss_weight(t) * token_nll(logits, labels, mask_token_id).sum(-1)
+    finally:
+        model.train(was_training)
+    return nelbo / num_samples
+
+
+def bits_per_token(nats, num_tokens) -> float:
+    """A negative ELBO (nats, summed over sequences) as bits per token: an upper bound on the model's true bits per
+    token. `nats` and `num_tokens` may be tensors (they are summed) or numbers."""
+    nats, num_tokens = float(torch.as_tensor(nats).sum()), float(torch.as_tensor(num_tokens).sum())
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    return nats / num_tokens / math.log(2)
+
+
+def perplexity_bound(nats, num_tokens) -> float:
+    """exp(negative ELBO per token): an upper bound on the model's perplexity."""
+    return 2.0 ** bits_per_token(nats, num_tokens)

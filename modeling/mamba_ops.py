@@ -1,0 +1,209 @@
+# Generated from src/diffuapriel_hf/mamba_ops.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
+# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
+"""The three fused operations of a Mamba-2 mixer, each as a pure-PyTorch reference with the signature of the
+kernel that replaces it on CUDA:
+
+| operation                  | kernel                                                           |
+|----------------------------|------------------------------------------------------------------|
+| `mamba_chunk_scan_combined`| `mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`    |
+| `causal_conv1d_fn`         | `causal_conv1d.causal_conv1d_fn`                                 |
+| `rmsnorm_fn` (gated)       | `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn`                |
+
+`select_ops(tensor, use_kernels)` makes the choice once per forward: the kernels when the tensor is on CUDA, kernels
+are wanted and the packages import; the references otherwise. Both compute in float32 and return the input dtype.
+The kernel packages are imported lazily, inside `try`, so that importing this module never fails without them.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def segment_sum(x: torch.Tensor) -> torch.Tensor:
+    """(..., T) -> (..., T, T) with out[..., i, j] = sum(x[..., j+1 : i+1]) for j <= i and -inf above the diagonal.
+
+    Built from a masked cumulative sum rather than a difference of two cumulative sums, which loses precision."""
+    T = x.size(-1)
+    x = x[..., None].expand(*x.shape, T)  # (..., T, T): x[..., i, j] = x_i
+    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~strictly_lower, 0)
+    segsum = torch.cumsum(x, dim=-2)
+    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
+    return segsum.masked_fill(~lower, -math.inf)
+
+
+def mamba_chunk_scan_combined_reference(
+    x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+    dt_limit=(0.0, float("inf")), return_final_states=False,
+):
+    """Chunked SSD ("SSD minimal"): y_t = sum_{s<=t} C_t^T (prod_{s<r<=t} exp(dt_r A)) B_s dt_s x_s + D x_t.
+
+    x: (b, l, h, p), dt: (b, l, h), A: (h,), B and C: (b, l, g, n), D: (h,) or (h, p), z: (b, l, h, p),
+    initial_states: (b, h, p, n). Returns y (b, l, h, p) in x's dtype, and the final state (b, h, p, n) in float32
+    when asked. Work and memory are linear in l: the quadratic part is confined to chunks of `chunk_size`.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    out_dtype = x.dtype
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_limit != (0.0, float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    # Heads share B and C within a group.
+    B = B.repeat_interleave(nheads // ngroups, dim=2)  # (b, l, h, n)
+    C = C.repeat_interleave(nheads // ngroups, dim=2)
+
+    # Pad to whole chunks: a padded step has dt = 0, so it neither decays the state nor adds to it.
+    pad = -seqlen % chunk_size
+    x_dt = x * dt[..., None]
+    if pad:
+        x_dt, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x_dt, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    nchunks = (seqlen + pad) // chunk_size
+    chunked = lambda t: t.reshape(batch, nchunks, chunk_size, *t.shape[2:])  # noqa: E731
+    x_dt, B, C = chunked(x_dt), chunked(B), chunked(C)  # (b, c, q, h, ·)
+    A_dt = (chunked(dt) * A.float()).permute(0, 3, 1, 2)  # (b, h, c, q)
+    A_cumsum = torch.cumsum(A_dt, dim=-1)
+
+    # 1. Within each chunk: the quadratic (attention-like) form.
+    decay_within = torch.exp(segment_sum(A_dt))  # (b, h, c, q, q)
+    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay_within
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt)
+
+    # 2. The state each chunk adds, as seen at its end.
+    decay_to_end = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (b, h, c, q)
+    B_decayed = B * decay_to_end.permute(0, 2, 3, 1)[..., None]  # (b, c, q, h, n)
+    chunk_states = torch.einsum("bclhn,bclhp->bchpn", B_decayed, x_dt)
+
+    # 3. Carry the states across chunks (a recurrence over chunks, written as one product).
+    if initial_states is None:
+        initial_states = torch.zeros_like(chunk_states[:, :1])
+    else:
+        initial_states = initial_states.float()[:, None]
+    chunk_states = torch.cat([initial_states, chunk_states], dim=1)  # (b, c+1, h, p, n)
+    decay_across = torch.exp(segment_sum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_across, chunk_states)
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. What the state entering each chunk contributes to its outputs.
+    y_from_state = torch.einsum("bclhn,bchpn->bclhp", C, states)
+    y = y + y_from_state * torch.exp(A_cumsum).permute(0, 2, 3, 1)[..., None]
+
+    y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
+    if D is not None:
+        D = D.float()
+        y = y + x * (D[:, None] if D.dim() == 1 else D)
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(out_dtype)
+    return (y, final_state) if return_final_states else y
+
+
+def causal_conv1d_reference(x, weight, bias=None, activation=None):
+    """Depthwise causal convolution. x: (b, d, l), weight: (d, w), bias: (d,) -> (b, d, l) in x's dtype."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    seqlen, width = x.shape[-1], weight.shape[-1]
+    out = F.conv1d(x.float(), weight.float()[:, None, :], None if bias is None else bias.float(),
+                   padding=width - 1, groups=x.shape[1])[..., :seqlen]
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def rmsnorm_reference(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+    """RMSNorm over groups of `group_size` channels, gated by silu(z) before (or after) normalising."""
+    out_dtype = x.dtype
+    x = x.float()
+    if z is not None and not norm_before_gate:
+        x = x * F.silu(z.float())
+    group_size = x.shape[-1] if group_size is None else group_size
+    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+    x = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    x = x * weight.float()
+    if bias is not None:
+        x = x + bias.float()
+    if z is not None and norm_before_gate:
+        x = x * F.silu(z.float())
+    return x.to(out_dtype)
+
+
+@dataclass(frozen=True)
+class MambaOps:
+    """One implementation of each fused operation; `name` says which."""
+
+    name: str
+    chunk_scan: Callable
+    causal_conv1d: Callable
+    rmsnorm: Callable
+
+
+TORCH_OPS = MambaOps("torch", mamba_chunk_scan_combined_reference, causal_conv1d_reference, rmsnorm_reference)
+_kernel_ops = None  # None: not looked for yet; False: not installed
+_warned_fallback = False
+
+
+def _causal_conv1d_via_kernel(kernel):
+    """causal-conv1d's kernel where it applies (width 2 to 4, silu or no activation), the reference elsewhere.
+
+    The kernel reads x (b, d, l) in place either channels-first (l contiguous) or channels-last (d contiguous, as the
+    transpose of a (b, l, d) row slice is); channels-last needs d and the row stride to be multiples of 8, so any
+    other channels-last view is copied to channels-first. Its output has x's layout and dtype; the weight and bias may
+    be float32 under a bfloat16 input (autocast)."""
+
+    def causal_conv1d(x, weight, bias=None, activation=None):
+        if not 2 <= weight.shape[-1] <= 4 or activation not in (None, "silu", "swish"):
+            return causal_conv1d_reference(x, weight, bias, activation)
+        channels_last = x.stride(1) == 1 and x.stride(2) > 1
+        if channels_last and (x.shape[1] % 8 or x.stride(2) % 8 or x.stride(0) % 8):
+            x = x.contiguous()
+        return kernel(x, weight, bias, activation=activation)
+
+    return causal_conv1d
+
+
+def kernel_ops():
+    """The CUDA kernels as `MambaOps`, or None when mamba-ssm is not installed. causal-conv1d is optional: without it
+    the convolution takes the PyTorch reference (cuDNN's depthwise convolution) and the rest stays on kernels."""
+    global _kernel_ops
+    if _kernel_ops is None:
+        try:
+            from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        except ImportError:
+            _kernel_ops = False
+        else:
+            try:
+                from causal_conv1d import causal_conv1d_fn
+            except ImportError:
+                conv = causal_conv1d_reference
+            else:
+                conv = _causal_conv1d_via_kernel(causal_conv1d_fn)
+            _kernel_ops = MambaOps("kernels", mamba_chunk_scan_combined, conv, rmsnorm_fn)
+    return _kernel_ops or None
+
+
+def select_ops(tensor: torch.Tensor, use_kernels: bool) -> MambaOps:
+    """The kernels for CUDA tensors when wanted and installed (one warning when they are wanted but missing), else
+    the PyTorch references."""
+    global _warned_fallback
+    if not (use_kernels and tensor.is_cuda):
+        return TORCH_OPS
+    ops = kernel_ops()
+    if ops is None:
+        if not _warned_fallback:
+            warnings.warn(
+                "mamba-ssm is not installed: the Mamba-2 layers run on the (slower) PyTorch path. "
+                "`pip install diffuapriel-hf[cuda]` installs the kernels.",
+                stacklevel=3,
+            )
+            _warned_fallback = True
+        return TORCH_OPS
+    return ops

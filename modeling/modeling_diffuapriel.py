@@ -1,0 +1,513 @@
+# Generated from src/diffuapriel_hf/modeling_diffuapriel.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
+# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
+"""DiffuApriel: a masked diffusion language model whose denoiser is a stack of bidirectional Mamba-2 blocks,
+optionally interleaved with bidirectional attention blocks (DiffuApriel-H), or all attention (DiffuTran).
+
+Block (every layer): x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)), where the mixer is
+  - `BidirectionalMamba2Mixer`: one Mamba-2 mixer reading left to right plus one reading right to left (the same
+    SSD function on the reversed sequence), combined by addition;
+  - `DiffuAprielAttention`: non-causal grouped-query attention with RoPE, through transformers' attention interface.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
+from .diffusion import masked_diffusion_loss
+from .generation import DiffusionGenerationMixin
+from .mamba_ops import select_ops
+
+
+class DiffuAprielRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """The parameters of one direction of a Mamba-2 mixer, laid out as in mamba-ssm and transformers' `Mamba2Mixer`
+    (in_proj -> [gate z | conv input xBC | dt], depthwise conv1d, dt_bias, A_log, D, gated norm, out_proj), so that
+    their checkpoints map onto it key for key. The computation lives in `BidirectionalMamba2Mixer`."""
+
+    def __init__(self, config: DiffuAprielConfig):
+        super().__init__()
+        self.intermediate_size = config.mamba_intermediate_size
+        self.num_heads = config.mamba_n_heads
+        self.head_dim = config.mamba_d_head
+        self.n_groups = config.mamba_n_groups
+        self.ssm_state_size = config.mamba_d_state
+        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
+        self.in_proj = nn.Linear(
+            config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.mamba_proj_bias
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, kernel_size=config.mamba_d_conv, groups=self.conv_dim,
+            padding=config.mamba_d_conv - 1, bias=config.mamba_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = DiffuAprielRMSNorm(self.intermediate_size, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mamba_proj_bias)
+
+
+class BidirectionalMamba2Mixer(nn.Module):
+    """Two Mamba-2 mixers over the same input, `left_to_right` and `right_to_left` (omitted when
+    `config.bidirectional` is False). The second reads the reversed sequence; both go through one convolution call
+    (stacked on the channel axis) and one SSD call (stacked on the head axis), whose heads are independent.
+
+    Padding never leaks: a padded position has zero input and a zero time step, so it neither adds to nor decays the
+    state, in either direction, and its zero input is what the convolution sees past a sequence's ends."""
+
+    def __init__(self, config: DiffuAprielConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.left_to_right = Mamba2Mixer(config)
+        self.right_to_left = Mamba2Mixer(config) if config.bidirectional else None
+        self.chunk_size = config.mamba_chunk_size
+        self.dt_limit = tuple(config.mamba_dt_limit)
+        self.activation = config.hidden_act
+        self.norm_eps = config.rms_norm_eps
+
+    def directions(self) -> list[Mamba2Mixer]:
+        return [self.left_to_right] if self.right_to_left is None else [self.left_to_right, self.right_to_left]
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
+        batch, seqlen, _ = hidden_states.shape
+        ops = select_ops(hidden_states, self.config.use_mamba_kernels)
+        mixers = self.directions()
+        first = mixers[0]
+        H, P, G, N = first.num_heads, first.head_dim, first.n_groups, first.ssm_state_size
+        d_inner = first.intermediate_size
+
+        inputs = [hidden_states, hidden_states.flip(1)][: len(mixers)]
+        masks = None if padding_mask is None else [padding_mask, padding_mask.flip(1)][: len(mixers)]
+        gates, conv_inputs, dts = [], [], []
+        for i, mixer in enumerate(mixers):
+            gate, xBC, dt = mixer.in_proj(inputs[i]).split([d_inner, mixer.conv_dim, H], dim=-1)
+            if masks is not None:
+                xBC = xBC * masks[i][..., None].to(xBC.dtype)  # the convolution sees zeros at padding
+            gates.append(gate)
+            conv_inputs.append(xBC)
+            dts.append(dt)
+
+        # One depthwise convolution for all directions: the channels of each direction side by side.
+        conv_weight = torch.cat([m.conv1d.weight.squeeze(1) for m in mixers], dim=0)  # (n*C, W)
+        conv_bias = None if first.conv1d.bias is None else torch.cat([m.conv1d.bias for m in mixers])
+        xBC = torch.cat(conv_inputs, dim=-1).transpose(1, 2)  # (B, n*C, L)
+        xBC = ops.causal_conv1d(xBC, conv_weight, conv_bias, activation=self.activation).transpose(1, 2)
+        xs, Bs, Cs, dt_list = [], [], [], []
+        for i, (mixer, xBC_dir) in enumerate(zip(mixers, xBC.split(first.conv_dim, dim=-1))):
+            x, B, C = xBC_dir.split([d_inner, G * N, G * N], dim=-1)
+            dt = F.softplus(dts[i].float() + mixer.dt_bias.float())
+            if self.dt_limit != (0.0, float("inf")):
+                dt = dt.clamp(*self.dt_limit)
+            if masks is not None:
+                dt = dt * masks[i][..., None]  # no decay and no input at padding
+            xs.append(x.reshape(batch, seqlen, H, P))
+            Bs.append(B.reshape(batch, seqlen, G, N))
+            Cs.append(C.reshape(batch, seqlen, G, N))
+            dt_list.append(dt)
+
+        # One SSD call: the heads of all directions side by side (each direction keeps its own groups).
+        y = ops.chunk_scan(
+            torch.cat(xs, dim=2), torch.cat(dt_list, dim=2), torch.cat([-torch.exp(m.A_log.float()) for m in mixers]),
+            torch.cat(Bs, dim=2), torch.cat(Cs, dim=2), self.chunk_size,
+            D=torch.cat([m.D for m in mixers]).float(),
+        )  # (B, L, n*H, P)
+
+        output = None
+        for i, (mixer, y_dir) in enumerate(zip(mixers, y.split(H, dim=2))):
+            y_dir = ops.rmsnorm(
+                y_dir.reshape(batch, seqlen, d_inner), mixer.norm.weight, None, z=gates[i], eps=self.norm_eps,
+                group_size=d_inner // G, norm_before_gate=False,
+            )
+            out = mixer.out_proj(y_dir.to(hidden_states.dtype))
+            out = out if i == 0 else out.flip(1)
+            output = out if output is None else output + out
+        if self.config.bidirectional_strategy == "mean" and len(mixers) > 1:
+            output = output / len(mixers)
+        return output
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class DiffuAprielRotaryEmbedding(nn.Module):
+    def __init__(self, config: DiffuAprielConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: DiffuAprielConfig) -> torch.Tensor:
+        dim = config.head_dim
+        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # position_ids: (B, L) -> cos, sin: (B, L, head_dim), computed in float32.
+        freqs = position_ids.float()[..., None] * self.inv_freq.float().to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention. query: (B, H, L, d), key/value: (B, Hkv, L, d); attention_mask: boolean (True =
+    attend) or additive, broadcastable to (B, H, L, L)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, L, H, d)
+    return output, weights
+
+
+class DiffuAprielAttention(nn.Module):
+    """Bidirectional grouped-query attention with RoPE."""
+
+    def __init__(self, config: DiffuAprielConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = False
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        batch, seqlen, _ = hidden_states.shape
+        shape = (batch, seqlen, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, L, d)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, Hkv, L, d)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings  # (B, L, d)
+        cos, sin = cos[:, None], sin[:, None]
+        query = query * cos + rotate_half(query) * sin
+        key = key * cos + rotate_half(key) * sin
+
+        attention_interface = eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        output, weights = attention_interface(
+            self, query, key, value, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, is_causal=False, **kwargs,
+        )
+        return self.o_proj(output.reshape(batch, seqlen, -1)), weights
+
+
+class DiffuAprielMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: DiffuAprielConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DiffuAprielBlock(GradientCheckpointingLayer):
+    def __init__(self, config: DiffuAprielConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = DiffuAprielRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.layer_type == MAMBA:
+            self.mixer = BidirectionalMamba2Mixer(config, layer_idx)
+        else:
+            self.mixer = DiffuAprielAttention(config, layer_idx)
+        self.post_mixer_layernorm = self.mlp = None
+        if config.intermediate_size > 0:
+            self.post_mixer_layernorm = DiffuAprielRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = DiffuAprielMLP(config)
+
+    def forward(self, hidden_states, padding_mask=None, attention_mask=None, position_embeddings=None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        attention_weights = None
+        if self.layer_type == MAMBA:
+            hidden_states = self.mixer(hidden_states, padding_mask)
+        else:
+            hidden_states, attention_weights = self.mixer(hidden_states, position_embeddings, attention_mask, **kwargs)
+        hidden_states = residual + hidden_states
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.post_mixer_layernorm(hidden_states))
+        return hidden_states, attention_weights
+
+
+class DiffuAprielPreTrainedModel(PreTrainedModel):
+    config_class = DiffuAprielConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DiffuAprielBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`, but weights whose shapes do not match the config raise a `ValueError` that
+        names each tensor and both shapes (transformers names them only in its logged load report).
+        `ignore_mismatched_sizes=True` still re-initialises them instead."""
+        if kwargs.get("ignore_mismatched_sizes"):
+            return super().from_pretrained(*args, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            *args, **kwargs, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+        if loading_info["mismatched_keys"]:
+            raise ValueError(
+                "the checkpoint's weights do not match its config: "
+                + "; ".join(
+                    f"{key} has shape {tuple(found)} in the checkpoint but {tuple(expected)} in the model the config "
+                    "describes"
+                    for key, found, expected in sorted(loading_info["mismatched_keys"])
+                )
+            )
+        return (model, loading_info) if output_loading_info else model
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DiffuAprielRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, DiffuAprielRotaryEmbedding):
+            # A non-persistent buffer: from_pretrained materialises the model without it, so it is computed here.
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+        elif isinstance(module, Mamba2Mixer):
+            # Mamba-2's initialisation: A = -[1..H], D = 1, dt log-uniform in [dt_min, dt_max] (stored as
+            # softplus^-1(dt) in dt_bias).
+            config = self.config
+            init.copy_(module.A_log, torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))
+            init.ones_(module.D)
+            log_min, log_max = torch.log(torch.tensor(config.mamba_dt_min)), torch.log(torch.tensor(config.mamba_dt_max))
+            dt = torch.exp(torch.rand(module.num_heads) * (log_max - log_min) + log_min)
+            dt = dt.clamp(min=config.mamba_dt_init_floor)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a 2-D tensor (batch, length), got shape {tuple(getattr(input_ids, 'shape', ()))}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= config.vocab_size:
+                raise ValueError(
+                    f"input_ids holds token ids in [{low}, {high}], outside the vocabulary [0, {config.vocab_size})"
+                )
+        shape = input_ids.shape
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, length, hidden_size={config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        if not inputs_embeds.is_floating_point():
+            raise TypeError(f"inputs_embeds must be a floating point tensor, got {inputs_embeds.dtype}")
+        shape = inputs_embeds.shape[:2]
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(
+            f"attention_mask must have the shape of the inputs (batch, length) = {tuple(shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+
+
+class DiffuAprielModel(DiffuAprielPreTrainedModel):
+    """Embeddings, the blocks, the final norm -> `BaseModelOutput`."""
+
+    def __init__(self, config: DiffuAprielConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([DiffuAprielBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = DiffuAprielRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DiffuAprielRotaryEmbedding(config) if ATTENTION in config.layer_types else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden_states = inputs_embeds
+        batch, seqlen = hidden_states.shape[:2]
+
+        padding_mask = None  # (B, L) bool, True at real tokens; None when nothing is padded
+        if attention_mask is not None:
+            padding_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
+            if not torch.compiler.is_compiling() and bool(padding_mask.all()):
+                padding_mask = None
+        attention_bias = position_embeddings = None
+        if self.rotary_emb is not None:
+            # Positions count real tokens only, so a left-padded sequence sees the positions it has alone.
+            if padding_mask is None:
+                position_ids = torch.arange(seqlen, device=hidden_states.device).expand(batch, seqlen)
+            else:
+                position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
+            attention_bias = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=padding_mask
+            )
+
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        if output_attentions and self.config._attn_implementation not in ("eager",):
+            raise ValueError(
+                "output_attentions=True needs attn_implementation='eager' (fused attention kernels do not return "
+                "attention maps)"
+            )
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, attention_weights = layer(
+                hidden_states, padding_mask=padding_mask, attention_mask=attention_bias,
+                position_embeddings=position_embeddings, **kwargs,
+            )
+            if output_attentions and layer.layer_type == ATTENTION:
+                all_attentions += (attention_weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+
+
+class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedModel):
+    """The denoiser: `DiffuAprielModel` and an LM head -> `MaskedLMOutput`. Its logits are the head's output, every
+    vocabulary entry included; the mask token is excluded where probabilities are formed (the loss, the samplers)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The loss is normalised inside forward by its own count (the positions with a positive weight), not by
+    # Trainer's `num_items_in_batch` (the labelled positions): without this, Trainer would see `**kwargs`, assume the
+    # model normalises by `num_items_in_batch`, and skip its division by the gradient accumulation steps.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: DiffuAprielConfig):
+        super().__init__(config)
+        self.model = DiffuAprielModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        loss_weights: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        r"""
+        labels: (B, L) the clean token at each position to predict, -100 elsewhere.
+        loss_weights: (B, L) the MDLM weight 1/t of each position that counts in the loss normalisation (masked or
+            not), 0 at padding and at positions never noised (an SFT prompt). Without it, the loss is the plain
+            mean cross-entropy over the labelled positions.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = masked_diffusion_loss(logits, labels, loss_weights, self.config.mask_token_id)
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    @torch.no_grad()
+    def compute_elbo(self, input_ids, attention_mask=None, num_samples: int = 16, seed: int = 0):
+        """The negative ELBO of each sequence in nats (B,), over a fixed grid of `num_samples` diffusion times and a
+        fixed masking seed, so that two calls agree exactly (see `diffuapriel_hf.diffusion.negative_elbo`)."""
+        from .diffusion import negative_elbo
+
+        return negative_elbo(self, input_ids, attention_mask=attention_mask, num_samples=num_samples, seed=seed)
+
+
+__all__ = ["DiffuAprielPreTrainedModel", "DiffuAprielModel", "DiffuAprielForMaskedLM"]

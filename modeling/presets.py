@@ -1,0 +1,63 @@
+# Generated from src/diffuapriel_hf/presets.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
+# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
+"""Named model sizes.
+
+The three 1.3B presets are parameter-matched (GPT-2 vocabulary plus the mask token, tied embeddings), so that
+their speed and quality compare like for like; `tests/test_config.py` checks the counts stated here:
+
+| preset               | layers                     | parameters    |
+|----------------------|----------------------------|---------------|
+| `diffuapriel-1.3b`   | 20 bidirectional Mamba-2   | 1,388,559,872 |
+| `diffuapriel-h-1.3b` | 18 Mamba-2 + 4 attention   | 1,377,453,824 |
+| `diffutran-1.3b`     | 24 attention               | 1,336,154,112 |
+| `diffuapriel-240m`   | 12 bidirectional Mamba-2   |   247,639,296 |
+"""
+
+from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
+
+GPT2_VOCAB_WITH_MASK = 50258  # GPT-2's 50,257 tokens and [MASK] = 50257
+GPT2_SPECIAL = dict(mask_token_id=50257, eos_token_id=50256, bos_token_id=50256, pad_token_id=50256)
+
+
+def _hybrid_layer_types(num_layers: int, attention_every: int) -> list[str]:
+    """One attention layer after every `attention_every` Mamba layers, and one last attention layer."""
+    types = [ATTENTION if (i + 1) % (attention_every + 1) == 0 else MAMBA for i in range(num_layers)]
+    types[-1] = ATTENTION
+    return types
+
+
+PRESETS = {
+    "tiny": dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, mamba_d_state=8, mamba_d_head=8, mamba_n_groups=1, mamba_chunk_size=8,
+        max_position_embeddings=256, mask_token_id=95, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+    "diffuapriel-240m": dict(
+        vocab_size=GPT2_VOCAB_WITH_MASK, hidden_size=1024, num_hidden_layers=12, intermediate_size=1024,
+        num_attention_heads=16, mamba_d_state=128, mamba_d_head=64, **GPT2_SPECIAL,
+    ),
+    "diffuapriel-1.3b": dict(
+        vocab_size=GPT2_VOCAB_WITH_MASK, hidden_size=2048, num_hidden_layers=20, intermediate_size=2048,
+        num_attention_heads=16, mamba_d_state=128, mamba_d_head=64, **GPT2_SPECIAL,
+    ),
+    "diffuapriel-h-1.3b": dict(
+        vocab_size=GPT2_VOCAB_WITH_MASK, hidden_size=2048, num_hidden_layers=22, intermediate_size=2048,
+        layer_types=_hybrid_layer_types(22, attention_every=5), num_attention_heads=16,
+        mamba_d_state=128, mamba_d_head=64, **GPT2_SPECIAL,
+    ),
+    "diffutran-1.3b": dict(
+        vocab_size=GPT2_VOCAB_WITH_MASK, hidden_size=2048, num_hidden_layers=24, intermediate_size=5632,
+        layer_types=[ATTENTION] * 24, num_attention_heads=16, **GPT2_SPECIAL,
+    ),
+}
+
+
+def preset_config(name: str, **overrides) -> DiffuAprielConfig:
+    """The configuration of preset `name`, with any field overridden by keyword."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    fields = dict(PRESETS[name])
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides and "layer_types" in fields:
+        raise ValueError(f"preset {name!r} fixes layer_types: give layer_types together with num_hidden_layers")
+    fields.update(overrides)
+    return DiffuAprielConfig(**fields)
