@@ -1,0 +1,124 @@
+"""`diffuapriel generate` (issue 4): prompt, stdin, infill, sampling options, progress bar, errors."""
+
+import io
+
+import pytest
+import torch
+from test_generation import tiny_model, word_tokenizer
+
+from diffuapriel_hf.cli import main
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    model = tiny_model(kind="hybrid", sharpen=4.0)
+    tokenizer = word_tokenizer(model.config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model, tokenizer
+
+
+def generate_command(capsys, *argv):
+    code = main(["generate", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_prompt_prints_what_generate_gives(saved_model, capsys):
+    path, model, tokenizer = saved_model
+    code, out, err = generate_command(
+        capsys, "--model", path, "--prompt", "w3 w4 w5", "--max-new-tokens", 8, "--block-length", 4,
+        "--temperature", 0.8, "--top-k", 10, "--seed", 3,
+    )
+    assert code == 0
+    ids = tokenizer("w3 w4 w5", return_tensors="pt").input_ids
+    expected = model.generate(
+        ids, max_new_tokens=8, block_length=4, do_sample=True, temperature=0.8, top_k=10, seed=3
+    )
+    assert out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert out.startswith("w3 w4 w5")
+    assert "denoising" in err  # the progress bar
+
+
+def test_prompt_from_stdin_without_progress(saved_model, capsys, monkeypatch):
+    path, model, tokenizer = saved_model
+    monkeypatch.setattr("sys.stdin", io.StringIO("w7 w8\n"))
+    code, out, err = generate_command(capsys, "--model", path, "--max-new-tokens", 4, "--no-progress")
+    assert code == 0 and "denoising" not in err
+    expected = model.generate(tokenizer("w7 w8", return_tensors="pt").input_ids, max_new_tokens=4)
+    assert out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+def test_infill_fills_the_placeholders_in_place(saved_model, capsys):
+    path, model, tokenizer = saved_model
+    code, out, _ = generate_command(
+        capsys, "--model", path, "--infill", "w3 <blank> w4 w5 <blank>", "--mask-placeholder", "<blank>",
+        "--infill-length", 2, "--remasking", "margin", "--no-progress",
+    )
+    assert code == 0
+    words = out.split()
+    assert len(words) == 7 and "[MASK]" not in words
+    assert (words[0], words[3], words[4]) == ("w3", "w4", "w5")
+    ids = tokenizer("w3 [MASK] [MASK] w4 w5 [MASK] [MASK]", return_tensors="pt").input_ids
+    expected = model.generate(ids, remasking="margin")
+    assert out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt", "w3"], "--model"),
+        (["--model", "{path}", "--prompt", "w3", "--max-new-tokens", 8, "--steps", 3, "--block-length", 4], "steps"),
+        (["--model", "{path}", "--prompt", "w3", "--max-new-tokens", 4, "--temperature", -1], "temperature"),
+        (["--model", "{path}", "--infill", "w3 w4"], "placeholder"),
+        (["--model", "{path}", "--infill", "w3 [MASK]", "--infill-length", 0], "--infill-length"),
+        (["--model", "{path}/nothing-here", "--prompt", "w3"], "cannot load a model"),
+    ],
+)
+def test_errors_are_clear(saved_model, capsys, argv, message):
+    path = saved_model[0]
+    with pytest.raises(SystemExit, match=message) as raised:
+        main(["generate", *(str(a).format(path=path) for a in argv)])
+    assert str(raised.value).startswith("diffuapriel generate: error:")
+
+
+def test_a_model_without_a_tokenizer_asks_for_one(saved_model, tmp_path, capsys):
+    _, model, tokenizer = saved_model
+    model.save_pretrained(tmp_path / "bare")
+    with pytest.raises(SystemExit, match="--tokenizer"):
+        main(["generate", "--model", str(tmp_path / "bare"), "--prompt", "w3", "--max-new-tokens", "4"])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    code, out, _ = generate_command(
+        capsys, "--model", tmp_path / "bare", "--tokenizer", tmp_path / "tokenizer", "--prompt", "w3",
+        "--max-new-tokens", 4, "--no-progress",
+    )
+    assert code == 0 and len(out.split()) >= 1
+
+
+def test_the_model_generation_config_supplies_the_defaults(saved_model, tmp_path, capsys):
+    _, model, tokenizer = saved_model
+    model.generation_config.update(max_new_tokens=6, remasking="entropy")
+    try:
+        model.save_pretrained(tmp_path)
+    finally:
+        model.generation_config.update(max_new_tokens=None, remasking="low_confidence")
+    tokenizer.save_pretrained(tmp_path)
+    code, out, _ = generate_command(capsys, "--model", tmp_path, "--prompt", "w9", "--no-progress")
+    expected = model.generate(torch.tensor([[9]]), max_new_tokens=6, remasking="entropy")
+    assert code == 0 and out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+def test_infill_ids_keep_the_tokenizer_special_tokens(saved_model):
+    from tokenizers.processors import TemplateProcessing
+
+    from diffuapriel_hf.generate_command import infill_ids
+
+    _, model, _ = saved_model
+    tokenizer = word_tokenizer(model.config)
+    bos, eos = model.config.bos_token_id, model.config.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", bos), ("[EOS]", eos)]
+    )
+    mask = model.config.mask_token_id
+    assert infill_ids(tokenizer, "w3 @ w4 @", "@", 2, mask) == [bos, 3, mask, mask, 4, mask, mask, eos]
