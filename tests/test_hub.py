@@ -100,7 +100,15 @@ def test_save_for_hub_writes_a_complete_repo(tiny_model, tmp_path):
     assert {"diffuapriel", "masked-diffusion", "mamba2", "custom_code"} <= set(card.data.tags)
     assert f"{tiny_model.num_parameters():,}" in card.text and "2: 2 bidirectional Mamba-2" in card.text
     assert 'from_pretrained("someone/diffuapriel-tiny", trust_remote_code=True)' in card.text
-    assert "model.generate(" in card.text
+
+
+@pytest.mark.slow
+def test_model_card_example_runs(tiny_model, tmp_path, capsys):
+    save_for_hub(tiny_model, tmp_path, tokenizer=tiny_tokenizer(tiny_model.config), repo_id=str(tmp_path))
+    example = ModelCard.load(tmp_path / "README.md").text.split("```python\n")[1].split("```")[0]
+    assert "model.generate(" in example
+    exec(example, {})
+    assert capsys.readouterr().out.strip()  # the decoded generation
 
 
 LOAD_WITHOUT_PACKAGE = r"""
