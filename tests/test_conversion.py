@@ -329,3 +329,15 @@ def test_conversion_scripts_take_their_own_format_only(tmp_path, monkeypatch, sc
         runpy.run_path(path, run_name="__main__")
     assert exited.value.code == 0
     assert {"model.safetensors", "config.json", "generation_config.json", "README.md"} <= set(os.listdir(output))
+
+
+def test_foreign_tokenizer_and_untied_head_refused(tmp_path):
+    random_mamba2().save_pretrained(tmp_path / "source")
+    tiny_tokenizer(vocab=VOCAB + 10).save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match=r"tokenizer has 61 tokens .* embedding has 50 rows"):
+        convert_checkpoint(tmp_path / "source", tokenizer=tmp_path / "tokenizer")
+    state_dict = mamba_ssm_state_dict(random_mamba2(n_groups=2, tie=True, vocab=48))
+    state_dict["lm_head.weight"] = state_dict["lm_head.weight"] + 1
+    write_mamba_ssm_folder(tmp_path / "untied", mamba_ssm_config(), state_dict)
+    with pytest.raises(ValueError, match="tied in config.json but lm_head.weight differs"):
+        convert_checkpoint(tmp_path / "untied")

@@ -299,12 +299,11 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def add_mask_token(embedding: torch.Tensor, real_vocab: int, tokenizer=None, mask_token: str = DEFAULT_MASK_TOKEN):
+def add_mask_token(num_rows: int, real_vocab: int, tokenizer=None, mask_token: str = DEFAULT_MASK_TOKEN):
     """Choose the mask token's id and give the tokenizer (when there is one) the mask token.
 
     The id is the tokenizer's mask token when it has one, else the id the tokenizer gives the newly added token, else
     `real_vocab` (the first id past the real tokens). Returns (mask_token_id, number of embedding rows needed)."""
-    num_rows = embedding.shape[0]
     if tokenizer is not None:
         if tokenizer.mask_token is None:
             tokenizer.add_special_tokens({"mask_token": mask_token})
@@ -320,13 +319,41 @@ def add_mask_token(embedding: torch.Tensor, real_vocab: int, tokenizer=None, mas
     return mask_token_id, max(num_rows, mask_token_id + 1)
 
 
-def _with_mask_row(matrix: torch.Tensor, mask_token_id: int, num_rows: int, real_vocab: int) -> torch.Tensor:
+def with_mask_row(matrix: torch.Tensor, mask_token_id: int, num_rows: int, real_vocab: int) -> torch.Tensor:
     """(V, D) -> (num_rows, D), the mask token's row set to the mean of the real tokens' rows."""
-    grown = torch.cat([matrix, matrix.new_zeros(num_rows - matrix.shape[0], matrix.shape[1])]) if (
-        num_rows > matrix.shape[0]) else matrix.clone()
+    grown = torch.cat([matrix, matrix.new_zeros(num_rows - matrix.shape[0], matrix.shape[1])])  # (num_rows, D)
     real_rows = [i for i in range(min(real_vocab, matrix.shape[0])) if i != mask_token_id]
     grown[mask_token_id] = matrix[real_rows].float().mean(0).to(matrix.dtype)
     return grown
+
+
+def read_source_config(source: Path, source_format: Optional[str] = None) -> tuple[str, dict, int]:
+    """(format, our config fields before the mask token, number of real tokens) of a source folder."""
+    raw_config = read_config(source)
+    detected = detect_format(raw_config)
+    if source_format is not None and detected != source_format:
+        raise ValueError(f"{source} is a {detected} checkpoint, but a {source_format} checkpoint was expected")
+    if detected == TRANSFORMERS:
+        from transformers import Mamba2Config
+
+        fields = config_fields_from_transformers(Mamba2Config.from_pretrained(source).to_dict())
+        real_vocab = fields["vocab_size"]
+    else:
+        fields, real_vocab = config_fields_from_mamba_ssm(raw_config)
+    fields.update(layer_types=[MAMBA] * fields["num_hidden_layers"], max_position_embeddings=None)
+    return detected, fields, real_vocab
+
+
+def read_source_weights(source: Path, source_format: str, fields: dict) -> dict:
+    """The source's weights under our names (the head included when tied), checked against its config."""
+    state_dict = rename_state_dict(read_state_dict(source), KEY_MAPS[source_format], source_format)
+    if fields["tie_word_embeddings"]:
+        head = state_dict.get("lm_head.weight")
+        if head is not None and not torch.equal(head, state_dict["model.embed_tokens.weight"]):
+            raise ValueError(f"{source}: the embeddings are tied in config.json but lm_head.weight differs from them")
+        state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
+    check_against_config(state_dict, DiffuAprielConfig(**fields, bidirectional=False), str(source))
+    return state_dict
 
 
 def convert_checkpoint(
@@ -359,27 +386,8 @@ def convert_checkpoint(
     source = Path(source)
     if backward_init not in BACKWARD_INITS:
         raise ValueError(f"backward_init must be one of {BACKWARD_INITS}, got {backward_init!r}")
-    raw_config = read_config(source)
-    detected = detect_format(raw_config)
-    if source_format is not None and detected != source_format:
-        raise ValueError(f"{source} is a {detected} checkpoint, but a {source_format} checkpoint was expected")
-    source_format = detected
-    if source_format == TRANSFORMERS:
-        from transformers import Mamba2Config
-
-        fields = config_fields_from_transformers(Mamba2Config.from_pretrained(source).to_dict())
-        real_vocab = fields["vocab_size"]
-    else:
-        fields, real_vocab = config_fields_from_mamba_ssm(raw_config)
-    fields.update(layer_types=[MAMBA] * fields["num_hidden_layers"], max_position_embeddings=None)
-
-    state_dict = rename_state_dict(read_state_dict(source), KEY_MAPS[source_format], source_format)
-    if fields["tie_word_embeddings"]:
-        head = state_dict.get("lm_head.weight")
-        if head is not None and not torch.equal(head, state_dict["model.embed_tokens.weight"]):
-            raise ValueError(f"{source}: the embeddings are tied in config.json but lm_head.weight differs from them")
-        state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
-    check_against_config(state_dict, DiffuAprielConfig(**fields, bidirectional=False), str(source))
+    source_format, fields, real_vocab = read_source_config(source, source_format)
+    state_dict = read_source_weights(source, source_format, fields)
     source_mlp = fields["intermediate_size"]
     if intermediate_size is not None and source_mlp and intermediate_size != source_mlp:
         raise ValueError(
@@ -394,11 +402,12 @@ def convert_checkpoint(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source if tokenizer is None else tokenizer)
-    mask_token_id, num_rows = add_mask_token(state_dict["model.embed_tokens.weight"], real_vocab, tokenizer, mask_token)
-    for key in {"model.embed_tokens.weight", "lm_head.weight"}:
-        state_dict[key] = _with_mask_row(state_dict[key], mask_token_id, num_rows, real_vocab)
-    if fields["tie_word_embeddings"]:
-        state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
+    embedding = state_dict["model.embed_tokens.weight"]
+    mask_token_id, num_rows = add_mask_token(embedding.shape[0], real_vocab, tokenizer, mask_token)
+    state_dict["model.embed_tokens.weight"] = with_mask_row(embedding, mask_token_id, num_rows, real_vocab)
+    tied = fields["tie_word_embeddings"]
+    state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"] if tied else with_mask_row(
+        state_dict["lm_head.weight"], mask_token_id, num_rows, real_vocab)
     if tokenizer is not None:
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if getattr(tokenizer, name, None) is not None:
