@@ -235,7 +235,9 @@ def test_mamba_ssm_model_logits_reproduced_on_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     fields = mamba_ssm_config()
-    fields.update(d_model=64, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 16})
+    # use_mem_eff_path=False: the same math without the fused conv+scan kernel, which needs causal-conv1d installed.
+    fields.update(d_model=64, ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 16,
+                                       "use_mem_eff_path": False})
     config = MambaConfig(**fields)
     source = MambaLMHeadModel(config, device="cuda", dtype=torch.float32).eval()
     with torch.no_grad():
