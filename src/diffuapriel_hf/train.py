@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     training.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     training.add_argument("--dataloader_num_workers", type=int, default=0)
+    training.add_argument("--use_cpu", action="store_true",
+                          help="train on the CPU even where an accelerator is present (several CPU processes under "
+                               "torchrun or accelerate launch need it too)")
     training.add_argument("--report_to", default="none", help="logging integrations: none, tensorboard, wandb, ...")
     training.add_argument("--resume_from_checkpoint", metavar="DIR",
                           help="a checkpoint folder of an earlier run, or 'last' for the newest in --output_dir")
@@ -254,8 +257,7 @@ def run(args) -> int:
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_scheduler_type=args.lr_scheduler_type,
         logging_steps=args.logging_steps, logging_first_step=True, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, seed=args.seed, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=args.dataloader_num_workers,
-        report_to=args.report_to,
+        dataloader_num_workers=args.dataloader_num_workers, use_cpu=args.use_cpu, report_to=args.report_to,
         eval_strategy="steps" if args.eval_fraction > 0 else "no", eval_steps=args.eval_steps,
         # The collator reads the evaluation set's `t` / `noise_seed` columns, which forward does not take.
         remove_unused_columns=False,
@@ -263,6 +265,8 @@ def run(args) -> int:
         label_names=["labels", "loss_weights"],
         # Every parameter takes part in every forward pass.
         ddp_find_unused_parameters=False,
+        # Named only when asked for: newer transformers (5.24) call it activation_checkpointing and warn on any value.
+        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
     )
 
     corpus = load_corpus(args)
