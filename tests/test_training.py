@@ -4,6 +4,7 @@ of the Python standard library's own source files)."""
 import json
 import os
 import subprocess
+from argparse import Namespace
 import sys
 import sysconfig
 
@@ -12,10 +13,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-from diffuapriel_hf import DataCollatorForMaskedDiffusion, DiffuAprielForMaskedLM, preset_config
+from diffuapriel_hf import (
+    DataCollatorForMaskedDiffusion, DiffuAprielForMaskedLM, DiffusionGenerationConfig, preset_config,
+)
 from diffuapriel_hf.cli import main as cli_main
 from diffuapriel_hf.diffusion import bits_per_token, token_nll
-from diffuapriel_hf.train import chunk_documents, read_text_files, train_bpe_tokenizer
+from diffuapriel_hf.train import chunk_documents, load_corpus, read_text_files, train_bpe_tokenizer
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 SOURCE_FILES = [os.path.join(STDLIB, name) for name in ("textwrap.py", "string.py", "bisect.py", "heapq.py")]
@@ -147,9 +150,9 @@ def test_sft_batch_through_the_model_counts_only_the_answer(tokenizer):
         torch.testing.assert_close(loss, expected)
 
 
-def train_command(output_dir, *extra, files=SOURCE_FILES):
+def train_command(output_dir, *extra, files=SOURCE_FILES, model=("--preset", "tiny")):
     return cli_main([
-        "train", "--train_files", *files, "--preset", "tiny", "--vocab_size", str(VOCAB_SIZE),
+        "train", "--train_files", *files, *model, "--vocab_size", str(VOCAB_SIZE),
         "--seq_len", str(SEQ_LEN), "--output_dir", str(output_dir), "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3", "--logging_steps", "2", "--eval_steps", "4",
         "--save_steps", "2", "--eval_fraction", "0.05", "--elbo_samples", "2", *extra,
@@ -170,6 +173,7 @@ def test_train_command_output_reloads(trained):
     model = AutoModelForMaskedLM.from_pretrained(trained)
     tokenizer = AutoTokenizer.from_pretrained(trained)
     assert isinstance(model, DiffuAprielForMaskedLM)
+    assert isinstance(model.generation_config, DiffusionGenerationConfig)
     assert model.config.mask_token_id == tokenizer.mask_token_id and model.config.vocab_size == VOCAB_SIZE
     with open(trained / "generation_config.json") as handle:
         assert json.load(handle)["mask_token_id"] == tokenizer.mask_token_id
@@ -249,6 +253,25 @@ def test_sequence_length_above_the_config_limit_is_refused(no_training, tmp_path
     limit = preset_config("tiny").max_position_embeddings
     with pytest.raises(ValueError, match="above the config's max_position_embeddings"):
         train_command(tmp_path / "out", "--max_steps", "1", "--seq_len", str(limit + 1))
+
+
+def test_sequence_length_above_a_config_files_limit_is_refused(no_training, tmp_path):
+    preset_config("tiny", max_position_embeddings=16).save_pretrained(tmp_path / "config")
+    with pytest.raises(ValueError, match="--seq_len 32 is above the config's max_position_embeddings 16"):
+        train_command(tmp_path / "out", "--max_steps", "1", model=("--config", str(tmp_path / "config")))
+
+
+def test_saved_dataset_as_corpus(tmp_path):
+    import datasets
+
+    texts = read_text_files(SOURCE_FILES[:2])
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": texts, "n": [1, 2]})}).save_to_disk(
+        tmp_path / "corpus"
+    )
+    corpus = load_corpus(Namespace(train_files=None, dataset=str(tmp_path / "corpus"), text_column="content"))
+    assert corpus.column_names == ["text"] and corpus["text"] == texts
+    with pytest.raises(ValueError, match="--text_column: 'body' is not a column"):
+        load_corpus(Namespace(train_files=None, dataset=str(tmp_path / "corpus"), text_column="body"))
 
 
 def test_resume_from_a_different_config_is_refused(trained, no_training, tmp_path):

@@ -216,21 +216,6 @@ def check_resume_config(config: DiffuAprielConfig, checkpoint: str) -> None:
         raise ValueError(f"--resume_from_checkpoint {checkpoint!r} does not match this run's model config ({details})")
 
 
-def save_generation_config(model, output_dir: str) -> None:
-    """Write generation_config.json when the generation module provides `DiffusionGenerationConfig`."""
-    try:
-        from .generation import DiffusionGenerationConfig
-    except ImportError:
-        return
-    config = model.config
-    generation_config = DiffusionGenerationConfig(
-        mask_token_id=config.mask_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-    )
-    model.generation_config = generation_config
-    generation_config.save_pretrained(output_dir)
-
-
 def run(args) -> int:
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
@@ -335,9 +320,9 @@ def run(args) -> int:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+    # The model, its config and generation_config.json (a DiffusionGenerationConfig with the token ids set above),
+    # and the tokenizer.
     trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        save_generation_config(model, args.output_dir)
     return 0
 
 
