@@ -1,6 +1,6 @@
 """Convert a mamba-ssm `MambaLMHeadModel` folder (config.json and pytorch_model.bin) into a DiffuApriel Hub folder.
 
-    python conversion/convert_mamba_ssm.py SOURCE OUTPUT [--no-bidirectional] [--backward-init fresh] [--intermediate-size N]
+    python conversion/convert_mamba_ssm.py SOURCE OUTPUT [--no-bidirectional] [--backward-init fresh] ...
 
 The same command as `diffuapriel convert`, refusing sources of any other format (see `diffuapriel_hf.convert`).
 """

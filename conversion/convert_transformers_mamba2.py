@@ -1,6 +1,6 @@
 """Convert a transformers `Mamba2ForCausalLM` folder into a DiffuApriel Hub folder.
 
-    python conversion/convert_transformers_mamba2.py SOURCE OUTPUT [--no-bidirectional] [--backward-init fresh] [--intermediate-size N]
+    python conversion/convert_transformers_mamba2.py SOURCE OUTPUT [--no-bidirectional] [--backward-init fresh] ...
 
 The same command as `diffuapriel convert`, refusing sources of any other format (see `diffuapriel_hf.convert`).
 """

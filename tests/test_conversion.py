@@ -125,7 +125,10 @@ def test_tokenizer_gets_the_mask_token(tmp_path):
     source.save_pretrained(tmp_path / "source")
     tiny_tokenizer().save_pretrained(tmp_path / "source")
     output = tmp_path / "converted"
-    cli_main(["convert", str(tmp_path / "source"), str(output), "--mask-token", "[MASK]"])
+    cli_main(["convert", str(tmp_path / "source"), str(output), "--mask-token", "[MASK]", "--repo-id", "me/diffu-tiny",
+              "--base-model", "me/mamba2-tiny"])
+    card = (output / "README.md").read_text()
+    assert "base_model: me/mamba2-tiny" in card and 'from_pretrained("me/diffu-tiny"' in card
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(output)

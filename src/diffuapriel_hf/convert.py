@@ -2,10 +2,10 @@
 
 Two source formats are read:
 
-| format          | folder                                                             | detected by                   |
-|-----------------|--------------------------------------------------------------------|-------------------------------|
-| `transformers`  | transformers' `Mamba2ForCausalLM`: config.json, safetensors or bin | `model_type == "mamba2"`      |
-| `mamba-ssm`     | mamba-ssm's `MambaLMHeadModel`: config.json, pytorch_model.bin     | `d_model`, `n_layer`, `ssm_cfg` |
+| format         | folder                                                             | detected by                 |
+|----------------|--------------------------------------------------------------------|-----------------------------|
+| `transformers` | transformers' `Mamba2ForCausalLM`: config.json, safetensors or bin | `model_type == "mamba2"`    |
+| `mamba-ssm`    | mamba-ssm's `MambaLMHeadModel`: config.json, pytorch_model.bin     | `d_model`, `n_layer`, ...   |
 
 Both keep a Mamba-2 mixer's parameters under the same names as ours, so the conversion is a renaming (`KEY_MAPS`)
 plus a field mapping of the configuration (`TRANSFORMERS_CONFIG_FIELDS`, `MAMBA_SSM_CONFIG_FIELDS`). Then:
@@ -292,7 +292,9 @@ def check_against_config(state_dict: dict, config: DiffuAprielConfig, source: st
         if key in state_dict and tuple(state_dict[key].shape) != shape
     ]
     if problems:
-        raise ValueError(f"the weights of {source} do not match its config.json (as mapped to ours): " + "; ".join(problems))
+        raise ValueError(
+            f"the weights of {source} do not match its config.json (as mapped to ours): " + "; ".join(problems)
+        )
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -311,8 +313,8 @@ def add_mask_token(num_rows: int, real_vocab: int, tokenizer=None, mask_token: s
         needed = max(num_rows, mask_token_id + 1)
         if needed > num_rows + 1 or len(tokenizer) > needed:
             raise ValueError(
-                f"the tokenizer has {len(tokenizer)} tokens (mask token {tokenizer.mask_token!r} = {mask_token_id}) but "
-                f"the model's embedding has {num_rows} rows: the tokenizer does not belong to this model"
+                f"the tokenizer has {len(tokenizer)} tokens (mask token {tokenizer.mask_token!r} = {mask_token_id}) "
+                f"but the model's embedding has {num_rows} rows: the tokenizer does not belong to this model"
             )
     else:
         mask_token_id = real_vocab
@@ -433,12 +435,13 @@ def convert_checkpoint(
     return model.eval(), tokenizer
 
 
-def convert(source, output, **kwargs) -> Path:
-    """Convert `source` (see `convert_checkpoint`) and write a complete Hub folder to `output`."""
+def convert(source, output, repo_id: Optional[str] = None, base_model: Optional[str] = None, **kwargs) -> Path:
+    """Convert `source` (see `convert_checkpoint`) and write a complete Hub folder to `output`; `repo_id` (where it
+    will be published) and `base_model` (the source's Hub id) go into the model card."""
     from .hub import save_for_hub
 
     model, tokenizer = convert_checkpoint(source, **kwargs)
-    return save_for_hub(model, output, tokenizer=tokenizer, base_model=str(source))
+    return save_for_hub(model, output, tokenizer=tokenizer, repo_id=repo_id, base_model=base_model)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -454,18 +457,22 @@ def add_arguments(parser):
     parser.add_argument("--intermediate-size", type=int, default=None,
                         help="add a SwiGLU MLP of this width to every block (zero output projection at first)")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder to add the mask token to (default: the source folder's, if any)")
+                        help="tokenizer (folder or Hub id) to add the mask token to (default: the source's, if any)")
     parser.add_argument("--mask-token", default=DEFAULT_MASK_TOKEN, help="text of the mask token when it is added")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the weights (default: source's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="dtype of the weights (default: the source's)")
     parser.add_argument("--source-format", choices=SOURCE_FORMATS, default=None,
                         help="refuse a source of any other format (default: detect it)")
+    parser.add_argument("--repo-id", default=None, help="Hub repo the output will be published to (for the model card)")
+    parser.add_argument("--base-model", default=None, help="Hub id of the source model (for the model card)")
 
 
 def run(args):
     output = convert(
         args.source, args.output, bidirectional=args.bidirectional, backward_init=args.backward_init,
         intermediate_size=args.intermediate_size, tokenizer=args.tokenizer, mask_token=args.mask_token,
-        dtype=DTYPES[args.dtype] if args.dtype else None, source_format=args.source_format,
+        dtype=DTYPES[args.dtype] if args.dtype else None, source_format=args.source_format, repo_id=args.repo_id,
+        base_model=args.base_model,
     )
     print(f"wrote {output}")
     return 0
