@@ -64,9 +64,12 @@ def test_preset_parameter_counts_match_the_docs():
         "diffuapriel-1.3b": 1_388_559_872,
         "diffuapriel-h-1.3b": 1_377_453_824,
         "diffutran-1.3b": 1_336_154_112,
+        "diffuapriel-8m": 8_617_280,
+        "diffutran-8m": 8_523_008,
     }
     counts = {name: count_parameters(name) for name in expected}
     assert counts == expected
     big = [counts[n] for n in ("diffuapriel-1.3b", "diffuapriel-h-1.3b", "diffutran-1.3b")]
     assert max(big) / min(big) < 1.05  # parameter-matched within 5%
+    assert counts["diffuapriel-8m"] / counts["diffutran-8m"] < 1.02
     assert set(PRESETS) >= {"tiny", "diffuapriel-240m", "diffuapriel-1.3b", "diffuapriel-h-1.3b", "diffutran-1.3b"}

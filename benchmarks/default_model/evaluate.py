@@ -1,0 +1,46 @@
+"""Held-out bits per token (negative ELBO) of trained models on the standard library's held-out modules.
+
+    python benchmarks/default_model/evaluate.py MODEL_DIR [MODEL_DIR ...] --output results.json
+"""
+
+import argparse
+import json
+import platform
+
+import torch
+from transformers import AutoTokenizer
+
+from diffuapriel_hf import DiffuAprielForMaskedLM
+from diffuapriel_hf.evaluation import text_bits_per_token
+from diffuapriel_hf.stdlib_corpus import HELD_OUT_MODULES, stdlib_files
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--num_samples", type=int, default=16, help="points of the fixed t grid")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    files = stdlib_files("heldout")
+    texts = [path.read_text(encoding="utf-8") for path in files]
+    results = dict(
+        python=platform.python_version(), device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        held_out_modules=list(HELD_OUT_MODULES), held_out_files=len(files), seq_len=args.seq_len,
+        num_samples=args.num_samples, models={},
+    )
+    for folder in args.models:
+        model = DiffuAprielForMaskedLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        scores = text_bits_per_token(model, tokenizer, texts, seq_len=args.seq_len, num_samples=args.num_samples)
+        scores["parameters"] = sum(p.numel() for p in model.parameters())
+        scores["layer_types"] = sorted(set(model.config.layer_types))
+        results["models"][folder] = scores
+        print(folder, json.dumps(scores), flush=True)
+    with open(args.output, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
