@@ -346,3 +346,14 @@ def test_foreign_tokenizer_and_untied_head_refused(tmp_path):
     write_mamba_ssm_folder(tmp_path / "untied", mamba_ssm_config(), state_dict)
     with pytest.raises(ValueError, match="tied in config.json but lm_head.weight differs"):
         convert_checkpoint(tmp_path / "untied")
+
+
+def test_dtype_follows_the_source_unless_given(tmp_path):
+    random_mamba2().to(torch.bfloat16).save_pretrained(tmp_path / "source")
+    model, _ = convert_checkpoint(tmp_path / "source", backward_init="fresh")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model, _ = convert_checkpoint(tmp_path / "source", bidirectional=False, dtype=torch.float32)
+    source = Mamba2ForCausalLM.from_pretrained(tmp_path / "source", dtype=torch.float32).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ids = torch.randint(0, VOCAB, (1, 9))
+    assert (logits(source, ids) - logits(model, ids)[..., :VOCAB]).abs().max() <= 1e-4
