@@ -103,7 +103,9 @@ def test_collator_returns_the_loss_contract():
     assert real.sum(-1).tolist() == [40, 25, 33, 40]
     masked = batch["input_ids"] == 95
     assert not (masked & ~real).any() and bool((batch["input_ids"][~real] == 0).all())
-    clean = collator._pad([e["input_ids"] for e in examples], 40, 0)
+    clean = torch.zeros(4, 40, dtype=torch.long)
+    for i, example in enumerate(examples):
+        clean[i, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
     assert torch.equal(batch["labels"], clean.masked_fill(~masked, -100))
     # One weight 1/t per sequence on its real tokens, the times stratified over the batch.
     weights = batch["loss_weights"]

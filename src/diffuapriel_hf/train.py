@@ -310,6 +310,9 @@ def run(args) -> int:
             partial(elbo_terms, mask_token_id=config.mask_token_id) if eval_dataset is not None else None
         ),
     )
+    # Trainer seeds every process alike, which would give every process the same diffusion times and mask positions:
+    # the global batch would repeat one noise pattern. Each process draws its own (checkpoints keep each one's state).
+    torch.manual_seed(args.seed + training_args.process_index)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
     metrics["train_tokens_per_second"] = metrics["train_samples_per_second"] * args.seq_len
