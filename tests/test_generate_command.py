@@ -98,13 +98,20 @@ def test_a_model_without_a_tokenizer_asks_for_one(saved_model, tmp_path, capsys)
 
 def test_the_model_generation_config_supplies_the_defaults(saved_model, tmp_path, capsys):
     _, model, tokenizer = saved_model
-    model.generation_config.update(max_new_tokens=6, remasking="entropy")
+    defaults = dict(max_new_tokens=6, remasking="entropy", do_sample=True, temperature=0.9)
+    model.generation_config.update(**defaults)
     try:
         model.save_pretrained(tmp_path)
     finally:
-        model.generation_config.update(max_new_tokens=None, remasking="low_confidence")
+        model.generation_config.update(max_new_tokens=None, remasking="low_confidence", do_sample=None, temperature=None)
     tokenizer.save_pretrained(tmp_path)
-    code, out, _ = generate_command(capsys, "--model", tmp_path, "--prompt", "w9", "--no-progress")
+    code, out, _ = generate_command(capsys, "--model", tmp_path, "--prompt", "w9", "--seed", 2, "--no-progress")
+    expected = model.generate(torch.tensor([[9]]), seed=2, **defaults)
+    assert code == 0 and out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)
+    # --temperature 0 overrides the saved sampling with the most likely tokens.
+    code, out, _ = generate_command(
+        capsys, "--model", tmp_path, "--prompt", "w9", "--temperature", 0, "--seed", 2, "--no-progress"
+    )
     expected = model.generate(torch.tensor([[9]]), max_new_tokens=6, remasking="entropy")
     assert code == 0 and out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)
 

@@ -65,9 +65,10 @@ def generation_settings(args) -> dict:
     """The sampling options given on the command line, as `generate()` keyword arguments."""
     names = ("max_new_tokens", "steps", "block_length", "remasking", "confidence_threshold", "top_k", "top_p")
     settings = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.temperature is not None:
-        settings["temperature"] = args.temperature
+    if args.temperature is not None:  # > 0 samples, 0 picks the most likely token
         settings["do_sample"] = args.temperature > 0
+        if args.temperature != 0:
+            settings["temperature"] = args.temperature
     if args.infill is not None and args.max_new_tokens is None:
         settings["max_new_tokens"] = None  # fill the placeholders only, whatever the model's config says
     return settings
