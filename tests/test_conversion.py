@@ -185,7 +185,7 @@ def test_mamba_ssm_folder_weights_and_logits(tmp_path):
     rows = MAMBA_SSM_REAL_VOCAB + (-MAMBA_SSM_REAL_VOCAB % MAMBA_SSM_PAD_MULTIPLE)
     reference = random_mamba2(n_groups=2, tie=True, vocab=rows)
     state_dict = mamba_ssm_state_dict(reference)
-    write_mamba_ssm_folder(tmp_path / "source", mamba_ssm_config(), state_dict)
+    write_mamba_ssm_folder(tmp_path / "source", mamba_ssm_config(d_ssm=64), state_dict)  # d_ssm = the full width
     model, _ = convert_checkpoint(tmp_path / "source", bidirectional=False)
 
     # The mask token takes the first padding row: no new row.
@@ -303,6 +303,9 @@ def test_unknown_architectures_are_refused(tmp_path):
     write_mamba_ssm_folder(tmp_path / "hdim", mamba_ssm_config(D_has_hdim=True), {})
     with pytest.raises(ValueError, match="D_has_hdim"):
         convert_checkpoint(tmp_path / "hdim")
+    write_mamba_ssm_folder(tmp_path / "part_ssm", mamba_ssm_config(d_ssm=32), {})  # the rest of the width: an MLP
+    with pytest.raises(ValueError, match="ssm_cfg.d_ssm = 32 is not supported"):
+        convert_checkpoint(tmp_path / "part_ssm")
     write_mamba_ssm_folder(tmp_path / "odd", mamba_ssm_config(new_knob=3), {})
     with pytest.raises(ValueError, match="new_knob"):
         convert_checkpoint(tmp_path / "odd")

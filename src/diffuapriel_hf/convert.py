@@ -112,7 +112,8 @@ MAMBA_SSM_SSM_CFG_FIELDS = {
 MAMBA_SSM_NORM_EPS = 1e-5
 # `ssm_cfg` entries that change only initialisation or the kernel path, not what the layer computes.
 MAMBA_SSM_SSM_CFG_IGNORED = {"layer", "conv_init", "A_init_range", "use_mem_eff_path", "layer_idx", "sequence_parallel"}
-# `ssm_cfg` entries that we can convert only at the value mamba-ssm's Mamba2 uses by default.
+# `ssm_cfg` entries that we can convert only at the value mamba-ssm's Mamba2 uses by default (`d_ssm` may also equal
+# the full width expand * d_model, which is what None means).
 MAMBA_SSM_SSM_CFG_FIXED = {"d_ssm": None, "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False}
 MAMBA_SSM_GATED_MLP_MULTIPLE = 128  # GatedMLP rounds its hidden width up to a multiple of this
 
@@ -209,6 +210,8 @@ def config_fields_from_mamba_ssm(source: dict) -> tuple[dict, int]:
     if not source.get("rms_norm", True):
         raise ValueError("the mamba-ssm model uses LayerNorm (rms_norm = false): only RMSNorm models convert")
     ssm_cfg = dict(source.get("ssm_cfg") or {})
+    if ssm_cfg.get("d_ssm") == ssm_cfg.get("expand", 2) * source.get("d_model", 0):
+        del ssm_cfg["d_ssm"]
     for name, value in MAMBA_SSM_SSM_CFG_FIXED.items():
         if ssm_cfg.get(name, value) != value:
             raise ValueError(f"ssm_cfg.{name} = {ssm_cfg[name]!r} is not supported: only {value!r} converts")
