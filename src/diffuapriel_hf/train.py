@@ -232,6 +232,8 @@ def run(args) -> int:
         )
     if not 0 <= args.eval_fraction < 1:
         raise ValueError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.elbo_samples < 1:
+        raise ValueError(f"--elbo_samples must be positive, got {args.elbo_samples}")
     checkpoint = resolve_checkpoint(args)
 
     training_args = TrainingArguments(
