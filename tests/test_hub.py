@@ -138,7 +138,10 @@ torch.save({"logits": logits, "generated": generated, "class": type(model).__mod
 
 
 @pytest.mark.slow
-def test_remote_code_loads_where_the_package_cannot_be_imported(tiny_model, tmp_path):
+def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
+    torch.manual_seed(0)
+    config = preset_config("tiny", layer_types=["linear_attention", "full_attention"])  # both kinds of mixer
+    tiny_model = DiffuAprielForMaskedLM(config).eval()
     save_for_hub(tiny_model, tmp_path / "repo", tokenizer=tiny_tokenizer(tiny_model.config))
     ids = torch.randint(3, tiny_model.config.vocab_size - 1, (2, 7))
     torch.save(ids, tmp_path / "ids.pt")
