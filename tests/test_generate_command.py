@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from test_generation import tiny_model, word_tokenizer
+from test_generation import one_thread, tiny_model, word_tokenizer  # noqa: F401  (one_thread: autouse fixture)
 
 from diffuapriel_hf.cli import main
 

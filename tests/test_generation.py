@@ -23,6 +23,15 @@ from diffuapriel_hf.generation import (
 STACKS = {"mamba": [MAMBA, MAMBA], "hybrid": [MAMBA, ATTENTION]}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Generation runs many passes of a tiny model: one thread is fastest, and does not fight other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(kind="mamba", seed=0, sharpen=None, **overrides):
     """A tiny random model. `sharpen` multiplies the (untied) LM head so that the predictions are confident, as a
     trained model's are (a random tiny model predicts nearly uniformly)."""
