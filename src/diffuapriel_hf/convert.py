@@ -18,7 +18,9 @@ plus a field mapping of the configuration (`TRANSFORMERS_CONFIG_FIELDS`, `MAMBA_
 - an MLP is added only when asked (`--intermediate-size`), with a zero output projection so that the converted model
   still computes what the source computed.
 
-With `bidirectional=False` and no MLP the converted model reproduces the source's logits on the source vocabulary.
+With `bidirectional=False` and no MLP the converted model reproduces the source's logits on the source vocabulary
+(in float32: the sources' `residual_in_fp32`, a float32 residual stream under bf16/fp16, has no counterpart here, so
+half-precision logits differ by rounding).
 Checkpoints are read with `torch.load(weights_only=True)` (or safetensors): a pickle that would run code is refused.
 """
 
@@ -237,7 +239,7 @@ def config_fields_from_mamba_ssm(source: dict) -> tuple[dict, int]:
     fields["intermediate_size"] = (d_intermediate + multiple - 1) // multiple * multiple if d_intermediate else 0
 
     real_vocab = source["vocab_size"]
-    multiple = source.get("pad_vocab_size_multiple", 1)
+    multiple = source.get("pad_vocab_size_multiple", 8)  # MambaConfig's default
     fields["vocab_size"] = (real_vocab + multiple - 1) // multiple * multiple
     return fields, real_vocab
 
