@@ -24,6 +24,15 @@ VOCAB = 50
 GROUPED_GATED_NORM = "group_size" in inspect.signature(MambaRMSNormGated.__init__).parameters
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and does not fight the other test processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_mamba2(n_groups=1, tie=False, vocab=VOCAB, seed=0) -> Mamba2ForCausalLM:
     """A tiny transformers Mamba-2 LM whose every parameter is random (norm weights, D, A and dt included)."""
     torch.manual_seed(seed)

@@ -16,6 +16,7 @@ from transformers.dynamic_module_utils import check_imports, get_imports, get_re
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf.hub import AUTO_MAP, HEADER, bundle_drift, bundle_files, save_for_hub, write_bundle
+from test_conversion import one_thread  # noqa: F401  (autouse: one torch thread)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +103,6 @@ def test_save_for_hub_writes_a_complete_repo(tiny_model, tmp_path):
     assert 'from_pretrained("someone/diffuapriel-tiny", trust_remote_code=True)' in card.text
 
 
-@pytest.mark.slow
 def test_model_card_example_runs(tiny_model, tmp_path, capsys):
     save_for_hub(tiny_model, tmp_path, tokenizer=tiny_tokenizer(tiny_model.config), repo_id=str(tmp_path))
     example = ModelCard.load(tmp_path / "README.md").text.split("```python\n")[1].split("```")[0]
@@ -145,7 +145,7 @@ def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
     save_for_hub(tiny_model, tmp_path / "repo", tokenizer=tiny_tokenizer(tiny_model.config))
     ids = torch.randint(3, tiny_model.config.vocab_size - 1, (2, 7))
     torch.save(ids, tmp_path / "ids.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(tmp_path / "repo"), str(tmp_path / "ids.pt"),
          str(tmp_path / "out.pt")],
