@@ -11,6 +11,11 @@ their speed and quality compare like for like; `tests/test_config.py` checks the
 | `diffuapriel-h-1.3b` | 18 Mamba-2 + 4 attention   | 1,377,453,824 |
 | `diffutran-1.3b`     | 24 attention               | 1,336,154,112 |
 | `diffuapriel-240m`   | 12 bidirectional Mamba-2   |   247,639,296 |
+| `diffuapriel-8m`     | 6 bidirectional Mamba-2    |     8,617,280 |
+| `diffutran-8m`       | 6 attention                |     8,523,008 |
+
+The two 8M presets (a 4,096-token byte-level BPE vocabulary) are the size of the default model shipped in the
+package, trained on the Python standard library (benchmarks/default_model/), and of its DiffuTran baseline.
 """
 
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
@@ -31,6 +36,14 @@ PRESETS = {
         vocab_size=96, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
         num_key_value_heads=2, mamba_d_state=8, mamba_d_head=8, mamba_n_groups=1, mamba_chunk_size=8,
         max_position_embeddings=256, mask_token_id=95, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+    "diffuapriel-8m": dict(
+        vocab_size=4096, hidden_size=256, num_hidden_layers=6, intermediate_size=512, num_attention_heads=8,
+        mamba_d_state=64, mamba_d_head=32, mamba_chunk_size=128, max_position_embeddings=1024,
+    ),
+    "diffutran-8m": dict(
+        vocab_size=4096, hidden_size=256, num_hidden_layers=6, intermediate_size=1280, num_attention_heads=8,
+        layer_types=[ATTENTION] * 6, max_position_embeddings=1024,
     ),
     "diffuapriel-240m": dict(
         vocab_size=GPT2_VOCAB_WITH_MASK, hidden_size=1024, num_hidden_layers=12, intermediate_size=1024,
