@@ -103,7 +103,9 @@ def test_the_model_generation_config_supplies_the_defaults(saved_model, tmp_path
     try:
         model.save_pretrained(tmp_path)
     finally:
-        model.generation_config.update(max_new_tokens=None, remasking="low_confidence", do_sample=None, temperature=None)
+        model.generation_config.update(
+            max_new_tokens=None, remasking="low_confidence", do_sample=None, temperature=None
+        )
     tokenizer.save_pretrained(tmp_path)
     code, out, _ = generate_command(capsys, "--model", tmp_path, "--prompt", "w9", "--seed", 2, "--no-progress")
     expected = model.generate(torch.tensor([[9]]), seed=2, **defaults)

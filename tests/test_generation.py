@@ -310,7 +310,9 @@ def test_confidence_threshold_commits_every_sure_token_in_one_step():
         assert not (sure & ~committed).any()
         assert torch.equal(after[0][committed], probs.argmax(-1)[committed])
     # Every token sure enough: one step per block.
-    fast = model.generate(ids, max_new_tokens=new, block_length=8, confidence_threshold=1e-6, return_dict_in_generate=True)
+    fast = model.generate(
+        ids, max_new_tokens=new, block_length=8, confidence_threshold=1e-6, return_dict_in_generate=True
+    )
     assert fast.num_forward_passes == 2
 
 
@@ -360,8 +362,12 @@ BATCH_SETTINGS = [
 ]
 
 
+def settings_id(settings):
+    return "-".join(f"{k}={v}" for k, v in settings.items()) or "greedy"
+
+
 @pytest.mark.parametrize("kind", sorted(STACKS))
-@pytest.mark.parametrize("settings", BATCH_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "greedy")
+@pytest.mark.parametrize("settings", BATCH_SETTINGS, ids=settings_id)
 def test_left_padded_batch_gives_what_each_prompt_gives_alone(kind, settings):
     model = tiny_model(kind=kind, seed=1, sharpen=8.0)
     prompts = [random_ids(model, n, seed=n) for n in (3, 9, 6)]
@@ -427,6 +433,14 @@ def test_sampling_with_top_k_1_is_greedy_and_sampling_differs_from_greedy():
     assert not torch.equal(model.generate(ids, max_new_tokens=8, do_sample=True, seed=0), greedy)
 
 
+def test_lengths_from_max_length_and_a_default_bos_prompt():
+    model = tiny_model()
+    ids = random_ids(model, 2, 5)
+    assert model.generate(ids, max_length=9, eos_token_id=None).shape == (2, 9)
+    out = model.generate(max_new_tokens=4, eos_token_id=None)
+    assert out.shape == (1, 5) and out[0, 0] == model.config.bos_token_id
+
+
 def test_return_dict_matches_the_tensor_output():
     model = tiny_model()
     ids = random_ids(model, 1, 4)
@@ -474,7 +488,8 @@ def test_text_streamer_prints_the_generated_text(capsys):
     model = tiny_model()
     tokenizer = word_tokenizer(model.config)
     ids = tokenizer("w5 w6 w7", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=8, block_length=4, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(ids, max_new_tokens=8, block_length=4, streamer=streamer)
     printed = capsys.readouterr().out
     assert printed.strip() == tokenizer.decode(out[0, 3:], skip_special_tokens=True).strip() != ""
 
@@ -490,3 +505,15 @@ def test_fill_mask_pipeline():
     torch.testing.assert_close(torch.tensor([p["score"] for p in predictions]), expected.values)
     assert all(p["sequence"].startswith("w3 w4") for p in predictions)
     assert len(fill(["w3 [MASK]", "w7 w8 [MASK] w9"], top_k=2)) == 2
+
+
+def test_fill_mask_pipeline_from_a_saved_folder(tmp_path):
+    model = tiny_model()
+    tokenizer = word_tokenizer(model.config)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    fill = pipeline("fill-mask", model=str(tmp_path))
+    assert isinstance(fill.model, DiffuAprielForMaskedLM)
+    assert [p["token"] for p in fill("w3 [MASK] w4", top_k=2)] == [p["token"] for p in pipeline(
+        "fill-mask", model=model, tokenizer=tokenizer
+    )("w3 [MASK] w4", top_k=2)]
