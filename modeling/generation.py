@@ -24,7 +24,6 @@ same seed. The global RNG is never used.
 """
 
 import copy
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -32,6 +31,8 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput, logging
+
+from .cuda_graphs import graphed_denoiser
 
 logger = logging.get_logger(__name__)
 
@@ -174,7 +175,8 @@ def confidence_scores(
     rule: str, probs: torch.Tensor, tokens: torch.Tensor, uniform: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """How sure the model is about each candidate, higher = commit first. probs: (N, V) the model's distribution
-    (mask token excluded); tokens: (N,) the chosen tokens; uniform: (N,) U(0,1) draws, used by the `random` rule only. Returns (N,).
+    (mask token excluded); tokens: (N,) the chosen tokens; uniform: (N,) U(0,1) draws, used by the `random` rule
+    only. Returns (N,).
 
     low_confidence: p(token); margin: p(first) - p(second); entropy: minus the entropy of p; random: uniform."""
     if rule == "low_confidence":
@@ -202,7 +204,8 @@ def select_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """For each row of scores (B, L), the `counts[b]` highest entries (-inf entries never; ties go to the leftmost)
     as a (B, L) bool mask."""
     order = scores.sort(dim=-1, descending=True, stable=True).indices  # (B, L)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(-1, order, positions)  # ranks[b, i]: the rank of entry i
     return (ranks < counts[:, None]) & (scores > float("-inf"))
 
 
@@ -291,7 +294,11 @@ class DiffusionGenerationMixin:
 
     def denoising_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """One denoising forward pass, (B, L) -> logits (B, L, V): the only place where `generate` calls the model,
-        so that this step can be wrapped (CUDA graphs, torch.compile) on its own."""
+        so that this step can be wrapped (CUDA graphs, torch.compile) on its own. On CUDA the pass is replayed from a
+        CUDA graph captured for the input's shape (`cuda_graphs.GraphedDenoiser`): the same logits, bit for bit,
+        without the launch overhead of the ~1,000 kernels of each step."""
+        if input_ids.is_cuda:
+            return graphed_denoiser(self)(input_ids, attention_mask)
         return self(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
 
     def _resolve_generation_config(self, generation_config, kwargs) -> DiffusionGenerationConfig:
@@ -347,7 +354,8 @@ class DiffusionGenerationMixin:
             prompt = [] if config.bos_token_id is None else [config.bos_token_id]
             input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must be a (batch, length) tensor, got {getattr(input_ids, 'shape', input_ids)}")
+            shape = getattr(input_ids, "shape", input_ids)
+            raise ValueError(f"`input_ids` must be a (batch, length) tensor, got {shape}")
         input_ids = input_ids.to(device=device, dtype=torch.long)
         batch, prompt_length = input_ids.shape
         if attention_mask is None:

@@ -148,6 +148,8 @@ def run(args) -> int:
     if args.infill is not None:
         ids = infill_ids(tokenizer, args.infill, args.mask_placeholder, args.infill_length, mask_token_id)
     else:
+        if args.prompt is None and sys.stdin.isatty():
+            print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
         text = args.prompt if args.prompt is not None else sys.stdin.read().rstrip("\n")
         ids = tokenizer(text).input_ids
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)

