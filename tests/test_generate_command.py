@@ -68,7 +68,6 @@ def test_infill_fills_the_placeholders_in_place(saved_model, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--prompt", "w3"], "--model"),
         (["--model", "{path}", "--prompt", "w3", "--max-new-tokens", 8, "--steps", 3, "--block-length", 4], "steps"),
         (["--model", "{path}", "--prompt", "w3", "--max-new-tokens", 4, "--temperature", -1], "temperature"),
         (["--model", "{path}", "--infill", "w3 w4"], "placeholder"),

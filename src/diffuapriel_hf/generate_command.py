@@ -1,5 +1,6 @@
 """`diffuapriel generate`: generate or infill text with a DiffuApriel model and print it.
 
+    diffuapriel generate --prompt "def fibonacci(n):"        # the package's own model
     diffuapriel generate --model PATH --prompt "Once upon a time" --max-new-tokens 64
     echo "Once upon a time" | diffuapriel generate --model PATH
     diffuapriel generate --model PATH --infill "The [MASK] sat on the [MASK]." --infill-length 2
@@ -20,7 +21,10 @@ DEFAULT_MASK_PLACEHOLDER = "[MASK]"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--model", help="model folder saved with save_pretrained, or a Hub id")
+    parser.add_argument(
+        "--model", help="model folder saved with save_pretrained, or a Hub id (default: the package's own model, "
+        "trained on the Python standard library)"
+    )
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model's)")
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="text to continue (default: read from stdin)")
@@ -45,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-        help="weights' dtype (default: as saved)",
+        help="weights' dtype (default: float32 on the CPU, as saved elsewhere)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -54,11 +58,17 @@ def fail(message: str):
     raise SystemExit(f"diffuapriel generate: error: {message}")
 
 
+def default_model_path() -> str:
+    """The model shipped inside the package: an 8M-parameter DiffuApriel trained on the Python standard library
+    (benchmarks/default_model/README.md)."""
+    from importlib.resources import files
+
+    return str(files("diffuapriel_hf") / "default_model")
+
+
 def model_location(args) -> str:
-    """Where the model comes from. (No model is shipped with the package yet, so --model is needed.)"""
-    if args.model is None:
-        fail("no model given: pass --model PATH (a folder saved with save_pretrained, or a Hub id)")
-    return args.model
+    """Where the model comes from: --model, else the model shipped with the package."""
+    return default_model_path() if args.model is None else args.model
 
 
 def generation_settings(args) -> dict:
@@ -132,7 +142,7 @@ def run(args) -> int:
     if args.infill_length < 1:
         fail(f"--infill-length must be at least 1, got {args.infill_length}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32 if device == "cpu" else "auto"
     try:
         model = AutoModelForMaskedLM.from_pretrained(location, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as error:

@@ -1,0 +1,83 @@
+"""The model shipped in the package: it loads, scores held-out standard-library code as recorded, and writes code
+that parses."""
+
+import ast
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from diffuapriel_hf import DiffuAprielForMaskedLM
+from diffuapriel_hf.cli import main
+from diffuapriel_hf.evaluation import text_bits_per_token
+from diffuapriel_hf.generate_command import default_model_path
+from diffuapriel_hf.stdlib_corpus import HELD_OUT_MODULES, stdlib_files
+
+RECORD = json.loads((Path(__file__).parents[1] / "benchmarks" / "default_model" / "results.json").read_text())
+PROMPTS = [
+    "def fibonacci(n):", "def is_even(number):", "def read_lines(path):", "class Point:\n    def __init__(self, x, y):",
+    "def add(a, b):", "def main():", "def clamp(value, low, high):", "def count_words(text):",
+]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    path = default_model_path()
+    model = DiffuAprielForMaskedLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def test_the_shipped_checkpoint_is_small_and_complete():
+    folder = Path(default_model_path())
+    assert (folder / "model.safetensors").stat().st_size < 20 * 2**20
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).exists()
+
+
+def test_held_out_bits_per_token_match_the_record(shipped):
+    check = RECORD["heldout_cpu_check"]
+    files = {p.name: p for p in stdlib_files("heldout") if p.name in check["files"] and p.parent.name != "json"}
+    hashes = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    if hashes != check["files"]:
+        pytest.skip(f"this Python's held-out files differ from the recorded ones (Python {check['python']})")
+    assert {name.removesuffix(".py") for name in files} <= set(HELD_OUT_MODULES)
+    model, tokenizer = shipped
+    texts = [files[name].read_text(encoding="utf-8") for name in sorted(check["files"])]
+    score = text_bits_per_token(model, tokenizer, texts, seq_len=check["seq_len"], num_samples=check["num_samples"])
+    assert score["tokens"] == check["tokens"]
+    assert score["bits_per_token"] == pytest.approx(check["bits_per_token"], abs=0.01)
+    # Far below a uniform guess over the vocabulary (12 bits): the weights really are the trained ones.
+    assert score["bits_per_token"] < 7
+
+
+def complete_lines(text: str) -> str:
+    """Drop the last line, which the token budget may cut short."""
+    lines = text.split("\n")
+    return "\n".join(lines[:-1]) if len(lines) > 1 else text
+
+
+def parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except SyntaxError:
+        return False
+    return True
+
+
+def test_generated_code_parses_more_often_than_the_stated_rate(shipped):
+    model, tokenizer = shipped
+    texts = [
+        tokenizer.decode(model.generate(tokenizer(p, return_tensors="pt").input_ids, seed=0)[0], skip_special_tokens=True)
+        for p in PROMPTS
+    ]
+    assert all(text.startswith(prompt) and len(text) > len(prompt) + 20 for text, prompt in zip(texts, PROMPTS))
+    assert sum(parses(complete_lines(text)) for text in texts) >= 3  # stated rate: 3 of 8
+
+
+def test_generate_command_uses_the_shipped_model(capsys):
+    assert main(["generate", "--prompt", "def add(a, b):", "--no-progress", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def add(a, b):") and len(out) > 40
