@@ -185,6 +185,9 @@ def test_graphed_denoiser_gives_the_eager_logits_bit_for_bit():
             graphed = denoiser(ids)
             assert denoiser.graph is not None
             torch.testing.assert_close(graphed, model(ids).logits, rtol=0, atol=0)
+        longer_than_graphed = GraphedDenoiser(model, max_tokens=ids.numel() - 1)
+        torch.testing.assert_close(longer_than_graphed(ids), model(ids).logits, rtol=0, atol=0)
+        assert longer_than_graphed.graph is None  # ran eagerly
 
 
 @needs_kernels

@@ -196,12 +196,12 @@ def kernel_ops():
         try:
             from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        except ImportError:
+        except (ImportError, OSError):  # not installed, or built for another torch / CUDA
             _kernel_ops = False
         else:
             try:
                 from causal_conv1d import causal_conv1d_fn
-            except ImportError:
+            except (ImportError, OSError):
                 conv = causal_conv1d_reference
             else:
                 conv = _causal_conv1d_via_kernel(causal_conv1d_fn)
