@@ -80,15 +80,15 @@ def mamba_chunk_scan_combined_reference(
     B_decayed = B * decay_to_end.permute(0, 2, 3, 1)[..., None]  # (b, c, q, h, n)
     chunk_states = torch.einsum("bclhn,bclhp->bchpn", B_decayed, x_dt)
 
-    # 3. Carry the states across chunks (a recurrence over chunks, written as one product).
-    if initial_states is None:
-        initial_states = torch.zeros_like(chunk_states[:, :1])
-    else:
-        initial_states = initial_states.float()[:, None]
-    chunk_states = torch.cat([initial_states, chunk_states], dim=1)  # (b, c+1, h, p, n)
-    decay_across = torch.exp(segment_sum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", decay_across, chunk_states)
-    states, final_state = states[:, :-1], states[:, -1]
+    # 3. Carry the state across chunks: a recurrence with one step per chunk (not per token). Written as one product
+    #    instead, it would need a (chunks x chunks) decay matrix, and memory would grow quadratically with length.
+    chunk_decay = torch.exp(A_cumsum[..., -1])  # (b, h, c): the decay over each whole chunk
+    state = torch.zeros_like(chunk_states[:, 0]) if initial_states is None else initial_states.float()  # (b, h, p, n)
+    entering = []
+    for chunk in range(nchunks):
+        entering.append(state)
+        state = state * chunk_decay[:, :, chunk, None, None] + chunk_states[:, chunk]
+    states, final_state = torch.stack(entering, dim=1), state  # (b, c, h, p, n), (b, h, p, n)
 
     # 4. What the state entering each chunk contributes to its outputs.
     y_from_state = torch.einsum("bclhn,bchpn->bclhp", C, states)
