@@ -24,13 +24,7 @@ VOCAB = 50
 GROUPED_GATED_NORM = "group_size" in inspect.signature(MambaRMSNormGated.__init__).parameters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and does not fight the other test processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_mamba2(n_groups=1, tie=False, vocab=VOCAB, seed=0) -> Mamba2ForCausalLM:

@@ -12,13 +12,7 @@ from diffuapriel_hf.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are dominated by per-op overhead, which extra threads only add to on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyTokenizer:

@@ -4,9 +4,11 @@ import io
 
 import pytest
 import torch
-from test_generation import one_thread, tiny_model, word_tokenizer  # noqa: F401  (one_thread: autouse fixture)
+from test_generation import tiny_model, word_tokenizer
 
 from diffuapriel_hf.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ from diffuapriel_hf.generation import (
 STACKS = {"mamba": [MAMBA, MAMBA], "hybrid": [MAMBA, ATTENTION]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Generation runs many passes of a tiny model: one thread is fastest, and does not fight other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(kind="mamba", seed=0, sharpen=None, **overrides):

@@ -16,7 +16,8 @@ from transformers.dynamic_module_utils import check_imports, get_imports, get_re
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf.hub import AUTO_MAP, HEADER, bundle_drift, bundle_files, save_for_hub, write_bundle
-from test_conversion import one_thread  # noqa: F401  (autouse: one torch thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 
