@@ -7,6 +7,14 @@ import torch
 from .diffusion import loss_weight, noise_tokens, sample_times
 
 
+def document_stream(tokenizer, texts) -> list[int]:
+    """Tokenize the documents, end each with eos, and join them into one stream of token ids."""
+    stream = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream.extend(ids + [tokenizer.eos_token_id])
+    return stream
+
+
 class DataCollatorForMaskedDiffusion:
     """Pads tokenized examples and noises them for the MDLM objective (DESIGN section 4).
 

@@ -4,6 +4,7 @@ from typing import Iterable
 
 import torch
 
+from .data import document_stream
 from .diffusion import bits_per_token, negative_elbo
 
 
@@ -14,9 +15,7 @@ def token_sequences(tokenizer, texts: Iterable[str], seq_len: int) -> list[list[
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token to end documents with")
-    stream = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        stream.extend(ids + [tokenizer.eos_token_id])
+    stream = document_stream(tokenizer, texts)
     if not stream:
         raise ValueError("no text to evaluate")
     return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .configuration_diffuapriel import DiffuAprielConfig
-from .data import DataCollatorForMaskedDiffusion
+from .data import DataCollatorForMaskedDiffusion, document_stream
 from .diffusion import bits_per_token, elbo_times, perplexity_bound, token_nll
 from .presets import PRESETS, preset_config
 
@@ -161,9 +161,7 @@ def prepare_tokenizer(tokenizer, vocab_size: int):
 def chunk_documents(batch: dict, tokenizer, seq_len: int) -> dict:
     """`datasets.map(batched=True)` function: tokenize the documents, end each with eos, join them and cut the stream
     into sequences of `seq_len` tokens (the tail shorter than `seq_len` is dropped)."""
-    stream = []
-    for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-        stream.extend(ids + [tokenizer.eos_token_id])
+    stream = document_stream(tokenizer, batch["text"])
     return {"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
 
 
