@@ -9,6 +9,10 @@ kernel that replaces it on CUDA:
 | `causal_conv1d_fn`         | `causal_conv1d.causal_conv1d_fn`                                 |
 | `rmsnorm_fn` (gated)       | `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn`                |
 
+For inference, where there are enough (sequence, head) pairs to fill the GPU or the sequences are short, the SSD
+takes our own single-pass Triton kernel instead (`ssd_triton.ssd_forward`, same signature), which is faster there;
+mamba-ssm's for training and elsewhere.
+
 `select_ops(tensor, use_kernels)` makes the choice once per forward: the kernels when the tensor is on CUDA, kernels
 are wanted and the packages import; the references otherwise. Both compute in float32 and return the input dtype.
 The kernel packages are imported lazily, inside `try`, so that importing this module never fails without them.
@@ -190,6 +194,25 @@ def _causal_conv1d_via_kernel(kernel):
     return causal_conv1d
 
 
+def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_is_faster):
+    """The SSD on CUDA: our `ssd_triton.ssd_forward` (one pass, the state carried in registers) for inference where
+    `single_pass_is_faster(batch, nheads, device)`; mamba-ssm's `mamba_chunk_scan_combined` elsewhere, when a
+    gradient is needed, or when more than y is asked for (z, initial or final states)."""
+
+    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                   dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
+        kwargs = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, dt_softplus=dt_softplus,
+                      dt_limit=dt_limit, return_final_states=return_final_states)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, dt, A, B, C, D, dt_bias))
+        if (needs_grad or not single_pass_is_faster(x.shape[0], x.shape[2], x.device) or z is not None
+                or initial_states is not None or return_final_states):
+            return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **kwargs)
+        return ssd_forward(x, dt, A, B, C, chunk_size, **kwargs)
+
+    return chunk_scan
+
+
 def kernel_ops():
     """The CUDA kernels as `MambaOps`, or None when mamba-ssm is not installed. causal-conv1d is optional: without it
     the convolution takes the PyTorch reference (cuDNN's depthwise convolution) and the rest stays on kernels."""
@@ -198,6 +221,8 @@ def kernel_ops():
         try:
             from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+            from .ssd_triton import single_pass_is_faster, ssd_forward
         except (ImportError, OSError):  # not installed, or built for another torch / CUDA
             _kernel_ops = False
         else:
@@ -207,7 +232,8 @@ def kernel_ops():
                 conv = causal_conv1d_reference
             else:
                 conv = _causal_conv1d_via_kernel(causal_conv1d_fn)
-            _kernel_ops = MambaOps("kernels", mamba_chunk_scan_combined, conv, rmsnorm_fn)
+            chunk_scan = _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_is_faster)
+            _kernel_ops = MambaOps("kernels", chunk_scan, conv, rmsnorm_fn)
     return _kernel_ops or None
 
 

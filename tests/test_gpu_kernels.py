@@ -103,6 +103,78 @@ def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tol
             assert rel_err(g_ours[name], g_theirs[name]) <= tolerance, name
 
 
+def ssd_inputs(batch, length, heads, head_dim, groups, state, dtype, seed=0):
+    """x, dt, A, B, C, D, dt_bias laid out as the mixer passes them: x, B, C strided views of one tensor."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    xBC = torch.randn(batch, length, heads * head_dim + 2 * groups * state, device="cuda", generator=g).to(dtype)
+    x, B, C = xBC.split([heads * head_dim, groups * state, groups * state], dim=-1)
+    dt = torch.randn(batch, length, heads, device="cuda", generator=g).to(dtype)
+    A = -torch.exp(torch.rand(heads, device="cuda", generator=g) * 2)
+    D = 1 + 0.2 * torch.randn(heads, device="cuda", generator=g)
+    dt_bias = torch.rand(heads, device="cuda", generator=g) * 4 - 5
+    return (x.reshape(batch, length, heads, head_dim), dt, A, B.reshape(batch, length, groups, state),
+            C.reshape(batch, length, groups, state), D, dt_bias)
+
+
+# (batch, length, heads, head_dim, groups, state): the test sizes, and the 1.3B presets' heads at batch 1 (where a
+# head's channels are split over two programs).
+SSD_SHAPES = [(2, 301, 8, 32, 2, 32), (1, 1000, 64, 64, 1, 128)]
+SSD_CASES = {
+    "dt_bias+softplus": lambda dt, dt_bias: (dt, dict(dt_bias=dt_bias, dt_softplus=True)),
+    "dt_limit": lambda dt, dt_bias: (dt, dict(dt_bias=dt_bias, dt_softplus=True, dt_limit=(0.01, 0.1))),
+    "padding (dt given, zero at padding)": lambda dt, dt_bias: (
+        torch.nn.functional.softplus(dt.float() + dt_bias).masked_fill(torch.rand_like(dt.float()) < 0.2, 0), {}),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SSD_SHAPES, ids=["small", "1.3b-heads"])
+@pytest.mark.parametrize("case", list(SSD_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_pass_ssd_kernel_matches_the_reference_and_mamba_ssm(shape, case, dtype):
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    from diffuapriel_hf.ssd_triton import ssd_forward
+
+    x, dt, A, B, C, D, dt_bias = ssd_inputs(*shape, dtype=dtype)
+    dt, kwargs = SSD_CASES[case](dt, dt_bias)
+    with torch.no_grad():
+        ours = ssd_forward(x, dt, A, B, C, 64, D=D, **kwargs)
+        reference = mamba_ops.mamba_chunk_scan_combined_reference(x, dt, A, B, C, 64, D=D, **kwargs)
+        theirs = mamba_chunk_scan_combined(x, dt, A, B, C, 64, D=D, **kwargs)
+    assert ours.dtype == dtype and ours.shape == x.shape
+    # float32: exact float32 products (no tf32), so far closer to the float32 reference than mamba-ssm's kernels.
+    assert rel_err(ours, reference) <= (1e-5 if dtype == torch.float32 else BF16_TOL)
+    assert rel_err(ours, theirs) <= (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+
+
+@needs_kernels
+def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for_gradients_and_elsewhere():
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    from diffuapriel_hf.ssd_triton import ssd_forward
+
+    # 8 heads of 32, state 32 in 2 groups: enough sequences for one (sequence, head) walk per multiprocessor.
+    heads = 8
+    walks_to_fill = torch.cuda.get_device_properties(0).multi_processor_count
+    x, dt, A, B, C, D, dt_bias = ssd_inputs(-(-walks_to_fill // heads), 301, heads, 32, 2, 32, dtype=torch.bfloat16)
+    kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=True)
+    chunk_scan = mamba_ops.kernel_ops().chunk_scan
+    with torch.no_grad():
+        torch.testing.assert_close(chunk_scan(x, dt, A, B, C, 64, **kwargs), ssd_forward(x, dt, A, B, C, 64, **kwargs),
+                                   rtol=0, atol=0)
+        # One sequence: too few walks, so mamba-ssm's kernels, even without gradient.
+        one = [t[:1] for t in (x, dt)]
+        torch.testing.assert_close(chunk_scan(*one, A, B[:1], C[:1], 64, **kwargs),
+                                   mamba_chunk_scan_combined(*one, A, B[:1], C[:1], 64, **kwargs), rtol=0, atol=0)
+    x = x.detach().requires_grad_(True)
+    y = chunk_scan(x, dt, A, B, C, 64, **kwargs)
+    assert y.grad_fn is not None
+    torch.testing.assert_close(y, mamba_chunk_scan_combined(x, dt, A, B, C, 64, **kwargs), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="z, initial_states"):
+        ssd_forward(x.detach(), dt, A, B, C, 64, z=x.detach(), **kwargs)
+
+
 def padded_batch(config, lengths, side, seed=0):
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)

@@ -14,6 +14,10 @@ their speed and quality compare like for like; `tests/test_config.py` checks the
 
 The two 8M presets (a 4,096-token byte-level BPE vocabulary) are the size of the default model shipped in the
 package, trained on the Python standard library (benchmarks/default_model/), and of its DiffuTran baseline.
+
+The larger Mamba presets take SSD chunks of 128 tokens rather than mamba-ssm's 256 (the result does not depend on
+it): on an H200 mamba-ssm's forward took 2.68 vs 2.77 ms at 64K tokens, and forward + backward 10.8 vs 11.3 ms
+(benchmarks/results/ssd_chunk_size.json).
 """
 
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
@@ -45,16 +49,16 @@ PRESETS = {
     ),
     "diffuapriel-240m": dict(
         vocab_size=GPT2_VOCAB_WITH_MASK, hidden_size=1024, num_hidden_layers=12, intermediate_size=1024,
-        num_attention_heads=16, mamba_d_state=128, mamba_d_head=64, **GPT2_SPECIAL,
+        num_attention_heads=16, mamba_d_state=128, mamba_d_head=64, mamba_chunk_size=128, **GPT2_SPECIAL,
     ),
     "diffuapriel-1.3b": dict(
         vocab_size=GPT2_VOCAB_WITH_MASK, hidden_size=2048, num_hidden_layers=20, intermediate_size=2048,
-        num_attention_heads=16, mamba_d_state=128, mamba_d_head=64, **GPT2_SPECIAL,
+        num_attention_heads=16, mamba_d_state=128, mamba_d_head=64, mamba_chunk_size=128, **GPT2_SPECIAL,
     ),
     "diffuapriel-h-1.3b": dict(
         vocab_size=GPT2_VOCAB_WITH_MASK, hidden_size=2048, num_hidden_layers=22, intermediate_size=2048,
         layer_types=_hybrid_layer_types(22, attention_every=5), num_attention_heads=16,
-        mamba_d_state=128, mamba_d_head=64, **GPT2_SPECIAL,
+        mamba_d_state=128, mamba_d_head=64, mamba_chunk_size=128, **GPT2_SPECIAL,
     ),
     "diffutran-1.3b": dict(
         vocab_size=GPT2_VOCAB_WITH_MASK, hidden_size=2048, num_hidden_layers=24, intermediate_size=5632,

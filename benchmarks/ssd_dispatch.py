@@ -1,0 +1,61 @@
+"""Where the single-pass SSD kernel beats mamba-ssm's inside a whole model: the rule `ssd_triton.single_pass_is_faster`
+is read off this measurement.
+
+For diffuapriel-1.3b (bf16, random weights) at each shape, one denoising step replayed from a CUDA graph (as
+`generate()` runs it, so kernel launch costs do not count) with every inference SSD call on our single-pass kernel,
+and with every one on mamba-ssm's `mamba_chunk_scan_combined`; all in one process, on one GPU.
+
+    python benchmarks/ssd_dispatch.py --out benchmarks/results/ssd_dispatch.json
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from throughput import build, median_ms  # benchmarks/throughput.py, beside this script
+
+SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (16, 1024), (8, 2048), (4, 4096), (2, 8192), (4, 16384)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    from diffuapriel_hf import mamba_ops
+    from diffuapriel_hf.cuda_graphs import GraphedDenoiser
+    from diffuapriel_hf.ssd_triton import single_pass_is_faster, ssd_forward
+
+    model = build("diffuapriel-1.3b")
+    kernels = mamba_ops.kernel_ops()
+    heads = model.config.mamba_n_heads
+    choices = {
+        "single_pass": lambda *sizes: True,
+        "mamba_ssm": lambda *sizes: False,
+    }
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=[])
+    for batch, length in SHAPES:
+        ids = torch.randint(0, model.config.mask_token_id, (batch, length), device="cuda")
+        row = dict(batch=batch, length=length,
+                   rule_picks_single_pass=single_pass_is_faster(batch, heads, ids.device))
+        for name, predicate in choices.items():
+            chunk_scan = mamba_ops._chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, predicate)
+            mamba_ops._kernel_ops = mamba_ops.MambaOps(name, chunk_scan, kernels.causal_conv1d, kernels.rmsnorm)
+            with torch.no_grad():
+                denoiser = GraphedDenoiser(model, max_tokens=None)
+                row[f"{name}_graphed_step_ms"] = median_ms(lambda: denoiser(ids), reps=10, warmup=2)
+                del denoiser
+            torch.cuda.empty_cache()
+        mamba_ops._kernel_ops = kernels
+        result["rows"].append(row)
+        print(f"{batch:2d} x {length:6d}: single pass {row['single_pass_graphed_step_ms']:7.2f} ms, mamba-ssm "
+              f"{row['mamba_ssm_graphed_step_ms']:7.2f} ms, rule picks "
+              f"{'single pass' if row['rule_picks_single_pass'] else 'mamba-ssm'}", flush=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Our single-pass SSD forward kernel (`diffuapriel_hf.ssd_triton`) against mamba-ssm's `mamba_chunk_scan_combined`.
+
+In bf16 with the 1.3B presets' sizes (64 heads of 64, state 128, one group), inputs laid out as the mixer passes
+them (x, B and C strided views of one convolution output), dt raw with dt_bias and softplus inside the call, as in
+inference:
+
+- the time of mamba-ssm's call (its default chunk size, 256) and of ours under each launch setting swept (chunk
+  length, channels per program, warps, pipeline stages), at batch 1 x 2K..64K and 16 x 1K;
+- the largest difference between the two outputs, relative to the output's scale;
+- one eager denoising step of diffuapriel-1.3b with our kernel and with mamba-ssm's, at 16K and 64K.
+
+The kernel times are of eager calls, so mamba-ssm's five launches (and its Python wrapper) count against it at short
+lengths; which kernel a model should use is decided on whole graphed steps by `ssd_dispatch.py`.
+
+    python benchmarks/ssd_kernel.py --out benchmarks/results/ssd_kernel.json
+"""
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from throughput import build, median_ms  # benchmarks/throughput.py, beside this script
+
+SHAPES = [(1, 2048), (1, 8192), (1, 16384), (1, 65536), (16, 1024)]
+HEADS, HEAD_DIM, STATE, GROUPS = 64, 64, 128, 1
+SWEEP = dict(chunk=[32, 64, 128], block_p=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3])
+
+
+def mixer_inputs(batch: int, length: int):
+    """x, dt, A, B, C, D, dt_bias as the mixer passes them: x, B, C views of one (b, l, d + 2gn) tensor."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    d = HEADS * HEAD_DIM
+    xBC = torch.randn(batch, length, d + 2 * GROUPS * STATE, device="cuda", generator=g).to(torch.bfloat16)
+    x, B, C = xBC.split([d, GROUPS * STATE, GROUPS * STATE], dim=-1)
+    dt = torch.randn(batch, length, HEADS, device="cuda", generator=g).to(torch.bfloat16)
+    A = -torch.exp(torch.rand(HEADS, device="cuda", generator=g) * 2)
+    D = torch.ones(HEADS, device="cuda")
+    dt_bias = torch.rand(HEADS, device="cuda", generator=g) * 4 - 6
+    return (x.reshape(batch, length, HEADS, HEAD_DIM), dt, A, B.reshape(batch, length, GROUPS, STATE),
+            C.reshape(batch, length, GROUPS, STATE), D, dt_bias)
+
+
+def kernel_rows() -> list[dict]:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    from diffuapriel_hf.ssd_triton import launch_ssd_forward, ssd_forward
+
+    rows = []
+    for batch, length in SHAPES:
+        x, dt, A, B, C, D, dt_bias = mixer_inputs(batch, length)
+        theirs = lambda: mamba_chunk_scan_combined(x, dt, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True)  # noqa: E731
+        ours = lambda: ssd_forward(x, dt, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True)  # noqa: E731
+        with torch.no_grad():
+            reference, y = theirs(), ours()
+            row = dict(batch=batch, length=length, mamba_ssm_ms=median_ms(theirs, reps=20, warmup=2),
+                       ours_ms=median_ms(ours, reps=20, warmup=2),
+                       max_abs_diff=(y.float() - reference.float()).abs().max().item(),
+                       reference_max_abs=reference.float().abs().max().item(), sweep=[])
+            for chunk, block_p, num_warps, num_stages in itertools.product(*SWEEP.values()):
+                launch = lambda: launch_ssd_forward(  # noqa: E731
+                    x, dt, A, B, C, D, dt_bias, True, (0.0, float("inf")), chunk, block_p, num_warps, num_stages)
+                try:
+                    ms = median_ms(launch, reps=10, warmup=1)
+                except Exception as error:  # a setting that does not fit the multiprocessor (registers, shared memory)
+                    ms = repr(error).splitlines()[0][:120]
+                row["sweep"].append(dict(chunk=chunk, block_p=block_p, num_warps=num_warps, num_stages=num_stages,
+                                         ms=ms))
+        timed = [s for s in row["sweep"] if isinstance(s["ms"], float)]
+        best = min(timed, key=lambda s: s["ms"])
+        row["best"] = best
+        rows.append(row)
+        print(f"SSD {batch:2d} x {length:6d}: mamba-ssm {row['mamba_ssm_ms']:.3f} ms, ours {row['ours_ms']:.3f} ms "
+              f"(best swept {best}), max diff {row['max_abs_diff']:.3g} of {row['reference_max_abs']:.3g}",
+              flush=True)
+    return rows
+
+
+def model_rows() -> list[dict]:
+    from diffuapriel_hf import mamba_ops
+
+    model = build("diffuapriel-1.3b")
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    ops = mamba_ops.kernel_ops()
+    rows = []
+    for length in (16384, 65536):
+        ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
+        row = dict(length=length)
+        for name, chunk_scan in (("ours", ops.chunk_scan), ("mamba_ssm", mamba_chunk_scan_combined)):
+            mamba_ops._kernel_ops = mamba_ops.MambaOps(name, chunk_scan, ops.causal_conv1d, ops.rmsnorm)
+            with torch.no_grad():
+                row[f"{name}_step_ms"] = median_ms(lambda: model(ids), reps=3 if length > 16384 else 10)
+        mamba_ops._kernel_ops = ops
+        rows.append(row)
+        print(f"diffuapriel-1.3b 1 x {length}: step {row['ours_step_ms']:.1f} ms with ours, "
+              f"{row['mamba_ssm_step_ms']:.1f} ms with mamba-ssm's", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, heads=HEADS, head_dim=HEAD_DIM,
+                  state=STATE, groups=GROUPS)
+    result["kernel"] = kernel_rows()
+    result["model"] = model_rows()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
