@@ -1,0 +1,108 @@
+"""Our single-pass Triton SSD kernel (`ssd_triton.py`) on the CPU, run by Triton's interpreter (TRITON_INTERPRET=1)
+against the PyTorch reference: its indexing, masking and arithmetic, for several tile sizes. The compiled kernel, its
+bf16 results and its speed are tested on a GPU (`test_gpu_kernels.py`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffuapriel_hf.mamba_ops import mamba_chunk_scan_combined_reference
+
+pytest.importorskip("triton")
+
+
+def inputs(batch, length, heads, head_dim, groups, state, seed=0):
+    """x, B, C as strided views of one tensor, as the mixer passes them."""
+    g = torch.Generator().manual_seed(seed)
+    xBC = torch.randn(batch, length, heads * head_dim + 2 * groups * state, generator=g)
+    x, B, C = xBC.split([heads * head_dim, groups * state, groups * state], dim=-1)
+    dt = torch.randn(batch, length, heads, generator=g)
+    A = -torch.exp(torch.rand(heads, generator=g) * 2)
+    D = 1 + 0.2 * torch.randn(heads, generator=g)
+    dt_bias = torch.rand(heads, generator=g) * 3 - 3
+    return (x.reshape(batch, length, heads, head_dim), dt, A, B.reshape(batch, length, groups, state),
+            C.reshape(batch, length, groups, state), D, dt_bias)
+
+
+# (batch, length, heads, head_dim, groups, state, chunk, block_p): lengths that are not a whole number of chunks,
+# head and state sizes under the smallest tile (masked), a head's channels split over two programs, groups.
+CASES = [
+    (2, 75, 4, 8, 2, 8, 32, 16),
+    (1, 64, 2, 32, 1, 16, 32, 16),
+    (1, 50, 2, 32, 1, 32, 16, 32),
+]
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+DT_MODES = ["bias+softplus", "bias+softplus+limit", "given"]
+
+
+def check_all_cases() -> dict:
+    """Run every case in this process (which must have TRITON_INTERPRET=1 set before triton was first imported): the
+    relative error against the reference for each, and the error messages of bad calls."""
+    from diffuapriel_hf import ssd_triton
+
+    torch.set_num_threads(1)
+    errors = {}
+    for index, (*sizes, chunk, block_p) in enumerate(CASES):
+        for dt_mode in DT_MODES:
+            x, dt, A, B, C, D, dt_bias = inputs(*sizes)
+            if dt_mode == "given":  # the padding path: dt computed by the mixer, zero at padding
+                padding = torch.rand(dt.shape, generator=torch.Generator().manual_seed(1)) < 0.2
+                dt = F.softplus(dt + dt_bias).masked_fill(padding, 0)
+                bias, softplus, limit = None, False, (0.0, float("inf"))
+            else:
+                bias, softplus = dt_bias, True
+                limit = (0.05, 0.5) if dt_mode.endswith("limit") else (0.0, float("inf"))
+            y = ssd_triton.launch_ssd_forward(x, dt, A, B, C, D, bias, softplus, limit, chunk=chunk, block_p=block_p,
+                                              num_warps=4, num_stages=1)
+            expected = mamba_chunk_scan_combined_reference(x, dt, A, B, C, 16, D=D, dt_bias=bias,
+                                                           dt_softplus=softplus, dt_limit=limit)
+            assert y.shape == x.shape and y.dtype == x.dtype
+            errors[f"{index}/{dt_mode}"] = ((y - expected).norm() / expected.norm()).item()
+    x, dt, A, B, C, D, dt_bias = inputs(1, 16, 2, 16, 1, 16)
+    refusals = {}
+    for name, call in {
+        "z": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, z=x),
+        "return_final_states": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, return_final_states=True),
+        "short dt": lambda: ssd_triton.ssd_forward(x, dt[:, :8], A, B, C, 16),
+        "float64 B": lambda: ssd_triton.ssd_forward(x, dt, A, B.double(), C, 16),
+    }.items():
+        try:
+            call()
+        except ValueError as error:
+            refusals[name] = str(error)
+    return dict(errors=errors, refusals=refusals)
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Triton reads TRITON_INTERPRET when it is imported, so the cases run in a fresh process that sets it first."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = "import json, test_ssd_triton_interpreter as t; print(json.dumps(t.check_all_cases()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dt_mode", DT_MODES)
+def test_interpreted_kernel_matches_the_reference(interpreted, case, dt_mode):
+    assert interpreted["errors"][f"{case}/{dt_mode}"] <= 1e-5
+
+
+def test_ssd_forward_refuses_what_it_does_not_compute(interpreted):
+    refusals = interpreted["refusals"]
+    assert "z, initial_states" in refusals["z"]
+    assert "return_final_states" in refusals["return_final_states"]
+    assert "dt must be" in refusals["short dt"]
+    assert "share one floating dtype" in refusals["float64 B"]
