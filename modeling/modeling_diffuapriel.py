@@ -45,6 +45,35 @@ class DiffuAprielRMSNorm(nn.Module):
         return self.weight * hidden_states.to(dtype)
 
 
+class BlockContext:
+    """What the tokens outside a window [start, end) of a sequence contribute to each layer, so that denoising steps
+    that change only the window's tokens can run on the window alone (DESIGN section 6; Fast-dLLM's dual cache).
+
+    A forward pass over the whole sequence given `block_context=BlockContext(start, end)` records, at every layer,
+    the state the left-to-right Mamba direction enters the window with (at `start`), the state the right-to-left one
+    enters it with (at `end`), and the attention keys and values of the outside positions; and the padding and
+    positions of the whole sequence. Passes given the recorded context then take the window's tokens alone,
+    (B, end - start), at a cost that grows with the window, not with the sequence.
+
+    The first window pass after recording gives the whole pass's logits; once the window's tokens change, it is an
+    approximation: the outside positions' hidden states depend on the window through every bidirectional layer
+    below, and they are kept as recorded.
+    """
+
+    def __init__(self, start: int, end: int):
+        if isinstance(start, bool) or isinstance(end, bool) or not (isinstance(start, int) and isinstance(end, int)):
+            raise TypeError(f"BlockContext needs integer start and end, got {start!r} and {end!r}")
+        if not 0 <= start < end:
+            raise ValueError(f"BlockContext needs 0 <= start < end, got start={start}, end={end}")
+        self.start, self.end = start, end
+        self.recorded = False
+        self.batch_size = self.length = None  # of the whole sequence
+        self.padding_mask = None  # (B, length) bool, True at real tokens; None without padding
+        self.position_ids = None  # (B, length)
+        self.mamba_states = {}  # layer index -> one (conv, SSM) state per direction, as Mamba2Mixer.zero_state
+        self.keys_values = {}  # layer index -> (key, value) of the outside positions, (B, Hkv, length - window, d)
+
+
 class Mamba2Mixer(nn.Module):
     """One direction of a Mamba-2 mixer, its parameters laid out as in mamba-ssm and transformers' `Mamba2Mixer`
     (in_proj -> [gate z | conv input xBC | dt], depthwise conv1d, dt_bias, A_log, D, gated norm, out_proj), so that
@@ -75,20 +104,34 @@ class Mamba2Mixer(nn.Module):
         self.norm = DiffuAprielRMSNorm(self.intermediate_size, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mamba_proj_bias)
 
+    def zero_state(self, batch: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The state before any token: (convolution inputs of the last d_conv - 1 positions (B, d_conv - 1, C),
+        SSM state (B, H, P, N) in float32), both zero."""
+        conv_state = torch.zeros(batch, self.conv1d.kernel_size[0] - 1, self.conv_dim, device=device, dtype=dtype)
+        ssm_state = torch.zeros(batch, self.num_heads, self.head_dim, self.ssm_state_size, device=device)
+        return conv_state, ssm_state
+
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps
-    ) -> torch.Tensor:
-        # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
+        self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps,
+        initial_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None, return_state: bool = False,
+    ):
+        """hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
+        `initial_state` continues a sequence whose earlier part left that state (`zero_state`'s layout);
+        `return_state` also returns the state this part leaves, for the next part to continue from."""
         batch, seqlen, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         gate, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, H], dim=-1)
         if padding_mask is not None:
             xBC = xBC * padding_mask[..., None].to(xBC.dtype)  # the convolution sees zeros at padding
+        ssm_state = None
+        if initial_state is not None:  # the convolution also reads the last inputs of the earlier part
+            conv_state, ssm_state = initial_state
+            xBC = torch.cat([conv_state.to(xBC.dtype), xBC], dim=1)
         # (B, C, L) views of (B, L, C) rows: causal-conv1d reads this channels-last layout in place.
-        xBC = ops.causal_conv1d(
+        conv_out = ops.causal_conv1d(
             xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
-        ).transpose(1, 2)  # (B, L, C)
-        x, B, C = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)
+        ).transpose(1, 2)[:, xBC.shape[1] - seqlen :]  # (B, L, C)
+        x, B, C = conv_out.split([self.intermediate_size, G * N, G * N], dim=-1)
         # dt = clamp(softplus(dt + dt_bias)), (B, L, H): inside the SSD call (no extra launches), or here when the
         # padding must then be zeroed (no decay and no input at padding).
         dt_args = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
@@ -97,13 +140,21 @@ class Mamba2Mixer(nn.Module):
             dt_args = {}
         y = ops.chunk_scan(
             x.reshape(batch, seqlen, H, P), dt, -torch.exp(self.A_log.float()), B.reshape(batch, seqlen, G, N),
-            C.reshape(batch, seqlen, G, N), self.chunk_size, D=self.D.float(), **dt_args,
+            C.reshape(batch, seqlen, G, N), self.chunk_size, D=self.D.float(), initial_states=ssm_state,
+            return_final_states=return_state, **dt_args,
         )  # (B, L, H, P)
+        if return_state:
+            y, final_ssm_state = y
         y = ops.rmsnorm(
             y.reshape(batch, seqlen, self.intermediate_size), self.norm.weight, None, z=gate,
             eps=self.norm.variance_epsilon, group_size=self.intermediate_size // G, norm_before_gate=False,
         )
-        return self.out_proj(y)
+        output = self.out_proj(y)
+        if not return_state:
+            return output
+        width = self.conv1d.kernel_size[0] - 1
+        conv_inputs = F.pad(xBC, (0, 0, max(width - xBC.shape[1], 0), 0))  # at least `width` positions
+        return output, (conv_inputs[:, conv_inputs.shape[1] - width :], final_ssm_state)
 
 
 class BidirectionalMamba2Mixer(nn.Module):
@@ -129,17 +180,53 @@ class BidirectionalMamba2Mixer(nn.Module):
     def directions(self) -> list[Mamba2Mixer]:
         return [self.left_to_right] if self.right_to_left is None else [self.left_to_right, self.right_to_left]
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+        block_context: Optional[BlockContext] = None,
+    ) -> torch.Tensor:
         # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
         ops = select_ops(hidden_states, self.config.use_mamba_kernels)
-        output = self.left_to_right(hidden_states, padding_mask, ops)
-        if self.right_to_left is None:
-            return output
-        reversed_mask = None if padding_mask is None else reverse_time(padding_mask)
-        output = output + reverse_time(self.right_to_left(reverse_time(hidden_states), reversed_mask, ops))
-        if self.config.bidirectional_strategy == "mean":
-            output = output / 2
+        inputs = [(self.left_to_right, hidden_states, padding_mask)]
+        if self.right_to_left is not None:
+            reversed_mask = None if padding_mask is None else reverse_time(padding_mask)
+            inputs.append((self.right_to_left, reverse_time(hidden_states), reversed_mask))
+        outputs, entering_states = [], []
+        for index, (direction, inputs_in_reading_order, mask) in enumerate(inputs):
+            if block_context is None:
+                outputs.append(direction(inputs_in_reading_order, mask, ops))
+            elif block_context.recorded:  # the window alone, continuing from the state recorded where it enters
+                state = block_context.mamba_states[self.layer_idx][index]
+                outputs.append(direction(inputs_in_reading_order, mask, ops, initial_state=state))
+            else:  # the whole sequence, recording the state at which this direction enters the window
+                seqlen = hidden_states.shape[1]
+                entry = block_context.start if index == 0 else seqlen - block_context.end
+                output, state = self._split_at(direction, inputs_in_reading_order, mask, ops, entry)
+                outputs.append(output)
+                entering_states.append(state)
+        if entering_states:
+            block_context.mamba_states[self.layer_idx] = tuple(entering_states)
+        output = outputs[0]
+        if len(outputs) == 2:
+            output = output + reverse_time(outputs[1])
+            if self.config.bidirectional_strategy == "mean":
+                output = output / 2
         return output
+
+    @staticmethod
+    def _split_at(direction: Mamba2Mixer, hidden_states, padding_mask, ops, split: int):
+        """`direction` over hidden_states (B, L, D) in two parts, [0, split) and [split, L), the second continuing from
+        the state the first leaves: the output of one call, and that state."""
+        batch, seqlen = hidden_states.shape[:2]
+        part = lambda mask, positions: None if mask is None else mask[:, positions]  # noqa: E731
+        if split == 0:
+            state = direction.zero_state(batch, hidden_states.device, hidden_states.dtype)
+            return direction(hidden_states, padding_mask, ops, initial_state=state), state
+        first, state = direction(hidden_states[:, :split], part(padding_mask, slice(None, split)), ops,
+                                 return_state=True)
+        if split == seqlen:
+            return first, state
+        second = direction(hidden_states[:, split:], part(padding_mask, slice(split, None)), ops, initial_state=state)
+        return torch.cat([first, second], dim=1), state
 
 
 def rotate_half(x):
@@ -203,7 +290,7 @@ class DiffuAprielAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, block_context=None, **kwargs):
         batch, seqlen, _ = hidden_states.shape
         shape = (batch, seqlen, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, L, d)
@@ -213,6 +300,16 @@ class DiffuAprielAttention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
+        if block_context is not None:
+            start, end = block_context.start, block_context.end
+            if not block_context.recorded:  # the whole sequence: keep the outside positions' keys and values
+                block_context.keys_values[self.layer_idx] = tuple(
+                    torch.cat([t[:, :, :start], t[:, :, end:]], dim=2) for t in (key, value)
+                )
+            else:  # the window's queries attend to the recorded outside positions and to the window
+                outside_key, outside_value = block_context.keys_values[self.layer_idx]
+                key = torch.cat([outside_key[:, :, :start], key, outside_key[:, :, start:]], dim=2)  # (B, Hkv, L, d)
+                value = torch.cat([outside_value[:, :, :start], value, outside_value[:, :, start:]], dim=2)
 
         attention_interface = eager_attention_forward
         if self.config._attn_implementation != "eager":
@@ -252,14 +349,19 @@ class DiffuAprielBlock(GradientCheckpointingLayer):
             self.post_mixer_layernorm = DiffuAprielRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = DiffuAprielMLP(config)
 
-    def forward(self, hidden_states, padding_mask=None, attention_mask=None, position_embeddings=None, **kwargs):
+    def forward(
+        self, hidden_states, padding_mask=None, attention_mask=None, position_embeddings=None, block_context=None,
+        **kwargs,
+    ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         attention_weights = None
         if self.layer_type == MAMBA:
-            hidden_states = self.mixer(hidden_states, padding_mask)
+            hidden_states = self.mixer(hidden_states, padding_mask, block_context)
         else:
-            hidden_states, attention_weights = self.mixer(hidden_states, position_embeddings, attention_mask, **kwargs)
+            hidden_states, attention_weights = self.mixer(
+                hidden_states, position_embeddings, attention_mask, block_context=block_context, **kwargs
+            )
         hidden_states = residual + hidden_states
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.post_mixer_layernorm(hidden_states))
@@ -355,6 +457,25 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
         )
 
 
+def _check_block_context(context, batch, seqlen, attention_mask):
+    if not isinstance(context, BlockContext):
+        raise TypeError(f"block_context must be a BlockContext, got {type(context).__name__}")
+    if not context.recorded:
+        if context.end > seqlen:
+            raise ValueError(
+                f"the BlockContext's window [{context.start}, {context.end}) does not fit a sequence of {seqlen} tokens"
+            )
+        return
+    window = context.end - context.start
+    if (batch, seqlen) != (context.batch_size, window):
+        raise ValueError(
+            f"a pass with a recorded BlockContext takes the window's tokens alone, (batch, end - start) = "
+            f"({context.batch_size}, {window}), got ({batch}, {seqlen})"
+        )
+    if attention_mask is not None:
+        raise ValueError("a pass with a recorded BlockContext uses the recorded padding: pass attention_mask=None")
+
+
 class DiffuAprielModel(DiffuAprielPreTrainedModel):
     """Embeddings, the blocks, the final norm -> `BaseModelOutput`."""
 
@@ -381,8 +502,14 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        block_context: Optional[BlockContext] = None,
         **kwargs,
     ):
+        r"""
+        block_context: a `BlockContext`. Not recorded yet: the inputs are the whole sequence, and the pass records
+            what its positions outside the context's window contribute to each layer. Recorded: the inputs are the
+            window's tokens alone, with the recorded padding and positions (so `attention_mask` must be None).
+        """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -393,25 +520,39 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         hidden_states = inputs_embeds
         batch, seqlen = hidden_states.shape[:2]
+        if block_context is not None:
+            _check_block_context(block_context, batch, seqlen, attention_mask)
+        window_pass = block_context is not None and block_context.recorded
 
         padding_mask = None  # (B, L) bool, True at real tokens; None when nothing is padded
-        if attention_mask is not None:
+        if window_pass:
+            if block_context.padding_mask is not None:
+                padding_mask = block_context.padding_mask[:, block_context.start : block_context.end]
+        elif attention_mask is not None:
             padding_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
             if not torch.compiler.is_compiling() and not _capturing_cuda_graph(padding_mask) and bool(padding_mask.all()):
                 padding_mask = None
-        attention_bias = position_embeddings = None
+        attention_bias = position_embeddings = position_ids = None
         if self.rotary_emb is not None:
             # Positions count real tokens only, so a left-padded sequence sees the positions it has alone.
-            if padding_mask is None:
+            if window_pass:
+                position_ids = block_context.position_ids[:, block_context.start : block_context.end]
+            elif padding_mask is None:
                 position_ids = torch.arange(seqlen, device=hidden_states.device).expand(batch, seqlen)
             else:
                 position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
             position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
-            if padding_mask is not None:  # without padding, no mask: also under CUDA-graph capture, where
-                # transformers would build a full one and SDPA could then not use its flash or cuDNN kernels
+            # Padding on the keys (the whole sequence's, in a window pass). Without padding, no mask: also under
+            # CUDA-graph capture, where transformers would build a full one and SDPA could then not use its flash or
+            # cuDNN kernels.
+            key_padding = block_context.padding_mask if window_pass else padding_mask
+            if key_padding is not None:
                 attention_bias = create_bidirectional_mask(
-                    config=self.config, inputs_embeds=hidden_states, attention_mask=padding_mask
+                    config=self.config, inputs_embeds=hidden_states, attention_mask=key_padding
                 )
+        if block_context is not None and not window_pass:
+            block_context.batch_size, block_context.length = batch, seqlen
+            block_context.padding_mask, block_context.position_ids = padding_mask, position_ids
 
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -425,10 +566,12 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             hidden_states, attention_weights = layer(
                 hidden_states, padding_mask=padding_mask, attention_mask=attention_bias,
-                position_embeddings=position_embeddings, **kwargs,
+                position_embeddings=position_embeddings, block_context=block_context, **kwargs,
             )
             if output_attentions and layer.layer_type == ATTENTION:
                 all_attentions += (attention_weights,)
+        if block_context is not None:
+            block_context.recorded = True
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -489,6 +632,7 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        block_context: Optional[BlockContext] = None,
         **kwargs,
     ):
         r"""
@@ -496,12 +640,13 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         loss_weights: (B, L) the MDLM weight 1/t of each position that counts in the loss normalisation (masked or
             not), 0 at padding and at positions never noised (an SFT prompt). Without it, the loss is the plain
             mean cross-entropy over the labelled positions.
+        block_context: a `BlockContext`, as in `DiffuAprielModel.forward`.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
-            **kwargs,
+            block_context=block_context, **kwargs,
         )
         logits = vocab_logits(outputs.last_hidden_state, self.lm_head.weight)
         loss = None
@@ -523,4 +668,4 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         return negative_elbo(self, input_ids, attention_mask=attention_mask, num_samples=num_samples, seed=seed)
 
 
-__all__ = ["DiffuAprielPreTrainedModel", "DiffuAprielModel", "DiffuAprielForMaskedLM"]
+__all__ = ["BlockContext", "DiffuAprielPreTrainedModel", "DiffuAprielModel", "DiffuAprielForMaskedLM"]

@@ -1,5 +1,6 @@
 """`diffuapriel generate` (issue 4): prompt, stdin, infill, sampling options, progress bar, errors."""
 
+import argparse
 import io
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from test_generation import tiny_model, word_tokenizer
 
 from diffuapriel_hf.cli import main
+from diffuapriel_hf.generate_command import add_arguments, generation_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,6 +43,22 @@ def test_prompt_prints_what_generate_gives(saved_model, capsys):
     assert out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)
     assert out.startswith("w3 w4 w5")
     assert "denoising" in err  # the progress bar
+
+
+def test_block_cache_flag(saved_model, capsys):
+    path, model, tokenizer = saved_model
+    code, out, _ = generate_command(
+        capsys, "--model", path, "--prompt", "w3 w4 w5", "--max-new-tokens", 8, "--block-length", 4, "--steps", 8,
+        "--temperature", 0, "--block-cache",
+    )
+    assert code == 0
+    ids = tokenizer("w3 w4 w5", return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=8, block_length=4, steps=8, do_sample=False, use_block_cache=True)
+    assert out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert generation_settings(parser.parse_args(["--block-cache"]))["use_block_cache"] is True
+    assert "use_block_cache" not in generation_settings(parser.parse_args([]))
 
 
 def test_prompt_from_stdin_without_progress(saved_model, capsys, monkeypatch):

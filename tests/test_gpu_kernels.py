@@ -19,7 +19,7 @@ from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf import mamba_ops
 from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
 from diffuapriel_hf.cuda_graphs import GraphedDenoiser
-from diffuapriel_hf.modeling_diffuapriel import BidirectionalMamba2Mixer
+from diffuapriel_hf.modeling_diffuapriel import BidirectionalMamba2Mixer, BlockContext
 
 pytestmark = [
     pytest.mark.gpu,
@@ -202,6 +202,23 @@ def test_padded_batch_equals_one_at_a_time_on_the_kernels(layer_types, side):
         for row, span in enumerate(spans):
             alone = model(ids[row : row + 1, span]).logits[0]
             assert rel_err(batched[row, span], alone) <= FP32_TOL
+
+
+@needs_kernels
+@pytest.mark.parametrize("layer_types", [[MAMBA] * 2, [MAMBA, ATTENTION]], ids=["mamba", "hybrid"])
+def test_block_context_window_pass_on_the_kernels_gives_the_whole_pass_logits(layer_types):
+    """The block cache on the kernel path: the SSD continuing from recorded states (mamba-ssm's initial and final
+    states) and the convolution continuing from the recorded inputs."""
+    torch.manual_seed(10)
+    config = preset_config("tiny", num_hidden_layers=2, layer_types=layer_types, **SIZES)
+    model = DiffuAprielForMaskedLM(config).cuda().eval()
+    ids, mask, _ = padded_batch(config, [150, 77], "left")
+    context = BlockContext(100, 130)
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+        model(ids, attention_mask=mask, block_context=context)
+        window = model(ids[:, 100:130], block_context=context).logits
+    assert rel_err(window, whole[:, 100:130]) <= FP32_TOL
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -134,7 +134,8 @@ ids = torch.load(inputs)
 with torch.no_grad():
     logits = model(ids).logits
 generated = model.generate(ids, max_new_tokens=6, steps=6, seed=0)
-torch.save({"logits": logits, "generated": generated, "class": type(model).__module__}, outputs)
+cached = model.generate(ids, max_new_tokens=6, steps=6, block_length=3, use_block_cache=True, seed=0)
+torch.save({"logits": logits, "generated": generated, "cached": cached, "class": type(model).__module__}, outputs)
 """
 
 
@@ -158,6 +159,8 @@ def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(remote["logits"], tiny_model(ids).logits, rtol=0, atol=0)
     assert torch.equal(remote["generated"], tiny_model.generate(ids, max_new_tokens=6, steps=6, seed=0))
+    assert torch.equal(remote["cached"], tiny_model.generate(ids, max_new_tokens=6, steps=6, block_length=3,
+                                                             use_block_cache=True, seed=0))
 
 
 def test_weights_of_the_wrong_shape_are_named(tiny_model, tmp_path):

@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--block-length", type=int, help="tokens per semi-autoregressive block")
     sampling.add_argument("--remasking", choices=REMASKING_RULES, help="which masks to commit at each step")
     sampling.add_argument("--confidence-threshold", type=float, help="commit every token at least this likely")
+    sampling.add_argument(
+        "--block-cache", action="store_true",
+        help="run each block's later steps on the block alone, reusing the rest's contribution (faster, approximate)",
+    )
     sampling.add_argument("--temperature", type=float, help="sampling temperature; 0 picks the most likely token")
     sampling.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     sampling.add_argument("--top-p", type=float, help="sample within this much probability mass")
@@ -79,6 +83,8 @@ def generation_settings(args) -> dict:
         settings["do_sample"] = args.temperature > 0
         if args.temperature != 0:
             settings["temperature"] = args.temperature
+    if args.block_cache:
+        settings["use_block_cache"] = True
     if args.infill is not None and args.max_new_tokens is None:
         settings["max_new_tokens"] = None  # fill the placeholders only, whatever the model's config says
     return settings

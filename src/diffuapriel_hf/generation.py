@@ -53,6 +53,11 @@ class DiffusionGenerationConfig(GenerationConfig):
             forward pass is skipped after a step that changed nothing).
         confidence_threshold: parallel decoding: every mask whose chosen token has at least this probability is
             committed at the step (with at least the number the step schedule asks for, so at least one).
+        use_block_cache: reuse what the tokens outside the current block contribute (each layer's Mamba states
+            entering the block from both sides, the attention keys and values outside it) across the block's
+            steps, recorded by a whole-sequence pass at the block's first step; the later steps then run on the
+            block alone. Approximate, as Fast-dLLM's dual cache: the recorded context does not see the tokens the
+            block commits after its first step (benchmarks/block_cache.py measures the speed-up and the changes).
         mask_token_id: the `[MASK]` token; `generate()` falls back to the model config's.
         output_history: with `return_dict_in_generate=True`, also return the sequence after every step.
 
@@ -67,6 +72,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         self.block_length = kwargs.pop("block_length", None)
         self.remasking = kwargs.pop("remasking", "low_confidence")
         self.confidence_threshold = kwargs.pop("confidence_threshold", None)
+        self.use_block_cache = kwargs.pop("use_block_cache", False)
         self.mask_token_id = kwargs.pop("mask_token_id", None)
         self.output_history = kwargs.pop("output_history", False)
         super().__init__(**kwargs)
@@ -96,6 +102,8 @@ class DiffusionGenerationConfig(GenerationConfig):
             raise ValueError(f"`mask_token_id` must be a non-negative integer, got {self.mask_token_id!r}")
         if not isinstance(self.output_history, bool):
             raise ValueError(f"`output_history` must be a bool, got {self.output_history!r}")
+        if not isinstance(self.use_block_cache, bool):
+            raise ValueError(f"`use_block_cache` must be a bool, got {self.use_block_cache!r}")
         super().validate(strict=strict, user_set_attributes=user_set_attributes)
 
     @classmethod
@@ -299,6 +307,18 @@ class DiffusionGenerationMixin:
             return graphed_denoiser(self)(input_ids, attention_mask)
         return self(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
 
+    def cached_denoising_logits(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], context, logits: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """A denoising pass with the block cache (`use_block_cache`): while `context` (a `BlockContext`) is not
+        recorded, the whole sequence (B, L) -> logits (B, L, V), recording it; then the window alone, its logits
+        written into the window's rows of `logits` (the whole pass's, whose other rows stay as they were)."""
+        if not context.recorded:
+            return self(input_ids=input_ids, attention_mask=attention_mask, block_context=context, return_dict=True).logits
+        window = slice(context.start, context.end)
+        logits[:, window] = self(input_ids=input_ids[:, window], block_context=context, return_dict=True).logits
+        return logits
+
     def _resolve_generation_config(self, generation_config, kwargs) -> DiffusionGenerationConfig:
         base = self.generation_config if generation_config is None else generation_config
         if not isinstance(base, DiffusionGenerationConfig):
@@ -416,6 +436,15 @@ class DiffusionGenerationMixin:
         history = [] if config.output_history else None
         logits = None
         stale = torch.ones(batch, dtype=torch.bool, device=device)  # rows whose input changed since their logits
+        context = None  # the current block's BlockContext, with use_block_cache
+        from .modeling_diffuapriel import BlockContext  # here: the modeling module imports this one
+
+        def denoise() -> torch.Tensor:
+            nonlocal num_forward_passes
+            num_forward_passes += 1
+            if context is None:
+                return self.denoising_logits(x, model_attention)
+            return self.cached_denoising_logits(x, model_attention, context, logits)
 
         for block in range(num_blocks):
             start = prompt_length + block * block_length
@@ -425,17 +454,21 @@ class DiffusionGenerationMixin:
             in_block = (x == mask_id) & region & attention.bool()  # (B, L)
             remaining = in_block.sum(dim=-1)  # (B,)
             steps_left = remaining.clone() if steps_per_block is None else torch.full_like(remaining, steps_per_block)
+            context = None
+            if config.use_block_cache and bool(in_block.any()):
+                # The window: from the first position with a mask to fill in any row to the block's end.
+                window_start = int(in_block.any(dim=0).nonzero()[0])
+                context = BlockContext(window_start, start + block_length)
+                logits = None  # the first step records the context
             while bool((remaining > 0).any()):
                 active = remaining > 0
                 if logits is None or rule != "ancestral":
-                    logits = self.denoising_logits(x, model_attention)
-                    num_forward_passes += 1
+                    logits = denoise()
                 elif bool((stale & active).any()):
                     # MDLM: a row whose tokens did not change since its last prediction keeps it (its input is the
-                    # same); the others get new ones.
-                    fresh = self.denoising_logits(x, model_attention)
-                    num_forward_passes += 1
-                    logits = torch.where(stale[:, None, None], fresh, logits)
+                    # same); the others get new ones. (A cached pass rewrites the window of `logits` itself, and
+                    # gives an unchanged row the same logits again.)
+                    logits = torch.where(stale[:, None, None], denoise(), logits)
                 stale = torch.zeros_like(stale)
 
                 # Candidates: the masks of the current block, in row-major order (each row's run is contiguous).
