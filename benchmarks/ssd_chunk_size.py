@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ssd_kernel import GROUPS, HEAD_DIM, HEADS, STATE  # the 1.3B presets' mixer sizes, beside this script
 from throughput import build, median_ms  # benchmarks/throughput.py, beside this script
 
 CHUNK_SIZES = [64, 128, 256]
 LENGTHS = [2048, 8192, 16384, 65536]
-HEADS, HEAD_DIM, STATE, GROUPS = 64, 64, 128, 1
 
 
 def ssd_inputs(length: int, requires_grad: bool = False):

@@ -6,8 +6,7 @@ inference:
 
 - the time of mamba-ssm's call (its default chunk size, 256) and of ours under each launch setting swept (chunk
   length, channels per program, warps, pipeline stages), at batch 1 x 2K..64K and 16 x 1K;
-- the largest difference between the two outputs, relative to the output's scale;
-- one eager denoising step of diffuapriel-1.3b with our kernel and with mamba-ssm's, at 16K and 64K.
+- the largest difference between the two outputs, relative to the output's scale.
 
 The kernel times are of eager calls, so mamba-ssm's five launches (and its Python wrapper) count against it at short
 lengths; which kernel a model should use is decided on whole graphed steps by `ssd_dispatch.py`.
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from throughput import build, median_ms  # benchmarks/throughput.py, beside this script
+from throughput import median_ms  # benchmarks/throughput.py, beside this script
 
 SHAPES = [(1, 2048), (1, 8192), (1, 16384), (1, 65536), (16, 1024)]
 HEADS, HEAD_DIM, STATE, GROUPS = 64, 64, 128, 1
@@ -78,28 +77,6 @@ def kernel_rows() -> list[dict]:
     return rows
 
 
-def model_rows() -> list[dict]:
-    from diffuapriel_hf import mamba_ops
-
-    model = build("diffuapriel-1.3b")
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    ops = mamba_ops.kernel_ops()
-    rows = []
-    for length in (16384, 65536):
-        ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
-        row = dict(length=length)
-        for name, chunk_scan in (("ours", ops.chunk_scan), ("mamba_ssm", mamba_chunk_scan_combined)):
-            mamba_ops._kernel_ops = mamba_ops.MambaOps(name, chunk_scan, ops.causal_conv1d, ops.rmsnorm)
-            with torch.no_grad():
-                row[f"{name}_step_ms"] = median_ms(lambda: model(ids), reps=3 if length > 16384 else 10)
-        mamba_ops._kernel_ops = ops
-        rows.append(row)
-        print(f"diffuapriel-1.3b 1 x {length}: step {row['ours_step_ms']:.1f} ms with ours, "
-              f"{row['mamba_ssm_step_ms']:.1f} ms with mamba-ssm's", flush=True)
-    return rows
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -107,7 +84,6 @@ def main():
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, heads=HEADS, head_dim=HEAD_DIM,
                   state=STATE, groups=GROUPS)
     result["kernel"] = kernel_rows()
-    result["model"] = model_rows()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 

@@ -103,15 +103,15 @@ def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tol
             assert rel_err(g_ours[name], g_theirs[name]) <= tolerance, name
 
 
-def ssd_inputs(batch, length, heads, head_dim, groups, state, dtype, seed=0):
+def ssd_inputs(batch, length, heads, head_dim, groups, state, dtype, device="cuda", seed=0):
     """x, dt, A, B, C, D, dt_bias laid out as the mixer passes them: x, B, C strided views of one tensor."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    xBC = torch.randn(batch, length, heads * head_dim + 2 * groups * state, device="cuda", generator=g).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    xBC = torch.randn(batch, length, heads * head_dim + 2 * groups * state, device=device, generator=g).to(dtype)
     x, B, C = xBC.split([heads * head_dim, groups * state, groups * state], dim=-1)
-    dt = torch.randn(batch, length, heads, device="cuda", generator=g).to(dtype)
-    A = -torch.exp(torch.rand(heads, device="cuda", generator=g) * 2)
-    D = 1 + 0.2 * torch.randn(heads, device="cuda", generator=g)
-    dt_bias = torch.rand(heads, device="cuda", generator=g) * 4 - 5
+    dt = torch.randn(batch, length, heads, device=device, generator=g).to(dtype)
+    A = -torch.exp(torch.rand(heads, device=device, generator=g) * 2)
+    D = 1 + 0.2 * torch.randn(heads, device=device, generator=g)
+    dt_bias = torch.rand(heads, device=device, generator=g) * 4 - 5
     return (x.reshape(batch, length, heads, head_dim), dt, A, B.reshape(batch, length, groups, state),
             C.reshape(batch, length, groups, state), D, dt_bias)
 

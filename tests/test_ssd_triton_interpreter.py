@@ -11,22 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_gpu_kernels import rel_err, ssd_inputs
+
 from diffuapriel_hf.mamba_ops import mamba_chunk_scan_combined_reference
 
 pytest.importorskip("triton")
-
-
-def inputs(batch, length, heads, head_dim, groups, state, seed=0):
-    """x, B, C as strided views of one tensor, as the mixer passes them."""
-    g = torch.Generator().manual_seed(seed)
-    xBC = torch.randn(batch, length, heads * head_dim + 2 * groups * state, generator=g)
-    x, B, C = xBC.split([heads * head_dim, groups * state, groups * state], dim=-1)
-    dt = torch.randn(batch, length, heads, generator=g)
-    A = -torch.exp(torch.rand(heads, generator=g) * 2)
-    D = 1 + 0.2 * torch.randn(heads, generator=g)
-    dt_bias = torch.rand(heads, generator=g) * 3 - 3
-    return (x.reshape(batch, length, heads, head_dim), dt, A, B.reshape(batch, length, groups, state),
-            C.reshape(batch, length, groups, state), D, dt_bias)
 
 
 # (batch, length, heads, head_dim, groups, state, chunk, block_p): lengths that are not a whole number of chunks,
@@ -36,10 +25,6 @@ CASES = [
     (1, 64, 2, 32, 1, 16, 32, 16),
     (1, 50, 2, 32, 1, 32, 16, 32),
 ]
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 DT_MODES = ["bias+softplus", "bias+softplus+limit", "given"]
@@ -54,7 +39,7 @@ def check_all_cases() -> dict:
     errors = {}
     for index, (*sizes, chunk, block_p) in enumerate(CASES):
         for dt_mode in DT_MODES:
-            x, dt, A, B, C, D, dt_bias = inputs(*sizes)
+            x, dt, A, B, C, D, dt_bias = ssd_inputs(*sizes, dtype=torch.float32, device="cpu")
             if dt_mode == "given":  # the padding path: dt computed by the mixer, zero at padding
                 padding = torch.rand(dt.shape, generator=torch.Generator().manual_seed(1)) < 0.2
                 dt = F.softplus(dt + dt_bias).masked_fill(padding, 0)
@@ -67,8 +52,8 @@ def check_all_cases() -> dict:
             expected = mamba_chunk_scan_combined_reference(x, dt, A, B, C, 16, D=D, dt_bias=bias,
                                                            dt_softplus=softplus, dt_limit=limit)
             assert y.shape == x.shape and y.dtype == x.dtype
-            errors[f"{index}/{dt_mode}"] = ((y - expected).norm() / expected.norm()).item()
-    x, dt, A, B, C, D, dt_bias = inputs(1, 16, 2, 16, 1, 16)
+            errors[f"{index}/{dt_mode}"] = rel_err(y, expected)
+    x, dt, A, B, C, D, dt_bias = ssd_inputs(1, 16, 2, 16, 1, 16, dtype=torch.float32, device="cpu")
     refusals = {}
     for name, call in {
         "z": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, z=x),

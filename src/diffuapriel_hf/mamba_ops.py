@@ -7,9 +7,9 @@ kernel that replaces it on CUDA:
 | `causal_conv1d_fn`         | `causal_conv1d.causal_conv1d_fn`                                 |
 | `rmsnorm_fn` (gated)       | `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn`                |
 
-For inference, where there are enough (sequence, head) pairs to fill the GPU or the sequences are short, the SSD
-takes our own single-pass Triton kernel instead (`ssd_triton.ssd_forward`, same signature), which is faster there;
-mamba-ssm's for training and elsewhere.
+For inference with at least as many (sequence, head) pairs as the GPU has multiprocessors, the SSD takes our own
+single-pass Triton kernel instead (`ssd_triton.ssd_forward`, same signature), which is faster there; mamba-ssm's
+for training and elsewhere.
 
 `select_ops(tensor, use_kernels)` makes the choice once per forward: the kernels when the tensor is on CUDA, kernels
 are wanted and the packages import; the references otherwise. Both compute in float32 and return the input dtype.
