@@ -16,7 +16,8 @@ import torch
 
 from throughput import build, median_ms  # benchmarks/throughput.py, beside this script
 
-SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (16, 1024), (8, 2048), (4, 4096), (2, 8192), (4, 16384)]
+SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (1, 65536), (16, 1024), (8, 2048),
+          (4, 4096), (2, 8192), (4, 16384)]
 
 
 def main():

@@ -25,7 +25,7 @@ from throughput import median_ms  # benchmarks/throughput.py, beside this script
 
 SHAPES = [(1, 2048), (1, 8192), (1, 16384), (1, 65536), (16, 1024)]
 HEADS, HEAD_DIM, STATE, GROUPS = 64, 64, 128, 1
-SWEEP = dict(chunk=[32, 64, 128], block_p=[32, 64], num_warps=[4, 8], num_stages=[1, 2, 3])
+SWEEP = dict(segments=[1, 2, 4, 8, 16], chunk=[32, 64], block_p=[16, 32, 64], num_warps=[4, 8], num_stages=[2, 3])
 
 
 def mixer_inputs(batch: int, length: int):
@@ -58,15 +58,18 @@ def kernel_rows() -> list[dict]:
                        ours_ms=median_ms(ours, reps=20, warmup=2),
                        max_abs_diff=(y.float() - reference.float()).abs().max().item(),
                        reference_max_abs=reference.float().abs().max().item(), sweep=[])
-            for chunk, block_p, num_warps, num_stages in itertools.product(*SWEEP.values()):
+            for segments, chunk, block_p, num_warps, num_stages in itertools.product(*SWEEP.values()):
+                if segments > 1 and length // segments < 1024:
+                    continue
                 launch = lambda: launch_ssd_forward(  # noqa: E731
-                    x, dt, A, B, C, D, dt_bias, True, (0.0, float("inf")), chunk, block_p, num_warps, num_stages)
+                    x, dt, A, B, C, D, dt_bias, True, (0.0, float("inf")), None, False, segments, chunk, block_p,
+                    num_warps, num_stages)
                 try:
                     ms = median_ms(launch, reps=10, warmup=1)
                 except Exception as error:  # a setting that does not fit the multiprocessor (registers, shared memory)
                     ms = repr(error).splitlines()[0][:120]
-                row["sweep"].append(dict(chunk=chunk, block_p=block_p, num_warps=num_warps, num_stages=num_stages,
-                                         ms=ms))
+                row["sweep"].append(dict(segments=segments, chunk=chunk, block_p=block_p, num_warps=num_warps,
+                                         num_stages=num_stages, ms=ms))
         timed = [s for s in row["sweep"] if isinstance(s["ms"], float)]
         best = min(timed, key=lambda s: s["ms"])
         row["best"] = best

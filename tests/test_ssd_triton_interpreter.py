@@ -18,12 +18,15 @@ from diffuapriel_hf.mamba_ops import mamba_chunk_scan_combined_reference
 pytest.importorskip("triton")
 
 
-# (batch, length, heads, head_dim, groups, state, chunk, block_p): lengths that are not a whole number of chunks,
-# head and state sizes under the smallest tile (masked), a head's channels split over two programs, groups.
+# (batch, length, heads, head_dim, groups, state, chunk, block_p, segments): lengths that are not a whole number of
+# chunks, head and state sizes under the smallest tile (masked), a head's channels split over two programs, groups,
+# and the sequence cut into segments walked in parallel (the last one shorter).
 CASES = [
-    (2, 75, 4, 8, 2, 8, 32, 16),
-    (1, 64, 2, 32, 1, 16, 32, 16),
-    (1, 50, 2, 32, 1, 32, 16, 32),
+    (2, 75, 4, 8, 2, 8, 32, 16, 1),
+    (1, 64, 2, 32, 1, 16, 32, 16, 1),
+    (1, 50, 2, 32, 1, 32, 16, 32, 1),
+    (2, 75, 4, 8, 2, 8, 16, 16, 3),
+    (1, 100, 2, 32, 1, 16, 16, 16, 2),
 ]
 
 
@@ -37,7 +40,7 @@ def check_all_cases() -> dict:
 
     torch.set_num_threads(1)
     errors = {}
-    for index, (*sizes, chunk, block_p) in enumerate(CASES):
+    for index, (*sizes, chunk, block_p, segments) in enumerate(CASES):
         for dt_mode in DT_MODES:
             x, dt, A, B, C, D, dt_bias = ssd_inputs(*sizes, dtype=torch.float32, device="cpu")
             if dt_mode == "given":  # the padding path: dt computed by the mixer, zero at padding
@@ -47,17 +50,25 @@ def check_all_cases() -> dict:
             else:
                 bias, softplus = dt_bias, True
                 limit = (0.05, 0.5) if dt_mode.endswith("limit") else (0.0, float("inf"))
-            y = ssd_triton.launch_ssd_forward(x, dt, A, B, C, D, bias, softplus, limit, chunk=chunk, block_p=block_p,
-                                              num_warps=4, num_stages=1)
-            expected = mamba_chunk_scan_combined_reference(x, dt, A, B, C, 16, D=D, dt_bias=bias,
-                                                           dt_softplus=softplus, dt_limit=limit)
+            # With an initial state and the final state asked for, in the last mode.
+            with_states = dt_mode == "given"
+            initial = torch.randn(x.shape[0], x.shape[2], x.shape[3], B.shape[3]) if with_states else None
+            y = ssd_triton.launch_ssd_forward(x, dt, A, B, C, D, bias, softplus, limit, initial, with_states,
+                                              segments=segments, chunk=chunk, block_p=block_p, num_warps=4,
+                                              num_stages=1)
+            expected = mamba_chunk_scan_combined_reference(
+                x, dt, A, B, C, 16, D=D, dt_bias=bias, dt_softplus=softplus, dt_limit=limit, initial_states=initial,
+                return_final_states=with_states)
+            if with_states:
+                (y, final), (expected, expected_final) = y, expected
+                errors[f"{index}/{dt_mode}/final state"] = rel_err(final, expected_final)
             assert y.shape == x.shape and y.dtype == x.dtype
             errors[f"{index}/{dt_mode}"] = rel_err(y, expected)
     x, dt, A, B, C, D, dt_bias = ssd_inputs(1, 16, 2, 16, 1, 16, dtype=torch.float32, device="cpu")
     refusals = {}
     for name, call in {
         "z": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, z=x),
-        "return_final_states": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, return_final_states=True),
+        "initial_states": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, initial_states=x),
         "short dt": lambda: ssd_triton.ssd_forward(x, dt[:, :8], A, B, C, 16),
         "float64 B": lambda: ssd_triton.ssd_forward(x, dt, A, B.double(), C, 16),
     }.items():
@@ -83,11 +94,13 @@ def interpreted():
 @pytest.mark.parametrize("dt_mode", DT_MODES)
 def test_interpreted_kernel_matches_the_reference(interpreted, case, dt_mode):
     assert interpreted["errors"][f"{case}/{dt_mode}"] <= 1e-5
+    if dt_mode == "given":
+        assert interpreted["errors"][f"{case}/{dt_mode}/final state"] <= 1e-5
 
 
 def test_ssd_forward_refuses_what_it_does_not_compute(interpreted):
     refusals = interpreted["refusals"]
-    assert "z, initial_states" in refusals["z"]
-    assert "return_final_states" in refusals["return_final_states"]
+    assert "z=None" in refusals["z"]
+    assert "initial_states must be" in refusals["initial_states"]
     assert "dt must be" in refusals["short dt"]
     assert "share one floating dtype" in refusals["float64 B"]
