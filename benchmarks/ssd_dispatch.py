@@ -41,7 +41,7 @@ def main():
     for batch, length in SHAPES:
         ids = torch.randint(0, model.config.mask_token_id, (batch, length), device="cuda")
         row = dict(batch=batch, length=length,
-                   rule_picks_single_pass=single_pass_is_faster(batch, heads, ids.device))
+                   rule_picks_single_pass=single_pass_is_faster(batch, heads, length, ids.device))
         for name, predicate in choices.items():
             chunk_scan = mamba_ops._chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, predicate)
             mamba_ops._kernel_ops = mamba_ops.MambaOps(name, chunk_scan, kernels.causal_conv1d, kernels.rmsnorm)

@@ -9,9 +9,9 @@ kernel that replaces it on CUDA:
 | `causal_conv1d_fn`         | `causal_conv1d.causal_conv1d_fn`                                 |
 | `rmsnorm_fn` (gated)       | `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn`                |
 
-For inference with at least as many (sequence, head) pairs as the GPU has multiprocessors, the SSD takes our own
-single-pass Triton kernel instead (`ssd_triton.ssd_forward`, same signature), which is faster there; mamba-ssm's
-for training and elsewhere.
+For inference with at least as many (sequence, head) pairs as the GPU has multiprocessors, or one sequence long
+enough to be cut into segments walked in parallel, the SSD takes our own single-pass Triton kernel instead
+(`ssd_triton.ssd_forward`, same signature), which is faster there; mamba-ssm's for training and elsewhere.
 
 `select_ops(tensor, use_kernels)` makes the choice once per forward: the kernels when the tensor is on CUDA, kernels
 are wanted and the packages import; the references otherwise. Both compute in float32 and return the input dtype.
@@ -196,7 +196,7 @@ def _causal_conv1d_via_kernel(kernel):
 
 def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_is_faster):
     """The SSD on CUDA: our `ssd_triton.ssd_forward` (one pass, the state carried in registers) for inference where
-    `single_pass_is_faster(batch, nheads, device)`; mamba-ssm's `mamba_chunk_scan_combined` elsewhere, when a
+    `single_pass_is_faster(batch, nheads, seqlen, device)`; mamba-ssm's `mamba_chunk_scan_combined` elsewhere, when a
     gradient is needed, or when more than y is asked for (z, initial or final states)."""
 
     def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
@@ -205,7 +205,7 @@ def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_
                       dt_limit=dt_limit, return_final_states=return_final_states)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, dt, A, B, C, D, dt_bias))
-        if (needs_grad or not single_pass_is_faster(x.shape[0], x.shape[2], x.device) or z is not None
+        if (needs_grad or not single_pass_is_faster(x.shape[0], x.shape[2], x.shape[1], x.device) or z is not None
                 or initial_states is not None or return_final_states):
             return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **kwargs)
         return ssd_forward(x, dt, A, B, C, chunk_size, **kwargs)

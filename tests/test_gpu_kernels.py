@@ -118,7 +118,7 @@ def ssd_inputs(batch, length, heads, head_dim, groups, state, dtype, device="cud
 
 # (batch, length, heads, head_dim, groups, state): the test sizes, and the 1.3B presets' heads at batch 1 (where a
 # head's channels are split over two programs), on a sequence long enough to be cut into segments walked in parallel.
-SSD_SHAPES = [(2, 301, 8, 32, 2, 32), (1, 1000, 64, 64, 1, 128), (1, 8000, 64, 64, 1, 128)]
+SSD_SHAPES = [(2, 301, 8, 32, 2, 32), (1, 1000, 64, 64, 1, 128), (1, 20000, 64, 64, 1, 128)]
 SSD_CASES = {
     "dt_bias+softplus": lambda dt, dt_bias: (dt, dict(dt_bias=dt_bias, dt_softplus=True)),
     "dt_limit": lambda dt, dt_bias: (dt, dict(dt_bias=dt_bias, dt_softplus=True, dt_limit=(0.01, 0.1))),
@@ -149,24 +149,6 @@ def test_single_pass_ssd_kernel_matches_the_reference_and_mamba_ssm(shape, case,
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", SSD_SHAPES[::2], ids=["small", "1.3b-heads-segmented"])
-def test_single_pass_ssd_kernel_initial_and_final_states_match_mamba_ssm(shape):
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    from diffuapriel_hf.ssd_triton import ssd_forward
-
-    x, dt, A, B, C, D, dt_bias = ssd_inputs(*shape, dtype=torch.bfloat16)
-    initial = torch.randn(x.shape[0], x.shape[2], x.shape[3], B.shape[3], device="cuda")
-    kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=True, initial_states=initial, return_final_states=True)
-    with torch.no_grad():
-        ours, ours_final = ssd_forward(x, dt, A, B, C, 64, **kwargs)
-        theirs, theirs_final = mamba_chunk_scan_combined(x, dt, A, B, C, 64, **kwargs)
-    assert ours_final.dtype == torch.float32
-    assert rel_err(ours, theirs) <= BF16_TOL
-    assert rel_err(ours_final, theirs_final) <= BF16_TOL
-
-
-@needs_kernels
 def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for_gradients_and_elsewhere():
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -189,7 +171,7 @@ def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for
     y = chunk_scan(x, dt, A, B, C, 64, **kwargs)
     assert y.grad_fn is not None
     torch.testing.assert_close(y, mamba_chunk_scan_combined(x, dt, A, B, C, 64, **kwargs), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="z=None"):
+    with pytest.raises(ValueError, match="starts from a zero state"):
         ssd_forward(x.detach(), dt, A, B, C, 64, z=x.detach(), **kwargs)
 
 
