@@ -40,15 +40,15 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 # Segments, for sequences with fewer (sequence, head) walks than multiprocessors: enough for this many walks per
 # multiprocessor, none shorter than this many tokens, and at least this many (fewer did not pay for the extra pass).
-SEGMENT_WALKS_PER_MULTIPROCESSOR = 4
-MIN_SEGMENT_LENGTH = 4096
-MIN_SEGMENTS = 3
+SEGMENT_WALKS_PER_MULTIPROCESSOR = 8
+MIN_SEGMENT_LENGTH = 2048
+MIN_SEGMENTS = 4
 
 
 def single_pass_is_faster(batch: int, nheads: int, seqlen: int, device) -> bool:
     """Whether this kernel beats mamba-ssm's for these sizes: with at least as many (sequence, head) walks as the GPU
     has multiprocessors, or with a sequence long enough to be cut into segments walked in parallel. With fewer, short
-    walks (batch 1 under 12K tokens at 64 heads) the GPU is underused and mamba-ssm's five parallel passes win.
+    walks (batch 1 under 8K tokens at 64 heads) the GPU is underused and mamba-ssm's five parallel passes win.
     Measured on an H200 (132 multiprocessors) with whole diffuapriel-1.3b denoising steps replayed from CUDA graphs
     (benchmarks/results/ssd_dispatch.json)."""
     return batch * nheads >= _multiprocessors(device) or _segments(batch, nheads, seqlen, device) > 1
