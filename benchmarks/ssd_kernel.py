@@ -5,11 +5,12 @@ them (x, B and C strided views of one convolution output), dt raw with dt_bias a
 inference:
 
 - the time of mamba-ssm's call (its default chunk size, 256) and of ours under each launch setting swept (segments,
-  chunk length, channels per program, warps, pipeline stages), at batch 1 x 16K..64K and 4 x 16K;
+  chunk length, channels per program, warps, pipeline stages), at batch 1 x 2K..64K and 16 x 1K;
 - the largest difference between the two outputs, relative to the output's scale.
 
 The kernel times are of eager calls, so mamba-ssm's five launches (and its Python wrapper) count against it at short
-lengths; which kernel a model should use is decided on whole graphed steps by `ssd_dispatch.py`.
+lengths; which kernel a model should use is decided on whole graphed steps by `ssd_dispatch.py`. Run it without
+MAMBA_DETERMINISTIC=1, which makes mamba-ssm skip its autotuning (and run slower).
 
     python benchmarks/ssd_kernel.py --out benchmarks/results/ssd_kernel.json
 """
