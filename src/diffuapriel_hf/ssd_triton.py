@@ -19,9 +19,9 @@ starts each segment from its entering state, folded from the earlier segments'; 
 (`single_pass_is_faster`).
 
 It computes the forward from a zero state only (no gradient), with the signature of `mamba_chunk_scan_combined` for
-what the mixer passes; `mamba_ops` sends everything else (training, initial or final states, a gate z) to mamba-ssm. The products
-round their inputs to x's dtype and accumulate in float32, as mamba-ssm's kernels do; for float32 inputs they are
-exact float32 products (no TF32).
+what the mixer passes; `mamba_ops` sends everything else (training, initial or final states, a gate z) to
+mamba-ssm. The products round their inputs to x's dtype and accumulate in float32, as mamba-ssm's kernels do; for
+float32 inputs they are exact float32 products (no TF32).
 """
 
 import torch
