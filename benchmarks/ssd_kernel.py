@@ -51,8 +51,9 @@ def kernel_rows() -> list[dict]:
     rows = []
     for batch, length in SHAPES:
         x, dt, A, B, C, D, dt_bias = mixer_inputs(batch, length)
-        theirs = lambda: mamba_chunk_scan_combined(x, dt, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True)  # noqa: E731
-        ours = lambda: ssd_forward(x, dt, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True)  # noqa: E731
+        kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=True)
+        theirs = lambda: mamba_chunk_scan_combined(x, dt, A, B, C, 256, **kwargs)  # noqa: E731
+        ours = lambda: ssd_forward(x, dt, A, B, C, 256, **kwargs)  # noqa: E731
         with torch.no_grad():
             reference, y = theirs(), ours()
             row = dict(batch=batch, length=length, mamba_ssm_ms=median_ms(theirs, reps=20, warmup=2),

@@ -26,6 +26,8 @@ mamba-ssm. The products round their inputs to x's dtype and accumulate in float3
 float32 inputs they are exact float32 products (no TF32).
 """
 
+import functools
+
 import torch
 
 try:  # a dependency of mamba-ssm: mamba_ops imports this module only where mamba-ssm imports
@@ -57,7 +59,9 @@ def single_pass_is_faster(batch: int, nheads: int, seqlen: int, device) -> bool:
     return batch * nheads >= _multiprocessors(device) or _segments(batch, nheads, seqlen, device) > 1
 
 
+@functools.lru_cache
 def _multiprocessors(device) -> int:
+    # Asked several times per SSD call (the rule, then the launch settings): looked up once per device.
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -80,7 +84,8 @@ def _ssd_forward_kernel(
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_y_b, stride_y_l, stride_y_h, stride_y_p,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, HAS_D: tl.constexpr,
-    STORE_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Program (sequence and head, channel slice, segment) walks tokens [segment start, segment end). With STORE_Y
     # false it keeps only the state leaving the segment (and the segment's total log decay); with STORE_Y true it

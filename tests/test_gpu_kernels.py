@@ -270,7 +270,8 @@ def test_graphed_denoiser_gives_the_eager_logits_bit_for_bit():
     denoiser = GraphedDenoiser(model)
     with torch.no_grad():
         for seed in range(3):  # the second and third calls replay the graph on new inputs
-            ids = torch.randint(3, config.mask_token_id, (2, 96), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            generator = torch.Generator("cuda").manual_seed(seed)
+            ids = torch.randint(3, config.mask_token_id, (2, 96), device="cuda", generator=generator)
             graphed = denoiser(ids)
             assert denoiser.graph is not None
             torch.testing.assert_close(graphed, model(ids).logits, rtol=0, atol=0)
