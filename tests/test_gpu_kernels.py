@@ -10,6 +10,7 @@ and autotunes them (minutes); `MAMBA_DETERMINISTIC=1` in the environment makes m
 kernel instead of autotuning among about nine (and its backward deterministic), which shortens that first run.
 """
 
+import importlib.util
 import warnings
 
 import pytest
@@ -173,6 +174,27 @@ def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for
     torch.testing.assert_close(y, mamba_chunk_scan_combined(x, dt, A, B, C, 64, **kwargs), rtol=0, atol=0)
     with pytest.raises(ValueError, match="starts from a zero state"):
         ssd_forward(x.detach(), dt, A, B, C, 64, z=x.detach(), **kwargs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_elementwise_kernels_match_their_references_on_gpu(dtype):
+    from diffuapriel_hf import fused_elementwise as fused
+
+    torch.manual_seed(0)
+    a, b = (torch.randn(3, 1001, 96, device="cuda").to(dtype) for _ in range(2))
+    with torch.no_grad():
+        # One addition in a's dtype either way: the same rounding.
+        torch.testing.assert_close(fused.add_time_reversed(a, b), fused.add_time_reversed_reference(a, b),
+                                   rtol=0, atol=0)
+        # silu(gate) * up rounded once instead of twice.
+        assert rel_err(fused.silu_mul(a, b), fused.silu_mul_reference(a.float(), b.float())) <= (
+            1e-6 if dtype == torch.float32 else 4e-3)
+        assert rel_err(fused.silu_mul_reference(a, b), fused.silu_mul_reference(a.float(), b.float())) <= (
+            1e-6 if dtype == torch.float32 else 8e-3)
+    # A gradient needed: the references, which carry it.
+    a.requires_grad_(True)
+    assert fused.silu_mul(a, b).grad_fn is not None and fused.add_time_reversed(a, b).grad_fn is not None
 
 
 def padded_batch(config, lengths, side, seed=0):

@@ -22,6 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import masked_diffusion_loss
+from .fused_elementwise import add_time_reversed, silu_mul
 from .generation import DiffusionGenerationMixin
 from .mamba_ops import MambaOps, reverse_time, select_ops
 
@@ -205,7 +206,7 @@ class BidirectionalMamba2Mixer(nn.Module):
             block_context.mamba_states[self.layer_idx] = tuple(entering_states)
         output = outputs[0]
         if len(outputs) == 2:
-            output = output + reverse_time(outputs[1])
+            output = add_time_reversed(output, outputs[1])
             if self.config.bidirectional_strategy == "mean":
                 output = output / 2
         return output
@@ -320,7 +321,7 @@ class DiffuAprielAttention(nn.Module):
 
 
 class DiffuAprielMLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x))."""
+    """SwiGLU: down(act(gate(x)) * up(x)), the product one fused kernel on CUDA when act is silu."""
 
     def __init__(self, config: DiffuAprielConfig):
         super().__init__()
@@ -328,9 +329,11 @@ class DiffuAprielMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.act_is_silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_mul(gate, up) if self.act_is_silu else self.act_fn(gate) * up)
 
 
 class DiffuAprielBlock(GradientCheckpointingLayer):
