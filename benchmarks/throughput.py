@@ -162,7 +162,7 @@ def run(args, partial_path: Path) -> dict:
         params = model.num_parameters()
         rows = []
         for batch, length in shapes:
-            reps = 2 if batch * length >= 32768 else 10
+            reps = 3 if batch * length >= 32768 else 10
             row = measure(model, batch, length, args.steps, reps)
             add_step_rates(row, params, result["peak_bf16_flops"])
             rows.append(row)

@@ -178,23 +178,39 @@ def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_elementwise_kernels_match_their_references_on_gpu(dtype):
-    from diffuapriel_hf import fused_elementwise as fused
+def test_fused_kernels_match_their_references_on_gpu(dtype):
+    from diffuapriel_hf import fused_ops as fused
+    from diffuapriel_hf.modeling_diffuapriel import DiffuAprielRMSNorm
 
     torch.manual_seed(0)
-    a, b = (torch.randn(3, 1001, 96, device="cuda").to(dtype) for _ in range(2))
+    a, b, residual = (torch.randn(3, 1001, 96, device="cuda").to(dtype) for _ in range(3))
+    norm = DiffuAprielRMSNorm(96, eps=1e-5).to("cuda", dtype)
+    exact = lambda t: t.float()  # noqa: E731  the references in float32: what both forms approximate
+    tolerance = 1e-6 if dtype == torch.float32 else 8e-3
     with torch.no_grad():
+        norm.weight.normal_()
         # One addition in a's dtype either way: the same rounding.
         torch.testing.assert_close(fused.add_time_reversed(a, b), fused.add_time_reversed_reference(a, b),
                                    rtol=0, atol=0)
-        # silu(gate) * up rounded once instead of twice.
-        assert rel_err(fused.silu_mul(a, b), fused.silu_mul_reference(a.float(), b.float())) <= (
-            1e-6 if dtype == torch.float32 else 4e-3)
-        assert rel_err(fused.silu_mul_reference(a, b), fused.silu_mul_reference(a.float(), b.float())) <= (
-            1e-6 if dtype == torch.float32 else 8e-3)
+        # silu(gate) * up rounded once instead of twice: at least as close to float32 as the reference.
+        assert rel_err(fused.silu_mul(a, b), fused.silu_mul_reference(exact(a), exact(b))) <= tolerance / 2
+        assert rel_err(fused.silu_mul_reference(a, b), fused.silu_mul_reference(exact(a), exact(b))) <= tolerance
+        # The direction sum, residual add and norm: the residual stream rounded once, then its norm.
+        float_norm = DiffuAprielRMSNorm(96, eps=1e-5).to("cuda")
+        float_norm.weight.copy_(norm.weight)
+        for mirrored, scale in [(None, 1.0), (b, 1.0), (b, 0.5)]:
+            fused_out = fused.add_rms_norm(residual, a, norm, mirrored, scale)
+            reference_out = fused.add_rms_norm_reference(residual, a, norm, mirrored, scale)
+            exact_out = fused.add_rms_norm_reference(exact(residual), exact(a), float_norm,
+                                                     None if mirrored is None else exact(mirrored), scale)
+            for fused_part, reference_part, exact_part in zip(fused_out, reference_out, exact_out):
+                assert fused_part.dtype == dtype
+                assert rel_err(fused_part, exact_part) <= tolerance
+                assert rel_err(reference_part, exact_part) <= 2 * tolerance
     # A gradient needed: the references, which carry it.
     a.requires_grad_(True)
     assert fused.silu_mul(a, b).grad_fn is not None and fused.add_time_reversed(a, b).grad_fn is not None
+    assert all(t.grad_fn is not None for t in fused.add_rms_norm(residual, a, norm, b))
 
 
 def padded_batch(config, lengths, side, seed=0):

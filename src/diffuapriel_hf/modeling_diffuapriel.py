@@ -22,7 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import masked_diffusion_loss
-from .fused_elementwise import add_time_reversed, silu_mul
+from .fused_ops import add_rms_norm, add_time_reversed, silu_mul
 from .generation import DiffusionGenerationMixin
 from .mamba_ops import MambaOps, reverse_time, select_ops
 
@@ -176,6 +176,11 @@ class BidirectionalMamba2Mixer(nn.Module):
         self.left_to_right = Mamba2Mixer(config)
         self.right_to_left = Mamba2Mixer(config) if config.bidirectional else None
 
+    @property
+    def direction_scale(self) -> float:
+        """What the directions' sum is multiplied by: 1/2 averages them."""
+        return 0.5 if self.right_to_left is not None and self.config.bidirectional_strategy == "mean" else 1.0
+
     def directions(self) -> list[Mamba2Mixer]:
         return [self.left_to_right] if self.right_to_left is None else [self.left_to_right, self.right_to_left]
 
@@ -184,6 +189,22 @@ class BidirectionalMamba2Mixer(nn.Module):
         block_context: Optional[BlockContext] = None,
     ) -> torch.Tensor:
         # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
+        return self.combine(*self.direction_outputs(hidden_states, padding_mask, block_context))
+
+    def combine(self, left_to_right: torch.Tensor, right_to_left: Optional[torch.Tensor]) -> torch.Tensor:
+        """The mixer's output from `direction_outputs`: the sum (or mean) of the directions, in time order."""
+        if right_to_left is None:
+            return left_to_right
+        output = add_time_reversed(left_to_right, right_to_left)
+        return output if self.direction_scale == 1.0 else output * self.direction_scale
+
+    def direction_outputs(
+        self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+        block_context: Optional[BlockContext] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The left-to-right output (B, L, D), and the right-to-left output in its own reading order, still reversed
+        in time (None without a second direction): `forward` adds them, scaled by `direction_scale`; the block fuses
+        that sum with its residual add and next norm."""
         ops = select_ops(hidden_states, self.config.use_mamba_kernels)
         inputs = [(self.left_to_right, hidden_states, padding_mask)]
         if self.right_to_left is not None:
@@ -204,12 +225,7 @@ class BidirectionalMamba2Mixer(nn.Module):
                 entering_states.append(state)
         if entering_states:
             block_context.mamba_states[self.layer_idx] = tuple(entering_states)
-        output = outputs[0]
-        if len(outputs) == 2:
-            output = add_time_reversed(output, outputs[1])
-            if self.config.bidirectional_strategy == "mean":
-                output = output / 2
-        return output
+        return outputs[0], outputs[1] if len(outputs) == 2 else None
 
     @staticmethod
     def _split_at(direction: Mamba2Mixer, hidden_states, padding_mask, ops, split: int):
@@ -356,17 +372,20 @@ class DiffuAprielBlock(GradientCheckpointingLayer):
     ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        attention_weights = None
+        attention_weights, right_to_left, scale = None, None, 1.0
         if self.layer_type == MAMBA:
-            hidden_states = self.mixer(hidden_states, padding_mask, block_context)
+            update, right_to_left = self.mixer.direction_outputs(hidden_states, padding_mask, block_context)
+            scale = self.mixer.direction_scale
         else:
-            hidden_states, attention_weights = self.mixer(
+            update, attention_weights = self.mixer(
                 hidden_states, position_embeddings, attention_mask, block_context=block_context, **kwargs
             )
-        hidden_states = residual + hidden_states
-        if self.mlp is not None:
-            hidden_states = hidden_states + self.mlp(self.post_mixer_layernorm(hidden_states))
-        return hidden_states, attention_weights
+        if self.mlp is None:
+            update = update if right_to_left is None else self.mixer.combine(update, right_to_left)
+            return residual + update, attention_weights
+        # The direction sum, the residual add and the MLP's norm: one pass over the residual stream on CUDA.
+        hidden_states, normed = add_rms_norm(residual, update, self.post_mixer_layernorm, right_to_left, scale)
+        return hidden_states + self.mlp(normed), attention_weights
 
 
 class DiffuAprielPreTrainedModel(PreTrainedModel):

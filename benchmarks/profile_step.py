@@ -1,0 +1,53 @@
+"""Where one denoising step's GPU time goes: the kernels of one forward pass of a preset (random weights, bf16,
+batch 1), timed by PyTorch's profiler and grouped by kernel name, largest first.
+
+    python benchmarks/profile_step.py --model diffuapriel-1.3b --length 65536 --out benchmarks/results/profile_64k.json
+"""
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from throughput import build  # benchmarks/throughput.py, beside this script
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="diffuapriel-1.3b")
+    parser.add_argument("--length", type=int, default=65536)
+    parser.add_argument("--top", type=int, default=25, help="kernels listed by name; the rest are summed")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    model = build(args.model)
+    ids = torch.randint(0, model.config.mask_token_id, (1, args.length), device="cuda")
+    with torch.no_grad():
+        for _ in range(2):  # compile the Triton kernels and settle the allocator
+            model(ids)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(ids)
+            torch.cuda.synchronize()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time_total / 1e3  # ms
+            counts[event.name] += 1
+    ranked = sorted(totals, key=totals.get, reverse=True)
+    rows = [dict(kernel=name[:160], ms=totals[name], calls=counts[name]) for name in ranked[: args.top]]
+    rest = sum(totals[name] for name in ranked[args.top:])
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, model=args.model, length=args.length,
+                  total_kernel_ms=sum(totals.values()), other_kernels_ms=rest, kernels=rows)
+    for row in rows:
+        print(f"{row['ms']:9.2f} ms {row['calls']:5d} x  {row['kernel'][:110]}")
+    print(f"{rest:9.2f} ms in other kernels; {result['total_kernel_ms']:.1f} ms in all")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

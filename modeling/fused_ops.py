@@ -1,0 +1,164 @@
+# Generated from src/diffuapriel_hf/fused_ops.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
+# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
+"""The memory-bound operations around a block's mixer and MLP, each one Triton kernel on CUDA for inference, with its
+PyTorch reference:
+
+| operation                                    | reference                                       | used by            |
+|----------------------------------------------|-------------------------------------------------|--------------------|
+| `add_time_reversed(a, b)`                    | `a + reverse_time(b)`                           | the bidirectional  |
+|                                              |                                                 | mixer's output     |
+| `add_rms_norm(residual, update, norm, b, s)` | `h = residual + s * (update + reverse_time(b))` | the block, after   |
+|                                              | `return h, norm(h)`                             | its mixer          |
+| `silu_mul(gate, up)`                         | `F.silu(gate) * up`                             | the SwiGLU MLP     |
+
+Unfused, each is several kernels with intermediate tensors between them (the reversed copy, the direction sum, the
+residual stream read again by the norm, the activation); fused, each reads its inputs once and writes its outputs
+once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
+
+The kernels have no backward: they run where no gradient is needed, on contiguous CUDA tensors of one shape and
+dtype, and the references run everywhere else (CPU, training, Triton not installed). They compute in float32 and
+round once, where the references round after each operation.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .mamba_ops import reverse_time
+
+try:  # installed with mamba-ssm (and by PyTorch's CUDA wheels); without it, the references
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCK = 4096  # elements per program of the elementwise kernels
+MAX_NORM_WIDTH = 8192  # the norm kernel holds one row in registers
+
+
+def add_time_reversed_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b reversed along the time axis (dim 1), for (B, L, D) tensors."""
+    return a + reverse_time(b)
+
+
+def add_rms_norm_reference(residual, update, norm, time_reversed=None, scale=1.0):
+    """hidden = residual + scale * (update + reverse_time(time_reversed)) for (B, L, D) tensors (time_reversed may
+    be None), and norm(hidden): the residual stream after a mixer, and the next norm's output."""
+    if time_reversed is not None:
+        update = add_time_reversed_reference(update, time_reversed)
+    if scale != 1.0:
+        update = update * scale
+    hidden = residual + update
+    return hidden, norm(hidden)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _fused(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel applies: Triton installed, contiguous CUDA tensors of one shape and dtype, no gradient."""
+    first = tensors[0]
+    return (
+        triton is not None
+        and first.is_cuda
+        and all(t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
+def add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b reversed along the time axis (dim 1), for (B, L, D) tensors: one kernel where `_fused`, else the
+    reference."""
+    if a.dim() != 3 or not _fused(a, b):
+        return add_time_reversed_reference(a, b)
+    return launch_add_time_reversed(a, b)
+
+
+def add_rms_norm(residual, update, norm, time_reversed=None, scale=1.0):
+    """`add_rms_norm_reference` as one kernel where `_fused` (norm's weight included, of the same dtype, rows of at
+    most MAX_NORM_WIDTH), else the reference. `norm` is an RMSNorm module: its `weight` and `variance_epsilon`."""
+    tensors = [residual, update] + ([] if time_reversed is None else [time_reversed])
+    weight = norm.weight
+    if (residual.dim() != 3 or residual.shape[-1] > MAX_NORM_WIDTH or not _fused(*tensors) or not _fused(weight)
+            or weight.dtype != residual.dtype):
+        return add_rms_norm_reference(residual, update, norm, time_reversed, scale)
+    return launch_add_rms_norm(residual, update, norm.weight, norm.variance_epsilon, time_reversed, scale)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: one kernel where `_fused`, else the reference."""
+    if not _fused(gate, up):
+        return silu_mul_reference(gate, up)
+    return launch_silu_mul(gate, up)
+
+
+def launch_add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The kernel of `add_time_reversed`, without the checks (the interpreter tests call it on CPU tensors)."""
+    out = torch.empty_like(a)
+    _add_time_reversed_kernel[(triton.cdiv(a.numel(), BLOCK),)](a, b, out, a.numel(), a.shape[1], a.shape[2],
+                                                                 BLOCK=BLOCK)
+    return out
+
+
+def launch_add_rms_norm(residual, update, weight, eps, time_reversed=None, scale=1.0):
+    """The kernel of `add_rms_norm`, without the checks: one program per row (token)."""
+    hidden, normed = torch.empty_like(residual), torch.empty_like(residual)
+    width = residual.shape[-1]
+    block = triton.next_power_of_2(width)
+    mirrored = update if time_reversed is None else time_reversed  # not read without HAS_MIRRORED
+    _add_rms_norm_kernel[(residual.shape[0] * residual.shape[1],)](
+        residual, update, mirrored, weight, hidden, normed, residual.shape[1], width, eps, scale,
+        HAS_MIRRORED=time_reversed is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+    )
+    return hidden, normed
+
+
+def launch_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The kernel of `silu_mul`, without the checks."""
+    out = torch.empty_like(gate)
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, out, gate.numel(), BLOCK=BLOCK)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_time_reversed_kernel(a_ptr, b_ptr, out_ptr, numel, seqlen, width, BLOCK: tl.constexpr):
+        # out[n, t, c] = a[n, t, c] + b[n, seqlen - 1 - t, c] for contiguous (N, seqlen, width) tensors.
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        position = (offsets // width) % seqlen
+        mirrored = offsets + (seqlen - 1 - 2 * position) * width
+        a = tl.load(a_ptr + offsets, mask=inside)
+        b = tl.load(b_ptr + mirrored, mask=inside)
+        tl.store(out_ptr + offsets, a + b, mask=inside)
+
+    @triton.jit
+    def _add_rms_norm_kernel(residual_ptr, update_ptr, mirrored_ptr, weight_ptr, hidden_ptr, normed_ptr, seqlen,
+                             width, eps, scale, HAS_MIRRORED: tl.constexpr, BLOCK: tl.constexpr):
+        # Row r = n * seqlen + t of contiguous (N, seqlen, width) tensors:
+        # hidden[r] = residual[r] + scale * (update[r] + mirrored[n * seqlen + seqlen - 1 - t]),
+        # normed[r] = hidden[r] / rms(hidden[r]) * weight, the norm of hidden as stored (rounded), as the reference.
+        row = tl.program_id(0).to(tl.int64)
+        columns = tl.arange(0, BLOCK)
+        inside = columns < width
+        update = tl.load(update_ptr + row * width + columns, mask=inside, other=0.0).to(tl.float32)
+        if HAS_MIRRORED:
+            mirrored_row = row + seqlen - 1 - 2 * (row % seqlen)
+            update += tl.load(mirrored_ptr + mirrored_row * width + columns, mask=inside, other=0.0).to(tl.float32)
+        residual = tl.load(residual_ptr + row * width + columns, mask=inside, other=0.0).to(tl.float32)
+        hidden = (residual + scale * update).to(hidden_ptr.dtype.element_ty)
+        tl.store(hidden_ptr + row * width + columns, hidden, mask=inside)
+        hidden = hidden.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(hidden * hidden, axis=0) / width + eps)
+        weight = tl.load(weight_ptr + columns, mask=inside, other=0.0).to(tl.float32)
+        tl.store(normed_ptr + row * width + columns, (hidden * rstd * weight).to(normed_ptr.dtype.element_ty),
+                 mask=inside)
+
+    @triton.jit
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        gate = tl.load(gate_ptr + offsets, mask=inside).to(tl.float32)
+        up = tl.load(up_ptr + offsets, mask=inside).to(tl.float32)
+        tl.store(out_ptr + offsets, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=inside)

@@ -1,0 +1,95 @@
+"""The fused kernels of `fused_ops.py`: run on the CPU by Triton's interpreter against their references, and the
+dispatch (references on CPU and wherever a gradient is needed). Their compiled form is tested on a GPU in
+`test_gpu_kernels.py`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffuapriel_hf import DiffuAprielConfig, DiffuAprielModel
+from diffuapriel_hf.fused_ops import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    add_time_reversed,
+    add_time_reversed_reference,
+    silu_mul,
+    silu_mul_reference,
+)
+from diffuapriel_hf.mamba_ops import reverse_time
+from diffuapriel_hf.modeling_diffuapriel import DiffuAprielRMSNorm
+
+# (batch, length, width): a partial last block, several time steps and batch rows within one block, a width that is
+# not a power of two (the norm kernel's masked columns), odd lengths (the middle row is its own mirror).
+SHAPES = [(2, 37, 24), (3, 5, 8), (1, 4100, 3)]
+
+
+def interpreted_errors() -> dict:
+    """The largest difference of each kernel from its reference, per shape (run with TRITON_INTERPRET=1 set)."""
+    from diffuapriel_hf import fused_ops
+
+    torch.manual_seed(0)
+    errors = {}
+    for shape in SHAPES:
+        a, b, residual = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+        errors[f"add {shape}"] = (fused_ops.launch_add_time_reversed(a, b) - (a + b.flip(1))).abs().max().item()
+        errors[f"silu {shape}"] = (fused_ops.launch_silu_mul(a, b) - torch.nn.functional.silu(a) * b).abs().max().item()
+        if shape[1] > 1000:  # one program per row: thousands are slow to interpret, and add nothing here
+            continue
+        norm = DiffuAprielRMSNorm(shape[-1], eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(shape[-1]))
+        for mirrored, scale in [(None, 1.0), (b, 1.0), (b, 0.5)]:
+            expected = add_rms_norm_reference(residual, a, norm, mirrored, scale)
+            fused = fused_ops.launch_add_rms_norm(residual, a, norm.weight.detach(), 1e-5, mirrored, scale)
+            name = f"norm {'mirrored ' if mirrored is not None else ''}x{scale} {shape}"
+            errors[name] = max((f - e).abs().max().item() for f, e in zip(fused, expected))
+    return errors
+
+
+def test_interpreted_kernels_match_their_references():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = "import json, test_fused_ops as t; print(json.dumps(t.interpreted_errors()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == 2 * len(SHAPES) + 3 * 2
+    for name, error in errors.items():
+        assert error <= 1e-5, (name, error)
+
+
+def test_on_cpu_and_with_gradients_the_references_run():
+    a = torch.randn(2, 7, 4, requires_grad=True)
+    b, residual = torch.randn(2, 7, 4), torch.randn(2, 7, 4)
+    torch.testing.assert_close(add_time_reversed(a, b), a + b.flip(1))
+    torch.testing.assert_close(add_time_reversed_reference(a, b), a + reverse_time(b))
+    out = silu_mul(a, b)
+    torch.testing.assert_close(out, silu_mul_reference(a, b))
+    norm = DiffuAprielRMSNorm(4, eps=1e-6)
+    hidden, normed = add_rms_norm(residual, a, norm, b, 0.5)
+    torch.testing.assert_close(hidden, residual + (a + b.flip(1)) * 0.5)
+    torch.testing.assert_close(normed, norm(hidden))
+    (out.sum() + normed.sum()).backward()  # the references carry the gradient
+    assert a.grad is not None and norm.weight.grad is not None
+
+
+@pytest.mark.parametrize("strategy", ["add", "mean"])
+@pytest.mark.parametrize("intermediate_size", [0, 16])
+def test_blocks_with_the_fused_residual_path_equal_the_mixer_forward(strategy, intermediate_size):
+    """The block takes the mixer's directions apart to fuse their sum into its residual add and norm: the same
+    hidden states as adding the mixer's own output, with and without an MLP, for the sum and the mean."""
+    config = DiffuAprielConfig.from_preset("tiny", bidirectional_strategy=strategy, intermediate_size=intermediate_size)
+    torch.manual_seed(0)
+    model = DiffuAprielModel(config).eval()
+    block = next(b for b in model.layers if b.layer_type == "linear_attention")
+    hidden = torch.randn(2, 9, config.hidden_size)
+    with torch.no_grad():
+        expected = hidden + block.mixer(block.input_layernorm(hidden))
+        if block.mlp is not None:
+            expected = expected + block.mlp(block.post_mixer_layernorm(expected))
+        torch.testing.assert_close(block(hidden)[0], expected)
