@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import masked_diffusion_loss
-from .fused_ops import add_rms_norm, add_time_reversed, silu_mul
+from .fused_ops import add_rms_norm, add_time_reversed, swiglu
 from .generation import DiffusionGenerationMixin
 from .mamba_ops import MambaOps, reverse_time, select_ops
 
@@ -339,7 +339,7 @@ class DiffuAprielAttention(nn.Module):
 
 
 class DiffuAprielMLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)), the product one fused kernel on CUDA when act is silu."""
+    """SwiGLU: down(act(gate(x)) * up(x))."""
 
     def __init__(self, config: DiffuAprielConfig):
         super().__init__()
@@ -350,8 +350,19 @@ class DiffuAprielMLP(nn.Module):
         self.act_is_silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(silu_mul(gate, up) if self.act_is_silu else self.act_fn(gate) * up)
+        if self.act_is_silu and x.is_cuda and all(_plain_linear(m) for m in (self.gate_proj, self.up_proj)):
+            # gate and up as one product, and the product silu(gate) * up as one kernel: at 64K tokens of the 1.3B
+            # presets, 1.63 ms against 2 x 0.94 ms for the two products on an H200 (gemm_shapes.json).
+            gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))  # (B, L, 2I)
+            return self.down_proj(swiglu(gate_up))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is an nn.Linear computing F.linear(x, weight) and nothing else: not a subclass (a LoRA or
+    quantised layer), no bias, no hooks (an offloading hook, say), so its weight can join another's in one product."""
+    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks)
 
 
 class DiffuAprielBlock(GradientCheckpointingLayer):

@@ -77,7 +77,7 @@ def _segments(batch: int, nheads: int, seqlen: int, device) -> int:
 @triton.jit
 def _ssd_forward_kernel(
     x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, leaving_ptr, log_decay_ptr,
-    seqlen, segment_length, nheads, heads_per_group, headdim, dstate, dt_min, dt_max,
+    seqlen, segment_length, nsegments, nheads, heads_per_group, headdim, dstate, dt_min, dt_max,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
@@ -93,7 +93,6 @@ def _ssd_forward_kernel(
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
     segment = tl.program_id(2)
-    nsegments = tl.num_programs(2)
     batch = pid_bh // nheads
     head = pid_bh % nheads
     group = head // heads_per_group
@@ -218,8 +217,9 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
     """The kernel with explicit tile sizes and segment count (`ssd_forward` picks them; the benchmark sweeps them).
 
     With one segment, one pass. With several, the sequence is cut into `segments` pieces walked in parallel: a first
-    pass walks each piece from a zero state and keeps only the state leaving it (and its total decay); a second pass
-    starts each piece from the state entering it, folded from the earlier pieces' leaving states, and writes y."""
+    pass walks each piece but the last from a zero state and keeps only the state leaving it (and its total decay); a
+    second pass starts each piece from the state entering it, folded from the earlier pieces' leaving states, and
+    writes y."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     segment_length = triton.cdiv(triton.cdiv(seqlen, segments), chunk) * chunk
@@ -227,12 +227,13 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
     y = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
     leaving = torch.empty(batch, segments, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
     log_decay = torch.empty(batch, segments, nheads, device=x.device, dtype=torch.float32)
-    grid = (batch * nheads, triton.cdiv(headdim, block_p), segments)
 
     def launch(store_y):
+        # The state pass leaves out the last segment: no segment enters after it.
+        grid = (batch * nheads, triton.cdiv(headdim, block_p), segments if store_y else segments - 1)
         _ssd_forward_kernel[grid](
             x, dt, dt_bias, A, B, C, D, y, leaving, log_decay,
-            seqlen, segment_length, nheads, nheads // ngroups, headdim, dstate, float(dt_limit[0]),
+            seqlen, segment_length, segments, nheads, nheads // ngroups, headdim, dstate, float(dt_limit[0]),
             float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
             HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
             HAS_DT_LIMIT=tuple(dt_limit) != (0.0, float("inf")), HAS_D=D is not None, STORE_Y=store_y,

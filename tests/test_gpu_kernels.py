@@ -193,8 +193,9 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
         torch.testing.assert_close(fused.add_time_reversed(a, b), fused.add_time_reversed_reference(a, b),
                                    rtol=0, atol=0)
         # silu(gate) * up rounded once instead of twice: at least as close to float32 as the reference.
-        assert rel_err(fused.silu_mul(a, b), fused.silu_mul_reference(exact(a), exact(b))) <= tolerance / 2
-        assert rel_err(fused.silu_mul_reference(a, b), fused.silu_mul_reference(exact(a), exact(b))) <= tolerance
+        gate_up = torch.cat([a, b], dim=-1)
+        assert rel_err(fused.swiglu(gate_up), fused.swiglu_reference(exact(gate_up))) <= tolerance / 2
+        assert rel_err(fused.swiglu_reference(gate_up), fused.swiglu_reference(exact(gate_up))) <= tolerance
         # The direction sum, residual add and norm: the residual stream rounded once, then its norm.
         float_norm = DiffuAprielRMSNorm(96, eps=1e-5).to("cuda")
         float_norm.weight.copy_(norm.weight)
@@ -209,8 +210,29 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
                 assert rel_err(reference_part, exact_part) <= 2 * tolerance
     # A gradient needed: the references, which carry it.
     a.requires_grad_(True)
-    assert fused.silu_mul(a, b).grad_fn is not None and fused.add_time_reversed(a, b).grad_fn is not None
+    assert fused.swiglu(torch.cat([a, b], -1)).grad_fn is not None and fused.add_time_reversed(a, b).grad_fn is not None
     assert all(t.grad_fn is not None for t in fused.add_rms_norm(residual, a, norm, b))
+
+
+def test_mlp_takes_gate_and_up_as_one_product_on_cuda_unless_a_projection_is_replaced():
+    from diffuapriel_hf.modeling_diffuapriel import DiffuAprielMLP
+
+    class ShiftedLinear(torch.nn.Linear):  # what a LoRA or quantised layer looks like to the MLP: a subclass
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    config = preset_config("tiny")
+    torch.manual_seed(0)
+    mlp = DiffuAprielMLP(config).cuda()
+    x = torch.randn(2, 33, config.hidden_size, device="cuda")
+    separate = lambda: mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # noqa: E731
+    torch.testing.assert_close(mlp(x), separate(), rtol=1e-5, atol=1e-5)
+    mlp(x).sum().backward()  # the gradient reaches both weights through the concatenation
+    assert mlp.gate_proj.weight.grad.abs().sum() > 0 and mlp.up_proj.weight.grad.abs().sum() > 0
+    shifted = ShiftedLinear(config.hidden_size, config.intermediate_size, bias=False).cuda()
+    shifted.load_state_dict(mlp.up_proj.state_dict())
+    mlp.up_proj = shifted
+    torch.testing.assert_close(mlp(x), separate(), rtol=1e-5, atol=1e-5)
 
 
 def padded_batch(config, lengths, side, seed=0):

@@ -7,10 +7,11 @@ PyTorch reference:
 |                                              |                                                 | mixer's output     |
 | `add_rms_norm(residual, update, norm, b, s)` | `h = residual + s * (update + reverse_time(b))` | the block, after   |
 |                                              | `return h, norm(h)`                             | its mixer          |
-| `silu_mul(gate, up)`                         | `F.silu(gate) * up`                             | the SwiGLU MLP     |
+| `swiglu(gate_up)`                            | `gate, up = gate_up.chunk(2, -1)`               | the SwiGLU MLP     |
+|                                              | `F.silu(gate) * up`                             |                    |
 
 Unfused, each is several kernels with intermediate tensors between them (the reversed copy, the direction sum, the
-residual stream read again by the norm, the activation); fused, each reads its inputs once and writes its outputs
+residual stream read again by the norm, the activation and the halves of gate_up); fused, each reads its inputs once and writes its outputs
 once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
 
 The kernels have no backward: they run where no gradient is needed, on contiguous CUDA tensors of one shape and
@@ -49,7 +50,9 @@ def add_rms_norm_reference(residual, update, norm, time_reversed=None, scale=1.0
     return hidden, norm(hidden)
 
 
-def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the two halves of the last axis of gate_up (..., 2I) -> (..., I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -83,11 +86,11 @@ def add_rms_norm(residual, update, norm, time_reversed=None, scale=1.0):
     return launch_add_rms_norm(residual, update, norm.weight, norm.variance_epsilon, time_reversed, scale)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up: one kernel where `_fused`, else the reference."""
-    if not _fused(gate, up):
-        return silu_mul_reference(gate, up)
-    return launch_silu_mul(gate, up)
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """`swiglu_reference`: one kernel where `_fused`, else the reference."""
+    if not _fused(gate_up):
+        return swiglu_reference(gate_up)
+    return launch_swiglu(gate_up)
 
 
 def launch_add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -111,10 +114,11 @@ def launch_add_rms_norm(residual, update, weight, eps, time_reversed=None, scale
     return hidden, normed
 
 
-def launch_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The kernel of `silu_mul`, without the checks."""
-    out = torch.empty_like(gate)
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, out, gate.numel(), BLOCK=BLOCK)
+def launch_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """The kernel of `swiglu`, without the checks."""
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], width)
+    _swiglu_kernel[(triton.cdiv(out.numel(), BLOCK),)](gate_up, out, out.numel(), width, BLOCK=BLOCK)
     return out
 
 
@@ -154,9 +158,11 @@ if triton is not None:
                  mask=inside)
 
     @triton.jit
-    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    def _swiglu_kernel(gate_up_ptr, out_ptr, numel, width, BLOCK: tl.constexpr):
+        # out[r, c] = silu(gate_up[r, c]) * gate_up[r, width + c] for contiguous (rows, 2 * width) gate_up.
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < numel
-        gate = tl.load(gate_ptr + offsets, mask=inside).to(tl.float32)
-        up = tl.load(up_ptr + offsets, mask=inside).to(tl.float32)
+        gate_offsets = offsets + (offsets // width) * width
+        gate = tl.load(gate_up_ptr + gate_offsets, mask=inside).to(tl.float32)
+        up = tl.load(gate_up_ptr + gate_offsets + width, mask=inside).to(tl.float32)
         tl.store(out_ptr + offsets, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=inside)
