@@ -214,25 +214,38 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
     assert all(t.grad_fn is not None for t in fused.add_rms_norm(residual, a, norm, b))
 
 
-def test_mlp_takes_gate_and_up_as_one_product_on_cuda_unless_a_projection_is_replaced():
-    from diffuapriel_hf.modeling_diffuapriel import DiffuAprielMLP
+def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_projection_is_replaced(monkeypatch):
+    from diffuapriel_hf import modeling_diffuapriel
+    from diffuapriel_hf.modeling_diffuapriel import ONE_PRODUCT_MIN_TOKENS, DiffuAprielMLP
 
     class ShiftedLinear(torch.nn.Linear):  # what a LoRA or quantised layer looks like to the MLP: a subclass
         def forward(self, x):
             return super().forward(x) + 1.0
 
+    one_products = []  # the halves the one-product path hands to swiglu
+    swiglu = modeling_diffuapriel.swiglu
+    monkeypatch.setattr(modeling_diffuapriel, "swiglu", lambda gate_up: one_products.append(gate_up.shape) or
+                        swiglu(gate_up))
     config = preset_config("tiny")
     torch.manual_seed(0)
     mlp = DiffuAprielMLP(config).cuda()
-    x = torch.randn(2, 33, config.hidden_size, device="cuda")
-    separate = lambda: mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))  # noqa: E731
-    torch.testing.assert_close(mlp(x), separate(), rtol=1e-5, atol=1e-5)
+    for tokens, one_product in [(ONE_PRODUCT_MIN_TOKENS, True), (ONE_PRODUCT_MIN_TOKENS - 1, False)]:
+        one_products.clear()
+        x = torch.randn(1, tokens, config.hidden_size, device="cuda")
+        separate = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        torch.testing.assert_close(mlp(x), separate, rtol=1e-5, atol=1e-5)
+        assert one_products == ([(1, tokens, 2 * config.intermediate_size)] if one_product else [])
+    x = torch.randn(1, ONE_PRODUCT_MIN_TOKENS, config.hidden_size, device="cuda")
     mlp(x).sum().backward()  # the gradient reaches both weights through the concatenation
     assert mlp.gate_proj.weight.grad.abs().sum() > 0 and mlp.up_proj.weight.grad.abs().sum() > 0
     shifted = ShiftedLinear(config.hidden_size, config.intermediate_size, bias=False).cuda()
     shifted.load_state_dict(mlp.up_proj.state_dict())
     mlp.up_proj = shifted
-    torch.testing.assert_close(mlp(x), separate(), rtol=1e-5, atol=1e-5)
+    one_products.clear()
+    with torch.no_grad():
+        separate = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        torch.testing.assert_close(mlp(x), separate, rtol=1e-5, atol=1e-5)
+    assert one_products == []
 
 
 def padded_batch(config, lengths, side, seed=0):

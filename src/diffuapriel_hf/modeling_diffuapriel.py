@@ -336,6 +336,12 @@ class DiffuAprielAttention(nn.Module):
         return self.o_proj(output.reshape(batch, seqlen, -1)), weights
 
 
+# From this many tokens a call, the MLP computes gate and up as one product. At 64K tokens of the 1.3B presets on an
+# H200 it took 1.63 ms against 2 x 0.94 ms for two (benchmarks/results/gemm_shapes.json), and a whole graphed step
+# 399-401 ms against 403.5-406 ms; at 4K to 16K tokens whole steps were no faster (within 0.6 ms either way).
+ONE_PRODUCT_MIN_TOKENS = 32768
+
+
 class DiffuAprielMLP(nn.Module):
     """SwiGLU: down(act(gate(x)) * up(x))."""
 
@@ -348,9 +354,9 @@ class DiffuAprielMLP(nn.Module):
         self.act_is_silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x):
-        if self.act_is_silu and x.is_cuda and all(_plain_linear(m) for m in (self.gate_proj, self.up_proj)):
-            # gate and up as one product, and the product silu(gate) * up as one kernel: at 64K tokens of the 1.3B
-            # presets, 1.63 ms against 2 x 0.94 ms for the two products on an H200 (gemm_shapes.json).
+        if (self.act_is_silu and x.is_cuda and x.numel() >= ONE_PRODUCT_MIN_TOKENS * x.shape[-1]
+                and all(_plain_linear(m) for m in (self.gate_proj, self.up_proj))):
+            # gate and up as one product, and the product silu(gate) * up as one kernel.
             gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))  # (B, L, 2I)
             return self.down_proj(swiglu(gate_up))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
