@@ -13,8 +13,8 @@ PyTorch reference:
 |                                              | `F.silu(gate) * up`                             |                    |
 
 Unfused, each is several kernels with intermediate tensors between them (the reversed copy, the direction sum, the
-residual stream read again by the norm, the activation and the halves of gate_up); fused, each reads its inputs once and writes its outputs
-once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
+residual stream read again by the norm, the activation, the halves of gate_up); fused, each reads its inputs once and
+writes its outputs once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
 
 The kernels have no backward: they run where no gradient is needed, on contiguous CUDA tensors of one shape and
 dtype, and the references run everywhere else (CPU, training, Triton not installed). They compute in float32 and

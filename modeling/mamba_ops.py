@@ -51,7 +51,7 @@ def mamba_chunk_scan_combined_reference(
     when asked. Work and memory are linear in l: the quadratic part is confined to chunks of `chunk_size`.
     """
     batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
+    ngroups = B.shape[2]
     out_dtype = x.dtype
     x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
     if dt_bias is not None:

@@ -453,7 +453,8 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
             config = self.config
             init.copy_(module.A_log, torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))
             init.ones_(module.D)
-            log_min, log_max = torch.log(torch.tensor(config.mamba_dt_min)), torch.log(torch.tensor(config.mamba_dt_max))
+            log_min = torch.log(torch.tensor(config.mamba_dt_min))
+            log_max = torch.log(torch.tensor(config.mamba_dt_max))
             dt = torch.exp(torch.rand(module.num_heads) * (log_max - log_min) + log_min)
             dt = dt.clamp(min=config.mamba_dt_init_floor)
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
@@ -470,7 +471,8 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a 2-D tensor (batch, length), got shape {tuple(getattr(input_ids, 'shape', ()))}")
+            shape = tuple(getattr(input_ids, "shape", ()))
+            raise ValueError(f"input_ids must be a 2-D tensor (batch, length), got shape {shape}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.numel() and not torch.compiler.is_compiling() and not _capturing_cuda_graph(input_ids):
@@ -569,7 +571,8 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
                 padding_mask = block_context.padding_mask[:, block_context.start : block_context.end]
         elif attention_mask is not None:
             padding_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
-            if not torch.compiler.is_compiling() and not _capturing_cuda_graph(padding_mask) and bool(padding_mask.all()):
+            checkable = not torch.compiler.is_compiling() and not _capturing_cuda_graph(padding_mask)
+            if checkable and bool(padding_mask.all()):
                 padding_mask = None
         attention_bias = position_embeddings = position_ids = None
         if self.rotary_emb is not None:

@@ -37,7 +37,8 @@ def interpreted_errors() -> dict:
         a, b, residual = torch.randn(shape), torch.randn(shape), torch.randn(shape)
         errors[f"add {shape}"] = (fused_ops.launch_add_time_reversed(a, b) - (a + b.flip(1))).abs().max().item()
         gate_up = torch.cat([a, b], dim=-1)
-        errors[f"swiglu {shape}"] = (fused_ops.launch_swiglu(gate_up) - torch.nn.functional.silu(a) * b).abs().max().item()
+        swiglu_error = fused_ops.launch_swiglu(gate_up) - torch.nn.functional.silu(a) * b
+        errors[f"swiglu {shape}"] = swiglu_error.abs().max().item()
         if shape[1] > 1000:  # one program per row: thousands are slow to interpret, and add nothing here
             continue
         norm = DiffuAprielRMSNorm(shape[-1], eps=1e-5)

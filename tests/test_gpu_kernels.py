@@ -222,10 +222,14 @@ def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_proje
         def forward(self, x):
             return super().forward(x) + 1.0
 
-    one_products = []  # the halves the one-product path hands to swiglu
+    one_products = []  # the shapes of what the one-product path hands to swiglu
     swiglu = modeling_diffuapriel.swiglu
-    monkeypatch.setattr(modeling_diffuapriel, "swiglu", lambda gate_up: one_products.append(gate_up.shape) or
-                        swiglu(gate_up))
+
+    def recording_swiglu(gate_up):
+        one_products.append(gate_up.shape)
+        return swiglu(gate_up)
+
+    monkeypatch.setattr(modeling_diffuapriel, "swiglu", recording_swiglu)
     config = preset_config("tiny")
     torch.manual_seed(0)
     mlp = DiffuAprielMLP(config).cuda()

@@ -164,7 +164,9 @@ class DiffuAprielConfig(PretrainedConfig):
         if isinstance(self.intermediate_size, bool) or not isinstance(self.intermediate_size, int) or (
             self.intermediate_size < 0
         ):
-            raise ValueError(f"intermediate_size must be an integer >= 0 (0 removes the MLP), got {self.intermediate_size!r}")
+            raise ValueError(
+                f"intermediate_size must be an integer >= 0 (0 removes the MLP), got {self.intermediate_size!r}"
+            )
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
@@ -215,7 +217,9 @@ class DiffuAprielConfig(PretrainedConfig):
                 )
             low, high = self.mamba_dt_limit if len(self.mamba_dt_limit) == 2 else (None, None)
             if low is None or not 0 <= low < high:
-                raise ValueError(f"mamba_dt_limit must be (low, high) with 0 <= low < high, got {self.mamba_dt_limit!r}")
+                raise ValueError(
+                    f"mamba_dt_limit must be (low, high) with 0 <= low < high, got {self.mamba_dt_limit!r}"
+                )
         if self.bidirectional_strategy not in BIDIRECTIONAL_STRATEGIES:
             raise ValueError(
                 f"bidirectional_strategy must be one of {BIDIRECTIONAL_STRATEGIES}, got {self.bidirectional_strategy!r}"

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_times(batch_size: int, sampling_eps: float = 1e-3, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_times(
+    batch_size: int, sampling_eps: float = 1e-3, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Diffusion times for a batch, stratified (MDLM's antithetic sampling): one uniform offset u shared by the batch,
     t_i = (u + i / B) mod 1, so that exactly one time falls in each of the B strata of [0, 1); then mapped to
     [sampling_eps, 1) so that the 1/t weight stays bounded. Returns (B,) float32 on the CPU."""
@@ -92,7 +94,9 @@ def masked_diffusion_loss(
     if loss_weights is None:
         return nll.sum() / (labels != -100).sum().clamp(min=1)
     if loss_weights.shape != labels.shape:
-        raise ValueError(f"loss_weights must have the shape of labels {tuple(labels.shape)}, got {tuple(loss_weights.shape)}")
+        raise ValueError(
+            f"loss_weights must have the shape of labels {tuple(labels.shape)}, got {tuple(loss_weights.shape)}"
+        )
     counted = (loss_weights > 0).sum().clamp(min=1)
     return (nll * loss_weights.float()).sum() / counted
 

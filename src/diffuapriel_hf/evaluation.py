@@ -23,7 +23,8 @@ def token_sequences(tokenizer, texts: Iterable[str], seq_len: int) -> list[list[
 
 @torch.no_grad()
 def text_bits_per_token(
-    model, tokenizer, texts: Iterable[str], seq_len: int = 512, num_samples: int = 16, batch_size: int = 8, seed: int = 0
+    model, tokenizer, texts: Iterable[str], seq_len: int = 512, num_samples: int = 16, batch_size: int = 8,
+    seed: int = 0,
 ) -> dict:
     """The negative ELBO of `texts` in bits per token (an upper bound on the model's true bits per token), on the
     fixed time grid and masking seed of `negative_elbo`, so that the same model and text always give the same value.

@@ -314,7 +314,8 @@ class DiffusionGenerationMixin:
         recorded, the whole sequence (B, L) -> logits (B, L, V), recording it; then the window alone, its logits
         written into the window's rows of `logits` (the whole pass's, whose other rows stay as they were)."""
         if not context.recorded:
-            return self(input_ids=input_ids, attention_mask=attention_mask, block_context=context, return_dict=True).logits
+            output = self(input_ids=input_ids, attention_mask=attention_mask, block_context=context, return_dict=True)
+            return output.logits
         window = slice(context.start, context.end)
         logits[:, window] = self(input_ids=input_ids[:, window], block_context=context, return_dict=True).logits
         return logits

@@ -90,8 +90,8 @@ def _architecture(model) -> dict[str, str]:
         "hidden size": f"{config.hidden_size} ({mlp})",
     }
     if "linear_attention" in config.layer_types:
-        rows["Mamba-2"] = (f"state {config.mamba_d_state}, head dim {config.mamba_d_head}, expand {config.mamba_expand}, "
-                           f"groups {config.mamba_n_groups}")
+        rows["Mamba-2"] = (f"state {config.mamba_d_state}, head dim {config.mamba_d_head}, "
+                           f"expand {config.mamba_expand}, groups {config.mamba_n_groups}")
     if "full_attention" in config.layer_types:
         rows["attention"] = (f"{config.num_attention_heads} heads ({config.num_key_value_heads} key/value), head dim "
                              f"{config.head_dim}, RoPE")

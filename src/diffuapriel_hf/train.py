@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument("--train_files", nargs="+", metavar="FILE", help="UTF-8 text files, each one document")
-    source.add_argument("--dataset", metavar="DIR", help="a dataset saved by datasets' save_to_disk ('train' split of a DatasetDict)")
+    source.add_argument("--dataset", metavar="DIR",
+                        help="a dataset saved by datasets' save_to_disk ('train' split of a DatasetDict)")
     data.add_argument("--text_column", default="text", help="the dataset's text column (default: text)")
     data.add_argument("--seq_len", type=int, default=1024, help="tokens per training sequence (default: 1024)")
     data.add_argument("--eval_fraction", type=float, default=0.01,
@@ -104,7 +105,9 @@ def load_corpus(args):
                 raise ValueError(f"--dataset: the DatasetDict has no 'train' split (splits: {list(corpus)})")
             corpus = corpus["train"]
         if args.text_column not in corpus.column_names:
-            raise ValueError(f"--text_column: {args.text_column!r} is not a column of the dataset ({corpus.column_names})")
+            raise ValueError(
+                f"--text_column: {args.text_column!r} is not a column of the dataset ({corpus.column_names})"
+            )
         corpus = corpus.select_columns([args.text_column]).rename_column(args.text_column, "text")
     if not any(text and text.strip() for text in corpus["text"]):
         raise ValueError("the training corpus is empty: no document holds any text")
@@ -112,8 +115,8 @@ def load_corpus(args):
 
 
 def train_bpe_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `texts` (strings or batches of strings), with eos (also bos), pad and mask tokens,
-    as a `PreTrainedTokenizerFast`."""
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `texts` (strings or batches of strings), with eos
+    (also bos), pad and mask tokens, as a `PreTrainedTokenizerFast`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -208,7 +211,9 @@ def resolve_checkpoint(args) -> Optional[str]:
 def check_resume_config(config: DiffuAprielConfig, checkpoint: str) -> None:
     saved = DiffuAprielConfig.from_pretrained(checkpoint).to_dict()
     ours = config.to_dict()
-    differences = sorted(k for k in set(saved) | set(ours) if k not in NON_MODEL_CONFIG_KEYS and saved.get(k) != ours.get(k))
+    differences = sorted(
+        k for k in set(saved) | set(ours) if k not in NON_MODEL_CONFIG_KEYS and saved.get(k) != ours.get(k)
+    )
     if differences:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {ours.get(k)!r}" for k in differences)
         raise ValueError(f"--resume_from_checkpoint {checkpoint!r} does not match this run's model config ({details})")
