@@ -340,7 +340,8 @@ class DiffuAprielAttention(nn.Module):
 
 # From this many tokens a call, the MLP computes gate and up as one product. At 64K tokens of the 1.3B presets on an
 # H200 it took 1.63 ms against 2 x 0.94 ms for two (benchmarks/results/gemm_shapes.json), and a whole graphed step
-# 399-401 ms against 403.5-406 ms; at 4K to 16K tokens whole steps were no faster (within 0.6 ms either way).
+# 399-401 ms against 403.5-406 ms (32K: 198.3-199.6 against 199.1-200.4 ms); at 4K to 16K tokens whole steps were no
+# faster, within 0.6 ms either way (benchmarks/results/fusion_ab.json).
 ONE_PRODUCT_MIN_TOKENS = 32768
 
 

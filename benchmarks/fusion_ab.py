@@ -1,0 +1,59 @@
+"""Whole diffuapriel-1.3b denoising steps (batch 1, bf16, replayed from CUDA graphs) with and without the fused
+operations of `diffuapriel_hf.fused_ops` and the MLP's one gate-and-up product, alternating in one process on one GPU,
+over several rounds: what each is worth where it counts, in the step the throughput benchmark measures.
+
+    python benchmarks/fusion_ab.py --lengths 4096 16384 65536 --out benchmarks/results/fusion_ab.json
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from throughput import build, median_ms  # benchmarks/throughput.py, beside this script
+
+# name: (fused kernels on, MLP gate and up as one product from ONE_PRODUCT_MIN_TOKENS on)
+CONFIGS = {
+    "all fused": (True, True),
+    "no one-product MLP": (True, False),
+    "no fused kernels, one-product MLP": (False, True),
+    "nothing fused": (False, False),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384, 65536])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    from diffuapriel_hf import fused_ops
+    from diffuapriel_hf import modeling_diffuapriel as modeling
+    from diffuapriel_hf.cuda_graphs import GraphedDenoiser
+
+    model = build("diffuapriel-1.3b")
+    fused, plain_linear = fused_ops._fused, modeling._plain_linear
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rounds=args.rounds, step_ms={})
+    with torch.no_grad():
+        for length in args.lengths:
+            ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
+            for _ in range(args.rounds):
+                for name in args.configs:
+                    kernels_on, one_product_on = CONFIGS[name]
+                    fused_ops._fused = fused if kernels_on else (lambda *tensors: False)
+                    modeling._plain_linear = plain_linear if one_product_on else (lambda module: False)
+                    denoiser = GraphedDenoiser(model, max_tokens=None)
+                    ms = median_ms(lambda: denoiser(ids), reps=5 if length > 16384 else 15, warmup=2)
+                    del denoiser
+                    torch.cuda.empty_cache()
+                    result["step_ms"].setdefault(f"1 x {length}: {name}", []).append(ms)
+                    print(f"1 x {length:6d}  {name:35s} {ms:8.2f} ms", flush=True)
+    fused_ops._fused, modeling._plain_linear = fused, plain_linear
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
