@@ -24,7 +24,7 @@ round once, where the references round after each operation.
 import torch
 import torch.nn.functional as F
 
-from .mamba_ops import reverse_time
+from .mamba_ops import needs_gradient, reverse_time
 
 try:  # installed with mamba-ssm (and by PyTorch's CUDA wheels); without it, the references
     import triton
@@ -65,7 +65,7 @@ def _fused(*tensors: torch.Tensor) -> bool:
         triton is not None
         and first.is_cuda
         and all(t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not needs_gradient(*tensors)
     )
 
 

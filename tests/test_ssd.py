@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as TransformersMamba2Mixer
 
-from diffuapriel_hf import preset_config
+from diffuapriel_hf import mamba_ops, preset_config
 from diffuapriel_hf.mamba_ops import (
     causal_conv1d_reference,
     mamba_chunk_scan_combined_reference,
@@ -141,3 +141,29 @@ def test_backward_direction_is_the_forward_algorithm_on_the_reversed_sequence():
         torch.testing.assert_close(bidirectional(hidden), left_to_right + right_to_left, rtol=1e-5, atol=1e-5)
         bidirectional.config.bidirectional_strategy = "mean"
         torch.testing.assert_close(bidirectional(hidden), (left_to_right + right_to_left) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_chunk_scan_routes_to_the_single_pass_kernel_only_for_forward_only_zero_state_calls():
+    """The routing of `_chunk_scan_via_kernels`, with stand-ins for the two kernels (the real ones are compared on a
+    GPU in test_gpu_kernels.py): a gradient, a gate z, initial or final states, or the rule saying no all send the
+    call to mamba-ssm."""
+    calls = []
+    theirs = lambda *args, **kwargs: calls.append("mamba-ssm")  # noqa: E731
+    ours = lambda *args, **kwargs: calls.append("single pass")  # noqa: E731
+    x, dt, A, B, C = torch.randn(1, 8, 2, 4), torch.rand(1, 8, 2), -torch.rand(2), *torch.randn(2, 1, 8, 1, 4)
+    for rule, kwargs, grad, expected in [
+        (True, {}, False, "single pass"),
+        (False, {}, False, "mamba-ssm"),
+        (True, {}, True, "mamba-ssm"),
+        (True, dict(z=x), False, "mamba-ssm"),
+        (True, dict(initial_states=torch.zeros(1, 2, 4, 4)), False, "mamba-ssm"),
+        (True, dict(return_final_states=True), False, "mamba-ssm"),
+    ]:
+        calls.clear()
+        chunk_scan = mamba_ops._chunk_scan_via_kernels(theirs, ours, lambda *sizes: rule)
+        chunk_scan(x.clone().requires_grad_(grad), dt, A, B, C, 4, **kwargs)
+        assert calls == [expected], (rule, kwargs, grad)
+    with torch.no_grad():  # no gradient needed without autograd recording, whatever requires_grad says
+        calls.clear()
+        mamba_ops._chunk_scan_via_kernels(theirs, ours, lambda *sizes: True)(x.requires_grad_(True), dt, A, B, C, 4)
+        assert calls == ["single pass"]

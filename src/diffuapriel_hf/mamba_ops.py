@@ -192,6 +192,12 @@ def _causal_conv1d_via_kernel(kernel):
     return causal_conv1d
 
 
+def needs_gradient(*tensors) -> bool:
+    """Whether autograd must see an operation on these tensors (None entries are skipped): the forward-only kernels
+    (`ssd_triton`, `fused_ops`) run only where it need not."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_is_faster):
     """The SSD on CUDA: our `ssd_triton.ssd_forward` (one pass, the state carried in registers) for inference where
     `single_pass_is_faster(batch, nheads, seqlen, device)`; mamba-ssm's `mamba_chunk_scan_combined` elsewhere, when a
@@ -201,10 +207,8 @@ def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_
                    dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
         kwargs = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, dt_softplus=dt_softplus,
                       dt_limit=dt_limit, return_final_states=return_final_states)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, dt, A, B, C, D, dt_bias))
-        if (needs_grad or not single_pass_is_faster(x.shape[0], x.shape[2], x.shape[1], x.device) or z is not None
-                or initial_states is not None or return_final_states):
+        if (needs_gradient(x, dt, A, B, C, D, dt_bias) or z is not None or initial_states is not None
+                or return_final_states or not single_pass_is_faster(x.shape[0], x.shape[2], x.shape[1], x.device)):
             return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **kwargs)
         return ssd_forward(x, dt, A, B, C, chunk_size, **kwargs)
 
