@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from throughput import build, median_ms  # benchmarks/throughput.py, beside this script
+from throughput import build, graphed_step_ms  # benchmarks/throughput.py, beside this script
 
 # name: (fused kernels on, MLP gate and up as one product from ONE_PRODUCT_MIN_TOKENS on)
 CONFIGS = {
@@ -31,25 +31,20 @@ def main():
     args = parser.parse_args()
     from diffuapriel_hf import fused_ops
     from diffuapriel_hf import modeling_diffuapriel as modeling
-    from diffuapriel_hf.cuda_graphs import GraphedDenoiser
 
     model = build("diffuapriel-1.3b")
     fused, plain_linear = fused_ops._fused, modeling._plain_linear
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rounds=args.rounds, step_ms={})
-    with torch.no_grad():
-        for length in args.lengths:
-            ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
-            for _ in range(args.rounds):
-                for name in args.configs:
-                    kernels_on, one_product_on = CONFIGS[name]
-                    fused_ops._fused = fused if kernels_on else (lambda *tensors: False)
-                    modeling._plain_linear = plain_linear if one_product_on else (lambda module: False)
-                    denoiser = GraphedDenoiser(model, max_tokens=None)
-                    ms = median_ms(lambda: denoiser(ids), reps=5 if length > 16384 else 15, warmup=2)
-                    del denoiser
-                    torch.cuda.empty_cache()
-                    result["step_ms"].setdefault(f"1 x {length}: {name}", []).append(ms)
-                    print(f"1 x {length:6d}  {name:35s} {ms:8.2f} ms", flush=True)
+    for length in args.lengths:
+        ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
+        for _ in range(args.rounds):
+            for name in args.configs:
+                kernels_on, one_product_on = CONFIGS[name]
+                fused_ops._fused = fused if kernels_on else (lambda *tensors: False)
+                modeling._plain_linear = plain_linear if one_product_on else (lambda module: False)
+                ms = graphed_step_ms(model, ids, reps=5 if length > 16384 else 15, warmup=2)
+                result["step_ms"].setdefault(f"1 x {length}: {name}", []).append(ms)
+                print(f"1 x {length:6d}  {name:35s} {ms:8.2f} ms", flush=True)
     fused_ops._fused, modeling._plain_linear = fused, plain_linear
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

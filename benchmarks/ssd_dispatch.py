@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from throughput import build, median_ms  # benchmarks/throughput.py, beside this script
+from throughput import build, graphed_step_ms  # benchmarks/throughput.py, beside this script
 
 SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (1, 65536), (16, 1024), (8, 2048),
           (4, 4096), (2, 8192), (4, 16384)]
@@ -27,7 +27,6 @@ def main():
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     from diffuapriel_hf import mamba_ops
-    from diffuapriel_hf.cuda_graphs import GraphedDenoiser
     from diffuapriel_hf.ssd_triton import single_pass_is_faster, ssd_forward
 
     model = build("diffuapriel-1.3b")
@@ -45,11 +44,7 @@ def main():
         for name, predicate in choices.items():
             chunk_scan = mamba_ops._chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, predicate)
             mamba_ops._kernel_ops = mamba_ops.MambaOps(name, chunk_scan, kernels.causal_conv1d, kernels.rmsnorm)
-            with torch.no_grad():
-                denoiser = GraphedDenoiser(model, max_tokens=None)
-                row[f"{name}_graphed_step_ms"] = median_ms(lambda: denoiser(ids), reps=10, warmup=2)
-                del denoiser
-            torch.cuda.empty_cache()
+            row[f"{name}_graphed_step_ms"] = graphed_step_ms(model, ids, reps=10, warmup=2)
         mamba_ops._kernel_ops = kernels
         result["rows"].append(row)
         print(f"{batch:2d} x {length:6d}: single pass {row['single_pass_graphed_step_ms']:7.2f} ms, mamba-ssm "

@@ -56,6 +56,18 @@ def median_ms(fn, reps: int, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graphed_step_ms(model, ids, reps: int, warmup: int = 1) -> float:
+    """Median time of one denoising step on `ids` replayed from a CUDA graph (captured here, released after)."""
+    from diffuapriel_hf.cuda_graphs import GraphedDenoiser
+
+    with torch.no_grad():
+        denoiser = GraphedDenoiser(model, max_tokens=None)
+        ms = median_ms(lambda: denoiser(ids), reps=reps, warmup=warmup)
+    del denoiser
+    torch.cuda.empty_cache()
+    return ms
+
+
 def matmul_ceiling() -> float:
     """FLOP/s of a large bf16 matrix product on this card (the practical ceiling, next to the datasheet's)."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -99,7 +111,7 @@ def backend_context(backend):
 
 
 def measure(model, batch: int, length: int, steps: int, reps: int) -> dict:
-    from diffuapriel_hf.cuda_graphs import GraphedDenoiser, release_graphs
+    from diffuapriel_hf.cuda_graphs import release_graphs
 
     ids = torch.randint(0, model.config.mask_token_id, (batch, length), device="cuda")
     row = dict(batch=batch, length=length, tokens=batch * length)
@@ -124,10 +136,7 @@ def measure(model, batch: int, length: int, steps: int, reps: int) -> dict:
             model(ids)
             torch.cuda.synchronize()
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            denoiser = GraphedDenoiser(model, max_tokens=None)
-            row["graphed_step_ms"] = median_ms(lambda: denoiser(ids), reps=reps)
-            del denoiser
-            torch.cuda.empty_cache()
+            row["graphed_step_ms"] = graphed_step_ms(model, ids, reps)
 
             prompt = ids[:, :PROMPT_LENGTH]
             seconds = []
