@@ -5,7 +5,9 @@ them (x, B and C strided views of one convolution output), dt raw with dt_bias a
 inference:
 
 - the time of mamba-ssm's call (its default chunk size, 256) and of ours under each launch setting swept (segments,
-  chunk length, channels per program, warps, pipeline stages), at batch 1 x 2K..64K and 16 x 1K;
+  pipeline stages, register cap), at batch 1 x 2K..64K and 16 x 1K. Chunks of 32 tokens, a whole head's 64 channels
+  per program and 4 warps are fixed: chunks of 64, half a head per program and 8 warps were slower at every shape
+  (`ssd_kernel.json` as of commit 6c9f268 for the earlier kernel, `ssd_transposed.json` for this one);
 - the largest difference between the two outputs, relative to the output's scale.
 
 The kernel times are of eager calls, so mamba-ssm's five launches (and its Python wrapper) count against it at short
@@ -24,9 +26,9 @@ import torch
 
 from throughput import median_ms  # benchmarks/throughput.py, beside this script
 
-SHAPES = [(1, 2048), (1, 8192), (1, 16384), (1, 65536), (16, 1024)]
+SHAPES = [(1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 65536), (16, 1024)]
 HEADS, HEAD_DIM, STATE, GROUPS = 64, 64, 128, 1
-SWEEP = dict(segments=[1, 2, 4, 8, 16], chunk=[32, 64], block_p=[16, 32, 64], num_warps=[4, 8], num_stages=[2, 3])
+SWEEP = dict(segments=[1, 4, 8, 12, 16, 24], num_stages=[2, 3], max_registers=[None, 168, 128])
 
 
 def mixer_inputs(batch: int, length: int):
@@ -60,18 +62,17 @@ def kernel_rows() -> list[dict]:
                        ours_ms=median_ms(ours, reps=20, warmup=2),
                        max_abs_diff=(y.float() - reference.float()).abs().max().item(),
                        reference_max_abs=reference.float().abs().max().item(), sweep=[])
-            for segments, chunk, block_p, num_warps, num_stages in itertools.product(*SWEEP.values()):
+            for segments, num_stages, max_registers in itertools.product(*SWEEP.values()):
                 if segments > 1 and length // segments < 1024:
                     continue
                 launch = lambda: launch_ssd_forward(  # noqa: E731
-                    x, dt, A, B, C, D, dt_bias, True, (0.0, float("inf")), segments, chunk, block_p, num_warps,
-                    num_stages)
+                    x, dt, A, B, C, D, dt_bias, True, (0.0, float("inf")), segments, chunk=32, block_p=64,
+                    num_warps=4, num_stages=num_stages, max_registers=max_registers)
                 try:
                     ms = median_ms(launch, reps=10, warmup=1)
                 except Exception as error:  # a setting that does not fit the multiprocessor (registers, shared memory)
                     ms = repr(error).splitlines()[0][:120]
-                row["sweep"].append(dict(segments=segments, chunk=chunk, block_p=block_p, num_warps=num_warps,
-                                         num_stages=num_stages, ms=ms))
+                row["sweep"].append(dict(segments=segments, num_stages=num_stages, max_registers=max_registers, ms=ms))
         timed = [s for s in row["sweep"] if isinstance(s["ms"], float)]
         best = min(timed, key=lambda s: s["ms"])
         row["best"] = best

@@ -5,25 +5,25 @@ to memory, passes the states along the sequence in another kernel and reads them
 with state 128 and chunks of 256 those states weigh as much as x itself.
 
 Here one program owns one (sequence, head, slice of the head's channels) and walks the sequence chunk by chunk,
-keeping its slice of the state in float32 registers. Per chunk of T tokens:
+keeping its slice of the state in float32 registers. Per chunk of T tokens, channels by tokens:
 
-    y     = ((C B^T) * decay * dt) x  +  exp(cumsum(dt A)) * (C state^T)  +  D x       # (T, P)
-    state = exp(sum(dt A)) * state  +  (x * dt * decay_to_chunk_end)^T B              # (P, N)
+    y^T   = x^T ((C B^T) * decay * dt)^T  +  (state C^T) * exp(cumsum(dt A))  +  D x^T    # (P, T)
+    state = exp(sum(dt A)) * state  +  (x * dt * decay_to_chunk_end)^T B                  # (P, N)
 
-so x, dt, B and C are read once and y written once. The price is parallelism: there are only batch x heads x channel
-slices walks, each sequential over the sequence (the next chunk's loads overlap the current chunk's products). With
-at least one (sequence, head) walk per multiprocessor it beats mamba-ssm's kernels (10-12% off a whole 1.3B denoising
-step at 16 x 1K to 4 x 16K tokens on an H200). With fewer (one sequence: 64 heads on 132 multiprocessors), a long
-sequence is cut into segments walked in parallel: a first pass keeps only each segment's leaving state, and the second
-starts each segment from its entering state, folded from the earlier segments'; short ones go to mamba-ssm
-(`single_pass_is_faster`).
+so x, dt, B and C are read once and y written once. C B^T, the same for every head of a group, is computed once per
+(chunk, group) by a small kernel before the walk. The price of the walk is parallelism: there are only batch x heads
+x channel slices of them, each sequential over the sequence (the next chunk's loads overlap the current chunk's
+products). With at least one (sequence, head) walk per multiprocessor it beats mamba-ssm's kernels. With fewer (one
+sequence: 64 heads on 132 multiprocessors), a long sequence is cut into segments walked in parallel: a first kernel
+sums each segment's leaving state (each token weighted by its decay to the segment's end, a matrix product with
+nothing sequential), and the walk starts each segment from its entering state, folded from the earlier segments';
+short ones go to mamba-ssm (`single_pass_is_faster`).
 
 It computes the forward from a zero state only (no gradient), with the signature of `mamba_chunk_scan_combined` for
 what the mixer passes; `mamba_ops` sends everything else (training, initial or final states, a gate z) to
 mamba-ssm. The products round their inputs to x's dtype and accumulate in float32, as mamba-ssm's kernels do; for
 float32 inputs they are exact float32 products (no TF32).
 """
-
 import functools
 
 import torch
@@ -34,14 +34,16 @@ try:  # a dependency of mamba-ssm: mamba_ops imports this module only where mamb
 except ImportError as error:
     raise ImportError("diffuapriel_hf.ssd_triton needs triton, which mamba-ssm installs") from error
 
-# Launch settings measured on an H200 (benchmarks/results/ssd_kernel.json).
+# Launch settings measured on an H200 (benchmarks/results/ssd_kernel.json). The register cap lets three programs share
+# a multiprocessor (the walk would otherwise take about 200 registers a thread, leaving room for two).
 CHUNK = 32
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 3
+MAX_REGISTERS = 168
 # Segments, for sequences with fewer (sequence, head) walks than multiprocessors: enough for this many walks per
 # multiprocessor, none shorter than this many tokens, and at least this many; with fewer, mamba-ssm keeps the call
 # (whole steps with two segments were not measured).
-SEGMENT_WALKS_PER_MULTIPROCESSOR = 8
+SEGMENT_WALKS_PER_MULTIPROCESSOR = 6
 MIN_SEGMENT_LENGTH = 2048
 MIN_SEGMENTS = 4
 
@@ -73,23 +75,122 @@ def _segments(batch: int, nheads: int, seqlen: int, device) -> int:
 
 
 @triton.jit
-def _ssd_forward_kernel(
-    x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, leaving_ptr, log_decay_ptr,
+def _time_steps(dt_ptr, t, in_seq, stride_dt_l, dt_bias, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr,
+                DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr):
+    # dt at tokens t as the SSD uses it: clamp(softplus(dt + dt_bias)) where asked, float32, zero past the end (no
+    # decay, no input).
+    dt = tl.load(dt_ptr + t * stride_dt_l, mask=in_seq, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += dt_bias
+    if DT_SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    if HAS_DT_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    return tl.where(in_seq, dt, 0.0)
+
+
+@triton.jit
+def _chunk_products_kernel(
+    B_ptr, C_ptr, cb_ptr, seqlen, nchunks, ngroups, dstate,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # C_i . B_j for the tokens i, j of one chunk of one (sequence, group): float32 (T, T) at cb[batch, chunk, group].
+    # Every head of the group reads it in the y pass, which would otherwise compute it again.
+    chunk = tl.program_id(0)
+    batch = tl.program_id(1) // ngroups
+    group = tl.program_id(1) % ngroups
+    offs_t = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, BLOCK_N)
+    t = chunk * CHUNK + offs_t
+    mask = (t[:, None] < seqlen) & (offs_n[None, :] < dstate)
+    B_ptr += batch * stride_B_b + group * stride_B_g
+    C_ptr += batch * stride_C_b + group * stride_C_g
+    B = tl.load(B_ptr + t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n, mask=mask, other=0.0)  # (T, N)
+    C = tl.load(C_ptr + t[:, None] * stride_C_l + offs_n[None, :] * stride_C_n, mask=mask, other=0.0)  # (T, N)
+    cb = tl.dot(C, tl.trans(B), input_precision=DOT_PRECISION)  # (T, T)
+    cb_ptr += ((batch * nchunks + chunk) * ngroups + group) * CHUNK * CHUNK
+    tl.store(cb_ptr + offs_t[:, None] * CHUNK + offs_t[None, :], cb)
+
+
+@triton.jit
+def _segment_states_kernel(
+    x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, leaving_ptr, log_decay_ptr,
     seqlen, segment_length, nsegments, nheads, heads_per_group, headdim, dstate, dt_min, dt_max,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_l, stride_dt_h,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (sequence and head, channel slice, segment) sums the state its segment leaves, from a zero state:
+    # sum_t exp(log decay from t to the segment's end) dt_t x_t B_t^T (P, N), and the segment's total log decay. With
+    # each token weighted by its decay to the end (a first loop over dt finds the total), the products accumulate as
+    # in a matrix product, with no rescaling of the state between chunks.
+    pid_bh = tl.program_id(0)
+    batch = pid_bh // nheads
+    head = pid_bh % nheads
+    segment = tl.program_id(2)
+    x_ptr += batch * stride_x_b + head * stride_x_h
+    dt_ptr += batch * stride_dt_b + head * stride_dt_h
+    B_ptr += batch * stride_B_b + (head // heads_per_group) * stride_B_g
+    segment_start = segment * segment_length
+    segment_end = tl.minimum(segment_start + segment_length, seqlen)
+    offs_t = tl.arange(0, CHUNK)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    A = tl.load(A_ptr + head).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32) if HAS_DT_BIAS else 0.0
+
+    total = A * 0.0
+    for start in range(segment_start, segment_end, CHUNK):
+        t = start + offs_t
+        dt = _time_steps(dt_ptr, t, t < segment_end, stride_dt_l, dt_bias, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
+                         HAS_DT_LIMIT)
+        total += tl.sum(dt * A, axis=0)
+    state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    before = A * 0.0  # log decay from the segment's start to the chunk's
+    for start in range(segment_start, segment_end, CHUNK):
+        t = start + offs_t
+        in_seq = t < segment_end
+        dt = _time_steps(dt_ptr, t, in_seq, stride_dt_l, dt_bias, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
+                         HAS_DT_LIMIT)
+        dA_cumsum = before + tl.cumsum(dt * A, axis=0)  # through token t, from the segment's start
+        before += tl.sum(dt * A, axis=0)
+        weight = tl.exp(total - dA_cumsum) * dt  # (T,)
+        x = tl.load(x_ptr + offs_p[:, None] * stride_x_p + t[None, :] * stride_x_l,
+                    mask=(offs_p[:, None] < headdim) & in_seq[None, :], other=0.0)  # (P, T)
+        B = tl.load(B_ptr + t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+                    mask=in_seq[:, None] & (offs_n[None, :] < dstate), other=0.0)  # (T, N)
+        state += tl.dot((x.to(tl.float32) * weight[None, :]).to(x.dtype), B, input_precision=DOT_PRECISION)
+
+    # States: (batch, segments, heads, headdim, dstate) float32; log decays: (batch, segments, heads).
+    index = (batch * nsegments + segment) * nheads + head
+    tl.store(leaving_ptr + index * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :], state,
+             mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
+    if tl.program_id(1) == 0:
+        tl.store(log_decay_ptr + index, total)
+
+
+@triton.jit
+def _ssd_forward_kernel(
+    x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, cb_ptr, y_ptr, leaving_ptr, log_decay_ptr,
+    seqlen, segment_length, nsegments, nchunks, nheads, heads_per_group, headdim, dstate, dt_min, dt_max,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_y_b, stride_y_l, stride_y_h, stride_y_p,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, HAS_D: tl.constexpr,
-    STORE_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Program (sequence and head, channel slice, segment) walks tokens [segment start, segment end). With STORE_Y
-    # false it keeps only the state leaving the segment (and the segment's total log decay); with STORE_Y true it
-    # starts from the state entering the segment, folded from the earlier segments' leaving states, and writes y.
+    # Program (sequence and head, channel slice, segment) starts from the state entering its segment, folded from the
+    # earlier segments' leaving states, walks tokens [segment start, segment end) and writes y. Everything is
+    # computed transposed, channels by tokens: the state (P, N) is then the left operand of its product with C and
+    # stays in registers, as the matrix units take a left operand from there (a right one comes from shared memory,
+    # which the state would have to pass through every chunk).
     pid_bh = tl.program_id(0)
-    pid_p = tl.program_id(1)
     segment = tl.program_id(2)
     batch = pid_bh // nheads
     head = pid_bh % nheads
@@ -103,71 +204,51 @@ def _ssd_forward_kernel(
     segment_end = tl.minimum(segment_start + segment_length, seqlen)
 
     offs_t = tl.arange(0, CHUNK)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    # States: (batch, segments, heads, headdim, dstate) float32; log decays: (batch, segments, heads).
-    state_offsets = offs_p[:, None] * dstate + offs_n[None, :]
-    state_mask = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
     A = tl.load(A_ptr + head).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + head).to(tl.float32)
-    causal = offs_t[:, None] >= offs_t[None, :]
+    dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32) if HAS_DT_BIAS else 0.0
+    D = tl.load(D_ptr + head).to(tl.float32) if HAS_D else 0.0
+    causal = offs_t[:, None] <= offs_t[None, :]  # causal[j, i]: token j of the chunk feeds token i
     state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    if STORE_Y:
-        for earlier in range(0, segment):
-            index = (batch * nsegments + earlier) * nheads + head
-            state = state * tl.exp(tl.load(log_decay_ptr + index))
-            state += tl.load(leaving_ptr + index * headdim * dstate + state_offsets, mask=state_mask, other=0.0)
-    log_decay = A * 0.0  # the segment's total log decay, sum of dt A
+    for earlier in range(0, segment):
+        index = (batch * nsegments + earlier) * nheads + head
+        state = state * tl.exp(tl.load(log_decay_ptr + index))
+        state += tl.load(leaving_ptr + index * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
+                         mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate), other=0.0)
 
     for start in range(segment_start, segment_end, CHUNK):
         t = start + offs_t
         in_seq = t < segment_end
-        dt = tl.load(dt_ptr + t * stride_dt_l, mask=in_seq, other=0.0).to(tl.float32)  # (T,)
-        if HAS_DT_BIAS:
-            dt += dt_bias
-        if DT_SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        if HAS_DT_LIMIT:
-            dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-        dt = tl.where(in_seq, dt, 0.0)  # past the end: no decay, no input
-        dA = dt * A
-        dA_cumsum = tl.cumsum(dA, axis=0)  # (T,)
-        dA_total = tl.sum(dA, axis=0)
-        log_decay += dA_total
+        dt = _time_steps(dt_ptr, t, in_seq, stride_dt_l, dt_bias, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
+                         HAS_DT_LIMIT)  # (T,)
+        dA_cumsum = tl.cumsum(dt * A, axis=0)  # (T,)
+        dA_total = tl.sum(dt * A, axis=0)
+        x_mask = (offs_p[:, None] < headdim) & in_seq[None, :]
+        x = tl.load(x_ptr + offs_p[:, None] * stride_x_p + t[None, :] * stride_x_l, mask=x_mask, other=0.0)  # (P, T)
+        B = tl.load(B_ptr + t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+                    mask=in_seq[:, None] & (offs_n[None, :] < dstate), other=0.0)  # (T, N)
+        C = tl.load(C_ptr + offs_n[:, None] * stride_C_n + t[None, :] * stride_C_l,
+                    mask=(offs_n[:, None] < dstate) & in_seq[None, :], other=0.0)  # (N, T)
 
-        xp = x_ptr + t[:, None] * stride_x_l + offs_p[None, :] * stride_x_p
-        x = tl.load(xp, mask=in_seq[:, None] & (offs_p[None, :] < headdim), other=0.0)  # (T, BLOCK_P)
-        bc_mask = in_seq[:, None] & (offs_n[None, :] < dstate)
-        B = tl.load(B_ptr + t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n, mask=bc_mask, other=0.0)
-
-        if STORE_Y:
-            C = tl.load(C_ptr + t[:, None] * stride_C_l + offs_n[None, :] * stride_C_n, mask=bc_mask, other=0.0)
-            # Within the chunk: y_i = sum_{j <= i} C_i.B_j exp(cumsum_i - cumsum_j) dt_j x_j.
-            scores = tl.dot(C, tl.trans(B), input_precision=DOT_PRECISION)  # (T, T)
-            decay = tl.exp(tl.where(causal, dA_cumsum[:, None] - dA_cumsum[None, :], float("-inf")))
-            scores = scores * decay * dt[None, :]
-            y = tl.dot(scores.to(x.dtype), x, input_precision=DOT_PRECISION)  # (T, BLOCK_P)
-            # The state entering the chunk, decayed to each position.
-            from_state = tl.dot(C, tl.trans(state).to(C.dtype), input_precision=DOT_PRECISION)  # (T, BLOCK_P)
-            y += from_state * tl.exp(dA_cumsum)[:, None]
-            if HAS_D:
-                y += D * x.to(tl.float32)
-            yp = y_ptr + t[:, None] * stride_y_l + offs_p[None, :] * stride_y_p
-            tl.store(yp, y.to(y_ptr.dtype.element_ty), mask=in_seq[:, None] & (offs_p[None, :] < headdim))
+        # Within the chunk: y_i = sum_{j <= i} C_i.B_j exp(cumsum_i - cumsum_j) dt_j x_j, as scores[j, i].
+        cb = cb_ptr + ((batch * nchunks + start // CHUNK) * (nheads // heads_per_group) + group) * CHUNK * CHUNK
+        scores = tl.load(cb + offs_t[None, :] * CHUNK + offs_t[:, None])  # (T_j, T_i): C_i . B_j
+        decay = tl.exp(tl.where(causal, dA_cumsum[None, :] - dA_cumsum[:, None], float("-inf")))
+        scores = scores * decay * dt[:, None]
+        y = tl.dot(x, scores.to(x.dtype), input_precision=DOT_PRECISION)  # (P, T)
+        # The state entering the chunk, decayed to each position.
+        from_state = tl.dot(state.to(x.dtype), C, input_precision=DOT_PRECISION)  # (P, T)
+        y += from_state * tl.exp(dA_cumsum)[None, :]
+        if HAS_D:
+            y += D * x.to(tl.float32)
+        tl.store(y_ptr + offs_p[:, None] * stride_y_p + t[None, :] * stride_y_l, y.to(y_ptr.dtype.element_ty),
+                 mask=x_mask)
 
         # The state leaving the chunk.
         weight = tl.exp(dA_total - dA_cumsum) * dt  # (T,)
-        x_weighted = (x.to(tl.float32) * weight[:, None]).to(x.dtype)
-        state = state * tl.exp(dA_total) + tl.dot(tl.trans(x_weighted), B, input_precision=DOT_PRECISION)
-
-    if not STORE_Y:
-        index = (batch * nsegments + segment) * nheads + head
-        tl.store(leaving_ptr + index * headdim * dstate + state_offsets, state, mask=state_mask)
-        if pid_p == 0:
-            tl.store(log_decay_ptr + index, log_decay)
+        x_weighted = (x.to(tl.float32) * weight[None, :]).to(x.dtype)
+        state = state * tl.exp(dA_total) + tl.dot(x_weighted, B, input_precision=DOT_PRECISION)
 
 
 def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, return_final_states):
@@ -207,39 +288,44 @@ def ssd_forward(
     if block_p > 32 and (x.dtype == torch.float32 or segments == 1 and batch * nheads < _multiprocessors(x.device)):
         block_p = 32
     return launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments=segments, chunk=CHUNK,
-                              block_p=block_p, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                              block_p=block_p, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                              max_registers=MAX_REGISTERS)
 
 
 def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments, chunk, block_p, num_warps,
-                       num_stages):
-    """The kernel with explicit tile sizes and segment count (`ssd_forward` picks them; the benchmark sweeps them).
-
-    With one segment, one pass. With several, the sequence is cut into `segments` pieces walked in parallel: a first
-    pass walks each piece but the last from a zero state and keeps only the state leaving it (and its total decay); a
-    second pass starts each piece from the state entering it, folded from the earlier pieces' leaving states, and
-    writes y."""
+                       num_stages, max_registers=None):
+    """The kernels with explicit tile sizes, segment count and register cap (`ssd_forward` picks them; the benchmark
+    sweeps them): C B^T per chunk and group; with several segments, the state leaving each segment but the last (and
+    its total log decay); then the walk of every segment, from the state entering it, writing y."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     segment_length = triton.cdiv(triton.cdiv(seqlen, segments), chunk) * chunk
     segments = triton.cdiv(seqlen, segment_length)
+    nchunks = triton.cdiv(seqlen, chunk)
+    block_n = max(16, triton.next_power_of_2(dstate))
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     y = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
     leaving = torch.empty(batch, segments, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
     log_decay = torch.empty(batch, segments, nheads, device=x.device, dtype=torch.float32)
+    chunk_products = torch.empty(batch, nchunks, ngroups, chunk, chunk, device=x.device, dtype=torch.float32)
 
-    def launch(store_y):
-        # The state pass leaves out the last segment: no segment enters after it.
-        grid = (batch * nheads, triton.cdiv(headdim, block_p), segments if store_y else segments - 1)
-        _ssd_forward_kernel[grid](
-            x, dt, dt_bias, A, B, C, D, y, leaving, log_decay,
-            seqlen, segment_length, segments, nheads, nheads // ngroups, headdim, dstate, float(dt_limit[0]),
-            float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
-            HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-            HAS_DT_LIMIT=tuple(dt_limit) != (0.0, float("inf")), HAS_D=D is not None, STORE_Y=store_y,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", CHUNK=chunk, BLOCK_P=block_p,
-            BLOCK_N=max(16, triton.next_power_of_2(dstate)), num_warps=num_warps, num_stages=num_stages,
+    dt_args = (float(dt_limit[0]), float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride())
+    dt_flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+                    HAS_DT_LIMIT=tuple(dt_limit) != (0.0, float("inf")), DOT_PRECISION=precision, CHUNK=chunk,
+                    BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers)
+    grid = (batch * nheads, triton.cdiv(headdim, block_p), segments)
+    _chunk_products_kernel[(nchunks, batch * ngroups)](
+        B, C, chunk_products, seqlen, nchunks, ngroups, dstate, *B.stride(), *C.stride(),
+        DOT_PRECISION=precision, CHUNK=chunk, BLOCK_N=block_n, num_warps=4,
+    )
+    if segments > 1:  # the last segment's leaving state: nothing enters after it
+        _segment_states_kernel[grid[:2] + (segments - 1,)](
+            x, dt, dt_bias, A, B, leaving, log_decay, seqlen, segment_length, segments, nheads, nheads // ngroups,
+            headdim, dstate, *dt_args, **dt_flags,
         )
-
-    if segments > 1:
-        launch(store_y=False)
-    launch(store_y=True)
+    _ssd_forward_kernel[grid](
+        x, dt, dt_bias, A, B, C, D, chunk_products, y, leaving, log_decay, seqlen, segment_length, segments, nchunks,
+        nheads, nheads // ngroups, headdim, dstate, *dt_args, *C.stride(), *y.stride(), HAS_D=D is not None,
+        **dt_flags,
+    )
     return y
