@@ -43,18 +43,18 @@ MAX_REGISTERS = 168
 # multiprocessor, none shorter than this many tokens, and at least this many; with fewer, mamba-ssm keeps the call
 # (whole steps with two segments were not measured).
 SEGMENT_WALKS_PER_MULTIPROCESSOR = 6
-MIN_SEGMENT_LENGTH = 2048
+MIN_SEGMENT_LENGTH = 1024
 MIN_SEGMENTS = 4
 
 
 def single_pass_is_faster(batch: int, nheads: int, seqlen: int, device) -> bool:
     """Whether this kernel beats mamba-ssm's for these sizes: with at least as many (sequence, head) walks as the GPU
     has multiprocessors, or with a sequence long enough to be cut into segments walked in parallel. With fewer, short
-    walks (batch 1 under 8K tokens at 64 heads) the GPU is underused and mamba-ssm's five parallel passes win.
+    walks (batch 1 under 4K tokens at 64 heads) the GPU is underused and mamba-ssm's five parallel passes win.
     Measured on an H200 (132 multiprocessors) with whole diffuapriel-1.3b denoising steps replayed from CUDA graphs,
-    ours vs mamba-ssm: 99.9 vs 112.7 ms at 16 x 1K, 402 vs 458 ms at 4 x 16K (benchmarks/results/ssd_dispatch.json);
-    53.0 vs 55.2 ms at 1 x 8K, 101.1 vs 108.8 ms at 1 x 16K, 402.9 vs 445.5 ms at 1 x 64K; 30.6 vs 28.4 ms at 1 x 4K
-    unsegmented (ssd_dispatch_batch1.json)."""
+    ours vs mamba-ssm (benchmarks/results/ssd_dispatch.json): 10.4 vs 8.6 ms at 1 x 1K, 19.3 vs 14.5 at 1 x 2K
+    (mamba-ssm kept); 27.0 vs 27.9 at 1 x 4K, 51.0 vs 54.8 at 1 x 8K, 96.9 vs 104.5 at 1 x 16K, 382.6 vs 428.0 at
+    1 x 64K, 94.9 vs 106.1 at 16 x 1K, 99.0 vs 105.8 at 2 x 8K, 377.7 vs 433.0 at 4 x 16K."""
     return batch * nheads >= _multiprocessors(device) or _segments(batch, nheads, seqlen, device) > 1
 
 
