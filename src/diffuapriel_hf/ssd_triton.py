@@ -23,6 +23,7 @@ what the mixer passes; `mamba_ops` sends everything else (training, initial or f
 mamba-ssm. The products round their inputs to x's dtype and accumulate in float32, as mamba-ssm's kernels do; for
 float32 inputs they are exact float32 products (no TF32).
 """
+
 import functools
 
 import torch
@@ -96,7 +97,7 @@ def _chunk_products_kernel(
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # C_i . B_j for the tokens i, j of one chunk of one (sequence, group): float32 (T, T) at cb[batch, chunk, group].
-    # Every head of the group reads it in the y pass, which would otherwise compute it again.
+    # Every head of the group reads it in the walk, which would otherwise compute it again.
     chunk = tl.program_id(0)
     batch = tl.program_id(1) // ngroups
     group = tl.program_id(1) % ngroups
@@ -305,8 +306,9 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
     log_decay = torch.empty(batch, segments, nheads, device=x.device, dtype=torch.float32)
     chunk_products = torch.empty(batch, nchunks, ngroups, chunk, chunk, device=x.device, dtype=torch.float32)
 
-    dt_args = (float(dt_limit[0]), float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride())
-    dt_flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+    # What the segment-states kernel and the walk both take.
+    common_args = (float(dt_limit[0]), float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride())
+    common_flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
                     HAS_DT_LIMIT=tuple(dt_limit) != (0.0, float("inf")), DOT_PRECISION=precision, CHUNK=chunk,
                     BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers)
     grid = (batch * nheads, triton.cdiv(headdim, block_p), segments)
@@ -317,11 +319,11 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
     if segments > 1:  # the last segment's leaving state: nothing enters after it
         _segment_states_kernel[grid[:2] + (segments - 1,)](
             x, dt, dt_bias, A, B, leaving, log_decay, seqlen, segment_length, segments, nheads, nheads // ngroups,
-            headdim, dstate, *dt_args, **dt_flags,
+            headdim, dstate, *common_args, **common_flags,
         )
     _ssd_forward_kernel[grid](
         x, dt, dt_bias, A, B, C, D, chunk_products, y, leaving, log_decay, seqlen, segment_length, segments, nchunks,
-        nheads, nheads // ngroups, headdim, dstate, *dt_args, *C.stride(), *y.stride(), HAS_D=D is not None,
-        **dt_flags,
+        nheads, nheads // ngroups, headdim, dstate, *common_args, *C.stride(), *y.stride(), HAS_D=D is not None,
+        **common_flags,
     )
     return y
