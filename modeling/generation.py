@@ -60,6 +60,8 @@ class DiffusionGenerationConfig(GenerationConfig):
             steps, recorded by a whole-sequence pass at the block's first step; the later steps then run on the
             block alone. Approximate, as Fast-dLLM's dual cache: the recorded context does not see the tokens the
             block commits after its first step (benchmarks/block_cache.py measures the speed-up and the changes).
+            The block's steps are not replayed from a CUDA graph: on CUDA, where the whole-sequence step is, the
+            cache was 10x slower with the small default model (benchmarks/results/block_cache_gpu.md).
         mask_token_id: the `[MASK]` token; `generate()` falls back to the model config's.
         output_history: with `return_dict_in_generate=True`, also return the sequence after every step.
 
