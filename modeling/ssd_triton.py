@@ -92,6 +92,15 @@ def _time_steps(dt_ptr, t, in_seq, stride_dt_l, dt_bias, dt_min, dt_max, HAS_DT_
 
 
 @triton.jit
+def _next_state(state, x, B, dt, dA_cumsum, dA_total, DOT_PRECISION: tl.constexpr):
+    # The state (P, N) leaving a chunk from the one entering it: decayed over the chunk, plus each token's input x
+    # (P, T) weighted by dt and its decay to the chunk's end, times B (T, N).
+    weight = tl.exp(dA_total - dA_cumsum) * dt  # (T,)
+    x_weighted = (x.to(tl.float32) * weight[None, :]).to(x.dtype)
+    return state * tl.exp(dA_total) + tl.dot(x_weighted, B, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _chunk_products_kernel(
     B_ptr, C_ptr, cb_ptr, seqlen, nchunks, ngroups, dstate,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
@@ -156,13 +165,11 @@ def _segment_states_kernel(
         dA_cumsum = tl.cumsum(dt * A, axis=0)
         dA_total = tl.sum(dt * A, axis=0)
         total += dA_total
-        weight = tl.exp(dA_total - dA_cumsum) * dt  # each token's decay to the chunk's end
         x = tl.load(x_ptr + offs_p[:, None] * stride_x_p + t[None, :] * stride_x_l,
                     mask=(offs_p[:, None] < headdim) & in_seq[None, :], other=0.0)  # (P, T)
         B = tl.load(B_ptr + t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
                     mask=in_seq[:, None] & (offs_n[None, :] < dstate), other=0.0)  # (T, N)
-        x_weighted = (x.to(tl.float32) * weight[None, :]).to(x.dtype)
-        state = state * tl.exp(dA_total) + tl.dot(x_weighted, B, input_precision=DOT_PRECISION)
+        state = _next_state(state, x, B, dt, dA_cumsum, dA_total, DOT_PRECISION)
 
     # States: (batch, segments, heads, headdim, dstate) float32; log decays: (batch, segments, heads).
     index = (batch * nsegments + segment) * nheads + head
@@ -244,10 +251,7 @@ def _ssd_forward_kernel(
         tl.store(y_ptr + offs_p[:, None] * stride_y_p + t[None, :] * stride_y_l, y.to(y_ptr.dtype.element_ty),
                  mask=x_mask)
 
-        # The state leaving the chunk.
-        weight = tl.exp(dA_total - dA_cumsum) * dt  # (T,)
-        x_weighted = (x.to(tl.float32) * weight[None, :]).to(x.dtype)
-        state = state * tl.exp(dA_total) + tl.dot(x_weighted, B, input_precision=DOT_PRECISION)
+        state = _next_state(state, x, B, dt, dA_cumsum, dA_total, DOT_PRECISION)
 
 
 def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, return_final_states):
