@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from throughput import median_ms  # benchmarks/throughput.py, beside this script
+from throughput import matmul_ceiling, median_ms  # benchmarks/throughput.py, beside this script
 
 TOKENS = 65536
 # name: (input width K, output width N, calls per step)
@@ -34,8 +34,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    square = torch.randn(8192, 8192, **bf16)
-    ceiling = 2 * 8192**3 / median_ms(lambda: square @ square, reps=20, warmup=3) * 1e3
+    ceiling = matmul_ceiling()  # FLOP/s
     rows = []
     with torch.no_grad():
         for name, (k, n, calls) in SHAPES.items():
