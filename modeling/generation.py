@@ -23,6 +23,7 @@ tensors whose shapes depend on that row alone, so a prompt gives the same tokens
 same seed. The global RNG is never used.
 """
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
@@ -60,8 +61,9 @@ class DiffusionGenerationConfig(GenerationConfig):
             steps, recorded by a whole-sequence pass at the block's first step; the later steps then run on the
             block alone. Approximate, as Fast-dLLM's dual cache: the recorded context does not see the tokens the
             block commits after its first step (benchmarks/block_cache.py measures the speed-up and the changes).
-            The block's steps are not replayed from a CUDA graph: on CUDA, where the whole-sequence step is, the
-            cache was 10x slower with the small default model (benchmarks/results/block_cache_gpu.md).
+            On CUDA the block's later steps replay one CUDA graph captured per block; the recording pass runs
+            eagerly. It pays with long contexts (3.5x faster with a 16K-token prompt and a 1.3B model on an H200),
+            not with small models on short ones (benchmarks/results/block_cache_gpu*.md).
         mask_token_id: the `[MASK]` token; `generate()` falls back to the model config's.
         output_history: with `return_dict_in_generate=True`, also return the sequence after every step.
 
@@ -321,7 +323,10 @@ class DiffusionGenerationMixin:
             output = self(input_ids=input_ids, attention_mask=attention_mask, block_context=context, return_dict=True)
             return output.logits
         window = slice(context.start, context.end)
-        logits[:, window] = self(input_ids=input_ids[:, window], block_context=context, return_dict=True).logits
+        if input_ids.is_cuda:  # the block's window passes replayed from one CUDA graph
+            logits[:, window] = graphed_denoiser(self).window(input_ids[:, window], context)
+        else:
+            logits[:, window] = self(input_ids=input_ids[:, window], block_context=context, return_dict=True).logits
         return logits
 
     def _resolve_generation_config(self, generation_config, kwargs) -> DiffusionGenerationConfig:
@@ -451,89 +456,96 @@ class DiffusionGenerationMixin:
                 return self.denoising_logits(x, model_attention)
             return self.cached_denoising_logits(x, model_attention, context, logits)
 
-        for block in range(num_blocks):
-            start = prompt_length + block * block_length
-            region = (positions >= start) & (positions < start + block_length)  # (L,)
-            if block == 0:
-                region = region | (positions < prompt_length)  # the infilling masks go with the first block
-            in_block = (x == mask_id) & region & attention.bool()  # (B, L)
-            remaining = in_block.sum(dim=-1)  # (B,)
-            steps_left = remaining.clone() if steps_per_block is None else torch.full_like(remaining, steps_per_block)
-            context = None
-            if config.use_block_cache and bool(in_block.any()):
-                # The window: from the first position with a mask to fill in any row to the block's end.
-                window_start = int(in_block.any(dim=0).nonzero()[0])
-                context = BlockContext(window_start, start + block_length)
-                logits = None  # the first step records the context
-            while bool((remaining > 0).any()):
-                active = remaining > 0
-                if logits is None or rule != "ancestral":
-                    logits = denoise()
-                elif bool((stale & active).any()):
-                    # MDLM: a row whose tokens did not change since its last prediction keeps it (its input is the
-                    # same); the others get new ones. (A cached pass rewrites the window of `logits` itself, and
-                    # gives an unchanged row the same logits again.)
-                    logits = torch.where(stale[:, None, None], denoise(), logits)
-                stale = torch.zeros_like(stale)
-
-                # Candidates: the masks of the current block, in row-major order (each row's run is contiguous).
-                counts = remaining.tolist()
-                candidate_logits = logits[in_block].float()  # (K, V)
-                candidate_logits[:, mask_id] = float("-inf")
-                # The model's own distribution ranks and thresholds the candidates; the token is drawn from its
-                # tempered, filtered version (so top_k=1 is greedy, and a low temperature does not fake confidence).
-                probs = candidate_logits.softmax(dim=-1)  # (K, V)
-                if sampling:
-                    filtered = filter_logits(candidate_logits, config.temperature or 1.0, config.top_k, config.top_p)
-                    noise = _draw_per_row("exponential", counts, probs.shape[-1], generators, device)
-                    tokens = sample_categorical(filtered.softmax(dim=-1), noise)  # (K,)
-                else:
-                    tokens = probs.argmax(dim=-1)  # (K,)
-
-                if rule == "ancestral":
-                    row_steps_left = steps_left[:, None].expand(batch, length)[in_block].float()
-                    uniform = _draw_per_row("uniform", counts, 1, generators, device).squeeze(-1)
-                    reveal = uniform < ancestral_reveal_probability(row_steps_left, row_steps_left - 1)
-                    commit = torch.zeros_like(in_block)
-                    commit[in_block] = reveal
-                else:
-                    uniform = None
-                    if rule == "random":
-                        uniform = _draw_per_row("uniform", counts, 1, generators, device).squeeze(-1)
-                    scores = torch.full(x.shape, float("-inf"), device=device)
-                    scores[in_block] = confidence_scores(rule, probs, tokens, uniform)
-                    to_commit = num_tokens_to_commit(remaining, steps_left.clamp(min=1))  # rows without masks: 0
-                    if config.confidence_threshold is not None:
-                        sure = torch.zeros_like(in_block)
-                        sure[in_block] = probs.gather(-1, tokens[:, None]).squeeze(-1) >= config.confidence_threshold
-                        to_commit = torch.maximum(to_commit, sure.sum(dim=-1))
-                    commit = select_top(scores, to_commit)
-
-                chosen = torch.full_like(x, mask_id)
-                chosen[in_block] = tokens
-                x = torch.where(commit, chosen, x)
-                in_block = in_block & ~commit
-                remaining = in_block.sum(dim=-1)
-                steps_left = steps_left - active.long()
-                stale = stale | commit.any(dim=-1)
-                if history is not None:
-                    history.append(x.clone())
-
-            # A row that produced eos is done: its later blocks become padding, with nothing to generate.
-            if eos_ids:
-                block_done = generated & (positions < start + block_length)
-                has_eos = (torch.isin(x, torch.tensor(eos_ids, device=device)) & block_done).any(dim=-1)
-                newly_finished = has_eos & ~finished
-                x = x.masked_fill(newly_finished[:, None] & generated & ~block_done, pad_id)
-                stale = stale | newly_finished
-                finished = finished | has_eos
-            if streamer is not None:
-                shown = pad_after_eos(x, generated, eos_ids, pad_id) if eos_ids else x
+        # Nothing runs between the steps of one call that could move the parameters: the CUDA graphs check where
+        # they lie once per call, not at every step (about 1 ms of host time a step for a 1.3B model).
+        with graphed_denoiser(self).parameters_fixed() if x.is_cuda else contextlib.nullcontext():
+            for block in range(num_blocks):
+                start = prompt_length + block * block_length
+                region = (positions >= start) & (positions < start + block_length)  # (L,)
                 if block == 0:
-                    streamer.put(shown[:, :prompt_length].cpu())
-                streamer.put(shown[:, start : start + block_length].cpu())
-            if bool(finished.all()):
-                break
+                    region = region | (positions < prompt_length)  # the infilling masks go with the first block
+                in_block = (x == mask_id) & region & attention.bool()  # (B, L)
+                remaining = in_block.sum(dim=-1)  # (B,)
+                steps_left = (remaining.clone() if steps_per_block is None
+                              else torch.full_like(remaining, steps_per_block))
+                context = None
+                if config.use_block_cache and bool(in_block.any()):
+                    # The window: from the first position with a mask to fill in any row to the block's end.
+                    window_start = int(in_block.any(dim=0).nonzero()[0])
+                    context = BlockContext(window_start, start + block_length)
+                    logits = None  # the first step records the context
+                while bool((remaining > 0).any()):
+                    active = remaining > 0
+                    if logits is None or rule != "ancestral":
+                        logits = denoise()
+                    elif bool((stale & active).any()):
+                        # MDLM: a row whose tokens did not change since its last prediction keeps it (its input is the
+                        # same); the others get new ones. (A cached pass rewrites the window of `logits` itself, and
+                        # gives an unchanged row the same logits again.)
+                        logits = torch.where(stale[:, None, None], denoise(), logits)
+                    stale = torch.zeros_like(stale)
+
+                    # Candidates: the masks of the current block, in row-major order (each row's run is contiguous).
+                    counts = remaining.tolist()
+                    candidate_logits = logits[in_block].float()  # (K, V)
+                    candidate_logits[:, mask_id] = float("-inf")
+                    # The model's own distribution ranks and thresholds the candidates; the token is drawn from its
+                    # tempered, filtered version (so top_k=1 is greedy, and a low temperature does not fake confidence).
+                    probs = candidate_logits.softmax(dim=-1)  # (K, V)
+                    if sampling:
+                        filtered = filter_logits(
+                            candidate_logits, config.temperature or 1.0, config.top_k, config.top_p
+                        )
+                        noise = _draw_per_row("exponential", counts, probs.shape[-1], generators, device)
+                        tokens = sample_categorical(filtered.softmax(dim=-1), noise)  # (K,)
+                    else:
+                        tokens = probs.argmax(dim=-1)  # (K,)
+
+                    if rule == "ancestral":
+                        row_steps_left = steps_left[:, None].expand(batch, length)[in_block].float()
+                        uniform = _draw_per_row("uniform", counts, 1, generators, device).squeeze(-1)
+                        reveal = uniform < ancestral_reveal_probability(row_steps_left, row_steps_left - 1)
+                        commit = torch.zeros_like(in_block)
+                        commit[in_block] = reveal
+                    else:
+                        uniform = None
+                        if rule == "random":
+                            uniform = _draw_per_row("uniform", counts, 1, generators, device).squeeze(-1)
+                        scores = torch.full(x.shape, float("-inf"), device=device)
+                        scores[in_block] = confidence_scores(rule, probs, tokens, uniform)
+                        to_commit = num_tokens_to_commit(remaining, steps_left.clamp(min=1))  # rows without masks: 0
+                        if config.confidence_threshold is not None:
+                            sure = torch.zeros_like(in_block)
+                            chosen_probs = probs.gather(-1, tokens[:, None]).squeeze(-1)
+                            sure[in_block] = chosen_probs >= config.confidence_threshold
+                            to_commit = torch.maximum(to_commit, sure.sum(dim=-1))
+                        commit = select_top(scores, to_commit)
+
+                    chosen = torch.full_like(x, mask_id)
+                    chosen[in_block] = tokens
+                    x = torch.where(commit, chosen, x)
+                    in_block = in_block & ~commit
+                    remaining = in_block.sum(dim=-1)
+                    steps_left = steps_left - active.long()
+                    stale = stale | commit.any(dim=-1)
+                    if history is not None:
+                        history.append(x.clone())
+
+                # A row that produced eos is done: its later blocks become padding, with nothing to generate.
+                if eos_ids:
+                    block_done = generated & (positions < start + block_length)
+                    has_eos = (torch.isin(x, torch.tensor(eos_ids, device=device)) & block_done).any(dim=-1)
+                    newly_finished = has_eos & ~finished
+                    x = x.masked_fill(newly_finished[:, None] & generated & ~block_done, pad_id)
+                    stale = stale | newly_finished
+                    finished = finished | has_eos
+                if streamer is not None:
+                    shown = pad_after_eos(x, generated, eos_ids, pad_id) if eos_ids else x
+                    if block == 0:
+                        streamer.put(shown[:, :prompt_length].cpu())
+                    streamer.put(shown[:, start : start + block_length].cpu())
+                if bool(finished.all()):
+                    break
 
         if streamer is not None:
             streamer.end()

@@ -19,7 +19,7 @@ import torch
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf import mamba_ops
 from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
-from diffuapriel_hf.cuda_graphs import GraphedDenoiser
+from diffuapriel_hf.cuda_graphs import GraphedDenoiser, graphed_denoiser
 from diffuapriel_hf.modeling_diffuapriel import BidirectionalMamba2Mixer, BlockContext
 
 pytestmark = [
@@ -358,19 +358,77 @@ def test_graphed_denoiser_gives_the_eager_logits_bit_for_bit():
 
 
 @needs_kernels
-@pytest.mark.parametrize("remasking", ["low_confidence", "ancestral"])
-def test_generate_on_cuda_graphs_gives_the_same_tokens_as_eager_steps(remasking, monkeypatch):
-    torch.manual_seed(9)
+def test_graphed_window_passes_give_the_eager_logits_bit_for_bit():
+    torch.manual_seed(10)
+    config = preset_config("tiny", num_hidden_layers=3, layer_types=[MAMBA, ATTENTION, MAMBA], **SIZES)
+    model = DiffuAprielForMaskedLM(config).cuda().eval()
+    denoiser = GraphedDenoiser(model)
+    ids = torch.randint(3, config.mask_token_id, (2, 160), device="cuda")
+    with torch.no_grad():
+        for start in (40, 72):  # a second context of the same window shape is captured without a warm-up
+            context = BlockContext(start, start + 24)
+            model(ids, block_context=context)
+            for seed in range(3):  # new window tokens each time: the later passes replay the graph
+                window = torch.randint(3, config.mask_token_id, (2, 24), device="cuda",
+                                       generator=torch.Generator("cuda").manual_seed(seed))
+                graphed = denoiser.window(window, context).clone()
+                assert denoiser.key[-1] is context
+                eager = model(window, block_context=context).logits
+                torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+        padded = torch.ones_like(ids)
+        padded[1, :5] = 0
+        context = BlockContext(40, 64)
+        model(ids, attention_mask=padded, block_context=context)
+        window = ids[:, 40:64]
+        torch.testing.assert_close(denoiser.window(window, context), model(window, block_context=context).logits,
+                                   rtol=0, atol=0)
+        assert denoiser.key[-1] is not context  # a padded context runs eagerly
+
+
+def hybrid_for_generation(seed):
+    """A tiny Mamba + attention model on CUDA and a batch of two prompts."""
+    torch.manual_seed(seed)
     config = preset_config("tiny", num_hidden_layers=2, layer_types=[MAMBA, ATTENTION], **SIZES)
     model = DiffuAprielForMaskedLM(config).cuda().eval()
-    prompt = torch.randint(3, config.mask_token_id, (2, 7), device="cuda")
-    kwargs = dict(max_new_tokens=24, steps=12, block_length=8, remasking=remasking, do_sample=True, seed=3)
+    return model, torch.randint(3, config.mask_token_id, (2, 7), device="cuda")
+
+
+@needs_kernels
+@pytest.mark.parametrize("use_block_cache", [False, True])
+@pytest.mark.parametrize("remasking", ["low_confidence", "ancestral"])
+def test_generate_on_cuda_graphs_gives_the_same_tokens_as_eager_steps(remasking, use_block_cache, monkeypatch):
+    model, prompt = hybrid_for_generation(seed=9)
+    kwargs = dict(max_new_tokens=24, steps=12, block_length=8, remasking=remasking, do_sample=True, seed=3,
+                  use_block_cache=use_block_cache)
     graphed = model.generate(prompt, **kwargs)
+    if use_block_cache:  # the last block's window passes were replayed from a graph
+        assert isinstance(graphed_denoiser(model).key[-1], BlockContext)
     eager_steps = lambda self, input_ids, attention_mask: self(  # noqa: E731
         input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
+    eager_windows = lambda self, window_ids, context: self.model(  # noqa: E731
+        input_ids=window_ids, block_context=context, return_dict=True).logits
     monkeypatch.setattr(type(model), "denoising_logits", eager_steps)
+    monkeypatch.setattr(GraphedDenoiser, "window", eager_windows)
     eager = model.generate(prompt, **kwargs)
     assert torch.equal(graphed, eager)
+
+
+@needs_kernels
+@pytest.mark.parametrize("use_block_cache", [False, True])
+def test_generate_captures_anew_after_the_parameters_move(use_block_cache):
+    """A generate() call reads where the parameters lie once: the next call must see that they moved."""
+    model, prompt = hybrid_for_generation(seed=12)
+    other = DiffuAprielForMaskedLM(model.config).cuda().eval()
+    kwargs = dict(max_new_tokens=16, steps=8, block_length=8, do_sample=False, use_block_cache=use_block_cache)
+    before = model.generate(prompt, **kwargs)
+    with torch.no_grad():
+        for mine, theirs in zip(model.parameters(), other.parameters()):
+            mine.data = theirs.data.clone()  # new storage under the same Parameter objects
+    moved = model.generate(prompt, **kwargs)
+    assert torch.equal(moved, other.generate(prompt, **kwargs))
+    assert not torch.equal(moved, before)
+    model.to(torch.bfloat16)
+    assert torch.equal(model.generate(prompt, **kwargs), other.to(torch.bfloat16).generate(prompt, **kwargs))
 
 
 def test_missing_kernels_fall_back_to_pytorch_with_one_warning(monkeypatch):
