@@ -1,0 +1,85 @@
+"""Whole diffuapriel-1.3b denoising steps (batch 1, bf16, replayed from CUDA graphs) as the model runs them, against two
+ways of running the same kernels that could hide part of the step: the mixer's right-to-left direction on a second
+CUDA stream (so that one direction's memory-bound kernels and SSD may overlap the other's matrix products), and
+cuBLASLt instead of cuBLAS for every matrix product. Alternating in one process on one GPU, over several rounds; the
+logits of each variant are compared with the model's.
+
+    python benchmarks/step_variants.py --lengths 16384 65536 --out benchmarks/results/step_variants.json
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from throughput import build, graphed_step_ms  # benchmarks/throughput.py, beside this script
+
+from diffuapriel_hf.cuda_graphs import GraphedDenoiser
+from diffuapriel_hf.mamba_ops import reverse_time, select_ops
+from diffuapriel_hf.modeling_diffuapriel import BidirectionalMamba2Mixer
+
+AS_BUILT = BidirectionalMamba2Mixer.direction_outputs
+_side_streams = {}
+
+
+def directions_on_two_streams(self, hidden_states, padding_mask=None, block_context=None):
+    """`direction_outputs` with the right-to-left direction (its input reversal included) on a side stream."""
+    if self.right_to_left is None or padding_mask is not None or block_context is not None:
+        return AS_BUILT(self, hidden_states, padding_mask, block_context)
+    ops = select_ops(hidden_states, self.config.use_mamba_kernels)
+    main = torch.cuda.current_stream()
+    side = _side_streams.setdefault(hidden_states.device, torch.cuda.Stream(hidden_states.device))
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        right_to_left = self.right_to_left(reverse_time(hidden_states), None, ops)
+    left_to_right = self.left_to_right(hidden_states, None, ops)
+    main.wait_stream(side)  # every side-stream tensor is used or freed on the main stream after this
+    return left_to_right, right_to_left
+
+
+# name: (direction_outputs, BLAS library)
+VARIANTS = {
+    "as built": (AS_BUILT, "cublas"),
+    "directions on two streams": (directions_on_two_streams, "cublas"),
+    "cuBLASLt": (AS_BUILT, "cublaslt"),
+}
+
+
+def use(variant: str) -> None:
+    direction_outputs, blas = VARIANTS[variant]
+    BidirectionalMamba2Mixer.direction_outputs = direction_outputs
+    torch.backends.cuda.preferred_blas_library(blas)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[16384, 65536])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    model = build("diffuapriel-1.3b")
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rounds=args.rounds, step_ms={},
+                  max_abs_logit_difference={})
+    for length in args.lengths:
+        ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
+        logits = {}
+        for name in VARIANTS:
+            use(name)
+            with torch.no_grad():
+                logits[name] = GraphedDenoiser(model, max_tokens=None)(ids)[0, :256].float()
+            difference = (logits[name] - logits["as built"]).abs().max().item()
+            result["max_abs_logit_difference"][f"1 x {length}: {name}"] = difference
+        for _ in range(args.rounds):
+            for name in VARIANTS:
+                use(name)
+                ms = graphed_step_ms(model, ids, reps=5 if length > 16384 else 15, warmup=2)
+                result["step_ms"].setdefault(f"1 x {length}: {name}", []).append(ms)
+                print(f"1 x {length:6d}  {name:28s} {ms:8.2f} ms", flush=True)
+    use("as built")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
