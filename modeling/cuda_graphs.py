@@ -15,12 +15,13 @@ wait for, so it runs eagerly. A graph reads the parameters where they were at
 capture: it is dropped when any parameter moves (`.to()`, loading with `assign=True`) or the input shape changes, so
 a model holds at most one graph (and its memory) at a time.
 
-With the block cache (`use_block_cache`), the passes over a block's window alone repeat with one shape for the whole
-block and read the states its first (whole-sequence) pass recorded: `GraphedDenoiser.window` captures them once per
-block and replays them for the block's other steps.
+With the block cache (`use_block_cache`), the passes over a block's window alone repeat with one shape and read what
+the block's first (whole-sequence) pass recorded: `GraphedDenoiser.window` captures them once, and for each later
+block copies its recording into the tensors that graph reads.
 """
 
 import contextlib
+import copy
 import weakref
 from typing import Optional
 
@@ -41,7 +42,7 @@ class GraphedDenoiser:
         self.max_tokens = max_tokens  # None: capture every shape
         self.key = None
         self.graph = None  # (CUDAGraph, static input_ids, static logits)
-        self._warm_window_shapes = set()  # window passes' (shape, dtype, device) run once eagerly already
+        self._static_context = None  # the BlockContext that the window graph reads, with `window`
         self._fixed_parameters_key = None  # set within `parameters_fixed`
 
     @property
@@ -78,7 +79,7 @@ class GraphedDenoiser:
             return self.eager(input_ids, attention_mask)
         key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device, self._parameters_key())
         if key != self.key:
-            self.key = self.graph = None  # free the old graph's memory before capturing the new one
+            self.key = self.graph = self._static_context = None  # free the old graph's memory before capturing anew
             static_input = input_ids.clone()
             graph, static_logits = self._capture(lambda: self.eager(static_input, None), static_input.device)
             self.graph, self.key = (graph, static_input, static_logits), key
@@ -86,27 +87,35 @@ class GraphedDenoiser:
 
     def window(self, window_ids: torch.Tensor, context) -> torch.Tensor:
         """`model(input_ids=window_ids, block_context=context).logits` (B, end - start, V) for a recorded
-        `BlockContext`, replayed from a graph captured for this context (the graph reads the states it recorded where
-        they lie). Passes the `__call__` rules send to eager, and contexts with padding, run eagerly. The logits are
-        the graph's own tensor, overwritten by the next replay: copy what must be kept."""
+        `BlockContext`, replayed from a CUDA graph. The graph reads a private copy of the first context it was captured
+        for; a later context of the same shapes (the next block's, wherever its window lies) is copied into it, and the
+        graph replayed. Passes the `__call__` rules send to eager, and contexts with padding, run eagerly. The logits
+        are the graph's own tensor, overwritten by the next replay: copy what must be kept."""
         if self._runs_eagerly(window_ids) or context.padding_mask is not None:
             return self.model(input_ids=window_ids, block_context=context, return_dict=True).logits
-        # The context itself is in the key (compared by identity), which keeps it and its tensors alive while the
-        # graph may read them.
-        key = (tuple(window_ids.shape), window_ids.dtype, window_ids.device, self._parameters_key(), context)
+        recorded = context.recorded_tensors()
+        layout = (context.batch_size, context.length, context.end - context.start, tuple(sorted(context.mamba_states)),
+                  tuple(sorted(context.keys_values)), tuple((t.shape, t.dtype, t.device) for t in recorded))
+        key = (tuple(window_ids.shape), window_ids.dtype, window_ids.device, self._parameters_key(), layout)
         if key != self.key:
-            self.key = self.graph = None
-            static_input = window_ids.clone()
+            self.key = self.graph = self._static_context = None
+            static_input, static_context = window_ids.clone(), copy.copy(context)
+            static_context.mamba_states = {
+                layer: tuple(tuple(t.clone() for t in state) for state in states)
+                for layer, states in context.mamba_states.items()
+            }
+            static_context.keys_values = {layer: tuple(t.clone() for t in pair)
+                                          for layer, pair in context.keys_values.items()}
+            if context.window_position_ids is not None:
+                static_context.window_position_ids = context.window_position_ids.clone()
 
             def window_pass():
-                return self.model(input_ids=static_input, block_context=context, return_dict=True).logits
+                return self.model(input_ids=static_input, block_context=static_context, return_dict=True).logits
 
-            # One eager warm-up per window shape (Triton's autotuning, which a capture cannot run); the later blocks'
-            # contexts of that shape are captured directly.
-            warm_up = key[:3] not in self._warm_window_shapes
-            graph, static_logits = self._capture(window_pass, static_input.device, warm_up=warm_up)
-            self._warm_window_shapes.add(key[:3])
-            self.graph, self.key = (graph, static_input, static_logits), key
+            graph, static_logits = self._capture(window_pass, static_input.device)
+            self.graph, self.key, self._static_context = (graph, static_input, static_logits), key, static_context
+        for static, given in zip(self._static_context.recorded_tensors(), recorded):
+            static.copy_(given)
         return self._replay(window_ids)
 
     def _replay(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -116,15 +125,14 @@ class GraphedDenoiser:
         return static_logits
 
     @staticmethod
-    def _capture(run, device: torch.device, warm_up: bool = True):
-        """A CUDA graph of `run()` and the tensor it returns; first, with `warm_up`, one eager run on a side stream (as
-        capture requires) so that lazy initialisation (cuBLAS workspaces, Triton autotuning) happens before it."""
-        if warm_up:
-            side = torch.cuda.Stream(device=device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream(device).wait_stream(side)
+    def _capture(run, device: torch.device):
+        """A CUDA graph of `run()` and the tensor it returns, after one eager warm-up run on a side stream (as capture
+        requires), so that lazy initialisation (cuBLAS workspaces, Triton autotuning) happens before it."""
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             output = run()

@@ -52,9 +52,12 @@ class BlockContext:
 
     A forward pass over the whole sequence given `block_context=BlockContext(start, end)` records, at every layer,
     the state the left-to-right Mamba direction enters the window with (at `start`), the state the right-to-left one
-    enters it with (at `end`), and the attention keys and values of the outside positions; and the padding and
-    positions of the whole sequence. Passes given the recorded context then take the window's tokens alone,
-    (B, end - start), at a cost that grows with the window, not with the sequence.
+    enters it with (at `end`), and the attention keys and values of the outside positions; and the padding of the
+    whole sequence and the window's positions. Passes given the recorded context then take the window's tokens alone,
+    (B, end - start), at a cost that grows with the window, not with the sequence. Their attention reads the outside
+    keys first and the window's after them (attention without a causal mask does not depend on the keys' order), so
+    that without padding nothing a window pass does depends on where the window lies, only on the recorded tensors
+    (`recorded_tensors`): one CUDA graph serves every window of a shape (`cuda_graphs.GraphedDenoiser.window`).
 
     The first window pass after recording gives the whole pass's logits; once the window's tokens change, it is an
     approximation: the outside positions' hidden states depend on the window through every bidirectional layer
@@ -70,9 +73,15 @@ class BlockContext:
         self.recorded = False
         self.batch_size = self.length = None  # of the whole sequence
         self.padding_mask = None  # (B, length) bool, True at real tokens; None without padding
-        self.position_ids = None  # (B, length)
+        self.window_position_ids = None  # (B, end - start), with attention layers
         self.mamba_states = {}  # layer index -> one (conv, SSM) state per direction, as Mamba2Mixer.zero_state
         self.keys_values = {}  # layer index -> (key, value) of the outside positions, (B, Hkv, length - window, d)
+
+    def recorded_tensors(self) -> list[torch.Tensor]:
+        """Every tensor that a window pass reads from the context, but the padding mask, in a fixed order."""
+        tensors = [t for layer in sorted(self.mamba_states) for state in self.mamba_states[layer] for t in state]
+        tensors += [t for layer in sorted(self.keys_values) for t in self.keys_values[layer]]
+        return tensors + ([] if self.window_position_ids is None else [self.window_position_ids])
 
 
 class Mamba2Mixer(nn.Module):
@@ -323,10 +332,10 @@ class DiffuAprielAttention(nn.Module):
                 block_context.keys_values[self.layer_idx] = tuple(
                     torch.cat([t[:, :, :start], t[:, :, end:]], dim=2) for t in (key, value)
                 )
-            else:  # the window's queries attend to the recorded outside positions and to the window
+            else:  # the window's queries attend to the recorded outside positions, then to the window
                 outside_key, outside_value = block_context.keys_values[self.layer_idx]
-                key = torch.cat([outside_key[:, :, :start], key, outside_key[:, :, start:]], dim=2)  # (B, Hkv, L, d)
-                value = torch.cat([outside_value[:, :, :start], value, outside_value[:, :, start:]], dim=2)
+                key = torch.cat([outside_key, key], dim=2)  # (B, Hkv, L, d)
+                value = torch.cat([outside_value, value], dim=2)
 
         attention_interface = eager_attention_forward
         if self.config._attn_implementation != "eager":
@@ -579,23 +588,28 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         if self.rotary_emb is not None:
             # Positions count real tokens only, so a left-padded sequence sees the positions it has alone.
             if window_pass:
-                position_ids = block_context.position_ids[:, block_context.start : block_context.end]
+                position_ids = block_context.window_position_ids
             elif padding_mask is None:
                 position_ids = torch.arange(seqlen, device=hidden_states.device).expand(batch, seqlen)
             else:
                 position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
             position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
-            # Padding on the keys (the whole sequence's, in a window pass). Without padding, no mask: also under
-            # CUDA-graph capture, where transformers would build a full one and SDPA could then not use its flash or
-            # cuDNN kernels.
-            key_padding = block_context.padding_mask if window_pass else padding_mask
+            # Padding on the keys (in a window pass the whole sequence's, outside positions first, as its keys are).
+            # Without padding, no mask: also under CUDA-graph capture, where transformers would build a full one and
+            # SDPA could then not use its flash or cuDNN kernels.
+            key_padding = padding_mask
+            if window_pass and block_context.padding_mask is not None:
+                start, end, whole = block_context.start, block_context.end, block_context.padding_mask
+                key_padding = torch.cat([whole[:, :start], whole[:, end:], whole[:, start:end]], dim=1)
             if key_padding is not None:
                 attention_bias = create_bidirectional_mask(
                     config=self.config, inputs_embeds=hidden_states, attention_mask=key_padding
                 )
         if block_context is not None and not window_pass:
             block_context.batch_size, block_context.length = batch, seqlen
-            block_context.padding_mask, block_context.position_ids = padding_mask, position_ids
+            block_context.padding_mask = padding_mask
+            if position_ids is not None:
+                block_context.window_position_ids = position_ids[:, block_context.start : block_context.end].clone()
 
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None

@@ -77,6 +77,24 @@ def test_window_passes_of_a_deeper_model_are_an_approximation_that_stays_close()
     assert (approximate - exact).abs().max() < 0.1 * exact.abs().max()  # ...but close
 
 
+@pytest.mark.parametrize("kind", list(STACKS))
+def test_an_unpadded_window_pass_reads_only_the_recorded_tensors(kind):
+    """What a CUDA graph of window passes relies on: another window's recording copied into a context of the same
+    shapes, wherever that context's own window lies, gives that other window's logits."""
+    model = tiny_model(STACKS[kind])
+    ids = left_padded_batch()[0][:, 6:]  # (2, 34), no padding
+    first, second = BlockContext(3, 11), BlockContext(20, 28)
+    with torch.no_grad():
+        for context in (first, second):
+            model(ids, block_context=context)
+        expected = model(ids[:, 20:28], block_context=second).logits
+        for mine, theirs in zip(first.recorded_tensors(), second.recorded_tensors(), strict=True):
+            mine.copy_(theirs)
+        copied = model(ids[:, 20:28], block_context=first).logits
+    assert len(first.recorded_tensors()) == {"mamba": 8, "hybrid": 7, "attention": 5}[kind]
+    torch.testing.assert_close(copied, expected, rtol=0, atol=0)
+
+
 def test_block_context_refuses_bad_windows_and_inputs():
     model = tiny_model(STACKS["hybrid"])
     ids, mask = left_padded_batch()
