@@ -21,7 +21,6 @@ block copies its recording into the tensors that graph reads.
 """
 
 import contextlib
-import copy
 import weakref
 from typing import Optional
 
@@ -99,15 +98,7 @@ class GraphedDenoiser:
         key = (tuple(window_ids.shape), window_ids.dtype, window_ids.device, self._parameters_key(), layout)
         if key != self.key:
             self.key = self.graph = self._static_context = None
-            static_input, static_context = window_ids.clone(), copy.copy(context)
-            static_context.mamba_states = {
-                layer: tuple(tuple(t.clone() for t in state) for state in states)
-                for layer, states in context.mamba_states.items()
-            }
-            static_context.keys_values = {layer: tuple(t.clone() for t in pair)
-                                          for layer, pair in context.keys_values.items()}
-            if context.window_position_ids is not None:
-                static_context.window_position_ids = context.window_position_ids.clone()
+            static_input, static_context = window_ids.clone(), context.clone()
 
             def window_pass():
                 return self.model(input_ids=static_input, block_context=static_context, return_dict=True).logits

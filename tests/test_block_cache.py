@@ -88,10 +88,13 @@ def test_an_unpadded_window_pass_reads_only_the_recorded_tensors(kind):
         for context in (first, second):
             model(ids, block_context=context)
         expected = model(ids[:, 20:28], block_context=second).logits
-        for mine, theirs in zip(first.recorded_tensors(), second.recorded_tensors(), strict=True):
+        twin = first.clone()  # what GraphedDenoiser.window does: a private copy of a recording, then refilled
+        for mine, original, theirs in zip(twin.recorded_tensors(), first.recorded_tensors(),
+                                          second.recorded_tensors(), strict=True):
+            assert mine.data_ptr() != original.data_ptr()
             mine.copy_(theirs)
-        copied = model(ids[:, 20:28], block_context=first).logits
-    assert len(first.recorded_tensors()) == {"mamba": 8, "hybrid": 7, "attention": 5}[kind]
+        copied = model(ids[:, 20:28], block_context=twin).logits
+    assert len(twin.recorded_tensors()) == {"mamba": 8, "hybrid": 7, "attention": 5}[kind]
     torch.testing.assert_close(copied, expected, rtol=0, atol=0)
 
 

@@ -7,6 +7,7 @@ Block (every layer): x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)), where t
   - `DiffuAprielAttention`: non-causal grouped-query attention with RoPE, through transformers' attention interface.
 """
 
+import copy
 from typing import Optional
 
 import torch
@@ -74,6 +75,16 @@ class BlockContext:
         self.window_position_ids = None  # (B, end - start), with attention layers
         self.mamba_states = {}  # layer index -> one (conv, SSM) state per direction, as Mamba2Mixer.zero_state
         self.keys_values = {}  # layer index -> (key, value) of the outside positions, (B, Hkv, length - window, d)
+
+    def clone(self) -> "BlockContext":
+        """A copy of this context with copies of its recorded tensors."""
+        twin = copy.copy(self)
+        twin.mamba_states = {layer: tuple(tuple(t.clone() for t in state) for state in states)
+                             for layer, states in self.mamba_states.items()}
+        twin.keys_values = {layer: tuple(t.clone() for t in pair) for layer, pair in self.keys_values.items()}
+        if self.window_position_ids is not None:
+            twin.window_position_ids = self.window_position_ids.clone()
+        return twin
 
     def recorded_tensors(self) -> list[torch.Tensor]:
         """Every tensor that a window pass reads from the context, but the padding mask, in a fixed order."""
