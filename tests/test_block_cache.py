@@ -6,6 +6,7 @@ import torch
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, DiffusionGenerationConfig, preset_config
 from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.mamba_ops import select_ops
 from diffuapriel_hf.modeling_diffuapriel import BlockContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,6 +97,22 @@ def test_an_unpadded_window_pass_reads_only_the_recorded_tensors(kind):
         copied = model(ids[:, 20:28], block_context=twin).logits
     assert len(twin.recorded_tensors()) == {"mamba": 8, "hybrid": 7, "attention": 5}[kind]
     torch.testing.assert_close(copied, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("state_at", [0, 5, 16, 21, 40])
+def test_a_mamba_direction_continues_from_the_state_it_reports(state_at):
+    """`state_at` splits only the scan: the output is the whole pass's, and a pass over the tokens from `state_at` on,
+    started from the reported state, gives the rest of it (at 40, the state the sequence leaves, continued by more)."""
+    model = tiny_model(STACKS["mamba"])
+    direction = model.model.layers[0].mixer.left_to_right
+    ops = select_ops(torch.zeros(1), use_kernels=False)
+    hidden, more = torch.randn(2, 40, model.config.hidden_size), torch.randn(2, 6, model.config.hidden_size)
+    with torch.no_grad():
+        whole = direction(torch.cat([hidden, more], dim=1), None, ops)
+        output, state = direction(hidden, None, ops, state_at=state_at)
+        continued = direction(torch.cat([hidden, more], dim=1)[:, state_at:], None, ops, initial_state=state)
+    torch.testing.assert_close(output, whole[:, :40], rtol=0, atol=1e-5)
+    torch.testing.assert_close(continued, whole[:, state_at:], rtol=0, atol=1e-5)
 
 
 def test_block_context_refuses_bad_windows_and_inputs():

@@ -73,7 +73,7 @@ class BlockContext:
         self.batch_size = self.length = None  # of the whole sequence
         self.padding_mask = None  # (B, length) bool, True at real tokens; None without padding
         self.window_position_ids = None  # (B, end - start), with attention layers
-        self.mamba_states = {}  # layer index -> one (conv, SSM) state per direction, as Mamba2Mixer.zero_state
+        self.mamba_states = {}  # layer index -> one (conv, SSM) state per direction, as Mamba2Mixer.forward's
         self.keys_values = {}  # layer index -> (key, value) of the outside positions, (B, Hkv, length - window, d)
 
     def clone(self) -> "BlockContext":
@@ -123,20 +123,15 @@ class Mamba2Mixer(nn.Module):
         self.norm = DiffuAprielRMSNorm(self.intermediate_size, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mamba_proj_bias)
 
-    def zero_state(self, batch: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The state before any token: (convolution inputs of the last d_conv - 1 positions (B, d_conv - 1, C),
-        SSM state (B, H, P, N) in float32), both zero."""
-        conv_state = torch.zeros(batch, self.conv1d.kernel_size[0] - 1, self.conv_dim, device=device, dtype=dtype)
-        ssm_state = torch.zeros(batch, self.num_heads, self.head_dim, self.ssm_state_size, device=device)
-        return conv_state, ssm_state
-
     def forward(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps,
-        initial_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None, return_state: bool = False,
+        initial_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None, state_at: Optional[int] = None,
     ):
         """hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
-        `initial_state` continues a sequence whose earlier part left that state (`zero_state`'s layout);
-        `return_state` also returns the state this part leaves, for the next part to continue from."""
+        `initial_state` continues a sequence whose earlier part left that state: (the convolution's inputs at the
+        d_conv - 1 positions before (B, d_conv - 1, C), the SSM state (B, H, P, N) in float32). With
+        `state_at` (0 to L), also returns the state before that position: what a pass over the tokens from there on
+        continues from (at L, the state this part leaves). Only the scan is split there, so the output is the same."""
         batch, seqlen, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         gate, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, H], dim=-1)
@@ -157,23 +152,36 @@ class Mamba2Mixer(nn.Module):
         if padding_mask is not None:
             dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit) * padding_mask[..., None]
             dt_args = {}
-        y = ops.chunk_scan(
-            x.reshape(batch, seqlen, H, P), dt, -torch.exp(self.A_log.float()), B.reshape(batch, seqlen, G, N),
-            C.reshape(batch, seqlen, G, N), self.chunk_size, D=self.D.float(), initial_states=ssm_state,
-            return_final_states=return_state, **dt_args,
-        )  # (B, L, H, P)
-        if return_state:
-            y, final_ssm_state = y
+
+        def scan(positions: slice, entering_state, return_state: bool):  # y (B, l, H, P) [, the state it leaves]
+            length = len(range(seqlen)[positions])
+            return ops.chunk_scan(
+                x[:, positions].reshape(batch, length, H, P), dt[:, positions], -torch.exp(self.A_log.float()),
+                B[:, positions].reshape(batch, length, G, N), C[:, positions].reshape(batch, length, G, N),
+                self.chunk_size, D=self.D.float(), initial_states=entering_state, return_final_states=return_state,
+                **dt_args,
+            )
+
+        if state_at is None or state_at == 0:
+            y = scan(slice(None), ssm_state, False)
+            if state_at == 0 and ssm_state is None:
+                ssm_state = torch.zeros(batch, H, P, N, device=x.device)
+        elif state_at == seqlen:
+            y, ssm_state = scan(slice(None), ssm_state, True)
+        else:
+            before, ssm_state = scan(slice(None, state_at), ssm_state, True)
+            y = torch.cat([before, scan(slice(state_at, None), ssm_state, False)], dim=1)
         y = ops.rmsnorm(
             y.reshape(batch, seqlen, self.intermediate_size), self.norm.weight, None, z=gate,
             eps=self.norm.variance_epsilon, group_size=self.intermediate_size // G, norm_before_gate=False,
         )
         output = self.out_proj(y)
-        if not return_state:
+        if state_at is None:
             return output
-        width = self.conv1d.kernel_size[0] - 1
-        conv_inputs = F.pad(xBC, (0, 0, max(width - xBC.shape[1], 0), 0))  # at least `width` positions
-        return output, (conv_inputs[:, conv_inputs.shape[1] - width :], final_ssm_state)
+        # The convolution's inputs at the `width` positions before `state_at` (zeros before the sequence).
+        width, end = self.conv1d.kernel_size[0] - 1, xBC.shape[1] - seqlen + state_at
+        conv_inputs = F.pad(xBC[:, :end], (0, 0, max(width - end, 0), 0))
+        return output, (conv_inputs[:, conv_inputs.shape[1] - width :], ssm_state)
 
 
 class BidirectionalMamba2Mixer(nn.Module):
@@ -240,28 +248,12 @@ class BidirectionalMamba2Mixer(nn.Module):
             else:  # the whole sequence, recording the state at which this direction enters the window
                 seqlen = hidden_states.shape[1]
                 entry = block_context.start if index == 0 else seqlen - block_context.end
-                output, state = self._split_at(direction, inputs_in_reading_order, mask, ops, entry)
+                output, state = direction(inputs_in_reading_order, mask, ops, state_at=entry)
                 outputs.append(output)
                 entering_states.append(state)
         if entering_states:
             block_context.mamba_states[self.layer_idx] = tuple(entering_states)
         return outputs[0], outputs[1] if len(outputs) == 2 else None
-
-    @staticmethod
-    def _split_at(direction: Mamba2Mixer, hidden_states, padding_mask, ops, split: int):
-        """`direction` over hidden_states (B, L, D) in two parts, [0, split) and [split, L), the second continuing from
-        the state the first leaves: the output of one call, and that state."""
-        batch, seqlen = hidden_states.shape[:2]
-        part = lambda mask, positions: None if mask is None else mask[:, positions]  # noqa: E731
-        if split == 0:
-            state = direction.zero_state(batch, hidden_states.device, hidden_states.dtype)
-            return direction(hidden_states, padding_mask, ops, initial_state=state), state
-        first, state = direction(hidden_states[:, :split], part(padding_mask, slice(None, split)), ops,
-                                 return_state=True)
-        if split == seqlen:
-            return first, state
-        second = direction(hidden_states[:, split:], part(padding_mask, slice(split, None)), ops, initial_state=state)
-        return torch.cat([first, second], dim=1), state
 
 
 def rotate_half(x):
