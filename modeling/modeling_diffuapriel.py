@@ -156,7 +156,7 @@ class Mamba2Mixer(nn.Module):
             dt_args = {}
 
         def scan(positions: slice, entering_state, return_state: bool):  # y (B, l, H, P) [, the state it leaves]
-            length = len(range(seqlen)[positions])
+            length = x[:, positions].shape[1]
             return ops.chunk_scan(
                 x[:, positions].reshape(batch, length, H, P), dt[:, positions], -torch.exp(self.A_log.float()),
                 B[:, positions].reshape(batch, length, G, N), C[:, positions].reshape(batch, length, G, N),
@@ -167,7 +167,7 @@ class Mamba2Mixer(nn.Module):
         if state_at is None or state_at == 0:
             y = scan(slice(None), ssm_state, False)
             if state_at == 0 and ssm_state is None:
-                ssm_state = torch.zeros(batch, H, P, N, device=x.device)
+                ssm_state = torch.zeros(batch, H, P, N, device=x.device, dtype=torch.float32)
         elif state_at == seqlen:
             y, ssm_state = scan(slice(None), ssm_state, True)
         else:
