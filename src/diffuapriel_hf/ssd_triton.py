@@ -90,6 +90,22 @@ def _time_steps(dt_ptr, t, in_seq, stride_dt_l, dt_bias, dt_min, dt_max, HAS_DT_
 
 
 @triton.jit
+def _chunk_inputs(x_ptr, dt_ptr, B_ptr, t, in_seq, offs_p, offs_n, A, dt_bias, dt_min, dt_max, headdim, dstate,
+                  stride_x_l, stride_x_p, stride_dt_l, stride_B_l, stride_B_n,
+                  HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr):
+    # What the segment-states kernel and the walk both read at the tokens t of a chunk, the same way (the walk folds
+    # the states kernel's results into its own): dt (T,), its running and total log decay, x (P, T) and B (T, N).
+    dt = _time_steps(dt_ptr, t, in_seq, stride_dt_l, dt_bias, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT)
+    dA_cumsum = tl.cumsum(dt * A, axis=0)
+    dA_total = tl.sum(dt * A, axis=0)
+    x = tl.load(x_ptr + offs_p[:, None] * stride_x_p + t[None, :] * stride_x_l,
+                mask=(offs_p[:, None] < headdim) & in_seq[None, :], other=0.0)
+    B = tl.load(B_ptr + t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+                mask=in_seq[:, None] & (offs_n[None, :] < dstate), other=0.0)
+    return dt, dA_cumsum, dA_total, x, B
+
+
+@triton.jit
 def _next_state(state, x, B, dt, dA_cumsum, dA_total, DOT_PRECISION: tl.constexpr):
     # The state (P, N) leaving a chunk from the one entering it: decayed over the chunk, plus each token's input x
     # (P, T) weighted by dt and its decay to the chunk's end, times B (T, N).
@@ -158,15 +174,11 @@ def _segment_states_kernel(
     for start in range(segment_start, segment_end, CHUNK):
         t = start + offs_t
         in_seq = t < segment_end
-        dt = _time_steps(dt_ptr, t, in_seq, stride_dt_l, dt_bias, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
-                         HAS_DT_LIMIT)  # (T,)
-        dA_cumsum = tl.cumsum(dt * A, axis=0)
-        dA_total = tl.sum(dt * A, axis=0)
+        dt, dA_cumsum, dA_total, x, B = _chunk_inputs(
+            x_ptr, dt_ptr, B_ptr, t, in_seq, offs_p, offs_n, A, dt_bias, dt_min, dt_max, headdim, dstate, stride_x_l,
+            stride_x_p, stride_dt_l, stride_B_l, stride_B_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT,
+        )  # (T,), (T,), (), (P, T), (T, N)
         total += dA_total
-        x = tl.load(x_ptr + offs_p[:, None] * stride_x_p + t[None, :] * stride_x_l,
-                    mask=(offs_p[:, None] < headdim) & in_seq[None, :], other=0.0)  # (P, T)
-        B = tl.load(B_ptr + t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-                    mask=in_seq[:, None] & (offs_n[None, :] < dstate), other=0.0)  # (T, N)
         state = _next_state(state, x, B, dt, dA_cumsum, dA_total, DOT_PRECISION)
 
     # States: (batch, segments, heads, headdim, dstate) float32; log decays: (batch, segments, heads).
@@ -224,14 +236,10 @@ def _ssd_forward_kernel(
     for start in range(segment_start, segment_end, CHUNK):
         t = start + offs_t
         in_seq = t < segment_end
-        dt = _time_steps(dt_ptr, t, in_seq, stride_dt_l, dt_bias, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS,
-                         HAS_DT_LIMIT)  # (T,)
-        dA_cumsum = tl.cumsum(dt * A, axis=0)  # (T,)
-        dA_total = tl.sum(dt * A, axis=0)
-        x_mask = (offs_p[:, None] < headdim) & in_seq[None, :]
-        x = tl.load(x_ptr + offs_p[:, None] * stride_x_p + t[None, :] * stride_x_l, mask=x_mask, other=0.0)  # (P, T)
-        B = tl.load(B_ptr + t[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-                    mask=in_seq[:, None] & (offs_n[None, :] < dstate), other=0.0)  # (T, N)
+        dt, dA_cumsum, dA_total, x, B = _chunk_inputs(
+            x_ptr, dt_ptr, B_ptr, t, in_seq, offs_p, offs_n, A, dt_bias, dt_min, dt_max, headdim, dstate, stride_x_l,
+            stride_x_p, stride_dt_l, stride_B_l, stride_B_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT,
+        )  # (T,), (T,), (), (P, T), (T, N)
         C = tl.load(C_ptr + offs_n[:, None] * stride_C_n + t[None, :] * stride_C_l,
                     mask=(offs_n[:, None] < dstate) & in_seq[None, :], other=0.0)  # (N, T)
 
@@ -247,7 +255,7 @@ def _ssd_forward_kernel(
         if HAS_D:
             y += D * x.to(tl.float32)
         tl.store(y_ptr + offs_p[:, None] * stride_y_p + t[None, :] * stride_y_l, y.to(y_ptr.dtype.element_ty),
-                 mask=x_mask)
+                 mask=(offs_p[:, None] < headdim) & in_seq[None, :])
 
         state = _next_state(state, x, B, dt, dA_cumsum, dA_total, DOT_PRECISION)
 
