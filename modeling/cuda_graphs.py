@@ -42,6 +42,7 @@ class GraphedDenoiser:
         self.key = None
         self.graph = None  # (CUDAGraph, static input_ids, static logits)
         self._static_context = None  # the BlockContext that the window graph reads, with `window`
+        self._recording_of = None  # a weak reference to the context whose recording `_static_context` holds
         self._fixed_parameters_key = None  # set within `parameters_fixed`
 
     @property
@@ -78,7 +79,7 @@ class GraphedDenoiser:
             return self.eager(input_ids, attention_mask)
         key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device, self._parameters_key())
         if key != self.key:
-            self.key = self.graph = self._static_context = None  # free the old graph's memory before capturing anew
+            self.key = self.graph = self._static_context = self._recording_of = None  # free the old graph first
             static_input = input_ids.clone()
             graph, static_logits = self._capture(lambda: self.eager(static_input, None), static_input.device)
             self.graph, self.key = (graph, static_input, static_logits), key
@@ -87,9 +88,10 @@ class GraphedDenoiser:
     def window(self, window_ids: torch.Tensor, context) -> torch.Tensor:
         """`model(input_ids=window_ids, block_context=context).logits` (B, end - start, V) for a recorded
         `BlockContext`, replayed from a CUDA graph. The graph reads a private copy of the first context it was captured
-        for; a later context of the same shapes (the next block's, wherever its window lies) is copied into it, and the
-        graph replayed. Passes the `__call__` rules send to eager, and contexts with padding, run eagerly. The logits
-        are the graph's own tensor, overwritten by the next replay: copy what must be kept."""
+        for; a later context of the same shapes (the next block's, wherever its window lies) is copied into it, once (a
+        recording does not change after it is made), and the graph replayed. Passes the `__call__` rules send to
+        eager, and contexts with padding, run eagerly. The logits are the graph's own tensor, overwritten by the next
+        replay: copy what must be kept."""
         if self._runs_eagerly(window_ids) or context.padding_mask is not None:
             return self.model(input_ids=window_ids, block_context=context, return_dict=True).logits
         recorded = context.recorded_tensors()
@@ -97,7 +99,7 @@ class GraphedDenoiser:
                   tuple(sorted(context.keys_values)), tuple((t.shape, t.dtype, t.device) for t in recorded))
         key = (tuple(window_ids.shape), window_ids.dtype, window_ids.device, self._parameters_key(), layout)
         if key != self.key:
-            self.key = self.graph = self._static_context = None
+            self.key = self.graph = self._static_context = self._recording_of = None
             static_input, static_context = window_ids.clone(), context.clone()
 
             def window_pass():
@@ -105,8 +107,11 @@ class GraphedDenoiser:
 
             graph, static_logits = self._capture(window_pass, static_input.device)
             self.graph, self.key, self._static_context = (graph, static_input, static_logits), key, static_context
-        for static, given in zip(self._static_context.recorded_tensors(), recorded):
-            static.copy_(given)
+            self._recording_of = weakref.ref(context)
+        if self._recording_of() is not context:
+            for static, given in zip(self._static_context.recorded_tensors(), recorded):
+                static.copy_(given)
+            self._recording_of = weakref.ref(context)
         return self._replay(window_ids)
 
     def _replay(self, input_ids: torch.Tensor) -> torch.Tensor:
