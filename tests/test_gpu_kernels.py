@@ -407,10 +407,8 @@ def test_generate_on_cuda_graphs_gives_the_same_tokens_as_eager_steps(remasking,
         assert graphed_denoiser(model)._static_context is not None
     eager_steps = lambda self, input_ids, attention_mask: self(  # noqa: E731
         input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
-    eager_windows = lambda self, window_ids, context: self.model(  # noqa: E731
-        input_ids=window_ids, block_context=context, return_dict=True).logits
     monkeypatch.setattr(type(model), "denoising_logits", eager_steps)
-    monkeypatch.setattr(GraphedDenoiser, "window", eager_windows)
+    monkeypatch.setattr(GraphedDenoiser, "window", GraphedDenoiser.eager_window)
     eager = model.generate(prompt, **kwargs)
     assert torch.equal(graphed, eager)
 

@@ -50,6 +50,10 @@ class GraphedDenoiser:
     def eager(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
 
+    def eager_window(self, window_ids: torch.Tensor, context) -> torch.Tensor:
+        """The window pass that `window` replays, run eagerly."""
+        return self.model(input_ids=window_ids, block_context=context, return_dict=True).logits
+
     def _runs_eagerly(self, input_ids: torch.Tensor) -> bool:
         return (not input_ids.is_cuda or torch.is_grad_enabled() or self.model.training
                 or (self.max_tokens is not None and input_ids.numel() > self.max_tokens))
@@ -91,7 +95,7 @@ class GraphedDenoiser:
         eager, and contexts with padding, run eagerly. The logits are the graph's own tensor, overwritten by the next
         replay: copy what must be kept."""
         if self._runs_eagerly(window_ids) or context.padding_mask is not None:
-            return self.model(input_ids=window_ids, block_context=context, return_dict=True).logits
+            return self.eager_window(window_ids, context)
         recorded = context.recorded_tensors()
         layout = (context.batch_size, context.length, context.end - context.start, tuple(sorted(context.mamba_states)),
                   tuple(sorted(context.keys_values)), tuple((t.shape, t.dtype, t.device) for t in recorded))
@@ -100,10 +104,8 @@ class GraphedDenoiser:
             self.key = self.graph = self._static_context = self._recording_of = None
             static_input, static_context = window_ids.clone(), context.clone()
 
-            def window_pass():
-                return self.model(input_ids=static_input, block_context=static_context, return_dict=True).logits
-
-            graph, static_logits = self._capture(window_pass, static_input.device)
+            graph, static_logits = self._capture(lambda: self.eager_window(static_input, static_context),
+                                                 static_input.device)
             self.graph, self.key, self._static_context = (graph, static_input, static_logits), key, static_context
             self._recording_of = weakref.ref(context)
         if self._recording_of() is not context:
