@@ -384,6 +384,8 @@ class DiffusionGenerationMixin:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = getattr(input_ids, "shape", input_ids)
             raise ValueError(f"`input_ids` must be a (batch, length) tensor, got {shape}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"`input_ids` must be an integer tensor, got {input_ids.dtype}")
         input_ids = input_ids.to(device=device, dtype=torch.long)
         batch, prompt_length = input_ids.shape
         if attention_mask is None:
@@ -393,6 +395,8 @@ class DiffusionGenerationMixin:
                 f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (tokens)")
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
         if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
             raise ValueError("`attention_mask` must pad on the left (tokenizer.padding_side = 'left')")

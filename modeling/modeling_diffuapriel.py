@@ -504,11 +504,19 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
         if not inputs_embeds.is_floating_point():
             raise TypeError(f"inputs_embeds must be a floating point tensor, got {inputs_embeds.dtype}")
         shape = inputs_embeds.shape[:2]
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(
-            f"attention_mask must have the shape of the inputs (batch, length) = {tuple(shape)}, "
-            f"got {tuple(attention_mask.shape)}"
-        )
+    if shape[1] == 0:
+        raise ValueError("the inputs hold no tokens: each sequence needs at least one position")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(shape):
+            raise ValueError(
+                f"attention_mask must have the shape of the inputs (batch, length) = {tuple(shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        checkable = not torch.compiler.is_compiling() and not _capturing_cuda_graph(attention_mask)
+        if attention_mask.dtype != torch.bool and checkable and not bool(
+            ((attention_mask == 0) | (attention_mask == 1)).all()
+        ):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
 
 
 def _check_block_context(context, batch, seqlen, attention_mask):

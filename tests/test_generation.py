@@ -126,6 +126,15 @@ def test_right_padding_is_refused():
         model.generate(ids, attention_mask=mask, max_new_tokens=4)
 
 
+def test_non_binary_mask_and_float_ids_are_refused():
+    model = tiny_model()
+    ids = random_ids(model, 2, 5)
+    with pytest.raises(ValueError, match="only 0 .padding. and 1"):
+        model.generate(ids, attention_mask=torch.full((2, 5), 0.5), max_new_tokens=4)
+    with pytest.raises(TypeError, match="integer"):
+        model.generate(ids.float(), max_new_tokens=4)
+
+
 def test_per_call_settings_do_not_change_the_model_config():
     model = tiny_model()
     before = model.generation_config.to_dict()

@@ -211,3 +211,14 @@ def test_bad_inputs_are_clear_errors():
         model(inputs_embeds=torch.randn(2, 5, 7))
     with pytest.raises(ValueError, match="mask_token_id"):
         tiny_model("mamba", mask_token_id=None)(ids, labels=ids)
+    with pytest.raises(ValueError, match="no tokens"):
+        model(ids[:, :0])
+    with pytest.raises(ValueError, match="only 0 .padding. and 1"):
+        model(ids, attention_mask=torch.full((2, 5), 0.5))
+    for bad_label in (model.config.vocab_size, -1, model.config.mask_token_id):
+        labels = torch.full_like(ids, -100)
+        labels[0, 1] = bad_label
+        with pytest.raises(ValueError, match="labels must be -100"):
+            model(ids, labels=labels)
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        model(ids, labels=ids.float())

@@ -90,6 +90,17 @@ def masked_diffusion_loss(
         raise ValueError("the config has no mask_token_id: set config.mask_token_id to compute the diffusion loss")
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    vocab_size = logits.shape[-1]
+    labelled = labels != -100
+    if not torch.compiler.is_compiling() and bool(
+        (labelled & ((labels < 0) | (labels >= vocab_size) | (labels == mask_token_id))).any()
+    ):
+        raise ValueError(
+            f"labels must be -100 (not predicted) or a token id in [0, {vocab_size}) other than the mask token "
+            f"{mask_token_id}"
+        )
     nll = token_nll(logits, labels, mask_token_id)  # (B, L)
     if loss_weights is None:
         return nll.sum() / (labels != -100).sum().clamp(min=1)
