@@ -1,8 +1,8 @@
 """Our single-pass SSD forward kernel (`diffuapriel_hf.ssd_triton`) against mamba-ssm's `mamba_chunk_scan_combined`.
 
 In bf16 with the 1.3B presets' sizes (64 heads of 64, state 128, one group), inputs laid out as the mixer passes
-them (x, B and C strided views of one convolution output), dt raw with dt_bias and softplus inside the call, as in
-inference:
+them (x, B and C strided views of one convolution output, dt of in_proj's), dt raw with dt_bias and softplus inside
+the call, as in inference:
 
 - the time of mamba-ssm's call (its default chunk size, 256) and of ours under each launch setting swept (segments,
   pipeline stages, register cap), at batch 1 x 2K..64K and 16 x 1K. Chunks of 32 tokens, a whole head's 64 channels
@@ -32,12 +32,15 @@ SWEEP = dict(segments=[1, 4, 8, 12, 16, 24], num_stages=[2, 3], max_registers=[N
 
 
 def mixer_inputs(batch: int, length: int):
-    """x, dt, A, B, C, D, dt_bias as the mixer passes them: x, B, C views of one (b, l, d + 2gn) tensor."""
+    """x, dt, A, B, C, D, dt_bias as the mixer passes them: x, B, C views of one (b, l, d + 2gn) tensor (the
+    convolution's output), dt a view of another (in_proj's)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     d = HEADS * HEAD_DIM
     xBC = torch.randn(batch, length, d + 2 * GROUPS * STATE, device="cuda", generator=g).to(torch.bfloat16)
     x, B, C = xBC.split([d, GROUPS * STATE, GROUPS * STATE], dim=-1)
-    dt = torch.randn(batch, length, HEADS, device="cuda", generator=g).to(torch.bfloat16)
+    # dt as the mixer passes it: the last columns of in_proj's (b, l, 2d + 2gn + h) output.
+    in_proj_width = 2 * d + 2 * GROUPS * STATE + HEADS
+    dt = torch.randn(batch, length, in_proj_width, device="cuda", generator=g).to(torch.bfloat16)[..., -HEADS:]
     A = -torch.exp(torch.rand(HEADS, device="cuda", generator=g) * 2)
     D = torch.ones(HEADS, device="cuda")
     dt_bias = torch.rand(HEADS, device="cuda", generator=g) * 4 - 6

@@ -298,9 +298,18 @@ def ssd_forward(
     # (a test path) takes the smaller tiles too, which keep its doubled shared memory within bounds.
     if block_p > 32 and (x.dtype == torch.float32 or segments == 1 and batch * nheads < _multiprocessors(x.device)):
         block_p = 32
-    return launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments=segments, chunk=CHUNK,
-                              block_p=block_p, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                              max_registers=MAX_REGISTERS)
+    return launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit,
+                              segments=segments, chunk=CHUNK, block_p=block_p, num_warps=NUM_WARPS,
+                              num_stages=NUM_STAGES, max_registers=MAX_REGISTERS)
+
+
+def time_steps_by_head(dt: torch.Tensor) -> torch.Tensor:
+    """dt (b, l, h) as float32 with each head's time steps in one contiguous row: a (b, l, h) view of a (b, h, l)
+    tensor, one small copy. The segment-states kernel reads them so: its pipeline then fetches a chunk's time steps
+    ahead of use, where Triton leaves loads of fewer than 4 bytes a thread out of the pipeline and the mixer's dt (a
+    bfloat16 column of in_proj's output, a row apart per token) kept each chunk waiting on memory. The walk reads dt
+    as passed: pipelined, its loop needs more registers and ran slower (benchmarks/results/ssd_time_steps.json)."""
+    return dt.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format).transpose(1, 2)
 
 
 def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments, chunk, block_p, num_warps,
@@ -320,8 +329,9 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
     log_decay = torch.empty(batch, segments, nheads, device=x.device, dtype=torch.float32)
     chunk_products = torch.empty(batch, nchunks, ngroups, chunk, chunk, device=x.device, dtype=torch.float32)
 
-    # What the segment-states kernel and the walk both take.
-    common_args = (float(dt_limit[0]), float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride())
+    def common_args(dt):  # what the segment-states kernel and the walk both take, each with its own layout of dt
+        return float(dt_limit[0]), float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride()
+
     common_flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
                     HAS_DT_LIMIT=tuple(dt_limit) != (0.0, float("inf")), DOT_PRECISION=precision, CHUNK=chunk,
                     BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers)
@@ -331,13 +341,14 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
         DOT_PRECISION=precision, CHUNK=chunk, BLOCK_N=block_n, num_warps=4,
     )
     if segments > 1:  # the last segment's leaving state: nothing enters after it
+        states_dt = time_steps_by_head(dt)
         _segment_states_kernel[grid[:2] + (segments - 1,)](
-            x, dt, dt_bias, A, B, leaving, log_decay, seqlen, segment_length, segments, nheads, nheads // ngroups,
-            headdim, dstate, *common_args, **common_flags,
+            x, states_dt, dt_bias, A, B, leaving, log_decay, seqlen, segment_length, segments, nheads,
+            nheads // ngroups, headdim, dstate, *common_args(states_dt), **common_flags,
         )
     _ssd_forward_kernel[grid](
         x, dt, dt_bias, A, B, C, D, chunk_products, y, leaving, log_decay, seqlen, segment_length, segments, nchunks,
-        nheads, nheads // ngroups, headdim, dstate, *common_args, *C.stride(), *y.stride(), HAS_D=D is not None,
+        nheads, nheads // ngroups, headdim, dstate, *common_args(dt), *C.stride(), *y.stride(), HAS_D=D is not None,
         **common_flags,
     )
     return y
