@@ -30,17 +30,19 @@ GRAPH_MAX_TOKENS = 16384  # the longest step (batch x length) captured by defaul
 
 
 class GraphedDenoiser:
-    """`denoiser(input_ids, attention_mask) -> logits (B, L, V)` for `model` (a `DiffuAprielForMaskedLM`), replayed
-    from a CUDA graph captured for the input shape (after one eager warm-up pass, which also runs Triton's autotuning
-    outside the capture); a call of another shape captures anew. Inputs that are not on CUDA, padded, of more than
-    `max_tokens` tokens (batch x length), or seen while gradients are enabled, run eagerly. The returned logits are
-    a fresh tensor, safe to keep across calls. `window` does the same for the block cache's window passes."""
+    """`denoiser(input_ids, attention_mask, logits_to_keep) -> logits (B, L or K, V)` for `model` (a
+    `DiffuAprielForMaskedLM`; `logits_to_keep` None for every position or a 1-D tensor of K positions), replayed from a
+    CUDA graph captured for the input shapes (after one eager warm-up pass, which also runs Triton's autotuning outside
+    the capture); a call of other shapes captures anew, and other positions of the same number replay the same graph.
+    Inputs that are not on CUDA, padded, of more than `max_tokens` tokens (batch x length), or seen while gradients
+    are enabled, run eagerly. The returned logits are a fresh tensor, safe to keep across calls. `window` does the same
+    for the block cache's window passes."""
 
     def __init__(self, model: torch.nn.Module, max_tokens: Optional[int] = GRAPH_MAX_TOKENS):
         self._model = weakref.ref(model)  # the denoiser is cached per model (`graphed_denoiser`): no cycle
         self.max_tokens = max_tokens  # None: capture every shape
         self.key = None
-        self.graph = None  # (CUDAGraph, static input_ids, static logits)
+        self.graph = None  # (CUDAGraph, static inputs, static logits)
         self._static_context = None  # the BlockContext that the window graph reads, with `window`
         self._recording_of = None  # a weak reference to the context whose recording `_static_context` holds
         self._fixed_parameters_key = None  # set within `parameters_fixed`
@@ -49,8 +51,11 @@ class GraphedDenoiser:
     def model(self) -> torch.nn.Module:
         return self._model()
 
-    def eager(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
+    def eager(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+              logits_to_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        keep = 0 if logits_to_keep is None else logits_to_keep
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, return_dict=True)
+        return output.logits
 
     def eager_window(self, window_ids: torch.Tensor, context) -> torch.Tensor:
         """The window pass that `window` replays, run eagerly."""
@@ -78,16 +83,19 @@ class GraphedDenoiser:
         finally:
             self._fixed_parameters_key = None
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 logits_to_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._runs_eagerly(input_ids) or (attention_mask is not None and not bool(attention_mask.all())):
-            return self.eager(input_ids, attention_mask)
-        key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device, self._parameters_key())
+            return self.eager(input_ids, attention_mask, logits_to_keep)
+        inputs = (input_ids,) if logits_to_keep is None else (input_ids, logits_to_keep.to(input_ids.device))
+        key = (tuple((t.shape, t.dtype) for t in inputs), input_ids.device, self._parameters_key())
         if key != self.key:
             self.key = self.graph = self._static_context = self._recording_of = None  # free the old graph first
-            static_input = input_ids.clone()
-            graph, static_logits = self._capture(lambda: self.eager(static_input, None), static_input.device)
-            self.graph, self.key = (graph, static_input, static_logits), key
-        return self._replay(input_ids).clone()
+            static_inputs = tuple(t.clone() for t in inputs)
+            graph, static_logits = self._capture(lambda: self.eager(static_inputs[0], None, *static_inputs[1:]),
+                                                 input_ids.device)
+            self.graph, self.key = (graph, static_inputs, static_logits), key
+        return self._replay(*inputs).clone()
 
     def window(self, window_ids: torch.Tensor, context) -> torch.Tensor:
         """`model(input_ids=window_ids, block_context=context).logits` (B, end - start, V) for a recorded
@@ -108,7 +116,7 @@ class GraphedDenoiser:
 
             graph, static_logits = self._capture(lambda: self.eager_window(static_input, static_context),
                                                  static_input.device)
-            self.graph, self.key, self._static_context = (graph, static_input, static_logits), key, static_context
+            self.graph, self.key, self._static_context = (graph, (static_input,), static_logits), key, static_context
             self._recording_of = weakref.ref(context)
         if self._recording_of() is not context:
             for static, given in zip(self._static_context.recorded_tensors(), recorded):
@@ -116,9 +124,10 @@ class GraphedDenoiser:
             self._recording_of = weakref.ref(context)
         return self._replay(window_ids)
 
-    def _replay(self, input_ids: torch.Tensor) -> torch.Tensor:
-        graph, static_input, static_logits = self.graph
-        static_input.copy_(input_ids)
+    def _replay(self, *inputs: torch.Tensor) -> torch.Tensor:
+        graph, static_inputs, static_logits = self.graph
+        for static, given in zip(static_inputs, inputs):
+            static.copy_(given)
         graph.replay()
         return static_logits
 

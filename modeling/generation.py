@@ -304,30 +304,30 @@ class DiffusionGenerationMixin:
         except OSError:
             logger.info("No generation_config.json: using the generation config built from the model config.")
 
-    def denoising_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """One denoising forward pass, (B, L) -> logits (B, L, V): the only place where `generate` calls the model,
-        so that this step can be wrapped (CUDA graphs, torch.compile) on its own. On CUDA the pass is replayed from a
-        CUDA graph captured for the input's shape (`cuda_graphs.GraphedDenoiser`): the same logits, bit for bit,
-        without the launch overhead of the ~1,000 kernels of each step."""
+    def denoising_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                         logits_to_keep: torch.Tensor) -> torch.Tensor:
+        """One denoising forward pass, (B, L) -> logits (B, K, V) at the K positions `logits_to_keep`: the only place
+        where `generate` calls the model, so that this step can be wrapped (CUDA graphs, torch.compile) on its own.
+        On CUDA the pass is replayed from a CUDA graph captured for the input's shape (`cuda_graphs.GraphedDenoiser`):
+        the same logits, bit for bit, without the launch overhead of the ~1,000 kernels of each step."""
         if input_ids.is_cuda:
-            return graphed_denoiser(self)(input_ids, attention_mask)
-        return self(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
+            return graphed_denoiser(self)(input_ids, attention_mask, logits_to_keep)
+        return self(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                    return_dict=True).logits
 
     def cached_denoising_logits(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], context, logits: Optional[torch.Tensor]
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], context, logits_to_keep: torch.Tensor
     ) -> torch.Tensor:
-        """A denoising pass with the block cache (`use_block_cache`): while `context` (a `BlockContext`) is not
-        recorded, the whole sequence (B, L) -> logits (B, L, V), recording it; then the window alone, its logits
-        written into the window's rows of `logits` (the whole pass's, whose other rows stay as they were)."""
+        """A denoising pass with the block cache (`use_block_cache`), (B, L) -> the logits (B, K, V) of the context's
+        window, whose positions `logits_to_keep` lists: while `context` (a `BlockContext`) is not recorded, a pass
+        over the whole sequence that records it; then passes over the window alone."""
         if not context.recorded:
-            output = self(input_ids=input_ids, attention_mask=attention_mask, block_context=context, return_dict=True)
-            return output.logits
-        window = slice(context.start, context.end)
-        if input_ids.is_cuda:  # the block's window passes replayed from one CUDA graph
-            logits[:, window] = graphed_denoiser(self).window(input_ids[:, window], context)
-        else:
-            logits[:, window] = self(input_ids=input_ids[:, window], block_context=context, return_dict=True).logits
-        return logits
+            return self(input_ids=input_ids, attention_mask=attention_mask, block_context=context,
+                        logits_to_keep=logits_to_keep, return_dict=True).logits
+        window_ids = input_ids[:, context.start : context.end]
+        if input_ids.is_cuda:  # the block's window passes replayed from one CUDA graph (its own tensor: copied)
+            return graphed_denoiser(self).window(window_ids, context).clone()
+        return self(input_ids=window_ids, block_context=context, return_dict=True).logits
 
     def _resolve_generation_config(self, generation_config, kwargs) -> DiffusionGenerationConfig:
         base = self.generation_config if generation_config is None else generation_config
@@ -448,17 +448,15 @@ class DiffusionGenerationMixin:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         num_forward_passes = 0
         history = [] if config.output_history else None
-        logits = None
         stale = torch.ones(batch, dtype=torch.bool, device=device)  # rows whose input changed since their logits
-        context = None  # the current block's BlockContext, with use_block_cache
         from .modeling_diffuapriel import BlockContext  # here: the modeling module imports this one
 
-        def denoise() -> torch.Tensor:
+        def denoise() -> torch.Tensor:  # the logits (B, K, V) of the block's window
             nonlocal num_forward_passes
             num_forward_passes += 1
             if context is None:
-                return self.denoising_logits(x, model_attention)
-            return self.cached_denoising_logits(x, model_attention, context, logits)
+                return self.denoising_logits(x, model_attention, window_positions)
+            return self.cached_denoising_logits(x, model_attention, context, window_positions)
 
         # Nothing runs between the steps of one call that could move the parameters: the CUDA graphs check where
         # they lie once per call, not at every step (about 1 ms of host time a step for a 1.3B model).
@@ -472,26 +470,27 @@ class DiffusionGenerationMixin:
                 remaining = in_block.sum(dim=-1)  # (B,)
                 steps_left = (remaining.clone() if steps_per_block is None
                               else torch.full_like(remaining, steps_per_block))
-                context = None
-                if config.use_block_cache and bool(in_block.any()):
-                    # The window: from the first position with a mask to fill in any row to the block's end.
-                    window_start = int(in_block.any(dim=0).nonzero()[0])
-                    context = BlockContext(window_start, start + block_length)
-                    logits = None  # the first step records the context
+                # The window: from the first position with a mask to fill in any row to the block's end. Only its
+                # logits are computed (all the sampler reads), and the block cache reuses what lies outside it.
+                logits = context = None
+                if bool(in_block.any()):
+                    window = slice(int(in_block.any(dim=0).nonzero()[0]), start + block_length)
+                    window_positions = torch.arange(window.start, window.stop, device=device)
+                    if config.use_block_cache:
+                        context = BlockContext(window.start, window.stop)
                 while bool((remaining > 0).any()):
                     active = remaining > 0
                     if logits is None or rule != "ancestral":
                         logits = denoise()
                     elif bool((stale & active).any()):
                         # MDLM: a row whose tokens did not change since its last prediction keeps it (its input is the
-                        # same); the others get new ones. (A cached pass rewrites the window of `logits` itself, and
-                        # gives an unchanged row the same logits again.)
+                        # same); the others get new ones.
                         logits = torch.where(stale[:, None, None], denoise(), logits)
                     stale = torch.zeros_like(stale)
 
                     # Candidates: the masks of the current block, in row-major order (each row's run is contiguous).
                     counts = remaining.tolist()
-                    candidate_logits = logits[in_block].float()  # (K, V)
+                    candidate_logits = logits[in_block[:, window]].float()  # (K, V)
                     candidate_logits[:, mask_id] = float("-inf")
                     # The model's own distribution ranks and thresholds the candidates; the token is drawn from its
                     # tempered, filtered version (so top_k=1 is greedy, and a low temperature does not fake confidence).

@@ -126,6 +126,40 @@ def test_right_padding_is_refused():
         model.generate(ids, attention_mask=mask, max_new_tokens=4)
 
 
+@pytest.mark.parametrize("remasking", ["low_confidence", "ancestral"])
+@pytest.mark.parametrize("use_block_cache", [False, True])
+def test_generate_computes_the_logits_of_the_block_window_only(remasking, use_block_cache, monkeypatch):
+    """Each denoising pass computes the logits of the block being filled (from its first mask in any row), and the
+    tokens are those of passes that compute every position's logits and read the same rows."""
+    model = tiny_model(seed=4)
+    prompt = random_ids(model, 2, 6)
+    prompt[1, 2] = model.config.mask_token_id  # an infilling mask: the first block's window starts there
+    kwargs = dict(max_new_tokens=12, steps=6, block_length=4, remasking=remasking, do_sample=True, seed=1,
+                  use_block_cache=use_block_cache)
+    denoising_logits, cached_denoising_logits = type(model).denoising_logits, type(model).cached_denoising_logits
+    windows = []
+
+    def recorded(method):
+        def call(self, input_ids, attention_mask, *rest):
+            windows.append(rest[-1].tolist())
+            return method(self, input_ids, attention_mask, *rest)
+        return call
+
+    monkeypatch.setattr(type(model), "denoising_logits", recorded(denoising_logits))
+    monkeypatch.setattr(type(model), "cached_denoising_logits", recorded(cached_denoising_logits))
+    windowed = model.generate(prompt, **kwargs)
+    assert windows[0] == list(range(2, 10)) and windows[-1] == list(range(14, 18))
+    assert all(len(window) <= 8 for window in windows)
+
+    if not use_block_cache:  # (the cache is approximate: its tokens may differ from uncached passes')
+        def every_position(self, input_ids, attention_mask, logits_to_keep):
+            logits = self(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
+            return logits[:, logits_to_keep]
+
+        monkeypatch.setattr(type(model), "denoising_logits", every_position)
+        assert torch.equal(windowed, model.generate(prompt, **kwargs))
+
+
 def test_non_binary_mask_and_float_ids_are_refused():
     model = tiny_model()
     ids = random_ids(model, 2, 5)

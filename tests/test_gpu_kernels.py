@@ -355,6 +355,14 @@ def test_graphed_denoiser_gives_the_eager_logits_bit_for_bit():
         longer_than_graphed = GraphedDenoiser(model, max_tokens=ids.numel() - 1)
         torch.testing.assert_close(longer_than_graphed(ids), model(ids).logits, rtol=0, atol=0)
         assert longer_than_graphed.graph is None  # ran eagerly
+        # Kept positions: one graph for every window of the same number of positions.
+        graph = None
+        for start in (0, 40, 80):
+            positions = torch.arange(start, start + 16, device="cuda")
+            graphed = denoiser(ids, None, positions)
+            graph = graph or denoiser.graph
+            assert denoiser.graph is graph
+            torch.testing.assert_close(graphed, model(ids, logits_to_keep=positions).logits, rtol=0, atol=0)
 
 
 @needs_kernels
@@ -405,8 +413,8 @@ def test_generate_on_cuda_graphs_gives_the_same_tokens_as_eager_steps(remasking,
     graphed = model.generate(prompt, **kwargs)
     if use_block_cache:  # the window passes were replayed from a graph
         assert graphed_denoiser(model)._static_context is not None
-    eager_steps = lambda self, input_ids, attention_mask: self(  # noqa: E731
-        input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
+    eager_steps = lambda self, input_ids, attention_mask, logits_to_keep: self(  # noqa: E731
+        input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, return_dict=True).logits
     monkeypatch.setattr(type(model), "denoising_logits", eager_steps)
     monkeypatch.setattr(GraphedDenoiser, "window", GraphedDenoiser.eager_window)
     eager = model.generate(prompt, **kwargs)

@@ -190,6 +190,27 @@ def test_no_sequence_length_is_refused():
         assert model(ids).logits.shape[1] == ids.shape[1]
 
 
+def test_logits_to_keep_computes_the_named_positions_only():
+    model = tiny_model("hybrid", seed=3)
+    ids = random_ids(model.config, 2, 9)
+    with torch.no_grad():
+        full = model(ids).logits
+        torch.testing.assert_close(model(ids, logits_to_keep=3).logits, full[:, -3:])
+        positions = torch.tensor([4, 0, 7])
+        torch.testing.assert_close(model(ids, logits_to_keep=positions).logits, full[:, positions])
+        assert model(ids, logits_to_keep=0).logits.shape == full.shape
+    with pytest.raises(ValueError, match="every position"):
+        model(ids, labels=ids, logits_to_keep=2)
+    with pytest.raises(ValueError, match="logits_to_keep must be in"):
+        model(ids, logits_to_keep=10)
+    with pytest.raises(ValueError, match="outside the sequence"):
+        model(ids, logits_to_keep=torch.tensor([9]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        model(ids, logits_to_keep=torch.tensor([1.0]))
+    with pytest.raises(TypeError, match="logits_to_keep"):
+        model(ids, logits_to_keep=1.5)
+
+
 def test_bad_inputs_are_clear_errors():
     model = tiny_model("hybrid")
     ids = random_ids(model.config, 2, 5)

@@ -131,8 +131,8 @@ class StepProgress:
         self.denoise = model.denoising_logits
         model.denoising_logits = self
 
-    def __call__(self, input_ids, attention_mask):
-        logits = self.denoise(input_ids, attention_mask)
+    def __call__(self, input_ids, attention_mask, logits_to_keep):
+        logits = self.denoise(input_ids, attention_mask, logits_to_keep)
         self.bar.update(1)
         return logits
 

@@ -1,0 +1,77 @@
+"""`generate()` with the LM head over the block being filled (the library's way) against the LM head over every
+position, the rows read afterwards (as before), alternating in one process: long prompts, where the head's share of a
+denoising pass and its logits (B x L x V) are largest.
+
+diffuapriel-1.3b with random weights in bf16, batch 1, a random prompt of each length, greedy, in blocks: the wall
+time of each `generate()` call (after one warm-up call of each shape, which captures the CUDA graphs of steps up to
+16K tokens), the peak GPU memory of a call, and whether both give the same tokens.
+
+    python benchmarks/window_logits.py --out benchmarks/results/window_logits.json
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from throughput import build  # benchmarks/throughput.py, beside this script
+
+VARIANTS = ["window", "every position"]
+
+
+def every_position(self, input_ids, attention_mask, logits_to_keep):
+    """The denoising pass as it was: every position's logits, of which the sampler read the window's."""
+    from diffuapriel_hf.cuda_graphs import graphed_denoiser
+
+    if input_ids.is_cuda:
+        return graphed_denoiser(self)(input_ids, attention_mask)[:, logits_to_keep]
+    return self(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits[:, logits_to_keep]
+
+
+def timed_generate(model, ids, settings) -> tuple[torch.Tensor, float, float]:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = model.generate(ids, **settings)
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-lengths", nargs="+", type=int, default=[4096, 16384, 65536])
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=16, help="denoising passes in all (over all blocks)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    model = build("diffuapriel-1.3b")
+    # Advisory (Mamba has no length limit), and generate() checks it: raised to fit the longest prompt and its tokens.
+    model.config.max_position_embeddings = max(args.prompt_lengths) + args.max_new_tokens
+    model_class, windowed = type(model), type(model).denoising_logits
+    settings = dict(max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
+                    do_sample=False)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, settings=settings, rows={})
+    for length in args.prompt_lengths:
+        ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
+        row = result["rows"][f"1 x {length}"] = {}
+        outputs = {}
+        for round_ in range(args.rounds + 1):  # round 0 warms up (graph capture, autotuning)
+            for variant in VARIANTS:
+                model_class.denoising_logits = windowed if variant == "window" else every_position
+                outputs[variant], seconds, peak = timed_generate(model, ids, settings)
+                if round_:
+                    row.setdefault(f"{variant} seconds", []).append(seconds)
+                    row[f"{variant} peak GiB"] = peak
+                print(f"1 x {length:6d}  {variant:15s} {seconds:7.3f} s  peak {peak:6.2f} GiB", flush=True)
+        model_class.denoising_logits = windowed
+        row["same tokens"] = bool(torch.equal(outputs["window"], outputs["every position"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
