@@ -60,7 +60,7 @@ class DiffusionGenerationConfig(GenerationConfig):
             block alone. Approximate, as Fast-dLLM's dual cache: the recorded context does not see the tokens the
             block commits after its first step (benchmarks/block_cache.py measures the speed-up and the changes).
             On CUDA the block's later steps replay one CUDA graph, fed each block's recording; the recording pass
-            runs eagerly. It pays with long contexts (5.2x faster with a 16K-token prompt and a 1.3B model on an
+            runs eagerly. It pays with long contexts (5.6x faster with a 16K-token prompt and a 1.3B model on an
             H200), not with small models on short ones (benchmarks/results/block_cache_gpu*.md).
         mask_token_id: the `[MASK]` token; `generate()` falls back to the model config's.
         output_history: with `return_dict_in_generate=True`, also return the sequence after every step.
