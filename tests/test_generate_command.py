@@ -47,11 +47,12 @@ def test_prompt_prints_what_generate_gives(saved_model, capsys):
 
 def test_block_cache_flag(saved_model, capsys):
     path, model, tokenizer = saved_model
-    code, out, _ = generate_command(
+    code, out, err = generate_command(
         capsys, "--model", path, "--prompt", "w3 w4 w5", "--max-new-tokens", 8, "--block-length", 4, "--steps", 8,
         "--temperature", 0, "--block-cache",
     )
     assert code == 0
+    assert "8/8" in err  # the progress bar counts the cached passes too
     ids = tokenizer("w3 w4 w5", return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=8, block_length=4, steps=8, do_sample=False, use_block_cache=True)
     assert out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)

@@ -121,20 +121,24 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
 
 
 class StepProgress:
-    """A progress bar of denoising forward passes, counted by wrapping the model's one denoising call. Its total is
-    an upper bound: a confidence threshold or the ancestral sampler may finish in fewer passes."""
+    """A progress bar of denoising forward passes, counted by wrapping the model's two denoising calls
+    (`denoising_logits`, and `cached_denoising_logits` with the block cache). Its total is an upper bound: a
+    confidence threshold or the ancestral sampler may finish in fewer passes."""
 
     def __init__(self, model, total: int, disable: bool):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc="denoising", unit="step", disable=disable, file=sys.stderr)
-        self.denoise = model.denoising_logits
-        model.denoising_logits = self
+        for name in ("denoising_logits", "cached_denoising_logits"):
+            setattr(model, name, self._counted(getattr(model, name)))
 
-    def __call__(self, input_ids, attention_mask, logits_to_keep):
-        logits = self.denoise(input_ids, attention_mask, logits_to_keep)
-        self.bar.update(1)
-        return logits
+    def _counted(self, denoise):
+        def call(*args):
+            logits = denoise(*args)
+            self.bar.update(1)
+            return logits
+
+        return call
 
     def close(self):
         self.bar.close()
