@@ -70,7 +70,7 @@ def main():
         rows.append(compare("direction sum + residual add + RMSNorm", unfused_block_tail,
                             lambda: fused_ops.add_rms_norm(residual, out0, norm, out1), 1e-2))
         rows.append(compare("SwiGLU product silu(gate) * up", lambda: F.silu(gate) * up,
-                            lambda: fused_ops.swiglu(gate_up), 1e-2))
+                            lambda: fused_ops.swiglu(gate, up), 1e-2))
         flat_residual = residual[0]
         rows.append(compare("residual + out_proj(y) (addmm epilogue, not used)",
                             lambda: flat_residual + F.linear(y, out_proj),

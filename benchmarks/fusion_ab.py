@@ -13,12 +13,13 @@ import torch
 
 from throughput import build, graphed_step_ms  # benchmarks/throughput.py, beside this script
 
-# name: (fused kernels on, MLP gate and up as one product from ONE_PRODUCT_MIN_TOKENS on)
+# name: (fused kernels on, MLP gate and up as one product from ONE_PRODUCT_MIN_TOKENS on, the SwiGLU kernel on)
 CONFIGS = {
-    "all fused": (True, True),
-    "no one-product MLP": (True, False),
-    "no fused kernels, one-product MLP": (False, True),
-    "nothing fused": (False, False),
+    "all fused": (True, True, True),
+    "no one-product MLP": (True, False, True),
+    "no SwiGLU kernel": (True, True, False),
+    "no fused kernels, one-product MLP": (False, True, False),
+    "nothing fused": (False, False, False),
 }
 
 
@@ -33,19 +34,20 @@ def main():
     from diffuapriel_hf import modeling_diffuapriel as modeling
 
     model = build("diffuapriel-1.3b")
-    fused, plain_linear = fused_ops._fused, modeling._plain_linear
+    fused, plain_linear, swiglu = fused_ops._fused, modeling._plain_linear, modeling.swiglu
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rounds=args.rounds, step_ms={})
     for length in args.lengths:
         ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
         for _ in range(args.rounds):
             for name in args.configs:
-                kernels_on, one_product_on = CONFIGS[name]
-                fused_ops._fused = fused if kernels_on else (lambda *tensors: False)
+                kernels_on, one_product_on, swiglu_on = CONFIGS[name]
+                fused_ops._fused = fused if kernels_on else (lambda *tensors, **layout: False)
                 modeling._plain_linear = plain_linear if one_product_on else (lambda module: False)
+                modeling.swiglu = swiglu if swiglu_on else fused_ops.swiglu_reference
                 ms = graphed_step_ms(model, ids, reps=5 if length > 16384 else 15, warmup=2)
                 result["step_ms"].setdefault(f"1 x {length}: {name}", []).append(ms)
                 print(f"1 x {length:6d}  {name:35s} {ms:8.2f} ms", flush=True)
-    fused_ops._fused, modeling._plain_linear = fused, plain_linear
+    fused_ops._fused, modeling._plain_linear, modeling.swiglu = fused, plain_linear, swiglu
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 

@@ -9,15 +9,15 @@ PyTorch reference:
 |                                              |                                                 | mixer's output     |
 | `add_rms_norm(residual, update, norm, b, s)` | `h = residual + s * (update + reverse_time(b))` | the block, after   |
 |                                              | `return h, norm(h)`                             | its mixer          |
-| `swiglu(gate_up)`                            | `gate, up = gate_up.chunk(2, -1)`               | the SwiGLU MLP     |
-|                                              | `F.silu(gate) * up`                             |                    |
+| `swiglu(gate, up)`                           | `F.silu(gate) * up`                             | the SwiGLU MLP     |
 
 Unfused, each is several kernels with intermediate tensors between them (the reversed copy, the direction sum, the
-residual stream read again by the norm, the activation, the halves of gate_up); fused, each reads its inputs once and
-writes its outputs once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
+residual stream read again by the norm, the activation); fused, each reads its inputs once and writes its outputs
+once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
 
 The kernels have no backward: they run where no gradient is needed, on contiguous CUDA tensors of one shape and
-dtype, and the references run everywhere else (CPU, training, Triton not installed). They compute in float32 and
+dtype (`swiglu` also on the two column halves of one product's output), and the references run everywhere else (CPU,
+training, Triton not installed). They compute in float32 and
 round once, where the references round after each operation.
 """
 
@@ -52,21 +52,40 @@ def add_rms_norm_reference(residual, update, norm, time_reversed=None, scale=1.0
     return hidden, norm(hidden)
 
 
-def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for the two halves of the last axis of gate_up (..., 2I) -> (..., I)."""
-    gate, up = gate_up.chunk(2, dim=-1)
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, for tensors of one shape."""
     return F.silu(gate) * up
 
 
-def _fused(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel applies: Triton installed, contiguous CUDA tensors of one shape and dtype, no gradient."""
+def _fused(*tensors: torch.Tensor, column_slices: bool = False) -> bool:
+    """Whether the kernel applies: Triton installed, CUDA tensors of one shape and dtype, no gradient, and each
+    contiguous (with `column_slices`, also a column slice of a contiguous tensor, with the others' row stride)."""
     first = tensors[0]
+    if column_slices:
+        rows = _row_stride(first)
+        laid_out = rows is not None and all(_row_stride(t) == rows for t in tensors)
+    else:
+        laid_out = all(t.is_contiguous() for t in tensors)
     return (
         triton is not None
         and first.is_cuda
-        and all(t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype for t in tensors)
+        and laid_out
+        and all(t.shape == first.shape and t.dtype == first.dtype for t in tensors)
         and not needs_gradient(*tensors)
     )
+
+
+def _row_stride(t: torch.Tensor):
+    """The distance between the rows (last axis) of t if that axis is contiguous and the rows evenly spaced, as in a
+    contiguous tensor or a column slice of one; else None."""
+    if t.dim() < 2 or t.stride(-1) != 1:
+        return None
+    expected = row_stride = t.stride(-2)
+    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
+        if size > 1 and stride != expected:
+            return None
+        expected *= size
+    return row_stride
 
 
 def add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -88,11 +107,12 @@ def add_rms_norm(residual, update, norm, time_reversed=None, scale=1.0):
     return launch_add_rms_norm(residual, update, norm.weight, norm.variance_epsilon, time_reversed, scale)
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """`swiglu_reference`: one kernel where `_fused`, else the reference."""
-    if not _fused(gate_up):
-        return swiglu_reference(gate_up)
-    return launch_swiglu(gate_up)
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`swiglu_reference`: one kernel where `_fused`, gate and up each contiguous or a column slice of one tensor
+    (the halves of one product's output, `gate_up.chunk(2, -1)`); else the reference."""
+    if not _fused(gate, up, column_slices=True):
+        return swiglu_reference(gate, up)
+    return launch_swiglu(gate, up)
 
 
 def launch_add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -116,11 +136,12 @@ def launch_add_rms_norm(residual, update, weight, eps, time_reversed=None, scale
     return hidden, normed
 
 
-def launch_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """The kernel of `swiglu`, without the checks."""
-    width = gate_up.shape[-1] // 2
-    out = gate_up.new_empty(*gate_up.shape[:-1], width)
-    _swiglu_kernel[(triton.cdiv(out.numel(), BLOCK),)](gate_up, out, out.numel(), width, BLOCK=BLOCK)
+def launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The kernel of `swiglu`, without the checks: gate and up laid out as `swiglu` requires, out contiguous."""
+    width = gate.shape[-1]
+    out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+    _swiglu_kernel[(triton.cdiv(out.numel(), BLOCK),)](gate, up, out, out.numel(), width, _row_stride(gate),
+                                                        BLOCK=BLOCK)
     return out
 
 
@@ -160,11 +181,12 @@ if triton is not None:
                  mask=inside)
 
     @triton.jit
-    def _swiglu_kernel(gate_up_ptr, out_ptr, numel, width, BLOCK: tl.constexpr):
-        # out[r, c] = silu(gate_up[r, c]) * gate_up[r, width + c] for contiguous (rows, 2 * width) gate_up.
+    def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, numel, width, row_stride, BLOCK: tl.constexpr):
+        # out[r, c] = silu(gate[r, c]) * up[r, c] for contiguous (rows, width) out, and gate and up whose rows lie
+        # row_stride elements apart (width when contiguous, 2 * width for the halves of one product's output).
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < numel
-        gate_offsets = offsets + (offsets // width) * width
-        gate = tl.load(gate_up_ptr + gate_offsets, mask=inside).to(tl.float32)
-        up = tl.load(gate_up_ptr + gate_offsets + width, mask=inside).to(tl.float32)
+        in_offsets = (offsets // width) * row_stride + offsets % width
+        gate = tl.load(gate_ptr + in_offsets, mask=inside).to(tl.float32)
+        up = tl.load(up_ptr + in_offsets, mask=inside).to(tl.float32)
         tl.store(out_ptr + offsets, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=inside)

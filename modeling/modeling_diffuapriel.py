@@ -371,10 +371,13 @@ class DiffuAprielMLP(nn.Module):
     def forward(self, x):
         if (self.act_is_silu and x.is_cuda and x.numel() >= ONE_PRODUCT_MIN_TOKENS * x.shape[-1]
                 and all(_plain_linear(m) for m in (self.gate_proj, self.up_proj))):
-            # gate and up as one product, and the product silu(gate) * up as one kernel.
-            gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))  # (B, L, 2I)
-            return self.down_proj(swiglu(gate_up))
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            # gate and up as one product, read in halves by the SwiGLU kernel.
+            gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act_is_silu:  # silu(gate) * up as one kernel on CUDA
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 def _plain_linear(module: nn.Module) -> bool:

@@ -193,9 +193,11 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
         torch.testing.assert_close(fused.add_time_reversed(a, b), fused.add_time_reversed_reference(a, b),
                                    rtol=0, atol=0)
         # silu(gate) * up rounded once instead of twice: at least as close to float32 as the reference.
-        gate_up = torch.cat([a, b], dim=-1)
-        assert rel_err(fused.swiglu(gate_up), fused.swiglu_reference(exact(gate_up))) <= tolerance / 2
-        assert rel_err(fused.swiglu_reference(gate_up), fused.swiglu_reference(exact(gate_up))) <= tolerance
+        exact_swiglu = fused.swiglu_reference(exact(a), exact(b))
+        halves = torch.cat([a, b], dim=-1).chunk(2, dim=-1)  # the one-product MLP's layout
+        assert rel_err(fused.swiglu(a, b), exact_swiglu) <= tolerance / 2
+        torch.testing.assert_close(fused.swiglu(*halves), fused.swiglu(a, b), rtol=0, atol=0)
+        assert rel_err(fused.swiglu_reference(a, b), exact_swiglu) <= tolerance
         # The direction sum, residual add and norm: the residual stream rounded once, then its norm.
         float_norm = DiffuAprielRMSNorm(96, eps=1e-5).to("cuda")
         float_norm.weight.copy_(norm.weight)
@@ -210,7 +212,7 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
                 assert rel_err(reference_part, exact_part) <= 2 * tolerance
     # A gradient needed: the references, which carry it.
     a.requires_grad_(True)
-    assert fused.swiglu(torch.cat([a, b], -1)).grad_fn is not None and fused.add_time_reversed(a, b).grad_fn is not None
+    assert fused.swiglu(a, b).grad_fn is not None and fused.add_time_reversed(a, b).grad_fn is not None
     assert all(t.grad_fn is not None for t in fused.add_rms_norm(residual, a, norm, b))
 
 
@@ -222,12 +224,13 @@ def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_proje
         def forward(self, x):
             return super().forward(x) + 1.0
 
-    one_products = []  # the shapes of what the one-product path hands to swiglu
+    one_products = []  # the row strides of what the one-product path hands to swiglu: its output's halves
     swiglu = modeling_diffuapriel.swiglu
 
-    def recording_swiglu(gate_up):
-        one_products.append(gate_up.shape)
-        return swiglu(gate_up)
+    def recording_swiglu(gate, up):
+        if not gate.is_contiguous():
+            one_products.append(gate.stride(-2))
+        return swiglu(gate, up)
 
     monkeypatch.setattr(modeling_diffuapriel, "swiglu", recording_swiglu)
     config = preset_config("tiny")
@@ -238,7 +241,7 @@ def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_proje
         x = torch.randn(1, tokens, config.hidden_size, device="cuda")
         separate = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         torch.testing.assert_close(mlp(x), separate, rtol=1e-5, atol=1e-5)
-        assert one_products == ([(1, tokens, 2 * config.intermediate_size)] if one_product else [])
+        assert one_products == ([2 * config.intermediate_size] if one_product else [])
     x = torch.randn(1, ONE_PRODUCT_MIN_TOKENS, config.hidden_size, device="cuda")
     mlp(x).sum().backward()  # the gradient reaches both weights through the concatenation
     assert mlp.gate_proj.weight.grad.abs().sum() > 0 and mlp.up_proj.weight.grad.abs().sum() > 0
