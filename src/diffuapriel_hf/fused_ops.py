@@ -15,8 +15,8 @@ once. Timings against the unfused forms are in benchmarks/results/elementwise_fu
 
 The kernels have no backward: they run where no gradient is needed, on contiguous CUDA tensors of one shape and
 dtype (`swiglu` also on the two column halves of one product's output), and the references run everywhere else (CPU,
-training, Triton not installed). They compute in float32 and
-round once, where the references round after each operation.
+training, Triton not installed). They compute in float32 and round once, where the references round after each
+operation.
 """
 
 import torch

@@ -296,9 +296,9 @@ def ssd_forward(
     # (a test path) takes the smaller tiles too, which keep its doubled shared memory within bounds.
     if block_p > 32 and (x.dtype == torch.float32 or segments == 1 and batch * nheads < _multiprocessors(x.device)):
         block_p = 32
-    return launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit,
-                              segments=segments, chunk=CHUNK, block_p=block_p, num_warps=NUM_WARPS,
-                              num_stages=NUM_STAGES, max_registers=MAX_REGISTERS)
+    return launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments=segments, chunk=CHUNK,
+                              block_p=block_p, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                              max_registers=MAX_REGISTERS)
 
 
 def time_steps_by_head(dt: torch.Tensor) -> torch.Tensor:
