@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerFast
-from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+from transformers.models.mamba2 import modeling_mamba2
 
 from diffuapriel_hf import DiffuAprielForMaskedLM
 from diffuapriel_hf.cli import main as cli_main
@@ -21,7 +21,9 @@ from diffuapriel_hf.convert import convert_checkpoint, read_state_dict
 
 VOCAB = 50
 # transformers < 5.2x normalised the gated RMSNorm over the whole width instead of per group (mamba-ssm's definition).
-GROUPED_GATED_NORM = "group_size" in inspect.signature(MambaRMSNormGated.__init__).parameters
+# 5.25 renamed its class MambaRMSNormGated to Mamba2RMSNormGated.
+GATED_NORM = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
+GROUPED_GATED_NORM = "group_size" in inspect.signature(GATED_NORM.__init__).parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
