@@ -78,6 +78,15 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask_token_id: int) ->
     return nll * predicted
 
 
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether checks that read `tensor`'s values back to the host may run: not under `torch.compile`, nor while a CUDA
+    graph is captured (`diffuapriel_hf.cuda_graphs`), which cannot wait for the device."""
+    return not torch.compiler.is_compiling() and not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def masked_diffusion_loss(
     logits: torch.Tensor, labels: torch.Tensor, loss_weights: Optional[torch.Tensor], mask_token_id: Optional[int]
 ) -> torch.Tensor:
@@ -92,11 +101,11 @@ def masked_diffusion_loss(
         raise ValueError("the config has no mask_token_id: set config.mask_token_id to compute the diffusion loss")
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if labels.dtype not in INTEGER_DTYPES:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     vocab_size = logits.shape[-1]
     labelled = labels != -100
-    if not torch.compiler.is_compiling() and bool(
+    if values_readable(labels) and bool(
         (labelled & ((labels < 0) | (labels >= vocab_size) | (labels == mask_token_id))).any()
     ):
         raise ValueError(

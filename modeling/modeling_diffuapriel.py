@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
-from .diffusion import masked_diffusion_loss
+from .diffusion import INTEGER_DTYPES, masked_diffusion_loss, values_readable
 from .fused_ops import add_rms_norm, add_time_reversed, swiglu
 from .generation import DiffusionGenerationMixin
 from .mamba_ops import MambaOps, reverse_time, select_ops
@@ -476,12 +476,6 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
 
 
-def _capturing_cuda_graph(tensor: torch.Tensor) -> bool:
-    """True while a CUDA graph is being captured (`diffuapriel_hf.cuda_graphs`): the checks that read values back to
-    the host are skipped then, since a capture cannot wait for the device."""
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -489,9 +483,9 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(getattr(input_ids, "shape", ()))
             raise ValueError(f"input_ids must be a 2-D tensor (batch, length), got shape {shape}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        if input_ids.dtype not in INTEGER_DTYPES:
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.numel() and not torch.compiler.is_compiling() and not _capturing_cuda_graph(input_ids):
+        if input_ids.numel() and values_readable(input_ids):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= config.vocab_size:
                 raise ValueError(
@@ -515,8 +509,7 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
                 f"attention_mask must have the shape of the inputs (batch, length) = {tuple(shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        checkable = not torch.compiler.is_compiling() and not _capturing_cuda_graph(attention_mask)
-        if attention_mask.dtype != torch.bool and checkable and not bool(
+        if attention_mask.dtype != torch.bool and values_readable(attention_mask) and not bool(
             ((attention_mask == 0) | (attention_mask == 1)).all()
         ):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
@@ -595,8 +588,7 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
                 padding_mask = block_context.padding_mask[:, block_context.start : block_context.end]
         elif attention_mask is not None:
             padding_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
-            checkable = not torch.compiler.is_compiling() and not _capturing_cuda_graph(padding_mask)
-            if checkable and bool(padding_mask.all()):
+            if values_readable(padding_mask) and bool(padding_mask.all()):
                 padding_mask = None
         attention_bias = position_embeddings = position_ids = None
         if self.rotary_emb is not None:
@@ -657,11 +649,10 @@ def _kept_positions(hidden_states: torch.Tensor, logits_to_keep: Union[int, torc
     """The rows of hidden_states (B, L, D) that `logits_to_keep` names (see `DiffuAprielForMaskedLM.forward`)."""
     length = hidden_states.shape[1]
     if isinstance(logits_to_keep, torch.Tensor):
-        if logits_to_keep.dim() != 1 or logits_to_keep.is_floating_point() or logits_to_keep.dtype == torch.bool:
+        if logits_to_keep.dim() != 1 or logits_to_keep.dtype not in INTEGER_DTYPES:
             raise ValueError(f"logits_to_keep as a tensor must be 1-D integer positions, got a "
                              f"{logits_to_keep.dim()}-D {logits_to_keep.dtype} tensor")
-        checkable = not torch.compiler.is_compiling() and not _capturing_cuda_graph(logits_to_keep)
-        if checkable and logits_to_keep.numel() and not (
+        if values_readable(logits_to_keep) and logits_to_keep.numel() and not (
             0 <= int(logits_to_keep.min()) and int(logits_to_keep.max()) < length
         ):
             raise ValueError(f"logits_to_keep names positions outside the sequence [0, {length})")

@@ -88,7 +88,7 @@ class GraphedDenoiser:
         inputs = (input_ids,) if logits_to_keep is None else (input_ids, logits_to_keep.to(input_ids.device))
         key = (tuple((t.shape, t.dtype) for t in inputs), input_ids.device, self._parameters_key())
         if key != self.key:
-            self.key = self.graph = self._static_context = self._recording_of = None  # free the old graph first
+            self._drop_graph()  # before capturing: the old graph's memory is freed first
             static_inputs = tuple(t.clone() for t in inputs)
             graph, static_logits = self._capture(lambda: self.eager(static_inputs[0], None, *static_inputs[1:]),
                                                  input_ids.device)
@@ -109,9 +109,8 @@ class GraphedDenoiser:
                   tuple(sorted(context.keys_values)), tuple((t.shape, t.dtype, t.device) for t in recorded))
         key = (tuple(window_ids.shape), window_ids.dtype, window_ids.device, self._parameters_key(), layout)
         if key != self.key:
-            self.key = self.graph = self._static_context = self._recording_of = None
+            self._drop_graph()
             static_input, static_context = window_ids.clone(), context.clone()
-
             graph, static_logits = self._capture(lambda: self.eager_window(static_input, static_context),
                                                  static_input.device)
             self.graph, self.key, self._static_context = (graph, (static_input,), static_logits), key, static_context
@@ -121,6 +120,9 @@ class GraphedDenoiser:
                 static.copy_(given)
             self._recording_of = weakref.ref(context)
         return self._replay(window_ids)
+
+    def _drop_graph(self):
+        self.key = self.graph = self._static_context = self._recording_of = None
 
     def _replay(self, *inputs: torch.Tensor) -> torch.Tensor:
         graph, static_inputs, static_logits = self.graph

@@ -32,6 +32,7 @@ from transformers import GenerationConfig
 from transformers.utils import ModelOutput, logging
 
 from .cuda_graphs import graphed_denoiser
+from .diffusion import INTEGER_DTYPES
 
 logger = logging.get_logger(__name__)
 
@@ -382,7 +383,7 @@ class DiffusionGenerationMixin:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = getattr(input_ids, "shape", input_ids)
             raise ValueError(f"`input_ids` must be a (batch, length) tensor, got {shape}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        if input_ids.dtype not in INTEGER_DTYPES:
             raise TypeError(f"`input_ids` must be an integer tensor, got {input_ids.dtype}")
         input_ids = input_ids.to(device=device, dtype=torch.long)
         batch, prompt_length = input_ids.shape
