@@ -273,6 +273,57 @@ def _draw_per_row(kind: str, counts: list[int], width: int, generators, device) 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# One step's decisions, composed from the functions above.
+
+
+def propose_tokens(
+    candidate_logits: torch.Tensor, mask_token_id: int, config: DiffusionGenerationConfig, sampling: bool,
+    counts: list[int], generators,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates' distribution (K, V), mask token excluded, and a token for each (K,) from their logits (K, V):
+    drawn from the tempered, filtered distribution when `sampling` (with the rows' generators; counts[b] candidates
+    are row b's), else the most likely. The unfiltered distribution is what ranks and thresholds the candidates, so
+    that top_k=1 is greedy and a low temperature does not fake confidence."""
+    candidate_logits = candidate_logits.float()  # a copy: the caller indexed it out of the model's logits
+    candidate_logits[:, mask_token_id] = float("-inf")
+    probs = candidate_logits.softmax(dim=-1)
+    if not sampling:
+        return probs, probs.argmax(dim=-1)
+    filtered = filter_logits(candidate_logits, config.temperature or 1.0, config.top_k, config.top_p)
+    noise = _draw_per_row("exponential", counts, probs.shape[-1], generators, probs.device)
+    return probs, sample_categorical(filtered.softmax(dim=-1), noise)
+
+
+def choose_commits(
+    rule: str, in_block: torch.Tensor, probs: torch.Tensor, tokens: torch.Tensor, remaining: torch.Tensor,
+    steps_left: torch.Tensor, confidence_threshold: Optional[float], counts: list[int], generators,
+) -> torch.Tensor:
+    """Which of the candidates (the True entries of in_block (B, L), in row-major order, with their distributions
+    probs (K, V) and tokens (K,)) to commit at this step, as a (B, L) bool mask. `ancestral`: each independently,
+    with MDLM's reveal probability for a row with steps_left (B,) steps to go; the other rules: each row's
+    `num_tokens_to_commit(remaining, steps_left)` most confident, and with a threshold also every one at least that
+    sure."""
+    if rule == "ancestral":
+        batch, length = in_block.shape
+        row_steps_left = steps_left[:, None].expand(batch, length)[in_block].float()  # (K,)
+        uniform = _draw_per_row("uniform", counts, 1, generators, probs.device).squeeze(-1)
+        commit = torch.zeros_like(in_block)
+        commit[in_block] = uniform < ancestral_reveal_probability(row_steps_left, row_steps_left - 1)
+        return commit
+    uniform = None
+    if rule == "random":
+        uniform = _draw_per_row("uniform", counts, 1, generators, probs.device).squeeze(-1)
+    scores = torch.full(in_block.shape, float("-inf"), device=in_block.device)
+    scores[in_block] = confidence_scores(rule, probs, tokens, uniform)
+    to_commit = num_tokens_to_commit(remaining, steps_left.clamp(min=1))  # rows without masks: 0
+    if confidence_threshold is not None:
+        sure = torch.zeros_like(in_block)
+        sure[in_block] = probs.gather(-1, tokens[:, None]).squeeze(-1) >= confidence_threshold
+        to_commit = torch.maximum(to_commit, sure.sum(dim=-1))
+    return select_top(scores, to_commit)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 class DiffusionGenerationMixin:
@@ -491,40 +542,10 @@ class DiffusionGenerationMixin:
 
                     # Candidates: the masks of the current block, in row-major order (each row's run is contiguous).
                     counts = remaining.tolist()
-                    candidate_logits = logits[in_block[:, window]].float()  # (K, V)
-                    candidate_logits[:, mask_id] = float("-inf")
-                    # The model's own distribution ranks and thresholds the candidates; the token is drawn from its
-                    # tempered, filtered version (so top_k=1 is greedy, and a low temperature does not fake confidence).
-                    probs = candidate_logits.softmax(dim=-1)  # (K, V)
-                    if sampling:
-                        filtered = filter_logits(
-                            candidate_logits, config.temperature or 1.0, config.top_k, config.top_p
-                        )
-                        noise = _draw_per_row("exponential", counts, probs.shape[-1], generators, device)
-                        tokens = sample_categorical(filtered.softmax(dim=-1), noise)  # (K,)
-                    else:
-                        tokens = probs.argmax(dim=-1)  # (K,)
-
-                    if rule == "ancestral":
-                        row_steps_left = steps_left[:, None].expand(batch, length)[in_block].float()
-                        uniform = _draw_per_row("uniform", counts, 1, generators, device).squeeze(-1)
-                        reveal = uniform < ancestral_reveal_probability(row_steps_left, row_steps_left - 1)
-                        commit = torch.zeros_like(in_block)
-                        commit[in_block] = reveal
-                    else:
-                        uniform = None
-                        if rule == "random":
-                            uniform = _draw_per_row("uniform", counts, 1, generators, device).squeeze(-1)
-                        scores = torch.full(x.shape, float("-inf"), device=device)
-                        scores[in_block] = confidence_scores(rule, probs, tokens, uniform)
-                        to_commit = num_tokens_to_commit(remaining, steps_left.clamp(min=1))  # rows without masks: 0
-                        if config.confidence_threshold is not None:
-                            sure = torch.zeros_like(in_block)
-                            chosen_probs = probs.gather(-1, tokens[:, None]).squeeze(-1)
-                            sure[in_block] = chosen_probs >= config.confidence_threshold
-                            to_commit = torch.maximum(to_commit, sure.sum(dim=-1))
-                        commit = select_top(scores, to_commit)
-
+                    probs, tokens = propose_tokens(logits[in_block[:, window]], mask_id, config, sampling, counts,
+                                                   generators)  # (K, V), (K,)
+                    commit = choose_commits(rule, in_block, probs, tokens, remaining, steps_left,
+                                            config.confidence_threshold, counts, generators)  # (B, L)
                     chosen = torch.full_like(x, mask_id)
                     chosen[in_block] = tokens
                     x = torch.where(commit, chosen, x)

@@ -12,10 +12,12 @@ from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
 from diffuapriel_hf.generation import (
     DiffusionGenerateOutput,
     ancestral_reveal_probability,
+    choose_commits,
     confidence_scores,
     filter_logits,
     num_tokens_to_commit,
     pad_after_eos,
+    propose_tokens,
     sample_categorical,
     select_top,
 )
@@ -273,6 +275,27 @@ def test_select_top_and_pad_after_eos():
     generated = torch.tensor([[False, True, True, True, True], [False, True, True, True, True]])
     assert pad_after_eos(sequences, generated, [2], 0).tolist() == [[5, 2, 0, 0, 0], [2, 6, 6, 6, 6]]
 
+
+
+def test_one_steps_decisions():
+    in_block = torch.tensor([[False, True, True, True], [True, True, False, False]])  # 3 + 2 candidates
+    logits = torch.tensor([[0.0, 5.0, 0.0, 9.0], [4.0, 0.0, 0.0, 9.0], [0.0, 0.0, 3.0, 9.0], [1.0, 0.0, 0.0, 9.0],
+                           [0.0, 2.0, 0.0, 9.0]])  # (K, V), the mask token (3) the most likely everywhere
+    config = DiffusionGenerationConfig(temperature=1.0)
+    probs, tokens = propose_tokens(logits, 3, config, sampling=False, counts=[3, 2], generators=None)
+    assert tokens.tolist() == [1, 0, 2, 0, 1] and bool((probs[:, 3] == 0).all())  # never the mask token
+    remaining, steps_left = torch.tensor([3, 2]), torch.tensor([3, 1])
+    commit = choose_commits("low_confidence", in_block, probs, tokens, remaining, steps_left, None, [3, 2], None)
+    assert commit.tolist() == [[False, True, False, False], [True, True, False, False]]  # 1 of 3, 2 of 2 (last step)
+    # p(token) per candidate: 0.99, 0.97, 0.91 (row 0), 0.58, 0.79 (row 1): the threshold takes all of row 0, row 1
+    # keeps its scheduled one, its most confident.
+    sure = choose_commits("low_confidence", in_block, probs, tokens, remaining, torch.tensor([3, 2]), 0.9, [3, 2],
+                          None)
+    assert sure.tolist() == [[False, True, True, True], [False, True, False, False]]
+    generators = [torch.Generator().manual_seed(0) for _ in range(2)]
+    last = choose_commits("ancestral", in_block, probs, tokens, remaining, torch.tensor([1, 1]), None, [3, 2],
+                          generators)
+    assert torch.equal(last, in_block)  # the last ancestral step reveals every mask
 
 # ----------------------------------------------------------------------------------------------------------------------
 # generate()
