@@ -101,17 +101,22 @@ def test_conv_and_norm_references():
     torch.testing.assert_close(rmsnorm_reference(y, weight, None, z=z, eps=1e-5, group_size=4, norm_before_gate=False), expected)
 
 
-def test_causal_mixer_matches_transformers_mamba2_mixer():
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_causal_mixer_matches_transformers_mamba2_mixer(n_groups):
     torch.manual_seed(3)
     ours_config = preset_config(
-        "tiny", hidden_size=32, mamba_expand=2, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=2,
+        "tiny", hidden_size=32, mamba_expand=2, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=n_groups,
         mamba_chunk_size=8, bidirectional=False, rms_norm_eps=1e-5,
     )
     theirs_config = Mamba2Config(
-        hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=2, expand=2, conv_kernel=4,
+        hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=n_groups, expand=2, conv_kernel=4,
         chunk_size=8, layer_norm_epsilon=1e-5, num_hidden_layers=1, vocab_size=96,
     )
     theirs = TransformersMamba2Mixer(theirs_config, layer_idx=0).eval()
+    if n_groups > 1 and not hasattr(theirs.norm, "group_size"):
+        # transformers before 5.2x normalised the gated RMSNorm over the whole width, not per group as mamba-ssm
+        # (and this model) do: the two agree with one group only.
+        pytest.skip("this transformers' gated RMSNorm is not per group")
     with torch.no_grad():
         for parameter in theirs.parameters():  # away from the identity-like initial values
             parameter.copy_(torch.randn_like(parameter) * 0.3)
