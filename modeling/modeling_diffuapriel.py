@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -437,14 +438,13 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """transformers' `from_pretrained`, but weights whose shapes do not match the config raise a `ValueError` that
-        names each tensor and both shapes (transformers names them only in its logged load report).
-        `ignore_mismatched_sizes=True` still re-initialises them instead."""
+        names each tensor and both shapes (transformers names them only in its logged load report), and so does a
+        safetensors file that cannot be read (truncated, overwritten), naming the checkpoint.
+        `ignore_mismatched_sizes=True` still re-initialises mismatched weights instead."""
         if kwargs.get("ignore_mismatched_sizes"):
-            return super().from_pretrained(*args, **kwargs)
+            return cls._load(args, kwargs)
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(
-            *args, **kwargs, ignore_mismatched_sizes=True, output_loading_info=True
-        )
+        model, loading_info = cls._load(args, {**kwargs, "ignore_mismatched_sizes": True, "output_loading_info": True})
         if loading_info["mismatched_keys"]:
             raise ValueError(
                 "the checkpoint's weights do not match its config: "
@@ -455,6 +455,17 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
                 )
             )
         return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _load(cls, args, kwargs):
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        except SafetensorError as error:
+            checkpoint = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(
+                f"the weights of the checkpoint {str(checkpoint)!r} cannot be read: a safetensors file is corrupt or "
+                f"truncated ({error})"
+            ) from error
 
     def _init_weights(self, module):
         super()._init_weights(module)

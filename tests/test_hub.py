@@ -195,3 +195,15 @@ def test_pickle_checkpoint_never_runs_code(tiny_model, tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         DiffuAprielForMaskedLM.from_pretrained(tmp_path)
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_corrupt_weights_are_a_clear_error(tiny_model, tmp_path, damage):
+    tiny_model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a safetensors file")
+    with pytest.raises(ValueError, match=f"checkpoint '{tmp_path}' cannot be read: a safetensors file is corrupt"):
+        DiffuAprielForMaskedLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        AutoModelForMaskedLM.from_pretrained(str(tmp_path), ignore_mismatched_sizes=True)
