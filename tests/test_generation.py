@@ -276,7 +276,6 @@ def test_select_top_and_pad_after_eos():
     assert pad_after_eos(sequences, generated, [2], 0).tolist() == [[5, 2, 0, 0, 0], [2, 6, 6, 6, 6]]
 
 
-
 def test_one_steps_decisions():
     in_block = torch.tensor([[False, True, True, True], [True, True, False, False]])  # 3 + 2 candidates
     logits = torch.tensor([[0.0, 5.0, 0.0, 9.0], [4.0, 0.0, 0.0, 9.0], [0.0, 0.0, 3.0, 9.0], [1.0, 0.0, 0.0, 9.0],
@@ -296,6 +295,7 @@ def test_one_steps_decisions():
     last = choose_commits("ancestral", in_block, probs, tokens, remaining, torch.tensor([1, 1]), None, [3, 2],
                           generators)
     assert torch.equal(last, in_block)  # the last ancestral step reveals every mask
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # generate()
