@@ -25,9 +25,9 @@ import torch
 from transformers import AutoTokenizer
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
-from diffuapriel_hf.cuda_graphs import GraphedDenoiser
-from diffuapriel_hf.generate_command import default_model_path
-from diffuapriel_hf.stdlib_corpus import stdlib_files
+from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
+from diffuapriel_hf.cli.generate import default_model_path
+from diffuapriel_hf.training.stdlib_corpus import stdlib_files
 
 
 def prompts(tokenizer, count: int, length: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The memory-bound operations around a diffuapriel-1.3b block, unfused against the fused kernels the model uses
-(`diffuapriel_hf.fused_ops`), at 64K tokens (bf16, hidden size 2048, Mamba inner size 4096, MLP size 2048), timed in
+(`diffuapriel_hf.modeling.fused_ops`), at 64K tokens (bf16, hidden size 2048, Mamba inner size 4096, MLP size 2048), timed in
 one process on one GPU:
 
 - the direction sum `out0 + reverse_time(out1)` (a gather, then an add) against one kernel reading out1 mirrored;
@@ -46,9 +46,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from diffuapriel_hf import fused_ops
-    from diffuapriel_hf.mamba_ops import reverse_time
-    from diffuapriel_hf.modeling_diffuapriel import DiffuAprielRMSNorm
+    from diffuapriel_hf.modeling import fused_ops
+    from diffuapriel_hf.modeling.mamba_ops import reverse_time
+    from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielRMSNorm
 
     torch.manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)

@@ -1,5 +1,5 @@
 """Whole diffuapriel-1.3b denoising steps (batch 1, bf16, replayed from CUDA graphs) with and without the fused
-operations of `diffuapriel_hf.fused_ops` and the MLP's one gate-and-up product, alternating in one process on one GPU,
+operations of `diffuapriel_hf.modeling.fused_ops` and the MLP's one gate-and-up product, alternating in one process on one GPU,
 over several rounds: what each is worth where it counts, in the step the throughput benchmark measures.
 
     python benchmarks/fusion_ab.py --lengths 4096 16384 65536 --out benchmarks/results/fusion_ab.json
@@ -30,8 +30,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from diffuapriel_hf import fused_ops
-    from diffuapriel_hf import modeling_diffuapriel as modeling
+    from diffuapriel_hf.modeling import fused_ops
+    from diffuapriel_hf.modeling import modeling_diffuapriel as modeling
 
     model = build("diffuapriel-1.3b")
     fused, plain_linear, swiglu = fused_ops._fused, modeling._plain_linear, modeling.swiglu

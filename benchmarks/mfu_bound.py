@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from diffuapriel_hf import mamba_ops
+    from diffuapriel_hf.modeling import mamba_ops
 
     model = build("diffuapriel-1.3b")
     kernels = mamba_ops.kernel_ops()

@@ -18,9 +18,9 @@ import json
 import torch
 import torch.nn.functional as F
 
-from diffuapriel_hf.modeling_diffuapriel import BidirectionalMamba2Mixer
-from diffuapriel_hf.mamba_ops import kernel_ops
-from diffuapriel_hf.presets import preset_config
+from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
+from diffuapriel_hf.modeling.mamba_ops import kernel_ops
+from diffuapriel_hf.modeling.presets import preset_config
 from throughput import median_ms  # benchmarks/throughput.py, beside this script
 
 

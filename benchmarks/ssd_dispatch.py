@@ -26,8 +26,8 @@ def main():
     args = parser.parse_args()
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    from diffuapriel_hf import mamba_ops
-    from diffuapriel_hf.ssd_triton import single_pass_is_faster, ssd_forward
+    from diffuapriel_hf.modeling import mamba_ops
+    from diffuapriel_hf.modeling.ssd_triton import single_pass_is_faster, ssd_forward
 
     model = build("diffuapriel-1.3b")
     kernels = mamba_ops.kernel_ops()

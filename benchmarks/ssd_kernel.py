@@ -1,4 +1,4 @@
-"""Our single-pass SSD forward kernel (`diffuapriel_hf.ssd_triton`) against mamba-ssm's `mamba_chunk_scan_combined`.
+"""Our single-pass SSD forward kernel (`diffuapriel_hf.modeling.ssd_triton`) against mamba-ssm's `mamba_chunk_scan_combined`.
 
 In bf16 with the 1.3B presets' sizes (64 heads of 64, state 128, one group), inputs laid out as the mixer passes
 them (x, B and C strided views of one convolution output, dt of in_proj's), dt raw with dt_bias and softplus inside
@@ -51,7 +51,7 @@ def mixer_inputs(batch: int, length: int):
 def kernel_rows() -> list[dict]:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    from diffuapriel_hf.ssd_triton import launch_ssd_forward, ssd_forward
+    from diffuapriel_hf.modeling.ssd_triton import launch_ssd_forward, ssd_forward
 
     rows = []
     for batch, length in SHAPES:

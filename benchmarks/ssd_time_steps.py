@@ -38,7 +38,7 @@ def kernel_times(fn) -> dict:
 
 
 def call_rows(lengths, rounds) -> dict:
-    from diffuapriel_hf import ssd_triton
+    from diffuapriel_hf.modeling import ssd_triton
 
     by_head = ssd_triton.time_steps_by_head
     rows = {}
@@ -70,7 +70,7 @@ def call_rows(lengths, rounds) -> dict:
 
 
 def step_rows(lengths, rounds) -> dict:
-    from diffuapriel_hf import ssd_triton
+    from diffuapriel_hf.modeling import ssd_triton
 
     model = build("diffuapriel-1.3b")
     by_head = ssd_triton.time_steps_by_head

@@ -15,9 +15,9 @@ import torch
 
 from throughput import build, graphed_step_ms  # benchmarks/throughput.py, beside this script
 
-from diffuapriel_hf.cuda_graphs import GraphedDenoiser
-from diffuapriel_hf.mamba_ops import reverse_time, select_ops
-from diffuapriel_hf.modeling_diffuapriel import BidirectionalMamba2Mixer
+from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
+from diffuapriel_hf.modeling.mamba_ops import reverse_time, select_ops
+from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 
 AS_BUILT = BidirectionalMamba2Mixer.direction_outputs
 _side_streams = {}

@@ -4,7 +4,7 @@ one run on one GPU.
 For each model and each shape (batch 1 at 1K..64K tokens, and a fixed number of tokens per batch at short lengths)
 it measures:
 - the time of one denoising step (a full forward pass to the logits), launched eagerly and replayed from a CUDA
-  graph (as `generate()` runs its steps up to 16K tokens; `diffuapriel_hf.cuda_graphs`), median of several runs
+  graph (as `generate()` runs its steps up to 16K tokens; `diffuapriel_hf.modeling.cuda_graphs`), median of several runs
   with CUDA events; the step time is the faster of the two (the graph's replay also copies the logits out);
 - the end-to-end throughput of `model.generate()` for a fixed number of denoising steps (new tokens per second,
   prompt of 64 tokens, one block, greedy), on a second call of the shape (the first, also recorded, captures the
@@ -58,7 +58,7 @@ def median_ms(fn, reps: int, warmup: int = 1) -> float:
 
 def graphed_step_ms(model, ids, reps: int, warmup: int = 1) -> float:
     """Median time of one denoising step on `ids` replayed from a CUDA graph (captured here, released after)."""
-    from diffuapriel_hf.cuda_graphs import GraphedDenoiser
+    from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
 
     with torch.no_grad():
         denoiser = GraphedDenoiser(model, max_tokens=None)
@@ -78,7 +78,7 @@ def matmul_ceiling() -> float:
 
 def build(name: str):
     from diffuapriel_hf import DiffuAprielForMaskedLM
-    from diffuapriel_hf.presets import preset_config
+    from diffuapriel_hf.modeling.presets import preset_config
 
     # max_position_embeddings is advisory (RoPE extrapolates); generate() checks it, so it is raised to the longest
     # length measured.
@@ -95,7 +95,7 @@ def sdpa_backends(model):
     were slower at every length tried), None (nothing to choose) for a pure Mamba stack."""
     from torch.nn.attention import SDPBackend
 
-    from diffuapriel_hf.configuration_diffuapriel import ATTENTION
+    from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION
 
     if ATTENTION not in model.config.layer_types:
         return [None]
@@ -111,7 +111,7 @@ def backend_context(backend):
 
 
 def measure(model, batch: int, length: int, steps: int, reps: int) -> dict:
-    from diffuapriel_hf.cuda_graphs import release_graphs
+    from diffuapriel_hf.modeling.cuda_graphs import release_graphs
 
     ids = torch.randint(0, model.config.mask_token_id, (batch, length), device="cuda")
     row = dict(batch=batch, length=length, tokens=batch * length)
@@ -157,7 +157,7 @@ def measure(model, batch: int, length: int, steps: int, reps: int) -> dict:
 
 
 def run(args, partial_path: Path) -> dict:
-    from diffuapriel_hf.cuda_graphs import GRAPH_MAX_TOKENS
+    from diffuapriel_hf.modeling.cuda_graphs import GRAPH_MAX_TOKENS
 
     device = torch.cuda.get_device_name()
     result = dict(device=device, torch=torch.__version__, peak_bf16_flops=peak_bf16(device),

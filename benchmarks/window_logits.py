@@ -23,7 +23,7 @@ VARIANTS = ["window", "every position"]
 
 def every_position(self, input_ids, attention_mask, logits_to_keep):
     """The denoising pass as it was: every position's logits, of which the sampler read the window's."""
-    from diffuapriel_hf.cuda_graphs import graphed_denoiser
+    from diffuapriel_hf.modeling.cuda_graphs import graphed_denoiser
 
     if input_ids.is_cuda:
         return graphed_denoiser(self)(input_ids, attention_mask)[:, logits_to_keep]

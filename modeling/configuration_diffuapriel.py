@@ -1,5 +1,3 @@
-# Generated from src/diffuapriel_hf/configuration_diffuapriel.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
-# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
 """DiffuApriel configuration: one config for DiffuApriel (all Mamba), DiffuApriel-H (hybrid) and DiffuTran (all
 attention), told apart only by `layer_types`."""
 
@@ -148,7 +146,7 @@ class DiffuAprielConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DiffuAprielConfig":
-        """A named configuration (see `diffuapriel_hf.presets.PRESETS`), with fields overridden by keyword."""
+        """A named configuration (see `diffuapriel_hf.modeling.presets.PRESETS`), with fields overridden by keyword."""
         from .presets import preset_config
 
         return preset_config(name, **overrides)

@@ -1,5 +1,3 @@
-# Generated from src/diffuapriel_hf/cuda_graphs.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
-# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
 """Denoising forward passes replayed from CUDA graphs.
 
 A diffusion sampler calls the denoiser many times on inputs of one shape. Launched eagerly, a 1.3B Mamba-2 stack

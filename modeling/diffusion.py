@@ -1,5 +1,3 @@
-# Generated from src/diffuapriel_hf/diffusion.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
-# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
 """Masked diffusion math (MDLM / LLaDA): small pure functions on tensors.
 
 Forward process, log-linear schedule: sigma(t) = -log(1 - t), so a token keeps its value with probability
@@ -83,7 +81,7 @@ INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
 
 def values_readable(tensor: torch.Tensor) -> bool:
     """Whether checks that read `tensor`'s values back to the host may run: not under `torch.compile`, nor while a CUDA
-    graph is captured (`diffuapriel_hf.cuda_graphs`), which cannot wait for the device."""
+    graph is captured (`diffuapriel_hf.modeling.cuda_graphs`), which cannot wait for the device."""
     return not torch.compiler.is_compiling() and not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 

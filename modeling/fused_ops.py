@@ -1,5 +1,3 @@
-# Generated from src/diffuapriel_hf/fused_ops.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
-# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
 """The memory-bound operations around a block's mixer and MLP, each one Triton kernel on CUDA for inference, with its
 PyTorch reference:
 

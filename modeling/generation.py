@@ -1,5 +1,3 @@
-# Generated from src/diffuapriel_hf/generation.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
-# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
 """Diffusion sampling for `DiffuAprielForMaskedLM.generate` (DESIGN section 5).
 
 A masked diffusion LM generates by starting from `[MASK]` tokens and, step by step, committing some of them to tokens

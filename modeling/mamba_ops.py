@@ -1,5 +1,3 @@
-# Generated from src/diffuapriel_hf/mamba_ops.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
-# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
 """The three fused operations of a Mamba-2 mixer, each as a pure-PyTorch reference with the signature of the
 kernel that replaces it on CUDA:
 

@@ -1,5 +1,3 @@
-# Generated from src/diffuapriel_hf/modeling_diffuapriel.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
-# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
 """DiffuApriel: a masked diffusion language model whose denoiser is a stack of bidirectional Mamba-2 blocks,
 optionally interleaved with bidirectional attention blocks (DiffuApriel-H), or all attention (DiffuTran).
 
@@ -762,7 +760,7 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
     @torch.no_grad()
     def compute_elbo(self, input_ids, attention_mask=None, num_samples: int = 16, seed: int = 0):
         """The negative ELBO of each sequence in nats (B,), over a fixed grid of `num_samples` diffusion times and a
-        fixed masking seed, so that two calls agree exactly (see `diffuapriel_hf.diffusion.negative_elbo`)."""
+        fixed masking seed, so that two calls agree exactly (see `diffuapriel_hf.modeling.diffusion.negative_elbo`)."""
         from .diffusion import negative_elbo
 
         return negative_elbo(self, input_ids, attention_mask=attention_mask, num_samples=num_samples, seed=seed)

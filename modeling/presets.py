@@ -1,5 +1,3 @@
-# Generated from src/diffuapriel_hf/presets.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
-# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
 """Named model sizes.
 
 The three 1.3B presets are parameter-matched (GPT-2 vocabulary plus the mask token, tied embeddings), so that

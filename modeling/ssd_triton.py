@@ -1,5 +1,3 @@
-# Generated from src/diffuapriel_hf/ssd_triton.py by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.
-# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.
 """A single-pass SSD forward kernel (Triton) for inference: the state is carried across chunks in registers.
 
 mamba-ssm's `mamba_chunk_scan_combined` runs the chunked SSD as five kernels: it writes every chunk's (P, N) state
@@ -34,7 +32,7 @@ try:  # a dependency of mamba-ssm: mamba_ops imports this module only where mamb
     import triton
     import triton.language as tl
 except ImportError as error:
-    raise ImportError("diffuapriel_hf.ssd_triton needs triton, which mamba-ssm installs") from error
+    raise ImportError("diffuapriel_hf.modeling.ssd_triton needs triton, which mamba-ssm installs") from error
 
 # Launch settings measured on an H200 (benchmarks/results/ssd_kernel.json). The register cap lets three programs share
 # a multiprocessor (the walk would otherwise take about 200 registers a thread, leaving room for two).

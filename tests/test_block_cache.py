@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, DiffusionGenerationConfig, preset_config
-from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
-from diffuapriel_hf.mamba_ops import select_ops
-from diffuapriel_hf.modeling_diffuapriel import BlockContext
+from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.modeling.mamba_ops import select_ops
+from diffuapriel_hf.modeling.modeling_diffuapriel import BlockContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

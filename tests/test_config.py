@@ -3,7 +3,7 @@ import torch
 from transformers import AutoConfig
 
 from diffuapriel_hf import DiffuAprielConfig, DiffuAprielForMaskedLM, PRESETS, preset_config
-from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
 
 
 def test_defaults_and_legacy_layer_names():

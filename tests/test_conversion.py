@@ -17,7 +17,7 @@ from transformers.models.mamba2 import modeling_mamba2
 
 from diffuapriel_hf import DiffuAprielForMaskedLM
 from diffuapriel_hf.cli import main as cli_main
-from diffuapriel_hf.convert import convert_checkpoint, read_state_dict
+from diffuapriel_hf.hub.convert import convert_checkpoint, read_state_dict
 
 VOCAB = 50
 # transformers < 5.2x normalised the gated RMSNorm over the whole width instead of per group (mamba-ssm's definition).

@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 from diffuapriel_hf import DiffuAprielForMaskedLM
 from diffuapriel_hf.cli import main
-from diffuapriel_hf.evaluation import text_bits_per_token
-from diffuapriel_hf.generate_command import default_model_path
-from diffuapriel_hf.stdlib_corpus import HELD_OUT_MODULES, stdlib_files
+from diffuapriel_hf.training.evaluation import text_bits_per_token
+from diffuapriel_hf.cli.generate import default_model_path
+from diffuapriel_hf.training.stdlib_corpus import HELD_OUT_MODULES, stdlib_files
 
 RECORD = json.loads((Path(__file__).parents[1] / "benchmarks" / "default_model" / "results.json").read_text())
 PROMPTS = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffuapriel_hf import DataCollatorForMaskedDiffusion, DiffuAprielForMaskedLM, preset_config
-from diffuapriel_hf.diffusion import (
+from diffuapriel_hf.modeling.diffusion import (
     bits_per_token, elbo_times, loss_weight, mask_probability, masked_diffusion_loss, negative_elbo, noise_tokens,
     perplexity_bound, sample_times, token_nll,
 )

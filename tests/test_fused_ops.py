@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffuapriel_hf import DiffuAprielConfig, DiffuAprielModel
-from diffuapriel_hf.fused_ops import (
+from diffuapriel_hf.modeling.fused_ops import (
     add_rms_norm,
     add_rms_norm_reference,
     add_time_reversed,
@@ -19,8 +19,8 @@ from diffuapriel_hf.fused_ops import (
     swiglu,
     swiglu_reference,
 )
-from diffuapriel_hf.mamba_ops import reverse_time
-from diffuapriel_hf.modeling_diffuapriel import DiffuAprielRMSNorm
+from diffuapriel_hf.modeling.mamba_ops import reverse_time
+from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielRMSNorm
 
 # (batch, length, width): a partial last block, several time steps and batch rows within one block, a width that is
 # not a power of two (the norm kernel's masked columns), odd lengths (the middle row is its own mirror).
@@ -29,7 +29,7 @@ SHAPES = [(2, 37, 24), (3, 5, 8), (1, 4100, 3)]
 
 def interpreted_errors() -> dict:
     """The largest difference of each kernel from its reference, per shape (run with TRITON_INTERPRET=1 set)."""
-    from diffuapriel_hf import fused_ops
+    from diffuapriel_hf.modeling import fused_ops
 
     torch.manual_seed(0)
     errors = {}

@@ -8,7 +8,7 @@ import torch
 from test_generation import tiny_model, word_tokenizer
 
 from diffuapriel_hf.cli import main
-from diffuapriel_hf.generate_command import add_arguments, generation_settings
+from diffuapriel_hf.cli.generate import add_arguments, generation_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,7 +141,7 @@ def test_the_model_generation_config_supplies_the_defaults(saved_model, tmp_path
 def test_infill_ids_keep_the_tokenizer_special_tokens(saved_model):
     from tokenizers.processors import TemplateProcessing
 
-    from diffuapriel_hf.generate_command import infill_ids
+    from diffuapriel_hf.cli.generate import infill_ids
 
     _, model, _ = saved_model
     tokenizer = word_tokenizer(model.config)

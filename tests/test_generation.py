@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForMaskedLM, GenerationConfig, PreTrainedTokenizerFast, TextStreamer, pipeline
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, DiffusionGenerationConfig, preset_config
-from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
-from diffuapriel_hf.generation import (
+from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.modeling.generation import (
     DiffusionGenerateOutput,
     ancestral_reveal_probability,
     choose_commits,

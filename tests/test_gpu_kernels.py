@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
-from diffuapriel_hf import mamba_ops
-from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
-from diffuapriel_hf.cuda_graphs import GraphedDenoiser, graphed_denoiser
-from diffuapriel_hf.modeling_diffuapriel import BidirectionalMamba2Mixer, BlockContext
+from diffuapriel_hf.modeling import mamba_ops
+from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser, graphed_denoiser
+from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer, BlockContext
 
 pytestmark = [
     pytest.mark.gpu,
@@ -135,7 +135,7 @@ SSD_CASES = {
 def test_single_pass_ssd_kernel_matches_the_reference_and_mamba_ssm(shape, case, dtype):
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    from diffuapriel_hf.ssd_triton import ssd_forward
+    from diffuapriel_hf.modeling.ssd_triton import ssd_forward
 
     x, dt, A, B, C, D, dt_bias = ssd_inputs(*shape, dtype=dtype)
     dt, kwargs = SSD_CASES[case](dt, dt_bias)
@@ -153,7 +153,7 @@ def test_single_pass_ssd_kernel_matches_the_reference_and_mamba_ssm(shape, case,
 def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for_gradients_and_elsewhere():
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    from diffuapriel_hf.ssd_triton import ssd_forward
+    from diffuapriel_hf.modeling.ssd_triton import ssd_forward
 
     # 8 heads of 32, state 32 in 2 groups: enough sequences for one (sequence, head) walk per multiprocessor.
     heads = 8
@@ -179,8 +179,8 @@ def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kernels_match_their_references_on_gpu(dtype):
-    from diffuapriel_hf import fused_ops as fused
-    from diffuapriel_hf.modeling_diffuapriel import DiffuAprielRMSNorm
+    from diffuapriel_hf.modeling import fused_ops as fused
+    from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielRMSNorm
 
     torch.manual_seed(0)
     a, b, residual = (torch.randn(3, 1001, 96, device="cuda").to(dtype) for _ in range(3))
@@ -217,8 +217,8 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
 
 
 def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_projection_is_replaced(monkeypatch):
-    from diffuapriel_hf import modeling_diffuapriel
-    from diffuapriel_hf.modeling_diffuapriel import ONE_PRODUCT_MIN_TOKENS, DiffuAprielMLP
+    from diffuapriel_hf.modeling import modeling_diffuapriel
+    from diffuapriel_hf.modeling.modeling_diffuapriel import ONE_PRODUCT_MIN_TOKENS, DiffuAprielMLP
 
     class ShiftedLinear(torch.nn.Linear):  # what a LoRA or quantised layer looks like to the MLP: a subclass
         def forward(self, x):

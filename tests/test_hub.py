@@ -1,4 +1,4 @@
-"""Hub folders: the remote-code bundle (and its drift from the package), save_pretrained / save_for_hub, loading with
+"""Hub folders: the remote code (the repository's modeling/ folder, held once), save_pretrained / save_for_hub, loading with
 trust_remote_code=True where diffuapriel_hf cannot be imported, and what loading refuses."""
 
 import json
@@ -15,7 +15,7 @@ from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
 from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
-from diffuapriel_hf.hub import AUTO_MAP, HEADER, bundle_drift, bundle_files, save_for_hub, write_bundle
+from diffuapriel_hf.hub import AUTO_MAP, remote_code_files, save_for_hub
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,42 +41,28 @@ def tiny_tokenizer(config) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def test_modeling_folder_is_the_generated_bundle():
-    drift = bundle_drift(REPO / "modeling")
-    assert not drift, f"modeling/ drifted from src/ ({drift}): run `python -m diffuapriel_hf.hub bundle modeling`"
-
-
-def test_drift_is_detected(tmp_path):
-    write_bundle(tmp_path)
-    assert bundle_drift(tmp_path) == []
-    edited = tmp_path / "mamba_ops.py"
-    edited.write_text(edited.read_text() + "\n# a hand edit\n")
-    (tmp_path / "modeling_diffuapriel.py").unlink()
-    (tmp_path / "stale.py").write_text("")
-    assert bundle_drift(tmp_path) == [
-        "modeling_diffuapriel.py: missing",
-        "stale.py: not generated from the package",
-        "mamba_ops.py: differs from src/diffuapriel_hf/mamba_ops.py",
-    ]
-    # Regenerating repairs the drift, removing a file an earlier bundle generated but not a hand-written one.
-    (tmp_path / "stale.py").write_text(HEADER.format(name="stale.py"))
-    (tmp_path / "notes.py").write_text("# mine\n")
-    write_bundle(tmp_path)
-    assert bundle_drift(tmp_path) == ["notes.py: not generated from the package"]
-
-
-def test_bundle_is_self_contained(tmp_path):
-    files = bundle_files()
+def test_remote_code_is_the_modeling_folder_held_once():
+    files = remote_code_files()
+    assert {path.parent for path in files} == {REPO / "modeling"}
+    names = {path.name for path in files}
     assert {"configuration_diffuapriel.py", "modeling_diffuapriel.py", "mamba_ops.py", "diffusion.py",
-            "generation.py"} <= set(files)
-    write_bundle(tmp_path)
-    for name, text in files.items():
-        assert text.startswith(HEADER.format(name=name))
-        # Relative imports only among the bundle's own files, no import of the package by name, and every other
+            "generation.py"} <= names
+    # No Python file in the repository is a whole copy of another.
+    texts = {}
+    for path in sorted(REPO.glob("[!.]*/**/*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert text not in texts, f"{path} repeats {texts[text]}"
+        texts[text] = path
+
+
+def test_remote_code_is_self_contained():
+    names = {path.name for path in remote_code_files()}
+    for path in remote_code_files():
+        # Relative imports only among the runtime's own files, no import of the package by name, and every other
         # import installed here (the optional kernels, absent here, must be imported inside `try`).
-        assert {f"{module}.py" for module in get_relative_imports(tmp_path / name)} <= set(files), name
-        assert "diffuapriel_hf" not in get_imports(tmp_path / name), name
-        check_imports(tmp_path / name)
+        assert {f"{module}.py" for module in get_relative_imports(path)} <= names, path.name
+        assert "diffuapriel_hf" not in get_imports(path), path.name
+        check_imports(path)
 
 
 def test_save_pretrained_writes_remote_code(tiny_model, tmp_path):
@@ -84,8 +70,8 @@ def test_save_pretrained_writes_remote_code(tiny_model, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoConfig"] == AUTO_MAP["AutoConfig"]
     assert config["auto_map"]["AutoModelForMaskedLM"] == AUTO_MAP["AutoModelForMaskedLM"]
-    for name in bundle_files():
-        assert (tmp_path / name).is_file(), name
+    for path in remote_code_files():
+        assert (tmp_path / path.name).read_text() == path.read_text(), path.name
 
 
 def test_save_for_hub_writes_a_complete_repo(tiny_model, tmp_path):
@@ -95,8 +81,8 @@ def test_save_for_hub_writes_a_complete_repo(tiny_model, tmp_path):
     assert config["auto_map"] == AUTO_MAP
     for name in ("model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).is_file(), name
-    for name, text in bundle_files().items():
-        assert (tmp_path / name).read_text() == text, name
+    for path in remote_code_files():
+        assert (tmp_path / path.name).read_text() == path.read_text(), path.name
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "fill-mask"
     assert {"diffuapriel", "masked-diffusion", "mamba2", "custom_code"} <= set(card.data.tags)

@@ -4,7 +4,7 @@ from transformers import AutoModel, AutoModelForMaskedLM
 from transformers.modeling_outputs import MaskedLMOutput
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, DiffuAprielModel, preset_config
-from diffuapriel_hf.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
 
 STACKS = {
     "mamba": [MAMBA, MAMBA, MAMBA],

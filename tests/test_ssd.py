@@ -7,14 +7,15 @@ import torch.nn.functional as F
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as TransformersMamba2Mixer
 
-from diffuapriel_hf import mamba_ops, preset_config
-from diffuapriel_hf.mamba_ops import (
+from diffuapriel_hf import preset_config
+from diffuapriel_hf.modeling import mamba_ops
+from diffuapriel_hf.modeling.mamba_ops import (
     causal_conv1d_reference,
     mamba_chunk_scan_combined_reference,
     rmsnorm_reference,
     segment_sum,
 )
-from diffuapriel_hf.modeling_diffuapriel import BidirectionalMamba2Mixer
+from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 
 
 def sequential_scan(x, dt, A, B, C, D, initial_state):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from test_gpu_kernels import rel_err, ssd_inputs
 
-from diffuapriel_hf.mamba_ops import mamba_chunk_scan_combined_reference
+from diffuapriel_hf.modeling.mamba_ops import mamba_chunk_scan_combined_reference
 
 pytest.importorskip("triton")
 
@@ -36,7 +36,7 @@ DT_MODES = ["bias+softplus", "bias+softplus+limit", "given"]
 def check_all_cases() -> dict:
     """Run every case in this process (which must have TRITON_INTERPRET=1 set before triton was first imported): the
     relative error against the reference for each, and the error messages of bad calls."""
-    from diffuapriel_hf import ssd_triton
+    from diffuapriel_hf.modeling import ssd_triton
 
     torch.set_num_threads(1)
     errors = {}

@@ -17,8 +17,8 @@ from diffuapriel_hf import (
     DataCollatorForMaskedDiffusion, DiffuAprielForMaskedLM, DiffusionGenerationConfig, preset_config,
 )
 from diffuapriel_hf.cli import main as cli_main
-from diffuapriel_hf.diffusion import bits_per_token, token_nll
-from diffuapriel_hf.train import chunk_documents, load_corpus, read_text_files, train_bpe_tokenizer
+from diffuapriel_hf.modeling.diffusion import bits_per_token, token_nll
+from diffuapriel_hf.training.train import chunk_documents, load_corpus, read_text_files, train_bpe_tokenizer
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 SOURCE_FILES = [os.path.join(STDLIB, name) for name in ("textwrap.py", "string.py", "bisect.py", "heapq.py")]
@@ -275,5 +275,5 @@ def test_resume_from_a_different_config_is_refused(trained, no_training, tmp_pat
 
 
 def test_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "diffuapriel_hf.train", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "diffuapriel_hf.training.train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--resume_from_checkpoint" in result.stdout and "--preset" in result.stdout

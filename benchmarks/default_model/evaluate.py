@@ -11,8 +11,8 @@ import torch
 from transformers import AutoTokenizer
 
 from diffuapriel_hf import DiffuAprielForMaskedLM
-from diffuapriel_hf.evaluation import text_bits_per_token
-from diffuapriel_hf.stdlib_corpus import HELD_OUT_MODULES, stdlib_files
+from diffuapriel_hf.training.evaluation import text_bits_per_token
+from diffuapriel_hf.training.stdlib_corpus import HELD_OUT_MODULES, stdlib_files
 
 
 def main():

@@ -8,10 +8,10 @@ STEPS=${2:-1800}
 COMMON=(--seq_len 512 --per_device_train_batch_size 64 --max_steps "$STEPS" --learning_rate 2e-3 --warmup_steps 200
         --weight_decay 0.1 --lr_scheduler_type cosine --seed 0 --bf16 --eval_fraction 0 --save_steps 1000000
         --logging_steps 100)
-mapfile -t FILES < <(python -m diffuapriel_hf.stdlib_corpus train)
-python -m diffuapriel_hf.train --train_files "${FILES[@]}" --preset diffuapriel-8m --vocab_size 4096 "${COMMON[@]}" \
+mapfile -t FILES < <(python -m diffuapriel_hf.training.stdlib_corpus train)
+python -m diffuapriel_hf.training.train --train_files "${FILES[@]}" --preset diffuapriel-8m --vocab_size 4096 "${COMMON[@]}" \
     --output_dir "$OUTPUT_DIR/diffuapriel-8m"
-python -m diffuapriel_hf.train --train_files "${FILES[@]}" --preset diffutran-8m --vocab_size 4096 \
+python -m diffuapriel_hf.training.train --train_files "${FILES[@]}" --preset diffutran-8m --vocab_size 4096 \
     --tokenizer "$OUTPUT_DIR/diffuapriel-8m" "${COMMON[@]}" --output_dir "$OUTPUT_DIR/diffutran-8m"
 python benchmarks/default_model/evaluate.py "$OUTPUT_DIR/diffuapriel-8m" "$OUTPUT_DIR/diffutran-8m" \
     --output "$OUTPUT_DIR/heldout.json"

@@ -3,11 +3,11 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from .configuration_diffuapriel import DiffuAprielConfig
-from .data import DataCollatorForMaskedDiffusion
-from .generation import DiffusionGenerationConfig
-from .modeling_diffuapriel import DiffuAprielForMaskedLM, DiffuAprielModel, DiffuAprielPreTrainedModel
-from .presets import PRESETS, preset_config
+from .modeling.configuration_diffuapriel import DiffuAprielConfig
+from .modeling.generation import DiffusionGenerationConfig
+from .modeling.modeling_diffuapriel import DiffuAprielForMaskedLM, DiffuAprielModel, DiffuAprielPreTrainedModel
+from .modeling.presets import PRESETS, preset_config
+from .training.data import DataCollatorForMaskedDiffusion
 
 AutoConfig.register(DiffuAprielConfig.model_type, DiffuAprielConfig, exist_ok=True)
 AutoModel.register(DiffuAprielConfig, DiffuAprielModel, exist_ok=True)

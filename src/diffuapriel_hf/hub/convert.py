@@ -31,8 +31,8 @@ from typing import Optional, Union
 
 import torch
 
-from .configuration_diffuapriel import MAMBA, DiffuAprielConfig
-from .modeling_diffuapriel import DiffuAprielForMaskedLM
+from ..modeling.configuration_diffuapriel import MAMBA, DiffuAprielConfig
+from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
 
 TRANSFORMERS = "transformers"
 MAMBA_SSM = "mamba-ssm"
@@ -443,7 +443,7 @@ def convert_checkpoint(
 def convert(source, output, repo_id: Optional[str] = None, base_model: Optional[str] = None, **kwargs) -> Path:
     """Convert `source` (see `convert_checkpoint`) and write a complete Hub folder to `output`; `repo_id` (where it
     will be published) and `base_model` (the source's Hub id) go into the model card."""
-    from .hub import save_for_hub
+    from .publish import save_for_hub
 
     model, tokenizer = convert_checkpoint(source, **kwargs)
     return save_for_hub(model, output, tokenizer=tokenizer, repo_id=repo_id, base_model=base_model)

@@ -1,30 +1,22 @@
 """Publishing DiffuApriel models on the Hugging Face Hub.
 
-- The remote-code bundle: the package's model files (the configuration, the modeling module and every module they
-  import relatively, found the way transformers finds them) copied flat, each under a "generated, do not edit"
-  header. `python -m diffuapriel_hf.hub bundle modeling` writes it to the repository's `modeling/` folder, and a test
-  fails when that folder drifts from the package.
-- `save_for_hub(model, folder, tokenizer)`: a complete Hub repo: config.json with `auto_map`, safetensors weights,
-  generation_config.json, the tokenizer files, the bundle and a model card (README.md with YAML metadata). It loads
-  with `AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)` where `diffuapriel_hf` is not installed.
+`save_for_hub(model, folder, tokenizer)` writes a complete Hub repo: config.json with `auto_map`, safetensors weights,
+generation_config.json, the tokenizer files, the model runtime as remote code and a model card (README.md with YAML
+metadata). It loads with `AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)` where
+`diffuapriel_hf` is not installed.
 
-A plain `model.save_pretrained(folder)` already writes the remote code and the `auto_map`: the package registers its
-classes with `register_for_auto_class`, and transformers' `custom_object_save` copies their source files.
+The remote code is the repository's `modeling/` folder itself (installed as `diffuapriel_hf.modeling`): the package
+registers its classes with `register_for_auto_class`, so a plain `model.save_pretrained(folder)` already copies
+their source files, and every file they import relatively, next to the weights.
 """
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Optional, Union
 
 from transformers.dynamic_module_utils import get_relative_import_files
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-BUNDLE_ROOTS = ("configuration_diffuapriel.py", "modeling_diffuapriel.py")
-HEADER = (
-    "# Generated from src/diffuapriel_hf/{name} by `python -m diffuapriel_hf.hub bundle modeling`: do not edit.\n"
-    "# Hub remote code of DiffuApriel: loads with trust_remote_code=True where diffuapriel_hf is not installed.\n"
-)
+from ..modeling import configuration_diffuapriel, modeling_diffuapriel
+
 AUTO_MAP = {
     "AutoConfig": "configuration_diffuapriel.DiffuAprielConfig",
     "AutoModel": "modeling_diffuapriel.DiffuAprielModel",
@@ -32,44 +24,14 @@ AUTO_MAP = {
 }
 
 
-def bundle_files() -> dict[str, str]:
-    """File name -> text of every file of the remote-code bundle, as generated from the package now."""
-    names = set(BUNDLE_ROOTS)
-    for root in BUNDLE_ROOTS:
-        names.update(Path(path).name for path in get_relative_import_files(PACKAGE_DIR / root))
-    return {name: HEADER.format(name=name) + (PACKAGE_DIR / name).read_text(encoding="utf-8") for name in sorted(names)}
-
-
-def write_bundle(folder: Union[str, Path]) -> list[Path]:
-    """Write the remote-code bundle into `folder` and delete the files an earlier bundle left there that the package no
-    longer needs (only files with the generated header). Returns the paths written."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = bundle_files()
-    for stale in folder.glob("*.py"):
-        if stale.name not in files and stale.read_text(encoding="utf-8").startswith(HEADER.format(name=stale.name)):
-            stale.unlink()
-    written = []
-    for name, text in files.items():
-        (folder / name).write_text(text, encoding="utf-8")
-        written.append(folder / name)
-    return written
-
-
-def bundle_drift(folder: Union[str, Path]) -> list[str]:
-    """How the Python files of `folder` differ from the bundle generated now: one line per file that differs, is
-    missing or should not be there (empty when they agree)."""
-    folder = Path(folder)
-    expected = bundle_files()
-    present = {path.name for path in folder.glob("*.py")}
-    drift = [f"{name}: missing" for name in sorted(set(expected) - present)]
-    drift += [f"{name}: not generated from the package" for name in sorted(present - set(expected))]
-    drift += [
-        f"{name}: differs from src/diffuapriel_hf/{name}"
-        for name in sorted(present & set(expected))
-        if (folder / name).read_text(encoding="utf-8") != expected[name]
-    ]
-    return drift
+def remote_code_files() -> list[Path]:
+    """The files a saved model folder carries as remote code: the configuration and modeling modules and every module
+    they import relatively, found the way transformers finds them."""
+    roots = [Path(configuration_diffuapriel.__file__), Path(modeling_diffuapriel.__file__)]
+    found = set(roots)
+    for root in roots:
+        found.update(Path(path) for path in get_relative_import_files(root))
+    return sorted(found)
 
 
 def _layer_summary(config) -> str:
@@ -156,24 +118,9 @@ def save_for_hub(
     """Write a complete Hub repo for `model` to `folder` and return the folder."""
     folder = Path(folder)
     model.config.auto_map = dict(AUTO_MAP)  # transformers adds the saved class to it; we name all three
-    model.save_pretrained(folder)  # safetensors, config.json, generation_config.json, the source files
-    write_bundle(folder)  # the same code, as generated (with the header)
+    model.save_pretrained(folder)  # safetensors, config.json, generation_config.json, the remote code
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / "README.md").write_text(model_card(model, repo_id, base_model), encoding="utf-8")
     return folder
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffuapriel_hf.hub", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    bundle = commands.add_parser("bundle", help="write the remote-code bundle (the repository's modeling/ folder)")
-    bundle.add_argument("output", help="folder to write, e.g. modeling")
-    args = parser.parse_args(argv)
-    for path in write_bundle(args.output):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """Train a DiffuApriel masked diffusion LM with `transformers.Trainer`: `diffuapriel train ...` or
-`python -m diffuapriel_hf.train ...`.
+`python -m diffuapriel_hf.training.train ...`.
 
 Text files (each file one document) or a dataset saved with `datasets`' `save_to_disk` go in; the documents are
 tokenized, joined with the eos token and cut into sequences of `--seq_len` tokens. The tokenizer is either trained
@@ -20,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from .configuration_diffuapriel import DiffuAprielConfig
+from ..modeling.configuration_diffuapriel import DiffuAprielConfig
 from .data import DataCollatorForMaskedDiffusion, document_stream
-from .diffusion import bits_per_token, elbo_times, perplexity_bound, token_nll
-from .presets import PRESETS, preset_config
+from ..modeling.diffusion import bits_per_token, elbo_times, perplexity_bound, token_nll
+from ..modeling.presets import PRESETS, preset_config
 
 EOS_TOKEN, PAD_TOKEN, MASK_TOKEN = "<|endoftext|>", "<|pad|>", "<|mask|>"
 # Configuration entries that describe a run or a library version rather than the model.
@@ -222,7 +222,7 @@ def check_resume_config(config: DiffuAprielConfig, checkpoint: str) -> None:
 def run(args) -> int:
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from .modeling_diffuapriel import DiffuAprielForMaskedLM
+    from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
 
     # Everything that can be wrong with the inputs is checked before the first step.
     config = preset_config(args.preset) if args.preset else DiffuAprielConfig.from_pretrained(args.config)
@@ -335,7 +335,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffuapriel_hf.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffuapriel_hf.training.train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

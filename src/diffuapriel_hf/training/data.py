@@ -4,7 +4,7 @@ from typing import Any, Optional
 
 import torch
 
-from .diffusion import loss_weight, noise_tokens, sample_times
+from ..modeling.diffusion import loss_weight, noise_tokens, sample_times
 
 
 def document_stream(tokenizer, texts) -> list[int]:

@@ -5,7 +5,7 @@ from typing import Iterable
 import torch
 
 from .data import document_stream
-from .diffusion import bits_per_token, negative_elbo
+from ..modeling.diffusion import bits_per_token, negative_elbo
 
 
 def token_sequences(tokenizer, texts: Iterable[str], seq_len: int) -> list[list[int]]:

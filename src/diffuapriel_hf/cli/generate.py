@@ -14,7 +14,7 @@ import argparse
 import copy
 import sys
 
-from .generation import REMASKING_RULES
+from ..modeling.generation import REMASKING_RULES
 
 DEFAULT_MASK_PLACEHOLDER = "[MASK]"
 

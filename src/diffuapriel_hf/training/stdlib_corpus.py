@@ -6,8 +6,8 @@ Files are the `.py` files under the running interpreter's stdlib folder, in sort
 they hold deliberately broken files), and files that are not UTF-8. The held-out split is every file of the modules
 named in `HELD_OUT_MODULES`, never trained on.
 
-    python -m diffuapriel_hf.stdlib_corpus train     # prints the training files, one per line
-    python -m diffuapriel_hf.stdlib_corpus heldout
+    python -m diffuapriel_hf.training.stdlib_corpus train     # prints the training files, one per line
+    python -m diffuapriel_hf.training.stdlib_corpus heldout
 """
 
 import sys
@@ -56,7 +56,7 @@ def stdlib_files(split: str, root: Path | None = None) -> list[Path]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] not in SPLITS:
-        print(f"usage: python -m diffuapriel_hf.stdlib_corpus {{{','.join(SPLITS)}}}", file=sys.stderr)
+        print(f"usage: python -m diffuapriel_hf.training.stdlib_corpus {{{','.join(SPLITS)}}}", file=sys.stderr)
         return 2
     print("\n".join(str(path) for path in stdlib_files(argv[0])))
     return 0

@@ -6,9 +6,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": ("diffuapriel_hf.train", "train a model with transformers' Trainer"),
-    "generate": ("diffuapriel_hf.generate_command", "generate or infill text with a model"),
-    "convert": ("diffuapriel_hf.convert", "convert a Mamba-2 language model into DiffuApriel"),
+    "train": ("diffuapriel_hf.training.train", "train a model with transformers' Trainer"),
+    "generate": ("diffuapriel_hf.cli.generate", "generate or infill text with a model"),
+    "convert": ("diffuapriel_hf.hub.convert", "convert a Mamba-2 language model into DiffuApriel"),
 }
 
 
