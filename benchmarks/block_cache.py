@@ -1,4 +1,4 @@
-"""What the block cache (`use_block_cache`, DESIGN section 6) buys and what it changes, with a trained model.
+"""What the block cache (`use_block_cache`) buys and what it changes, with a trained model.
 
 Completes held-out standard-library files (prompts of a fixed number of tokens) with the default model (or
 --model), in semi-autoregressive blocks with several denoising steps each, greedily, with and without the cache, and

@@ -1,4 +1,4 @@
-"""Diffusion sampling for `DiffuAprielForMaskedLM.generate` (DESIGN section 5).
+"""Diffusion sampling for `DiffuAprielForMaskedLM.generate`.
 
 A masked diffusion LM generates by starting from `[MASK]` tokens and, step by step, committing some of them to tokens
 predicted by the denoiser, until none is left. Which masks are committed at a step is the *remasking rule*:

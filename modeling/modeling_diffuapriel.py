@@ -48,7 +48,7 @@ class DiffuAprielRMSNorm(nn.Module):
 
 class BlockContext:
     """What the tokens outside a window [start, end) of a sequence contribute to each layer, so that denoising steps
-    that change only the window's tokens can run on the window alone (DESIGN section 6; Fast-dLLM's dual cache).
+    that change only the window's tokens can run on the window alone (Fast-dLLM's dual cache).
 
     A forward pass over the whole sequence given `block_context=BlockContext(start, end)` records, at every layer,
     the state the left-to-right Mamba direction enters the window with (at `start`), the state the right-to-left one

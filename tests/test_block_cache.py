@@ -1,4 +1,4 @@
-"""The block cache (DESIGN section 6): `BlockContext` records what the positions outside a window contribute to each
+"""The block cache: `BlockContext` records what the positions outside a window contribute to each
 layer, so that passes over the window alone can stand in for whole-sequence passes; `use_block_cache` in generate()."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""`diffuapriel generate` (issue 4): prompt, stdin, infill, sampling options, progress bar, errors."""
+"""`diffuapriel generate`: prompt, stdin, infill, sampling options, progress bar, errors."""
 
 import argparse
 import io

@@ -1,4 +1,4 @@
-"""Diffusion generation (DESIGN section 5, issue 4): config, sampling math, generate() and the fill-mask pipeline."""
+"""Diffusion generation: config, sampling math, generate() and the fill-mask pipeline."""
 
 import json
 

@@ -16,7 +16,7 @@ def document_stream(tokenizer, texts) -> list[int]:
 
 
 class DataCollatorForMaskedDiffusion:
-    """Pads tokenized examples and noises them for the MDLM objective (DESIGN section 4).
+    """Pads tokenized examples and noises them for the MDLM objective.
 
     Each example is a dict with `input_ids` and optionally `attention_mask` and `labels` (-100 marks tokens that are
     never masked and never counted: an SFT prompt). The collator samples a diffusion time t per sequence, stratified
