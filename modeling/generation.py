@@ -31,6 +31,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput, logging
 
+from .cache import BlockContext
 from .cuda_graphs import graphed_denoiser
 from .diffusion import INTEGER_DTYPES
 
@@ -499,7 +500,6 @@ class DiffusionGenerationMixin:
         num_forward_passes = 0
         history = [] if config.output_history else None
         stale = torch.ones(batch, dtype=torch.bool, device=device)  # rows whose input changed since their logits
-        from .modeling_diffuapriel import BlockContext  # here: the modeling module imports this one
 
         def denoise() -> torch.Tensor:  # the logits (B, K, V) of the block's window
             nonlocal num_forward_passes

@@ -7,7 +7,6 @@ Block (every layer): x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)), where t
   - `DiffuAprielAttention`: non-causal grouped-query attention with RoPE, through transformers' attention interface.
 """
 
-import copy
 from typing import Optional, Union
 
 import torch
@@ -22,6 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .cache import BlockContext
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import INTEGER_DTYPES, masked_diffusion_loss, values_readable
 from .fused_ops import add_rms_norm, add_time_reversed, swiglu
@@ -44,54 +44,6 @@ class DiffuAprielRMSNorm(nn.Module):
         hidden_states = hidden_states.float()
         hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * hidden_states.to(dtype)
-
-
-class BlockContext:
-    """What the tokens outside a window [start, end) of a sequence contribute to each layer, so that denoising steps
-    that change only the window's tokens can run on the window alone (Fast-dLLM's dual cache).
-
-    A forward pass over the whole sequence given `block_context=BlockContext(start, end)` records, at every layer,
-    the state the left-to-right Mamba direction enters the window with (at `start`), the state the right-to-left one
-    enters it with (at `end`), and the attention keys and values of the outside positions; and the padding of the
-    whole sequence and the window's positions. Passes given the recorded context then take the window's tokens alone,
-    (B, end - start), at a cost that grows with the window, not with the sequence. Their attention reads the outside
-    keys first and the window's after them (attention without a causal mask does not depend on the keys' order), so
-    that without padding nothing a window pass does depends on where the window lies, only on the recorded tensors
-    (`recorded_tensors`): one CUDA graph serves every window of a shape (`cuda_graphs.GraphedDenoiser.window`).
-
-    The first window pass after recording gives the whole pass's logits; once the window's tokens change, it is an
-    approximation: the outside positions' hidden states depend on the window through every bidirectional layer
-    below, and they are kept as recorded.
-    """
-
-    def __init__(self, start: int, end: int):
-        if isinstance(start, bool) or isinstance(end, bool) or not (isinstance(start, int) and isinstance(end, int)):
-            raise TypeError(f"BlockContext needs integer start and end, got {start!r} and {end!r}")
-        if not 0 <= start < end:
-            raise ValueError(f"BlockContext needs 0 <= start < end, got start={start}, end={end}")
-        self.start, self.end = start, end
-        self.recorded = False
-        self.batch_size = self.length = None  # of the whole sequence
-        self.padding_mask = None  # (B, length) bool, True at real tokens; None without padding
-        self.window_position_ids = None  # (B, end - start), with attention layers
-        self.mamba_states = {}  # layer index -> one (conv, SSM) state per direction, as Mamba2Mixer.forward's
-        self.keys_values = {}  # layer index -> (key, value) of the outside positions, (B, Hkv, length - window, d)
-
-    def clone(self) -> "BlockContext":
-        """A copy of this context with copies of its recorded tensors."""
-        twin = copy.copy(self)
-        twin.mamba_states = {layer: tuple(tuple(t.clone() for t in state) for state in states)
-                             for layer, states in self.mamba_states.items()}
-        twin.keys_values = {layer: tuple(t.clone() for t in pair) for layer, pair in self.keys_values.items()}
-        if self.window_position_ids is not None:
-            twin.window_position_ids = self.window_position_ids.clone()
-        return twin
-
-    def recorded_tensors(self) -> list[torch.Tensor]:
-        """Every tensor that a window pass reads from the context, but the padding mask, in a fixed order."""
-        tensors = [t for layer in sorted(self.mamba_states) for state in self.mamba_states[layer] for t in state]
-        tensors += [t for layer in sorted(self.keys_values) for t in self.keys_values[layer]]
-        return tensors + ([] if self.window_position_ids is None else [self.window_position_ids])
 
 
 class Mamba2Mixer(nn.Module):
@@ -244,16 +196,15 @@ class BidirectionalMamba2Mixer(nn.Module):
             if block_context is None:
                 outputs.append(direction(inputs_in_reading_order, mask, ops))
             elif block_context.recorded:  # the window alone, continuing from the state recorded where it enters
-                state = block_context.mamba_states[self.layer_idx][index]
+                state = block_context.mamba_state(self.layer_idx, index)
                 outputs.append(direction(inputs_in_reading_order, mask, ops, initial_state=state))
             else:  # the whole sequence, recording the state at which this direction enters the window
-                seqlen = hidden_states.shape[1]
-                entry = block_context.start if index == 0 else seqlen - block_context.end
+                entry = block_context.entry_position(index, hidden_states.shape[1])
                 output, state = direction(inputs_in_reading_order, mask, ops, state_at=entry)
                 outputs.append(output)
                 entering_states.append(state)
         if entering_states:
-            block_context.mamba_states[self.layer_idx] = tuple(entering_states)
+            block_context.update_mamba_states(self.layer_idx, entering_states)
         return outputs[0], outputs[1] if len(outputs) == 2 else None
 
 
@@ -328,16 +279,8 @@ class DiffuAprielAttention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
-        if block_context is not None:
-            start, end = block_context.start, block_context.end
-            if not block_context.recorded:  # the whole sequence: keep the outside positions' keys and values
-                block_context.keys_values[self.layer_idx] = tuple(
-                    torch.cat([t[:, :, :start], t[:, :, end:]], dim=2) for t in (key, value)
-                )
-            else:  # the window's queries attend to the recorded outside positions, then to the window
-                outside_key, outside_value = block_context.keys_values[self.layer_idx]
-                key = torch.cat([outside_key, key], dim=2)  # (B, Hkv, L, d)
-                value = torch.cat([outside_value, value], dim=2)
+        if block_context is not None:  # a window's queries attend to the recorded outside positions, then the window
+            key, value = block_context.update(key, value, self.layer_idx)  # (B, Hkv, L, d)
 
         attention_interface = eager_attention_forward
         if self.config._attn_implementation != "eager":
@@ -524,25 +467,6 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
 
 
-def _check_block_context(context, batch, seqlen, attention_mask):
-    if not isinstance(context, BlockContext):
-        raise TypeError(f"block_context must be a BlockContext, got {type(context).__name__}")
-    if not context.recorded:
-        if context.end > seqlen:
-            raise ValueError(
-                f"the BlockContext's window [{context.start}, {context.end}) does not fit a sequence of {seqlen} tokens"
-            )
-        return
-    window = context.end - context.start
-    if (batch, seqlen) != (context.batch_size, window):
-        raise ValueError(
-            f"a pass with a recorded BlockContext takes the window's tokens alone, (batch, end - start) = "
-            f"({context.batch_size}, {window}), got ({batch}, {seqlen})"
-        )
-    if attention_mask is not None:
-        raise ValueError("a pass with a recorded BlockContext uses the recorded padding: pass attention_mask=None")
-
-
 class DiffuAprielModel(DiffuAprielPreTrainedModel):
     """Embeddings, the blocks, the final norm -> `BaseModelOutput`."""
 
@@ -588,13 +512,14 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         hidden_states = inputs_embeds
         batch, seqlen = hidden_states.shape[:2]
         if block_context is not None:
-            _check_block_context(block_context, batch, seqlen, attention_mask)
+            if not isinstance(block_context, BlockContext):
+                raise TypeError(f"block_context must be a BlockContext, got {type(block_context).__name__}")
+            block_context.check_pass(batch, seqlen, attention_mask)
         window_pass = block_context is not None and block_context.recorded
 
         padding_mask = None  # (B, L) bool, True at real tokens; None when nothing is padded
         if window_pass:
-            if block_context.padding_mask is not None:
-                padding_mask = block_context.padding_mask[:, block_context.start : block_context.end]
+            padding_mask = block_context.window_padding_mask()
         elif attention_mask is not None:
             padding_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
             if values_readable(padding_mask) and bool(padding_mask.all()):
@@ -612,19 +537,13 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
             # Padding on the keys (in a window pass the whole sequence's, outside positions first, as its keys are).
             # Without padding, no mask: also under CUDA-graph capture, where transformers would build a full one and
             # SDPA could then not use its flash or cuDNN kernels.
-            key_padding = padding_mask
-            if window_pass and block_context.padding_mask is not None:
-                start, end, whole = block_context.start, block_context.end, block_context.padding_mask
-                key_padding = torch.cat([whole[:, :start], whole[:, end:], whole[:, start:end]], dim=1)
+            key_padding = block_context.key_padding_mask() if window_pass else padding_mask
             if key_padding is not None:
                 attention_bias = create_bidirectional_mask(
                     config=self.config, inputs_embeds=hidden_states, attention_mask=key_padding
                 )
         if block_context is not None and not window_pass:
-            block_context.batch_size, block_context.length = batch, seqlen
-            block_context.padding_mask = padding_mask
-            if position_ids is not None:
-                block_context.window_position_ids = position_ids[:, block_context.start : block_context.end].clone()
+            block_context.record_sequence(batch, seqlen, padding_mask, position_ids)
 
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -643,7 +562,7 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
             if output_attentions and layer.layer_type == ATTENTION:
                 all_attentions += (attention_weights,)
         if block_context is not None:
-            block_context.recorded = True
+            block_context.mark_recorded()
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -766,4 +685,4 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         return negative_elbo(self, input_ids, attention_mask=attention_mask, num_samples=num_samples, seed=seed)
 
 
-__all__ = ["BlockContext", "DiffuAprielPreTrainedModel", "DiffuAprielModel", "DiffuAprielForMaskedLM"]
+__all__ = ["DiffuAprielPreTrainedModel", "DiffuAprielModel", "DiffuAprielForMaskedLM"]

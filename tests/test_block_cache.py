@@ -7,7 +7,7 @@ import torch
 from diffuapriel_hf import DiffuAprielForMaskedLM, DiffusionGenerationConfig, preset_config
 from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
 from diffuapriel_hf.modeling.mamba_ops import select_ops
-from diffuapriel_hf.modeling.modeling_diffuapriel import BlockContext
+from diffuapriel_hf.modeling.cache import BlockContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

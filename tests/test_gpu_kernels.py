@@ -20,7 +20,8 @@ from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf.modeling import mamba_ops
 from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
 from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser, graphed_denoiser
-from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer, BlockContext
+from diffuapriel_hf.modeling.cache import BlockContext
+from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 
 pytestmark = [
     pytest.mark.gpu,
