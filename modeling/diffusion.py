@@ -68,12 +68,11 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask_token_id: int) ->
     float32, 0 at unlabelled positions."""
     logits = logits.float().clone()
     logits[..., mask_token_id] = float("-inf")
-    predicted = labels != -100
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).masked_fill(~predicted.reshape(-1), 0),
-        reduction="none",
-    ).view_as(labels)
-    return nll * predicted
+    # `ignore_index` gives 0 at unlabelled positions without forming their -log p: a placeholder target there could be
+    # the mask token itself (mask_token_id 0), whose -log p is inf, and inf * 0 is NaN.
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
 
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

@@ -329,17 +329,19 @@ def test_safetensors_and_bin_sources_read_alike(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["convert_transformers_mamba2.py", "convert_mamba_ssm.py"])
-def test_conversion_scripts_take_their_own_format_only(tmp_path, monkeypatch, script):
+def test_conversion_scripts_take_their_own_format_only(tmp_path, monkeypatch, capsys, script):
     random_mamba2().save_pretrained(tmp_path / "source")
     output = tmp_path / "converted"
     monkeypatch.setattr(sys, "argv", [script, str(tmp_path / "source"), str(output), "--no-bidirectional"])
     path = str(Path(__file__).resolve().parents[1] / "conversion" / script)
-    if script == "convert_mamba_ssm.py":
-        with pytest.raises(ValueError, match="is a transformers checkpoint, but a mamba-ssm checkpoint was expected"):
-            runpy.run_path(path, run_name="__main__")
-        return
     with pytest.raises(SystemExit) as exited:
         runpy.run_path(path, run_name="__main__")
+    if script == "convert_mamba_ssm.py":
+        assert exited.value.code == 2 and not output.exists()
+        error = capsys.readouterr().err.splitlines()[-1]  # after save_pretrained's progress bar
+        assert error.startswith(f"{script}: error: ")
+        assert "is a transformers checkpoint, but a mamba-ssm checkpoint was expected" in error
+        return
     assert exited.value.code == 0
     assert {"model.safetensors", "config.json", "generation_config.json", "README.md"} <= set(os.listdir(output))
 

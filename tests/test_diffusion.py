@@ -209,3 +209,50 @@ def test_elbo_times_and_bits_per_token():
     assert perplexity_bound(math.log(3) * 5, 5) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="num_tokens"):
         bits_per_token(1.0, 0)
+
+
+def test_mask_token_id_zero_gives_finite_loss_elbo_and_metrics():
+    from diffuapriel_hf.training.train import elbo_terms
+
+    torch.manual_seed(0)
+    model = DiffuAprielForMaskedLM(preset_config("tiny", mask_token_id=0, pad_token_id=3))
+    collator = DataCollatorForMaskedDiffusion(TinyTokenizer(mask_token_id=0, pad_token_id=3))
+    batch = collator([{"input_ids": list(range(4, 40))}, {"input_ids": list(range(5, 30))}])
+    assert bool((batch["labels"] == -100).any())  # positions whose placeholder target would be the mask token
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    expected = (token_nll(output.logits, batch["labels"], 0) * batch["loss_weights"]).sum() / (36 + 25)
+    torch.testing.assert_close(output.loss, expected)
+    terms = elbo_terms(output.logits.detach(), (batch["labels"], batch["loss_weights"]), mask_token_id=0)
+    assert torch.isfinite(terms).all()
+    assert torch.isfinite(model.compute_elbo(torch.randint(1, 95, (2, 16)), num_samples=2)).all()
+
+
+def test_collator_refuses_labels_or_attention_mask_of_another_length():
+    collator = DataCollatorForMaskedDiffusion(TinyTokenizer())
+    with pytest.raises(ValueError, match="example 1 has 3 labels for 4 input_ids"):
+        collator([{"input_ids": [5, 6, 7, 8]}, {"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7]}])
+    with pytest.raises(ValueError, match="example 0 has 5 attention_mask for 4 input_ids"):
+        collator([{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 5}])
+
+
+def test_seeded_examples_make_the_noise_a_function_of_the_examples():
+    from diffuapriel_hf.training.data import NoiseSeededDataset
+
+    dataset = NoiseSeededDataset([{"input_ids": list(range(3, 3 + n))} for n in (30, 40, 50, 60)], seed=5)
+    collator = DataCollatorForMaskedDiffusion(TinyTokenizer())
+    epoch0 = [dataset[i] for i in range(4)]
+    torch.manual_seed(1)
+    first = collator(epoch0[:2])
+    torch.manual_seed(2)  # the global RNG plays no part
+    second = collator([dataset[0], dataset[1]])
+    for key in first:
+        assert torch.equal(first[key], second[key])
+    dataset.set_epoch(1)
+    assert [example["noise_seed"] for example in epoch0] != [dataset[i]["noise_seed"] for i in range(4)]
+    assert len({example["noise_seed"] for example in epoch0}) == 4
+    # The times are still stratified over the batch.
+    t = 1 / collator(epoch0)["loss_weights"][:, 0]
+    assert sorted(((t - 1e-3) / (1 - 1e-3) * 4).floor().long().tolist()) == [0, 1, 2, 3]

@@ -3,6 +3,7 @@ of the Python standard library's own source files)."""
 
 import json
 import os
+import re
 import subprocess
 from argparse import Namespace
 import sys
@@ -208,23 +209,31 @@ def no_training(monkeypatch):
     monkeypatch.setattr(Trainer, "train", refuse)
 
 
-def test_empty_corpus_is_refused(no_training, tmp_path):
+def assert_refused(capsys, pattern, output_dir, *extra, **kwargs):
+    """The train command refuses with exit status 2 and one line on stderr matching `pattern`."""
+    capsys.readouterr()
+    assert train_command(output_dir, *extra, **kwargs) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("diffuapriel train: error: "), error
+    assert re.search(pattern, error), error
+
+
+def test_empty_corpus_is_refused(no_training, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n")
-    with pytest.raises(ValueError, match="corpus is empty"):
-        train_command(tmp_path / "out", "--max_steps", "1", files=[str(empty)])
+    assert_refused(capsys, "corpus is empty", tmp_path / "out", "--max_steps", "1", files=[str(empty)])
 
 
-def test_corpus_shorter_than_one_sequence_is_refused(no_training, tmp_path):
+def test_corpus_shorter_than_one_sequence_is_refused(no_training, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("x = 1\n" * 3)
-    with pytest.raises(ValueError, match="too few to train"):
-        train_command(tmp_path / "out", "--max_steps", "1", "--vocab_size", "300", files=[str(short)])
+    assert_refused(capsys, "too few to train", tmp_path / "out", "--max_steps", "1", "--vocab_size", "300",
+                   files=[str(short)])
 
 
-def test_tokenizer_without_room_for_a_mask_token_is_refused(no_training, tmp_path):
-    with pytest.raises(ValueError, match="no room for a byte-level BPE tokenizer and its mask token"):
-        train_command(tmp_path / "out", "--max_steps", "1", "--vocab_size", "200")
+def test_tokenizer_without_room_for_a_mask_token_is_refused(no_training, tmp_path, capsys):
+    assert_refused(capsys, "no room for a byte-level BPE tokenizer and its mask token", tmp_path / "out",
+                   "--max_steps", "1", "--vocab_size", "200")
     # An existing tokenizer whose vocabulary fills the model's: adding the mask token overflows it.
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -238,21 +247,25 @@ def test_tokenizer_without_room_for_a_mask_token_is_refused(no_training, tmp_pat
     full = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
     assert len(full) == 300 and full.mask_token is None
     full.save_pretrained(tmp_path / "full_tokenizer")
-    with pytest.raises(ValueError, match="no room for its mask token"):
-        train_command(tmp_path / "out", "--max_steps", "1", "--vocab_size", "300",
-                      "--tokenizer", str(tmp_path / "full_tokenizer"))
+    assert_refused(capsys, "no room for its mask token", tmp_path / "out2", "--max_steps", "1", "--vocab_size", "300",
+                   "--tokenizer", str(tmp_path / "full_tokenizer"))
 
 
-def test_sequence_length_above_the_config_limit_is_refused(no_training, tmp_path):
+def test_bad_numbers_are_refused_by_name(no_training, tmp_path, capsys):
     limit = preset_config("tiny").max_position_embeddings
-    with pytest.raises(ValueError, match="above the config's max_position_embeddings"):
-        train_command(tmp_path / "out", "--max_steps", "1", "--seq_len", str(limit + 1))
+    assert_refused(capsys, f"--seq_len {limit + 1} is above the config's max_position_embeddings {limit}",
+                   tmp_path / "out", "--max_steps", "1", "--seq_len", str(limit + 1))
+    assert_refused(capsys, "--vocab_size must be positive, got 0", tmp_path / "out", "--max_steps", "1",
+                   "--vocab_size", "0")
+    assert_refused(capsys, "--seq_len must be positive", tmp_path / "out", "--seq_len", "0")
+    assert_refused(capsys, r"--eval_fraction must be in \[0, 1\)", tmp_path / "out", "--eval_fraction", "1")
+    assert not (tmp_path / "out").exists()
 
 
-def test_sequence_length_above_a_config_files_limit_is_refused(no_training, tmp_path):
+def test_sequence_length_above_a_config_files_limit_is_refused(no_training, tmp_path, capsys):
     preset_config("tiny", max_position_embeddings=16).save_pretrained(tmp_path / "config")
-    with pytest.raises(ValueError, match="--seq_len 32 is above the config's max_position_embeddings 16"):
-        train_command(tmp_path / "out", "--max_steps", "1", model=("--config", str(tmp_path / "config")))
+    assert_refused(capsys, "--seq_len 32 is above the config's max_position_embeddings 16", tmp_path / "out",
+                   "--max_steps", "1", model=("--config", str(tmp_path / "config")))
 
 
 def test_saved_dataset_as_corpus(tmp_path):
@@ -263,15 +276,15 @@ def test_saved_dataset_as_corpus(tmp_path):
         tmp_path / "corpus"
     )
     corpus = load_corpus(Namespace(train_files=None, dataset=str(tmp_path / "corpus"), text_column="content"))
-    assert corpus.column_names == ["text"] and corpus["text"] == texts
+    assert corpus.column_names == ["text", "source"] and corpus["text"] == texts
+    assert corpus["source"] == [f"{tmp_path / 'corpus'} row 0", f"{tmp_path / 'corpus'} row 1"]
     with pytest.raises(ValueError, match="--text_column: 'body' is not a column"):
         load_corpus(Namespace(train_files=None, dataset=str(tmp_path / "corpus"), text_column="body"))
 
 
-def test_resume_from_a_different_config_is_refused(trained, no_training, tmp_path):
-    with pytest.raises(ValueError, match="does not match this run's model config.*vocab_size"):
-        train_command(tmp_path / "out", "--max_steps", "8", "--vocab_size", str(VOCAB_SIZE + 64),
-                      "--resume_from_checkpoint", str(trained / "checkpoint-4"))
+def test_resume_from_a_different_config_is_refused(trained, no_training, tmp_path, capsys):
+    assert_refused(capsys, "does not match this run's model config.*vocab_size", tmp_path / "out", "--max_steps", "8",
+                   "--vocab_size", str(VOCAB_SIZE + 64), "--resume_from_checkpoint", str(trained / "checkpoint-4"))
 
 
 def test_module_entry_point():

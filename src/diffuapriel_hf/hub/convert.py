@@ -26,6 +26,7 @@ Checkpoints are read with `torch.load(weights_only=True)` (or safetensors): a pi
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -33,6 +34,7 @@ import torch
 
 from ..modeling.configuration_diffuapriel import MAMBA, DiffuAprielConfig
 from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
+from .folders import describe, folder_entries
 
 TRANSFORMERS = "transformers"
 MAMBA_SSM = "mamba-ssm"
@@ -440,13 +442,26 @@ def convert_checkpoint(
     return model.eval(), tokenizer
 
 
-def convert(source, output, repo_id: Optional[str] = None, base_model: Optional[str] = None, **kwargs) -> Path:
+def convert(
+    source, output, repo_id: Optional[str] = None, base_model: Optional[str] = None, overwrite: bool = False, **kwargs
+) -> Path:
     """Convert `source` (see `convert_checkpoint`) and write a complete Hub folder to `output`; `repo_id` (where it
-    will be published) and `base_model` (the source's Hub id) go into the model card."""
+    will be published) and `base_model` (the source's Hub id) go into the model card. An `output` that holds files is
+    refused before anything is read unless `overwrite` (see `save_for_hub`); one that is the source always is."""
     from .publish import save_for_hub
 
+    if Path(source).resolve() == Path(output).resolve():
+        raise ValueError(f"the output folder {output} is the source folder: name another folder to write to")
+    entries = folder_entries(output)
+    if entries and not overwrite:
+        raise ValueError(
+            f"the output folder {output} already holds files ({describe(entries)}): pass --overwrite "
+            "(overwrite=True) to replace the model in it, other files kept, or name an empty folder"
+        )
     model, tokenizer = convert_checkpoint(source, **kwargs)
-    return save_for_hub(model, output, tokenizer=tokenizer, repo_id=repo_id, base_model=base_model)
+    return save_for_hub(
+        model, output, tokenizer=tokenizer, repo_id=repo_id, base_model=base_model, overwrite=overwrite
+    )
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -470,15 +485,21 @@ def add_arguments(parser):
                         help="refuse a source of any other format (default: detect it)")
     parser.add_argument("--repo-id", default=None, help="Hub repo the output will be published to (for the model card)")
     parser.add_argument("--base-model", default=None, help="Hub id of the source model (for the model card)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model in an output folder that holds one (its other files are kept)")
 
 
-def run(args):
-    output = convert(
-        args.source, args.output, bidirectional=args.bidirectional, backward_init=args.backward_init,
-        intermediate_size=args.intermediate_size, tokenizer=args.tokenizer, mask_token=args.mask_token,
-        dtype=DTYPES[args.dtype] if args.dtype else None, source_format=args.source_format, repo_id=args.repo_id,
-        base_model=args.base_model,
-    )
+def run(args, prog: str = "diffuapriel convert"):
+    try:
+        output = convert(
+            args.source, args.output, bidirectional=args.bidirectional, backward_init=args.backward_init,
+            intermediate_size=args.intermediate_size, tokenizer=args.tokenizer, mask_token=args.mask_token,
+            dtype=DTYPES[args.dtype] if args.dtype else None, source_format=args.source_format,
+            repo_id=args.repo_id, base_model=args.base_model, overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {output}")
     return 0
 
@@ -490,4 +511,4 @@ def script_main(source_format: str, description: str, argv=None) -> int:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(source_format=source_format)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(argv), prog=parser.prog)

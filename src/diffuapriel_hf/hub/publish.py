@@ -16,6 +16,7 @@ from typing import Optional, Union
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from ..modeling import configuration_diffuapriel, modeling_diffuapriel
+from .folders import describe, folder_entries, writing_folder
 
 AUTO_MAP = {
     "AutoConfig": "configuration_diffuapriel.DiffuAprielConfig",
@@ -113,14 +114,28 @@ block (`block_length`); mask tokens (`tokenizer.mask_token`) left in the prompt 
 
 
 def save_for_hub(
-    model, folder: Union[str, Path], tokenizer=None, repo_id: Optional[str] = None, base_model: Optional[str] = None
+    model, folder: Union[str, Path], tokenizer=None, repo_id: Optional[str] = None, base_model: Optional[str] = None,
+    overwrite: bool = False, overwrite_model_card: bool = False,
 ) -> Path:
-    """Write a complete Hub repo for `model` to `folder` and return the folder."""
-    folder = Path(folder)
-    model.config.auto_map = dict(AUTO_MAP)  # transformers adds the saved class to it; we name all three
-    model.save_pretrained(folder)  # safetensors, config.json, generation_config.json, the remote code
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    (folder / "README.md").write_text(model_card(model, repo_id, base_model), encoding="utf-8")
-    return folder
+    """Write a complete Hub repo for `model` to `folder` and return the folder.
 
+    A folder that already holds files is refused unless `overwrite`: then the model (weights, configs, tokenizer files,
+    remote code) is replaced as a whole and every other file is kept, an existing README.md too unless
+    `overwrite_model_card`. The new folder is written beside the old one and put in its place once complete
+    (`folders.writing_folder`), so an interrupted save leaves the old folder."""
+    folder = Path(folder)
+    entries = folder_entries(folder)
+    if entries and not overwrite:
+        raise ValueError(
+            f"{folder} already holds files ({describe(entries)}): pass overwrite=True (diffuapriel convert: "
+            "--overwrite) to replace the model in it, other files kept, or name an empty folder"
+        )
+    write_card = overwrite_model_card or "README.md" not in entries
+    model.config.auto_map = dict(AUTO_MAP)  # transformers adds the saved class to it; we name all three
+    with writing_folder(folder) as staging:
+        model.save_pretrained(staging)  # safetensors, config.json, generation_config.json, the remote code
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if write_card:
+            (staging / "README.md").write_text(model_card(model, repo_id, base_model), encoding="utf-8")
+    return folder

@@ -2,34 +2,61 @@
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ..modeling.diffusion import loss_weight, noise_tokens, sample_times
 
 
-def document_stream(tokenizer, texts) -> list[int]:
-    """Tokenize the documents, end each with eos, and join them into one stream of token ids."""
+def document_stream(tokenizer, texts, names=None) -> list[int]:
+    """Tokenize the documents, end each with eos, and join them into one stream of token ids.
+
+    Text that spells a special token (`<|mask|>`, `<|endoftext|>`, ...) is tokenized as text, never as that token
+    (`split_special_tokens`). A document that still gives the mask token's id (a tokenizer whose ordinary vocabulary
+    holds it) is refused here, naming the document (`names[i]`, else its index) and the line and column: as a label
+    the mask token would stop training at whichever later step drew it."""
+    texts = list(texts)
+    encoded = tokenizer(
+        texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=tokenizer.is_fast
+    )
     stream = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+    for i, ids in enumerate(encoded["input_ids"]):
+        if tokenizer.mask_token_id in ids:
+            position = ids.index(tokenizer.mask_token_id)
+            name = names[i] if names is not None else f"document {i}"
+            raise ValueError(f"{name}: {text_position(texts[i], encoded, i, position)} tokenizes to the mask token "
+                             f"{tokenizer.mask_token!r} (id {tokenizer.mask_token_id}), which cannot be a training "
+                             "label; remove that text or use a tokenizer whose mask token no text spells")
         stream.extend(ids + [tokenizer.eos_token_id])
     return stream
+
+
+def text_position(text: str, encoded, document: int, token: int) -> str:
+    """Where the `token`-th token of a document starts: line and column when the tokenizer gives character offsets."""
+    if "offset_mapping" not in encoded:
+        return f"token {token}"
+    start = encoded["offset_mapping"][document][token][0]
+    line, column = text.count("\n", 0, start) + 1, start - (text.rfind("\n", 0, start) + 1) + 1
+    return f"line {line}, column {column}"
 
 
 class DataCollatorForMaskedDiffusion:
     """Pads tokenized examples and noises them for the MDLM objective.
 
     Each example is a dict with `input_ids` and optionally `attention_mask` and `labels` (-100 marks tokens that are
-    never masked and never counted: an SFT prompt). The collator samples a diffusion time t per sequence, stratified
-    across the batch (`diffusion.sample_times`, t >= `sampling_eps`), masks every real, non-prompt token with
-    probability t and returns:
+    never masked and never counted: an SFT prompt), both as long as `input_ids`. The collator samples a diffusion time
+    t per sequence, stratified across the batch (`diffusion.sample_times`, t >= `sampling_eps`), masks every real,
+    non-prompt token with probability t and returns:
         input_ids       (B, L) the noised tokens
         attention_mask  (B, L) 1 at real tokens, 0 at padding
         labels          (B, L) the clean token where masked, -100 elsewhere
         loss_weights    (B, L) 1/t at every real non-prompt token (masked or not), 0 elsewhere
 
-    An example may fix its own time with a float `t` and its masks with an int `noise_seed` (the ELBO evaluation
-    set does, so that every evaluation sees the same noise). Without a seed the masks come from torch's global RNG,
-    which `Trainer` seeds and restores on resume.
+    An example may fix its masks with an int `noise_seed` and its time with a float `t`. When every example of a batch
+    has a seed, the batch's times come from a generator seeded with all of them, so the batch's noise is a pure
+    function of its examples: `NoiseSeededDataset` gives training examples such seeds, which makes a run resumed from
+    a checkpoint draw the noise of the uninterrupted run (whatever the dataloader workers or gradient accumulation).
+    Without seeds the noise comes from torch's global RNG.
     """
 
     def __init__(self, tokenizer, sampling_eps: float = 1e-3, pad_to_multiple_of: Optional[int] = None):
@@ -61,36 +88,56 @@ class DataCollatorForMaskedDiffusion:
                 padded[i, : len(row)] = row
         return padded
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("examples is empty")
-        ids = [example["input_ids"] for example in examples]
-        length = max(len(row) for row in ids)
+    def _padded(self, examples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, noisable), each (B, L): the examples padded, and where noise may fall."""
+        for i, example in enumerate(examples):
+            for key in ("attention_mask", "labels"):
+                if key in example and len(example[key]) != len(example["input_ids"]):
+                    raise ValueError(
+                        f"example {i} has {len(example[key])} {key} for {len(example['input_ids'])} input_ids: give "
+                        f"one {key} entry per token"
+                    )
+        length = max(len(example["input_ids"]) for example in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = self._pad(ids, length, self.pad_token_id)  # (B, L)
+        input_ids = self._pad([example["input_ids"] for example in examples], length, self.pad_token_id)
         attention_mask = self._pad(
             [example.get("attention_mask", [1] * len(example["input_ids"])) for example in examples], length, 0
         )
-        noisable = attention_mask.bool()  # (B, L)
+        noisable = attention_mask.bool()
         if any("labels" in example for example in examples):
             # Dataset labels only say which tokens take part (-100: a prompt); the targets are the clean tokens.
             given = self._pad([example.get("labels", example["input_ids"]) for example in examples], length, -100)
             noisable &= given != -100
+        return input_ids, attention_mask, noisable
 
-        t = sample_times(len(examples), self.sampling_eps)  # (B,)
-        noised, masked = input_ids.clone(), torch.zeros_like(noisable)
-        unseeded = [i for i, example in enumerate(examples) if example.get("noise_seed") is None]
+    def _times(self, examples: list[dict[str, Any]], seeds: list) -> torch.Tensor:
+        """(B,) diffusion times: each example's own `t`, the others stratified over the batch."""
+        generator = None
+        if all(seed is not None for seed in seeds):
+            generator = torch.Generator().manual_seed(combine_seeds(seeds))
+        t = sample_times(len(examples), self.sampling_eps, generator)  # (B,)
         for i, example in enumerate(examples):
             if example.get("t") is not None:
                 t[i] = float(example["t"])
                 if not 0 < t[i] <= 1:
                     raise ValueError(f"example {i} has t={example['t']}, outside (0, 1]")
-            if example.get("noise_seed") is not None:
-                generator = torch.Generator().manual_seed(int(example["noise_seed"]))
+        return t
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("examples is empty")
+        input_ids, attention_mask, noisable = self._padded(examples)  # (B, L) each
+        seeds = [example.get("noise_seed") for example in examples]
+        t = self._times(examples, seeds)  # (B,)
+        noised, masked = input_ids.clone(), torch.zeros_like(noisable)
+        for i, seed in enumerate(seeds):
+            if seed is not None:
+                generator = torch.Generator().manual_seed(int(seed))
                 noised[i : i + 1], masked[i : i + 1] = noise_tokens(
                     input_ids[i : i + 1], t[i : i + 1], self.mask_token_id, noisable[i : i + 1], generator
                 )
+        unseeded = [i for i, seed in enumerate(seeds) if seed is None]
         if unseeded:
             noised[unseeded], masked[unseeded] = noise_tokens(
                 input_ids[unseeded], t[unseeded], self.mask_token_id, noisable[unseeded]
@@ -101,3 +148,28 @@ class DataCollatorForMaskedDiffusion:
             "labels": input_ids.masked_fill(~masked, -100),
             "loss_weights": loss_weight(t)[:, None] * noisable,  # (B, L)
         }
+
+
+def combine_seeds(seeds) -> int:
+    """One 64-bit seed from a sequence of non-negative integers, well mixed (numpy's `SeedSequence`)."""
+    return int(np.random.SeedSequence([int(seed) for seed in seeds]).generate_state(1, np.uint64)[0])
+
+
+class NoiseSeededDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose examples carry a `noise_seed` that is a pure function of (seed, epoch, index), for
+    `DataCollatorForMaskedDiffusion`: a batch's noise then depends only on which examples it holds and the epoch, not
+    on how many batches were drawn before, in which process or dataloader worker. `Trainer` (through accelerate's
+    dataloader) calls `set_epoch` before each epoch; with `dataloader_persistent_workers` the workers would keep the
+    first epoch's copy, so that option is refused by the train command."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "noise_seed": combine_seeds((self.seed, self.epoch, index))}

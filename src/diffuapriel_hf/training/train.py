@@ -15,16 +15,23 @@ with DDP or FSDP (see benchmarks/training_throughput.md).
 import argparse
 import math
 import os
+import signal
+import sys
 from functools import partial
 from typing import Optional
 
 import torch
+from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
+from ..hub.folders import move_into_place, staging_folder, staging_path
 from ..modeling.configuration_diffuapriel import DiffuAprielConfig
-from .data import DataCollatorForMaskedDiffusion, document_stream
 from ..modeling.diffusion import bits_per_token, elbo_times, perplexity_bound, token_nll
+from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
 from ..modeling.presets import PRESETS, preset_config
+from .checkpoints import StopOnSignal, check_output_dir, missing_checkpoint_files, resolve_checkpoint
+from .data import DataCollatorForMaskedDiffusion, NoiseSeededDataset, document_stream
 
+PROG = "diffuapriel train"
 EOS_TOKEN, PAD_TOKEN, MASK_TOKEN = "<|endoftext|>", "<|pad|>", "<|mask|>"
 # Configuration entries that describe a run or a library version rather than the model.
 NON_MODEL_CONFIG_KEYS = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "auto_map"}
@@ -54,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     training = parser.add_argument_group("training (transformers.TrainingArguments)")
     training.add_argument("--output_dir", required=True)
+    training.add_argument("--overwrite_output_dir", action="store_true",
+                          help="replace the model in an --output_dir that holds files (other files are kept; an "
+                               "earlier run's checkpoints are removed)")
     training.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; -1: run --num_train_epochs")
     training.add_argument("--num_train_epochs", type=float, default=1.0)
     training.add_argument("--per_device_train_batch_size", type=int, default=8)
@@ -76,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "torchrun or accelerate launch need it too)")
     training.add_argument("--report_to", default="none", help="logging integrations: none, tensorboard, wandb, ...")
     training.add_argument("--resume_from_checkpoint", metavar="DIR",
-                          help="a checkpoint folder of an earlier run, or 'last' for the newest in --output_dir")
+                          help="a checkpoint folder of an earlier run, or 'last' for the newest complete one in "
+                               "--output_dir")
 
 
 def read_text_files(paths: list[str]) -> list[str]:
@@ -91,11 +102,12 @@ def read_text_files(paths: list[str]) -> list[str]:
 
 
 def load_corpus(args):
-    """The training documents as a `datasets.Dataset` with one column `text`."""
+    """The training documents as a `datasets.Dataset` with the columns `text` and `source` (the file, or the saved
+    dataset and row, that errors in the text are reported against)."""
     import datasets
 
     if args.train_files:
-        corpus = datasets.Dataset.from_dict({"text": read_text_files(args.train_files)})
+        corpus = datasets.Dataset.from_dict({"text": read_text_files(args.train_files), "source": args.train_files})
     else:
         if not os.path.isdir(args.dataset):
             raise ValueError(f"--dataset: {args.dataset!r} is not a folder saved by datasets' save_to_disk")
@@ -109,6 +121,7 @@ def load_corpus(args):
                 f"--text_column: {args.text_column!r} is not a column of the dataset ({corpus.column_names})"
             )
         corpus = corpus.select_columns([args.text_column]).rename_column(args.text_column, "text")
+        corpus = corpus.add_column("source", [f"{args.dataset} row {i}" for i in range(len(corpus))])
     if not any(text and text.strip() for text in corpus["text"]):
         raise ValueError("the training corpus is empty: no document holds any text")
     return corpus
@@ -163,8 +176,9 @@ def prepare_tokenizer(tokenizer, vocab_size: int):
 
 def chunk_documents(batch: dict, tokenizer, seq_len: int) -> dict:
     """`datasets.map(batched=True)` function: tokenize the documents, end each with eos, join them and cut the stream
-    into sequences of `seq_len` tokens (the tail shorter than `seq_len` is dropped)."""
-    stream = document_stream(tokenizer, batch["text"])
+    into sequences of `seq_len` tokens (the tail shorter than `seq_len` is dropped). Text that spells a special token
+    is tokenized as text; a document that gives the mask token is refused, naming its `source`."""
+    stream = document_stream(tokenizer, batch["text"], batch.get("source"))
     return {"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
 
 
@@ -192,22 +206,6 @@ def elbo_metrics(prediction) -> dict:
     return {"bits_per_token": bits_per_token(nats, tokens), "perplexity_bound": perplexity_bound(nats, tokens)}
 
 
-def resolve_checkpoint(args) -> Optional[str]:
-    if args.resume_from_checkpoint is None:
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    path = args.resume_from_checkpoint
-    if path == "last":
-        path = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if path is None:
-            raise ValueError(f"--resume_from_checkpoint last: {args.output_dir!r} holds no checkpoint-* folder")
-    for name in ("config.json", "trainer_state.json"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise ValueError(f"--resume_from_checkpoint: {path!r} is not a Trainer checkpoint (no {name})")
-    return path
-
-
 def check_resume_config(config: DiffuAprielConfig, checkpoint: str) -> None:
     saved = DiffuAprielConfig.from_pretrained(checkpoint).to_dict()
     ours = config.to_dict()
@@ -219,27 +217,27 @@ def check_resume_config(config: DiffuAprielConfig, checkpoint: str) -> None:
         raise ValueError(f"--resume_from_checkpoint {checkpoint!r} does not match this run's model config ({details})")
 
 
-def run(args) -> int:
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
-
-    from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
-
-    # Everything that can be wrong with the inputs is checked before the first step.
-    config = preset_config(args.preset) if args.preset else DiffuAprielConfig.from_pretrained(args.config)
-    vocab_size = args.vocab_size or config.vocab_size
+def check_arguments(args, config: DiffuAprielConfig) -> int:
+    """Refuse bad values before anything is read or written; returns the model's vocabulary size."""
+    vocab_size = config.vocab_size if args.vocab_size is None else args.vocab_size
+    if vocab_size < 1:
+        raise ValueError(f"--vocab_size must be positive, got {vocab_size}")
     if args.seq_len < 1:
         raise ValueError(f"--seq_len must be positive, got {args.seq_len}")
     if config.max_position_embeddings is not None and args.seq_len > config.max_position_embeddings:
         raise ValueError(
             f"--seq_len {args.seq_len} is above the config's max_position_embeddings {config.max_position_embeddings}"
+            ": lower --seq_len, or raise max_position_embeddings in a --config file"
         )
     if not 0 <= args.eval_fraction < 1:
         raise ValueError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
     if args.elbo_samples < 1:
         raise ValueError(f"--elbo_samples must be positive, got {args.elbo_samples}")
-    checkpoint = resolve_checkpoint(args)
+    return vocab_size
 
-    training_args = TrainingArguments(
+
+def training_arguments(args) -> "TrainingArguments":
+    return TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_eval_batch_size,
@@ -249,7 +247,7 @@ def run(args) -> int:
         save_total_limit=args.save_total_limit, seed=args.seed, bf16=args.bf16,
         dataloader_num_workers=args.dataloader_num_workers, use_cpu=args.use_cpu, report_to=args.report_to,
         eval_strategy="steps" if args.eval_fraction > 0 else "no", eval_steps=args.eval_steps,
-        # The collator reads the evaluation set's `t` / `noise_seed` columns, which forward does not take.
+        # The collator reads the `t` / `noise_seed` columns, which forward does not take.
         remove_unused_columns=False,
         # Both go to `elbo_terms`; the loss itself is computed by the model from the batch.
         label_names=["labels", "loss_weights"],
@@ -259,9 +257,10 @@ def run(args) -> int:
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
     )
 
-    corpus = load_corpus(args)
-    # The main process trains (or prepares) the tokenizer and saves it; the others load that copy, so all processes
-    # share one vocabulary.
+
+def load_tokenizer(args, corpus, training_args, checkpoint: Optional[str], vocab_size: int):
+    """The checkpoint's tokenizer when resuming, else `--tokenizer` or one trained on the corpus. The main process
+    makes it and saves it under --output_dir/tokenizer; the others load that copy, so all share one vocabulary."""
     tokenizer_dir = os.path.join(args.output_dir, "tokenizer")
     with training_args.main_process_first(local=False, desc="tokenizer"):
         if checkpoint is not None:
@@ -274,17 +273,12 @@ def run(args) -> int:
             else:
                 tokenizer = train_bpe_tokenizer((b["text"] for b in corpus.iter(batch_size=1000)), vocab_size)
             tokenizer.save_pretrained(tokenizer_dir)
-    prepare_tokenizer(tokenizer, vocab_size)
+    return prepare_tokenizer(tokenizer, vocab_size)
 
-    config.update(dict(
-        vocab_size=vocab_size, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
-    ))
-    config.validate()
-    if checkpoint is not None:
-        check_resume_config(config, checkpoint)
 
+def split_sequences(corpus, tokenizer, args):
+    """(training set, ELBO evaluation set or None) of `--seq_len`-token sequences; each training example carries a
+    noise seed (`NoiseSeededDataset`), so that a resumed run draws the noise of the uninterrupted one."""
     sequences = corpus.map(
         chunk_documents, batched=True, remove_columns=corpus.column_names,
         fn_kwargs=dict(tokenizer=tokenizer, seq_len=args.seq_len), desc="tokenizing",
@@ -296,18 +290,38 @@ def run(args) -> int:
             + (f" and hold out {num_eval} for evaluation" if num_eval else "")
             + "; add text or lower --seq_len"
         )
-    train_dataset = sequences.select(range(len(sequences) - num_eval))
-    eval_dataset = None
-    if num_eval:
-        from datasets import Dataset
+    train_dataset = NoiseSeededDataset(sequences.select(range(len(sequences) - num_eval)), args.seed)
+    if not num_eval:
+        return train_dataset, None
+    from datasets import Dataset
 
-        held_out = sequences.select(range(len(sequences) - num_eval, len(sequences)))["input_ids"]
-        eval_dataset = Dataset.from_list(elbo_eval_examples(held_out, args.elbo_samples))
+    held_out = sequences.select(range(len(sequences) - num_eval, len(sequences)))["input_ids"]
+    return train_dataset, Dataset.from_list(elbo_eval_examples(held_out, args.elbo_samples))
 
+
+def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
+    """Everything before the first step, where every bad input is refused: (the Trainer, the checkpoint to resume)."""
+    config = preset_config(args.preset) if args.preset else DiffuAprielConfig.from_pretrained(args.config)
+    vocab_size = check_arguments(args, config)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    training_args = training_arguments(args)
+    if training_args.should_save:
+        check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint)
+    corpus = load_corpus(args)
+    tokenizer = load_tokenizer(args, corpus, training_args, checkpoint, vocab_size)
+    config.update(dict(
+        vocab_size=vocab_size, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+    ))
+    config.validate()
+    if checkpoint is not None:
+        check_resume_config(config, checkpoint)
+    train_dataset, eval_dataset = split_sequences(corpus, tokenizer, args)
     set_seed(args.seed)  # the initial weights
-    model = DiffuAprielForMaskedLM(config)
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        model=DiffuAprielForMaskedLM(config), args=training_args, train_dataset=train_dataset,
+        eval_dataset=eval_dataset, callbacks=[stop],
         data_collator=DataCollatorForMaskedDiffusion(tokenizer, sampling_eps=config.sampling_eps),
         processing_class=tokenizer,
         compute_metrics=elbo_metrics if eval_dataset is not None else None,
@@ -315,27 +329,68 @@ def run(args) -> int:
             partial(elbo_terms, mask_token_id=config.mask_token_id) if eval_dataset is not None else None
         ),
     )
-    # Trainer seeds every process alike, which would give every process the same diffusion times and mask positions:
-    # the global batch would repeat one noise pattern. Each process draws its own (checkpoints keep each one's state).
-    torch.manual_seed(args.seed + training_args.process_index)
+    return trainer, checkpoint
+
+
+def save_final_model(trainer: Trainer, output_dir: str) -> None:
+    """The model, its config, generation_config.json and the tokenizer, written beside --output_dir and moved into it
+    once complete (its checkpoints and metrics are kept)."""
+    staging = staging_path(output_dir)
+    if trainer.args.should_save:
+        staging_folder(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every process takes part (FSDP gathers the weights); the main one writes
+    if trainer.args.should_save:
+        move_into_place(staging, output_dir)
+
+
+def train_and_save(trainer: Trainer, checkpoint: Optional[str], args, stop: StopOnSignal) -> int:
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.received is not None:
+        step = trainer.state.global_step
+        saved = os.path.join(args.output_dir, f"checkpoint-{step}")
+        saved_note = (f"saved {saved}; continue with --resume_from_checkpoint last"
+                      if not missing_checkpoint_files(saved) else "no checkpoint saved")
+        print(f"{PROG}: stopped by {stop.received.name} after step {step}: {saved_note}", file=sys.stderr)
+        return 128 + stop.received.value
     metrics = dict(result.metrics)
     metrics["train_tokens_per_second"] = metrics["train_samples_per_second"] * args.seq_len
-    metrics["world_size"] = training_args.world_size
+    metrics["world_size"] = trainer.args.world_size
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
-    if eval_dataset is not None:
+    if trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-    # The model, its config and generation_config.json (a DiffusionGenerationConfig with the token ids set above),
-    # and the tokenizer.
-    trainer.save_model(args.output_dir)
+    save_final_model(trainer, args.output_dir)
     return 0
 
 
+def stopped(stop: StopOnSignal, what: str) -> int:
+    received = stop.received or signal.SIGINT
+    print(f"{PROG}: stopped at once by {received.name} {what}", file=sys.stderr)
+    return 128 + received.value
+
+
+def run(args) -> int:
+    """`diffuapriel train`: a refused input is one line on stderr (exit status 2); Ctrl-C or SIGTERM stops at a step
+    boundary with a checkpoint (exit status 128 + the signal's number), a second one at once."""
+    with StopOnSignal() as stop:
+        try:
+            trainer, checkpoint = prepare(args, stop)
+        except ValueError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return stopped(stop, "before training started: nothing saved")
+        try:
+            return train_and_save(trainer, checkpoint, args, stop)
+        except KeyboardInterrupt:
+            return stopped(stop, f"at step {trainer.state.global_step}: nothing saved since the last checkpoint")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffuapriel_hf.training.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
