@@ -7,9 +7,11 @@ import shutil
 import signal
 import sys
 import threading
+import zipfile
 from pathlib import Path
 from typing import Optional
 
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from ..hub.folders import describe, folder_entries
@@ -48,17 +50,49 @@ def last_complete_checkpoint(output_dir: str) -> str:
                      "--resume_from_checkpoint to start afresh")
 
 
+def check_checkpoint_files(path: str) -> None:
+    """Refuse a checkpoint whose files are damaged, naming the file: its safetensors files must parse and hold finite
+    values only; its torch files (optimizer.pt, scheduler.pt, rng_state.pth, ...), zip archives, must pass their CRC
+    check. (A byte changed inside a safetensors tensor that stays finite cannot be told from a trained value.)"""
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if name.endswith(".safetensors"):
+            try:
+                tensors = load_file(file)
+            except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+                raise ValueError(f"{file} cannot be read ({error}): the checkpoint is damaged; resume from another "
+                                 "one") from error
+            broken = [key for key, value in tensors.items() if value.is_floating_point() and not value.isfinite().all()]
+            if broken:
+                raise ValueError(f"{file} holds values that are not finite ({describe(broken)}): the checkpoint is "
+                                 "damaged or its run diverged; resume from an earlier one")
+        elif name.endswith((".pt", ".pth", ".bin")):
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    damaged = archive.testzip()
+            except Exception as error:  # damage shows as BadZipFile, EOFError, OSError or a UnicodeDecodeError
+                raise ValueError(f"{file} cannot be read ({error}): the checkpoint is damaged; resume from another "
+                                 "one") from error
+            if damaged is not None:
+                raise ValueError(f"{file} is damaged (its entry {damaged} fails its checksum); resume from another "
+                                 "checkpoint")
+
+
 def resolve_checkpoint(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
-    """The checkpoint folder to resume from: None, a folder (which must be complete) or `last`."""
+    """The checkpoint folder to resume from: None, a folder (which must be complete) or `last`; its files are checked
+    for damage (`check_checkpoint_files`)."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "last":
-        return last_complete_checkpoint(output_dir)
-    missing = missing_checkpoint_files(resume_from_checkpoint)
-    if missing:
-        raise ValueError(f"--resume_from_checkpoint: {resume_from_checkpoint!r} is not a complete Trainer checkpoint "
-                         f"(no {', '.join(missing)}); name one that is, or pass 'last' for the newest complete one")
-    return resume_from_checkpoint
+        checkpoint = last_complete_checkpoint(output_dir)
+    else:
+        checkpoint = resume_from_checkpoint
+        missing = missing_checkpoint_files(checkpoint)
+        if missing:
+            raise ValueError(f"--resume_from_checkpoint: {checkpoint!r} is not a complete Trainer checkpoint (no "
+                             f"{', '.join(missing)}); name one that is, or pass 'last' for the newest complete one")
+    check_checkpoint_files(checkpoint)
+    return checkpoint
 
 
 def check_output_dir(output_dir: str, overwrite: bool, checkpoint: Optional[str]) -> None:
@@ -108,8 +142,6 @@ class StopOnSignal(TrainerCallback):
         self.received = signal.Signals(signum)
         if not (self.training and first):
             raise KeyboardInterrupt
-        print(f"\n{self.received.name}: stopping after this step with a checkpoint (again: stop now, no checkpoint)",
-              file=sys.stderr)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.received is not None:  # a signal that arrived before, if something swallowed its KeyboardInterrupt
@@ -118,6 +150,9 @@ class StopOnSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.received is not None:
+            # Said here, not in the handler: printing there could interrupt another write to stderr.
+            print(f"\n{self.received.name}: saving a checkpoint at step {state.global_step} and stopping (again: "
+                  "stop at once, without it)", file=sys.stderr)
             control.should_save = True
             control.should_training_stop = True
 

@@ -8,6 +8,7 @@ named in `HELD_OUT_MODULES`, never trained on.
 
     python -m diffuapriel_hf.training.stdlib_corpus train     # prints the training files, one per line
     python -m diffuapriel_hf.training.stdlib_corpus heldout
+    python -m diffuapriel_hf.training.stdlib_corpus train 8   # the first 8 only
 """
 
 import sys
@@ -55,10 +56,11 @@ def stdlib_files(split: str, root: Path | None = None) -> list[Path]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] not in SPLITS:
-        print(f"usage: python -m diffuapriel_hf.training.stdlib_corpus {{{','.join(SPLITS)}}}", file=sys.stderr)
+    if len(argv) not in (1, 2) or argv[0] not in SPLITS or (len(argv) == 2 and not argv[1].isdigit()):
+        print(f"usage: python -m diffuapriel_hf.training.stdlib_corpus {{{','.join(SPLITS)}}} [COUNT]", file=sys.stderr)
         return 2
-    print("\n".join(str(path) for path in stdlib_files(argv[0])))
+    files = stdlib_files(argv[0])
+    print("\n".join(str(path) for path in files[: int(argv[1]) if len(argv) == 2 else None]))
     return 0
 
 
