@@ -1,17 +1,92 @@
 """DiffuApriel configuration: one config for DiffuApriel (all Mamba), DiffuApriel-H (hybrid) and DiffuTran (all
-attention), told apart only by `layer_types`."""
+attention), told apart only by `layer_types`.
 
-import math
+The checks are transformers v5's strict-dataclass validators (huggingface_hub's `@strict`): a check of one field
+alone is a validated field, run whenever the field is set; a check across fields is a `validate_*` method, run after
+construction, by `validate()` and before `save_pretrained`."""
 
+from functools import wraps
+from typing import Literal
+
+from huggingface_hub.dataclasses import as_validated_field, strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PretrainedConfig
 
-MAMBA = "linear_attention"
-ATTENTION = "full_attention"
+from .presets import ATTENTION, MAMBA, PRESETS
+
 # Older checkpoints (and transformers < 5.2x) spell the layer kinds this way; they are read as the new names.
 LEGACY_LAYER_TYPES = {"mamba": MAMBA, "attention": ATTENTION}
-BIDIRECTIONAL_STRATEGIES = ("add", "mean")
+BidirectionalStrategy = Literal["add", "mean"]
 
 
+@as_validated_field
+def positive_int(value):
+    if value < 1:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+
+
+@as_validated_field
+def non_negative_int(value):
+    if value < 0:
+        raise ValueError(f"must be an integer >= 0 (0 removes the MLP), got {value!r}")
+
+
+@as_validated_field
+def positive_int_or_none(value):
+    if value is not None and value < 1:
+        raise ValueError(f"must be a positive integer or None, got {value!r}")
+
+
+@as_validated_field
+def positive_number(value):
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+
+
+@as_validated_field
+def dropout_probability(value):
+    if not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value!r}")
+
+
+@as_validated_field
+def open_unit_interval(value):
+    if not 0 < value < 1:
+        raise ValueError(f"must be in (0, 1), got {value!r}")
+
+
+@as_validated_field
+def increasing_range(value):
+    if len(value) != 2 or not 0 <= value[0] < value[1]:
+        raise ValueError(f"must be (low, high) with 0 <= low < high, got {value!r}")
+
+
+def raise_value_errors(cls):
+    """`@strict` reports a failed check as a `StrictDataclassError`, which is not a `ValueError`. A config that
+    cannot describe a model raises `ValueError` naming the field (the contract every caller of this package
+    catches), so the class re-raises its checks' errors as that, chained to the strict error."""
+    strict_setattr, strict_validate = cls.__setattr__, cls.validate
+
+    def __setattr__(self, name, value):
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassError as error:
+            message = str(error.__cause__)  # a type check names the field, a value check says what is wrong
+            raise ValueError(message if repr(name) in message else f"{name} {message}") from error
+
+    @wraps(strict_validate)
+    def validate(self):
+        try:
+            strict_validate(self)
+        except StrictDataclassError as error:
+            raise ValueError(str(error.__cause__)) from error
+
+    cls.__setattr__, cls.validate = __setattr__, validate
+    return cls
+
+
+@raise_value_errors
+@strict
 class DiffuAprielConfig(PretrainedConfig):
     r"""
     Configuration of a DiffuApriel masked diffusion language model.
@@ -47,94 +122,53 @@ class DiffuAprielConfig(PretrainedConfig):
 
     model_type = "diffuapriel"
 
-    def __init__(
-        self,
-        vocab_size=50258,
-        hidden_size=768,
-        num_hidden_layers=12,
-        intermediate_size=2048,
-        hidden_act="silu",
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        initializer_range=0.02,
-        layer_types=None,
-        num_attention_heads=12,
-        num_key_value_heads=None,
-        head_dim=None,
-        rope_theta=10000.0,
-        attention_bias=False,
-        attention_dropout=0.0,
-        max_position_embeddings=1024,
-        mamba_d_state=128,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_d_head=64,
-        mamba_n_groups=1,
-        mamba_chunk_size=256,
-        mamba_conv_bias=True,
-        mamba_proj_bias=False,
-        mamba_dt_min=0.001,
-        mamba_dt_max=0.1,
-        mamba_dt_init_floor=1e-4,
-        mamba_dt_limit=(0.0, float("inf")),
-        bidirectional=True,
-        bidirectional_strategy="add",
-        use_mamba_kernels=True,
-        mask_token_id=None,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        sampling_eps=1e-3,
-        **kwargs,
-    ):
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.rms_norm_eps = rms_norm_eps
-        self.initializer_range = initializer_range
-        if layer_types is None:
-            layer_types = [MAMBA] * num_hidden_layers
-        if not isinstance(layer_types, (list, tuple)):
-            raise ValueError(f"layer_types must be a list of layer kinds, got {type(layer_types).__name__}")
-        self.layer_types = [LEGACY_LAYER_TYPES.get(kind, kind) for kind in layer_types]
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        self.head_dim = head_dim
-        if head_dim is None and num_attention_heads and hidden_size % num_attention_heads == 0:
-            self.head_dim = hidden_size // num_attention_heads
-        self.rope_theta = rope_theta
-        self.attention_bias = attention_bias
-        self.attention_dropout = attention_dropout
-        self.max_position_embeddings = max_position_embeddings
-        self.mamba_d_state = mamba_d_state
-        self.mamba_d_conv = mamba_d_conv
-        self.mamba_expand = mamba_expand
-        self.mamba_d_head = mamba_d_head
-        self.mamba_n_groups = mamba_n_groups
-        self.mamba_chunk_size = mamba_chunk_size
-        self.mamba_conv_bias = mamba_conv_bias
-        self.mamba_proj_bias = mamba_proj_bias
-        self.mamba_dt_min = mamba_dt_min
-        self.mamba_dt_max = mamba_dt_max
-        self.mamba_dt_init_floor = mamba_dt_init_floor
-        self.mamba_dt_limit = tuple(float(v) for v in mamba_dt_limit)
-        self.bidirectional = bidirectional
-        self.bidirectional_strategy = bidirectional_strategy
-        self.use_mamba_kernels = use_mamba_kernels
-        self.mask_token_id = mask_token_id
-        self.sampling_eps = sampling_eps
-        self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
-        # Our own checks first, so that an invalid field gets our message rather than the base class's.
-        self.validate()
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
+    vocab_size: int = positive_int(default=50258)
+    hidden_size: int = positive_int(default=768)
+    num_hidden_layers: int = positive_int(default=12)
+    intermediate_size: int = non_negative_int(default=2048)
+    hidden_act: str = "silu"
+    rms_norm_eps: float = positive_number(default=1e-5)
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    layer_types: list[str] | tuple[str, ...] | None = None
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rope_theta: float | int = positive_number(default=10000.0)
+    attention_bias: bool = False
+    attention_dropout: float | int = dropout_probability(default=0.0)
+    max_position_embeddings: int | None = positive_int_or_none(default=1024)
+    mamba_d_state: int = positive_int(default=128)
+    mamba_d_conv: int = positive_int(default=4)
+    mamba_expand: int = positive_int(default=2)
+    mamba_d_head: int = positive_int(default=64)
+    mamba_n_groups: int = positive_int(default=1)
+    mamba_chunk_size: int = positive_int(default=256)
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    mamba_dt_min: float = positive_number(default=0.001)
+    mamba_dt_max: float = positive_number(default=0.1)
+    mamba_dt_init_floor: float = positive_number(default=1e-4)
+    mamba_dt_limit: list[float | int] | tuple[float | int, ...] = increasing_range(default=(0.0, float("inf")))
+    bidirectional: bool = True
+    bidirectional_strategy: BidirectionalStrategy = "add"
+    use_mamba_kernels: bool = True
+    mask_token_id: int | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    sampling_eps: float = open_unit_interval(default=1e-3)
+
+    def __post_init__(self, **kwargs):
+        if self.layer_types is None:
+            self.layer_types = [MAMBA] * self.num_hidden_layers
+        self.layer_types = [LEGACY_LAYER_TYPES.get(kind, kind) for kind in self.layer_types]
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.mamba_dt_limit = tuple(float(v) for v in self.mamba_dt_limit)  # JSON gives a list
+        super().__post_init__(**kwargs)
 
     @property
     def mamba_intermediate_size(self) -> int:
@@ -146,27 +180,39 @@ class DiffuAprielConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DiffuAprielConfig":
-        """A named configuration (see `diffuapriel_hf.modeling.presets.PRESETS`), with fields overridden by keyword."""
-        from .presets import preset_config
+        """The configuration of preset `name` (see `presets.PRESETS`), with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        fields = dict(PRESETS[name])
+        if "num_hidden_layers" in overrides and "layer_types" not in overrides and "layer_types" in fields:
+            raise ValueError(f"preset {name!r} fixes layer_types: give layer_types together with num_hidden_layers")
+        return cls(**{**fields, **overrides})
 
-        return preset_config(name, **overrides)
+    # The `validate_*` methods below check fields against each other; `@strict` runs them in name order, after the
+    # checks of single fields, so a bad size is named before anything computed from it.
 
-    def validate(self):
-        """Raise a `ValueError` naming the field when the configuration cannot describe a model."""
-
-        def positive_int(name):
+    def validate_attention_heads(self):
+        if ATTENTION not in self.layer_types:
+            return
+        for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
-            positive_int(name)
-        if isinstance(self.intermediate_size, bool) or not isinstance(self.intermediate_size, int) or (
-            self.intermediate_size < 0
-        ):
+        if self.head_dim is None:
             raise ValueError(
-                f"intermediate_size must be an integer >= 0 (0 removes the MLP), got {self.intermediate_size!r}"
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}), or head_dim must be given"
             )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for the rotary embedding, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
+                f"({self.num_key_value_heads})"
+            )
+
+    def validate_layer_type(self):
+        """Replaces transformers' check, which accepts every layer kind of every model."""
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
@@ -177,66 +223,35 @@ class DiffuAprielConfig(PretrainedConfig):
                 f"layer_types has unknown entries {unknown}: expected {MAMBA!r} (or 'mamba') and {ATTENTION!r} "
                 "(or 'attention')"
             )
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if ATTENTION in self.layer_types:
-            positive_int("num_attention_heads")
-            positive_int("num_key_value_heads")
-            if self.head_dim is None:
-                raise ValueError(
-                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                    f"({self.num_attention_heads}), or head_dim must be given"
-                )
-            positive_int("head_dim")
-            if self.head_dim % 2:
-                raise ValueError(f"head_dim must be even for the rotary embedding, got {self.head_dim}")
-            if self.num_attention_heads % self.num_key_value_heads:
-                raise ValueError(
-                    f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
-                    f"({self.num_key_value_heads})"
-                )
-            if not self.rope_theta > 0:
-                raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
-        if MAMBA in self.layer_types:
-            for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_d_head", "mamba_n_groups",
-                         "mamba_chunk_size"):
-                positive_int(name)
-            if self.mamba_intermediate_size % self.mamba_d_head:
-                raise ValueError(
-                    f"mamba_expand * hidden_size ({self.mamba_intermediate_size}) must be divisible by mamba_d_head "
-                    f"({self.mamba_d_head})"
-                )
-            if self.mamba_n_heads % self.mamba_n_groups:
-                raise ValueError(
-                    f"the number of Mamba heads ({self.mamba_n_heads} = mamba_expand * hidden_size / mamba_d_head) "
-                    f"must be divisible by mamba_n_groups ({self.mamba_n_groups})"
-                )
-            if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
-                raise ValueError(
-                    f"need 0 < mamba_dt_min <= mamba_dt_max, got {self.mamba_dt_min!r} and {self.mamba_dt_max!r}"
-                )
-            low, high = self.mamba_dt_limit if len(self.mamba_dt_limit) == 2 else (None, None)
-            if low is None or not 0 <= low < high:
-                raise ValueError(
-                    f"mamba_dt_limit must be (low, high) with 0 <= low < high, got {self.mamba_dt_limit!r}"
-                )
-        if self.bidirectional_strategy not in BIDIRECTIONAL_STRATEGIES:
+
+    def validate_mamba_heads(self):
+        if MAMBA not in self.layer_types:
+            return
+        if self.mamba_intermediate_size % self.mamba_d_head:
             raise ValueError(
-                f"bidirectional_strategy must be one of {BIDIRECTIONAL_STRATEGIES}, got {self.bidirectional_strategy!r}"
+                f"mamba_expand * hidden_size ({self.mamba_intermediate_size}) must be divisible by mamba_d_head "
+                f"({self.mamba_d_head})"
             )
-        if not isinstance(self.bidirectional, bool):
-            raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}")
-        for name in ("mask_token_id", "pad_token_id", "bos_token_id"):
-            value = getattr(self, name, None)
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+        if self.mamba_n_heads % self.mamba_n_groups:
+            raise ValueError(
+                f"the number of Mamba heads ({self.mamba_n_heads} = mamba_expand * hidden_size / mamba_d_head) "
+                f"must be divisible by mamba_n_groups ({self.mamba_n_groups})"
+            )
+        if self.mamba_dt_min > self.mamba_dt_max:
+            raise ValueError(
+                f"need mamba_dt_min <= mamba_dt_max, got {self.mamba_dt_min!r} and {self.mamba_dt_max!r}"
+            )
+
+    def validate_token_ids(self):
+        """Replaces transformers' check, which only warns: a token id outside the vocabulary is an error here."""
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        named_ids = [("mask_token_id", self.mask_token_id), ("pad_token_id", self.pad_token_id),
+                     ("bos_token_id", self.bos_token_id)] + [("eos_token_id", value) for value in eos]
+        for name, value in named_ids:
+            if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}")
-        eos = self.eos_token_id if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
-        for value in eos:
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
-                raise ValueError(f"eos_token_id must be token ids in [0, vocab_size={self.vocab_size}), got {value!r}")
-        if not 0 < self.sampling_eps < 1:
-            raise ValueError(f"sampling_eps must be in (0, 1), got {self.sampling_eps!r}")
-        if self.max_position_embeddings is not None:
-            positive_int("max_position_embeddings")
-        if math.isnan(float(self.attention_dropout)) or not 0 <= self.attention_dropout < 1:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+
+
+preset_config = DiffuAprielConfig.from_preset
+
+__all__ = ["ATTENTION", "MAMBA", "DiffuAprielConfig", "preset_config"]

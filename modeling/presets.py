@@ -1,4 +1,4 @@
-"""Named model sizes.
+"""Named model sizes, as plain keyword arguments of `DiffuAprielConfig` (`DiffuAprielConfig.from_preset(name)`).
 
 The three 1.3B presets are parameter-matched (GPT-2 vocabulary plus the mask token, tied embeddings), so that
 their speed and quality compare like for like; `tests/test_config.py` checks the counts stated here:
@@ -20,7 +20,10 @@ it): on an H200 mamba-ssm's forward took 2.68 vs 2.77 ms at 64K tokens, and forw
 (benchmarks/results/ssd_chunk_size.json).
 """
 
-from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
+# The two layer kinds, in transformers' vocabulary (the entries of `DiffuAprielConfig.layer_types`). They are defined
+# here because this module is plain data and imports nothing: the configuration imports it, and them.
+MAMBA = "linear_attention"
+ATTENTION = "full_attention"
 
 GPT2_VOCAB_WITH_MASK = 50258  # GPT-2's 50,257 tokens and [MASK] = 50257
 GPT2_SPECIAL = dict(mask_token_id=50257, eos_token_id=50256, bos_token_id=50256, pad_token_id=50256)
@@ -67,12 +70,4 @@ PRESETS = {
 }
 
 
-def preset_config(name: str, **overrides) -> DiffuAprielConfig:
-    """The configuration of preset `name`, with any field overridden by keyword."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-    fields = dict(PRESETS[name])
-    if "num_hidden_layers" in overrides and "layer_types" not in overrides and "layer_types" in fields:
-        raise ValueError(f"preset {name!r} fixes layer_types: give layer_types together with num_hidden_layers")
-    fields.update(overrides)
-    return DiffuAprielConfig(**fields)
+__all__ = ["ATTENTION", "MAMBA", "PRESETS"]

@@ -3,10 +3,10 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from .modeling.configuration_diffuapriel import DiffuAprielConfig
+from .modeling.configuration_diffuapriel import DiffuAprielConfig, preset_config
 from .modeling.generation import DiffusionGenerationConfig
 from .modeling.modeling_diffuapriel import DiffuAprielForMaskedLM, DiffuAprielModel, DiffuAprielPreTrainedModel
-from .modeling.presets import PRESETS, preset_config
+from .modeling.presets import PRESETS
 from .training.data import DataCollatorForMaskedDiffusion
 
 AutoConfig.register(DiffuAprielConfig.model_type, DiffuAprielConfig, exist_ok=True)

@@ -24,10 +24,10 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 from ..hub.folders import move_into_place, staging_folder, staging_path
-from ..modeling.configuration_diffuapriel import DiffuAprielConfig
+from ..modeling.configuration_diffuapriel import DiffuAprielConfig, preset_config
 from ..modeling.diffusion import bits_per_token, elbo_times, perplexity_bound, token_nll
 from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
-from ..modeling.presets import PRESETS, preset_config
+from ..modeling.presets import PRESETS
 from .checkpoints import StopOnSignal, check_output_dir, missing_checkpoint_files, resolve_checkpoint
 from .data import DataCollatorForMaskedDiffusion, NoiseSeededDataset, document_stream
 
