@@ -1,5 +1,85 @@
+"""Fixtures shared by the test modules: tiny models of the three stacks (all Mamba, hybrid, all attention) and a
+word-level tokenizer over the tiny preset's vocabulary."""
+
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
+from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
+
+# The three stacks: DiffuApriel (all Mamba), DiffuApriel-H (hybrid) and DiffuTran (all attention).
+STACK_KINDS = ("mamba", "hybrid", "attention")
+
+
+def stack_layer_types(kind: str, num_layers: int = 2) -> list[str]:
+    """The layer types of a stack of `num_layers`; the hybrid's attention layers are every second one, from the
+    second (two layers: Mamba then attention; three: attention between two Mamba layers)."""
+    if kind not in STACK_KINDS:
+        raise ValueError(f"kind must be one of {STACK_KINDS}, got {kind!r}")
+    if kind == "hybrid":
+        return [ATTENTION if i % 2 else MAMBA for i in range(num_layers)]
+    return [ATTENTION if kind == "attention" else MAMBA] * num_layers
+
+
+def build_tiny_config(kind="mamba", num_layers=2, **overrides):
+    """The tiny preset with the layers of `kind`: a stack's name (see `stack_layer_types`), or the list of layer
+    types itself."""
+    layer_types = stack_layer_types(kind, num_layers) if isinstance(kind, str) else list(kind)
+    return preset_config("tiny", num_hidden_layers=len(layer_types), layer_types=layer_types, **overrides)
+
+
+def build_tiny_model(kind="mamba", num_layers=2, seed=0, sharpen=None, **overrides):
+    """A tiny random model in eval mode, its weights drawn after `torch.manual_seed(seed)`. `sharpen` multiplies the
+    (untied) LM head so that the predictions are confident, as a trained model's are (a random tiny model predicts
+    nearly uniformly)."""
+    if sharpen is not None:
+        overrides["tie_word_embeddings"] = False
+    torch.manual_seed(seed)
+    model = DiffuAprielForMaskedLM(build_tiny_config(kind, num_layers, **overrides)).eval()
+    if sharpen is not None:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(sharpen)
+    return model
+
+
+def build_word_tokenizer(config) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a tiny config's vocabulary: [PAD] [BOS] [EOS] w3 ... w94 [MASK], each special token
+    at the config's id."""
+    vocab = {"[PAD]": config.pad_token_id, "[BOS]": config.bos_token_id, "[EOS]": config.eos_token_id}
+    vocab.update({f"w{i}": i for i in range(3, config.mask_token_id)})
+    vocab["[MASK]"] = config.mask_token_id
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", mask_token="[MASK]"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """`build_tiny_config(kind="mamba", num_layers=2, **overrides)`: the tiny preset with a stack's layers."""
+    return build_tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """`build_tiny_model(kind="mamba", num_layers=2, seed=0, sharpen=None, **overrides)`: a tiny random
+    model in eval mode."""
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """`build_word_tokenizer(config)`: a word-level tokenizer over a tiny config's vocabulary."""
+    return build_word_tokenizer
+
+
+@pytest.fixture(params=STACK_KINDS)
+def stack(request):
+    """Each of the three stacks' kinds in turn."""
+    return request.param
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,15 @@ layer, so that passes over the window alone can stand in for whole-sequence pass
 import pytest
 import torch
 
-from diffuapriel_hf import DiffuAprielForMaskedLM, DiffusionGenerationConfig, preset_config
+from diffuapriel_hf import DiffusionGenerationConfig
 from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
 from diffuapriel_hf.modeling.mamba_ops import select_ops
 from diffuapriel_hf.modeling.cache import BlockContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STACKS = {"mamba": [MAMBA, MAMBA], "hybrid": [MAMBA, ATTENTION], "attention": [ATTENTION, ATTENTION]}
 # Windows inside the tiny preset's 8-token SSD chunks and across them, at the sequence's start and end, and all of it.
 WINDOWS = [(10, 18), (0, 8), (29, 40), (0, 40)]
-
-
-def tiny_model(layer_types, seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = preset_config("tiny", num_hidden_layers=len(layer_types), layer_types=layer_types, **overrides)
-    return DiffuAprielForMaskedLM(config).eval()
 
 
 def left_padded_batch(seed=0):
@@ -31,10 +24,9 @@ def left_padded_batch(seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("kind", list(STACKS))
 @pytest.mark.parametrize("window", WINDOWS)
-def test_window_pass_after_recording_gives_the_whole_pass_logits(kind, window):
-    model = tiny_model(STACKS[kind])
+def test_window_pass_after_recording_gives_the_whole_pass_logits(stack, window, tiny_model):
+    model = tiny_model(stack)
     ids, mask = left_padded_batch()
     start, end = window
     context = BlockContext(start, end)
@@ -48,7 +40,7 @@ def test_window_pass_after_recording_gives_the_whole_pass_logits(kind, window):
 
 
 @pytest.mark.parametrize("kind, bidirectional", [("mamba", True), ("mamba", False), ("attention", True)])
-def test_one_layer_window_pass_stays_exact_after_the_window_changes(kind, bidirectional):
+def test_one_layer_window_pass_stays_exact_after_the_window_changes(kind, bidirectional, tiny_model):
     """With one layer, the outside positions' inputs are their embeddings, which the window cannot change: the window
     pass must then equal a whole pass on the new sequence, so the recorded states and keys are used as they should."""
     model = tiny_model([MAMBA] if kind == "mamba" else [ATTENTION], bidirectional=bidirectional)
@@ -63,8 +55,8 @@ def test_one_layer_window_pass_stays_exact_after_the_window_changes(kind, bidire
     torch.testing.assert_close(window_logits, whole[:, 12:21], rtol=0, atol=1e-5)
 
 
-def test_window_passes_of_a_deeper_model_are_an_approximation_that_stays_close():
-    model = tiny_model(STACKS["hybrid"])
+def test_window_passes_of_a_deeper_model_are_an_approximation_that_stays_close(tiny_model):
+    model = tiny_model("hybrid")
     ids, mask = left_padded_batch(seed=3)
     context = BlockContext(16, 24)
     with torch.no_grad():
@@ -78,11 +70,10 @@ def test_window_passes_of_a_deeper_model_are_an_approximation_that_stays_close()
     assert (approximate - exact).abs().max() < 0.1 * exact.abs().max()  # ...but close
 
 
-@pytest.mark.parametrize("kind", list(STACKS))
-def test_an_unpadded_window_pass_reads_only_the_recorded_tensors(kind):
+def test_an_unpadded_window_pass_reads_only_the_recorded_tensors(stack, tiny_model):
     """What a CUDA graph of window passes relies on: another window's recording copied into a context of the same
     shapes, wherever that context's own window lies, gives that other window's logits."""
-    model = tiny_model(STACKS[kind])
+    model = tiny_model(stack)
     ids = left_padded_batch()[0][:, 6:]  # (2, 34), no padding
     first, second = BlockContext(3, 11), BlockContext(20, 28)
     with torch.no_grad():
@@ -95,15 +86,15 @@ def test_an_unpadded_window_pass_reads_only_the_recorded_tensors(kind):
             assert mine.data_ptr() != original.data_ptr()
             mine.copy_(theirs)
         copied = model(ids[:, 20:28], block_context=twin).logits
-    assert len(twin.recorded_tensors()) == {"mamba": 8, "hybrid": 7, "attention": 5}[kind]
+    assert len(twin.recorded_tensors()) == {"mamba": 8, "hybrid": 7, "attention": 5}[stack]
     torch.testing.assert_close(copied, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("state_at", [0, 5, 16, 21, 40])
-def test_a_mamba_direction_continues_from_the_state_it_reports(state_at):
+def test_a_mamba_direction_continues_from_the_state_it_reports(state_at, tiny_model):
     """`state_at` splits only the scan: the output is the whole pass's, and a pass over the tokens from `state_at` on,
     started from the reported state, gives the rest of it (at 40, the state the sequence leaves, continued by more)."""
-    model = tiny_model(STACKS["mamba"])
+    model = tiny_model("mamba")
     direction = model.model.layers[0].mixer.left_to_right
     ops = select_ops(torch.zeros(1), use_kernels=False)
     hidden, more = torch.randn(2, 40, model.config.hidden_size), torch.randn(2, 6, model.config.hidden_size)
@@ -115,8 +106,8 @@ def test_a_mamba_direction_continues_from_the_state_it_reports(state_at):
     torch.testing.assert_close(continued, whole[:, state_at:], rtol=0, atol=1e-5)
 
 
-def test_block_context_refuses_bad_windows_and_inputs():
-    model = tiny_model(STACKS["hybrid"])
+def test_block_context_refuses_bad_windows_and_inputs(tiny_model):
+    model = tiny_model("hybrid")
     ids, mask = left_padded_batch()
     with pytest.raises(ValueError, match="0 <= start < end"):
         BlockContext(5, 5)
@@ -145,9 +136,9 @@ def generate(model, prompt, attention_mask=None, **kwargs):
 
 @pytest.mark.parametrize("kind", ["mamba", "hybrid"])
 @pytest.mark.parametrize("remasking", ["low_confidence", "ancestral"])
-def test_generate_with_one_step_per_block_is_unchanged_by_the_cache(kind, remasking):
+def test_generate_with_one_step_per_block_is_unchanged_by_the_cache(kind, remasking, tiny_model):
     """One step per block: the cache is recorded and never reused, so the tokens are those of plain generation."""
-    model = tiny_model(STACKS[kind])
+    model = tiny_model(kind)
     prompt = torch.randint(3, 95, (2, 10), generator=torch.Generator().manual_seed(5))
     plain = generate(model, prompt, steps=2, remasking=remasking)
     cached = generate(model, prompt, steps=2, remasking=remasking, use_block_cache=True)
@@ -156,8 +147,8 @@ def test_generate_with_one_step_per_block_is_unchanged_by_the_cache(kind, remask
 
 
 @pytest.mark.parametrize("kind", ["mamba", "hybrid"])
-def test_generate_with_the_cache_fills_every_mask_and_keeps_the_prompt(kind):
-    model = tiny_model(STACKS[kind])
+def test_generate_with_the_cache_fills_every_mask_and_keeps_the_prompt(kind, tiny_model):
+    model = tiny_model(kind)
     config = model.config
     prompt = torch.randint(3, config.mask_token_id, (2, 10), generator=torch.Generator().manual_seed(6))
     out = generate(model, prompt, max_new_tokens=24, steps=12, use_block_cache=True)
@@ -166,8 +157,8 @@ def test_generate_with_the_cache_fills_every_mask_and_keeps_the_prompt(kind):
     assert out.num_forward_passes == 12
 
 
-def test_generate_with_the_cache_gives_a_padded_batch_the_tokens_of_each_prompt_alone():
-    model = tiny_model(STACKS["hybrid"])
+def test_generate_with_the_cache_gives_a_padded_batch_the_tokens_of_each_prompt_alone(tiny_model):
+    model = tiny_model("hybrid")
     generator = torch.Generator().manual_seed(7)
     long, short = torch.randint(3, 95, (1, 12), generator=generator), torch.randint(3, 95, (1, 7), generator=generator)
     batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1)])
@@ -179,8 +170,8 @@ def test_generate_with_the_cache_gives_a_padded_batch_the_tokens_of_each_prompt_
         assert torch.equal(together[row, -alone.shape[0] :], alone)
 
 
-def test_infilling_with_the_cache_fills_the_prompt_masks():
-    model = tiny_model(STACKS["mamba"])
+def test_infilling_with_the_cache_fills_the_prompt_masks(tiny_model):
+    model = tiny_model("mamba")
     mask_id = model.config.mask_token_id
     prompt = torch.randint(3, mask_id, (1, 12), generator=torch.Generator().manual_seed(8))
     prompt[0, [3, 4]] = mask_id

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffuapriel_hf import DataCollatorForMaskedDiffusion, DiffuAprielForMaskedLM, preset_config
+from diffuapriel_hf import DataCollatorForMaskedDiffusion
 from diffuapriel_hf.modeling.diffusion import (
     bits_per_token, elbo_times, loss_weight, mask_probability, masked_diffusion_loss, negative_elbo, noise_tokens,
     perplexity_bound, sample_times, token_nll,
@@ -156,12 +156,7 @@ def test_collator_requires_mask_and_pad_tokens():
         DataCollatorForMaskedDiffusion(TinyTokenizer(pad_token_id=None))
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return DiffuAprielForMaskedLM(preset_config("tiny")).eval()
-
-
-def test_compute_elbo_is_repeatable_and_leaves_the_global_rng_alone():
+def test_compute_elbo_is_repeatable_and_leaves_the_global_rng_alone(tiny_model):
     model = tiny_model()
     input_ids = torch.randint(3, 95, (3, 24))
     attention_mask = torch.ones_like(input_ids)

@@ -5,7 +5,6 @@ import io
 
 import pytest
 import torch
-from test_generation import tiny_model, word_tokenizer
 
 from diffuapriel_hf.cli import main
 from diffuapriel_hf.cli.generate import add_arguments, generation_settings
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
+def saved_model(tmp_path_factory, tiny_model, word_tokenizer):
     path = tmp_path_factory.mktemp("model")
     model = tiny_model(kind="hybrid", sharpen=4.0)
     tokenizer = word_tokenizer(model.config)
@@ -138,7 +137,7 @@ def test_the_model_generation_config_supplies_the_defaults(saved_model, tmp_path
     assert code == 0 and out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True)
 
 
-def test_infill_ids_keep_the_tokenizer_special_tokens(saved_model):
+def test_infill_ids_keep_the_tokenizer_special_tokens(saved_model, word_tokenizer):
     from tokenizers.processors import TemplateProcessing
 
     from diffuapriel_hf.cli.generate import infill_ids

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
+from transformers import AutoModelForMaskedLM
 from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
 
-from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
+from diffuapriel_hf import DiffuAprielForMaskedLM
 from diffuapriel_hf.hub import AUTO_MAP, remote_code_files, save_for_hub
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,22 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    return DiffuAprielForMaskedLM(preset_config("tiny")).eval()
-
-
-def tiny_tokenizer(config) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = {f"w{i}": i for i in range(config.vocab_size - 1)}
-    backend = Tokenizer(models.WordLevel(words, unk_token="w3"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w3", pad_token="w0", bos_token="w1",
-                                        eos_token="w2")
-    tokenizer.add_special_tokens({"mask_token": "<|mask|>"})
-    assert tokenizer.mask_token_id == config.mask_token_id
-    return tokenizer
+def model(tiny_model):
+    return tiny_model()
 
 
 def test_remote_code_is_the_modeling_folder_held_once():
@@ -65,8 +51,8 @@ def test_remote_code_is_self_contained():
         check_imports(path)
 
 
-def test_save_pretrained_writes_remote_code(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path)
+def test_save_pretrained_writes_remote_code(model, tmp_path):
+    model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoConfig"] == AUTO_MAP["AutoConfig"]
     assert config["auto_map"]["AutoModelForMaskedLM"] == AUTO_MAP["AutoModelForMaskedLM"]
@@ -74,9 +60,9 @@ def test_save_pretrained_writes_remote_code(tiny_model, tmp_path):
         assert (tmp_path / path.name).read_text() == path.read_text(), path.name
 
 
-def test_save_for_hub_writes_a_complete_repo(tiny_model, tmp_path):
-    tokenizer = tiny_tokenizer(tiny_model.config)
-    save_for_hub(tiny_model, tmp_path, tokenizer=tokenizer, repo_id="someone/diffuapriel-tiny")
+def test_save_for_hub_writes_a_complete_repo(model, word_tokenizer, tmp_path):
+    tokenizer = word_tokenizer(model.config)
+    save_for_hub(model, tmp_path, tokenizer=tokenizer, repo_id="someone/diffuapriel-tiny")
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP
     for name in ("model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -86,12 +72,12 @@ def test_save_for_hub_writes_a_complete_repo(tiny_model, tmp_path):
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "fill-mask"
     assert {"diffuapriel", "masked-diffusion", "mamba2", "custom_code"} <= set(card.data.tags)
-    assert f"{tiny_model.num_parameters():,}" in card.text and "2: 2 bidirectional Mamba-2" in card.text
+    assert f"{model.num_parameters():,}" in card.text and "2: 2 bidirectional Mamba-2" in card.text
     assert 'from_pretrained("someone/diffuapriel-tiny", trust_remote_code=True)' in card.text
 
 
-def test_model_card_example_runs(tiny_model, tmp_path, capsys):
-    save_for_hub(tiny_model, tmp_path, tokenizer=tiny_tokenizer(tiny_model.config), repo_id=str(tmp_path))
+def test_model_card_example_runs(model, word_tokenizer, tmp_path, capsys):
+    save_for_hub(model, tmp_path, tokenizer=word_tokenizer(model.config), repo_id=str(tmp_path))
     example = ModelCard.load(tmp_path / "README.md").text.split("```python\n")[1].split("```")[0]
     assert "model.generate(" in example
     exec(example, {})
@@ -126,12 +112,10 @@ torch.save({"logits": logits, "generated": generated, "cached": cached, "class":
 
 
 @pytest.mark.slow
-def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
-    torch.manual_seed(0)
-    config = preset_config("tiny", layer_types=["linear_attention", "full_attention"])  # both kinds of mixer
-    tiny_model = DiffuAprielForMaskedLM(config).eval()
-    save_for_hub(tiny_model, tmp_path / "repo", tokenizer=tiny_tokenizer(tiny_model.config))
-    ids = torch.randint(3, tiny_model.config.vocab_size - 1, (2, 7))
+def test_remote_code_loads_where_the_package_cannot_be_imported(tiny_model, word_tokenizer, tmp_path):
+    model = tiny_model("hybrid")  # both kinds of mixer
+    save_for_hub(model, tmp_path / "repo", tokenizer=word_tokenizer(model.config))
+    ids = torch.randint(3, model.config.vocab_size - 1, (2, 7))
     torch.save(ids, tmp_path / "ids.pt")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
     result = subprocess.run(
@@ -143,24 +127,24 @@ def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
     remote = torch.load(tmp_path / "out.pt")
     assert remote["class"].startswith("transformers_modules.")
     with torch.no_grad():
-        torch.testing.assert_close(remote["logits"], tiny_model(ids).logits, rtol=0, atol=0)
-    assert torch.equal(remote["generated"], tiny_model.generate(ids, max_new_tokens=6, steps=6, seed=0))
-    assert torch.equal(remote["cached"], tiny_model.generate(ids, max_new_tokens=6, steps=6, block_length=3,
-                                                             use_block_cache=True, seed=0))
+        torch.testing.assert_close(remote["logits"], model(ids).logits, rtol=0, atol=0)
+    assert torch.equal(remote["generated"], model.generate(ids, max_new_tokens=6, steps=6, seed=0))
+    assert torch.equal(remote["cached"], model.generate(ids, max_new_tokens=6, steps=6, block_length=3,
+                                                        use_block_cache=True, seed=0))
 
 
-def test_weights_of_the_wrong_shape_are_named(tiny_model, tmp_path):
+def test_weights_of_the_wrong_shape_are_named(model, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    tiny_model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     weights["model.layers.1.mixer.left_to_right.dt_bias"] = torch.zeros(3)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     pattern = r"model\.layers\.1\.mixer\.left_to_right\.dt_bias has shape \(3,\) in the checkpoint but \(8,\)"
     with pytest.raises(ValueError, match=pattern):
         AutoModelForMaskedLM.from_pretrained(tmp_path)
-    model = DiffuAprielForMaskedLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
-    assert model.model.layers[1].mixer.left_to_right.dt_bias.shape == (8,)
+    loaded = DiffuAprielForMaskedLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+    assert loaded.model.layers[1].mixer.left_to_right.dt_bias.shape == (8,)
 
 
 class RunsCode:
@@ -173,19 +157,19 @@ class RunsCode:
         return (open, (str(self.path), "w"))
 
 
-def test_pickle_checkpoint_never_runs_code(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path)
+def test_pickle_checkpoint_never_runs_code(model, tmp_path):
+    model.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     sentinel = tmp_path / "code_ran"
-    torch.save({**tiny_model.state_dict(), "model.norm.weight": RunsCode(sentinel)}, tmp_path / "pytorch_model.bin")
+    torch.save({**model.state_dict(), "model.norm.weight": RunsCode(sentinel)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         DiffuAprielForMaskedLM.from_pretrained(tmp_path)
     assert not sentinel.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
-def test_corrupt_weights_are_a_clear_error(tiny_model, tmp_path, damage):
-    tiny_model.save_pretrained(tmp_path)
+def test_corrupt_weights_are_a_clear_error(model, tmp_path, damage):
+    model.save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a safetensors file")

@@ -1,23 +1,17 @@
+import functools
+
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 from transformers.modeling_outputs import MaskedLMOutput
 
-from diffuapriel_hf import DiffuAprielForMaskedLM, DiffuAprielModel, preset_config
-from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
-
-STACKS = {
-    "mamba": [MAMBA, MAMBA, MAMBA],
-    "hybrid": [MAMBA, ATTENTION, MAMBA],
-    "attention": [ATTENTION, ATTENTION, ATTENTION],
-}
+from diffuapriel_hf import DiffuAprielForMaskedLM, DiffuAprielModel
 
 
-def tiny_model(kind="hybrid", seed=0, **overrides):
-    torch.manual_seed(seed)
-    layer_types = STACKS[kind]
-    config = preset_config("tiny", num_hidden_layers=len(layer_types), layer_types=layer_types, **overrides)
-    return DiffuAprielForMaskedLM(config).eval()
+@pytest.fixture
+def tiny_model(tiny_model):
+    """The shared tiny model with three layers, so that the hybrid's attention layer sits between two Mamba layers."""
+    return functools.partial(tiny_model, num_layers=3)
 
 
 def random_ids(config, *shape, seed=0):
@@ -25,9 +19,8 @@ def random_ids(config, *shape, seed=0):
     return torch.randint(3, config.mask_token_id, shape, generator=generator)
 
 
-@pytest.mark.parametrize("kind", sorted(STACKS))
-def test_forward_shapes_and_auto_classes(kind, tmp_path):
-    model = tiny_model(kind)
+def test_forward_shapes_and_auto_classes(stack, tmp_path, tiny_model):
+    model = tiny_model(stack)
     ids = random_ids(model.config, 2, 13)
     out = model(ids)
     assert isinstance(out, MaskedLMOutput)
@@ -39,9 +32,8 @@ def test_forward_shapes_and_auto_classes(kind, tmp_path):
     assert isinstance(AutoModel.from_pretrained(tmp_path), DiffuAprielModel)
 
 
-@pytest.mark.parametrize("kind", sorted(STACKS))
-def test_save_load_round_trip_gives_identical_logits(kind, tmp_path):
-    model = tiny_model(kind, seed=1)
+def test_save_load_round_trip_gives_identical_logits(stack, tmp_path, tiny_model):
+    model = tiny_model(stack, seed=1)
     ids = random_ids(model.config, 2, 17)
     model.save_pretrained(tmp_path)
     loaded = DiffuAprielForMaskedLM.from_pretrained(tmp_path).eval()
@@ -50,10 +42,9 @@ def test_save_load_round_trip_gives_identical_logits(kind, tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
 
 
-@pytest.mark.parametrize("kind", sorted(STACKS))
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_never_leaks(kind, side):
-    model = tiny_model(kind, seed=2, mamba_chunk_size=4)
+def test_padding_never_leaks(stack, side, tiny_model):
+    model = tiny_model(stack, seed=2, mamba_chunk_size=4)
     lengths = [19, 11, 6]
     width = max(lengths)
     ids = torch.full((len(lengths), width), model.config.pad_token_id)
@@ -72,7 +63,7 @@ def test_padding_never_leaks(kind, side):
 
 
 @pytest.mark.parametrize("kind", ["mamba", "hybrid"])
-def test_position_zero_sees_the_last_token_only_when_bidirectional(kind):
+def test_position_zero_sees_the_last_token_only_when_bidirectional(kind, tiny_model):
     ids = random_ids(tiny_model(kind).config, 1, 12)
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1) % 90 + 3
@@ -88,14 +79,14 @@ def test_position_zero_sees_the_last_token_only_when_bidirectional(kind):
             assert delta == 0
 
 
-def test_causal_stack_has_no_backward_parameters():
+def test_causal_stack_has_no_backward_parameters(tiny_model):
     model = tiny_model("mamba", bidirectional=False)
     names = [name for name, _ in model.named_parameters()]
     assert not any("right_to_left" in name for name in names)
     assert any("left_to_right" in name for name in names)
 
 
-def test_inputs_embeds_equal_input_ids():
+def test_inputs_embeds_equal_input_ids(tiny_model):
     model = tiny_model("hybrid")
     ids = random_ids(model.config, 2, 9)
     with torch.no_grad():
@@ -104,7 +95,7 @@ def test_inputs_embeds_equal_input_ids():
     torch.testing.assert_close(from_embeds, from_ids)
 
 
-def test_hidden_states_and_attentions_follow_hybrid_conventions():
+def test_hidden_states_and_attentions_follow_hybrid_conventions(tiny_model):
     model = tiny_model("hybrid", attn_implementation="eager")
     ids = random_ids(model.config, 2, 9)
     out = model(ids, output_hidden_states=True, output_attentions=True)
@@ -118,7 +109,7 @@ def test_hidden_states_and_attentions_follow_hybrid_conventions():
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])
-def test_attention_implementations_agree_with_eager_under_padding(implementation):
+def test_attention_implementations_agree_with_eager_under_padding(implementation, tiny_model):
     ids = random_ids(tiny_model("attention").config, 2, 10)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
@@ -131,7 +122,7 @@ def test_attention_implementations_agree_with_eager_under_padding(implementation
     torch.testing.assert_close(outputs[0][1, 4:], outputs[1][1, 4:], rtol=1e-5, atol=1e-5)
 
 
-def test_device_map_auto_and_fp16_loading(tmp_path):
+def test_device_map_auto_and_fp16_loading(tmp_path, tiny_model):
     model = tiny_model("hybrid", seed=7)
     ids = random_ids(model.config, 2, 9)
     model.save_pretrained(tmp_path)
@@ -143,7 +134,7 @@ def test_device_map_auto_and_fp16_loading(tmp_path):
         assert half(ids).logits.dtype == torch.float16
 
 
-def test_logits_are_untouched_and_loss_excludes_the_mask_token():
+def test_logits_are_untouched_and_loss_excludes_the_mask_token(tiny_model):
     model = tiny_model("mamba")
     ids = random_ids(model.config, 2, 8)
     out = model(ids)
@@ -158,7 +149,7 @@ def test_logits_are_untouched_and_loss_excludes_the_mask_token():
     torch.testing.assert_close(loss, manual)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     grads = []
     for checkpointing in (False, True):
         model = tiny_model("hybrid", seed=5).train()
@@ -173,7 +164,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_bf16_forward_is_close_to_fp32():
+def test_bf16_forward_is_close_to_fp32(tiny_model):
     model = tiny_model("hybrid", seed=6)
     ids = random_ids(model.config, 2, 12)
     with torch.no_grad():
@@ -183,14 +174,14 @@ def test_bf16_forward_is_close_to_fp32():
     assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
-def test_no_sequence_length_is_refused():
+def test_no_sequence_length_is_refused(tiny_model):
     model = tiny_model("hybrid")
     ids = random_ids(model.config, 1, model.config.max_position_embeddings + 5)
     with torch.no_grad():
         assert model(ids).logits.shape[1] == ids.shape[1]
 
 
-def test_logits_to_keep_computes_the_named_positions_only():
+def test_logits_to_keep_computes_the_named_positions_only(tiny_model):
     model = tiny_model("hybrid", seed=3)
     ids = random_ids(model.config, 2, 9)
     with torch.no_grad():
@@ -211,7 +202,7 @@ def test_logits_to_keep_computes_the_named_positions_only():
         model(ids, logits_to_keep=1.5)
 
 
-def test_bad_inputs_are_clear_errors():
+def test_bad_inputs_are_clear_errors(tiny_model):
     model = tiny_model("hybrid")
     ids = random_ids(model.config, 2, 5)
     with pytest.raises(ValueError, match="outside the vocabulary"):

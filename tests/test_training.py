@@ -40,13 +40,14 @@ def sequences(tokenizer):
     return chunk_documents({"text": read_text_files(SOURCE_FILES)}, tokenizer, SEQ_LEN)["input_ids"]
 
 
-def tiny_model(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    config = preset_config(
-        "tiny", vocab_size=VOCAB_SIZE, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+@pytest.fixture
+def tiny_model(tiny_model, tokenizer):
+    """The shared tiny model, with the vocabulary of the BPE tokenizer trained here."""
+    vocabulary = dict(
+        vocab_size=VOCAB_SIZE, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
-    return DiffuAprielForMaskedLM(config)
+    return lambda seed=0: tiny_model(seed=seed, **vocabulary)
 
 
 def training_arguments(output_dir, **overrides):
@@ -68,9 +69,9 @@ def test_tokenizer_and_chunks(tokenizer, sequences):
     assert sum(ids.count(tokenizer.eos_token_id) for ids in sequences) >= len(SOURCE_FILES) - 1
 
 
-def test_trainer_loss_falls_on_real_text(tokenizer, sequences, tmp_path):
+def test_trainer_loss_falls_on_real_text(tokenizer, sequences, tmp_path, tiny_model):
     held_out = torch.tensor(sequences[-16:])  # (16, SEQ_LEN)
-    model = tiny_model(tokenizer)
+    model = tiny_model()
     bits_before = bits_per_token(model.compute_elbo(held_out, num_samples=4), held_out.numel())
     trainer = Trainer(
         model=model, args=training_arguments(tmp_path, max_steps=40),
@@ -94,11 +95,11 @@ class RecordWeightsAtStart(TrainerCallback):
         self.global_step = state.global_step
 
 
-def test_checkpoint_saves_and_resumes(tokenizer, sequences, tmp_path):
+def test_checkpoint_saves_and_resumes(tokenizer, sequences, tmp_path, tiny_model):
     dataset = [{"input_ids": ids} for ids in sequences[:64]]
     collator = DataCollatorForMaskedDiffusion(tokenizer)
     first = Trainer(
-        model=tiny_model(tokenizer), args=training_arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=3),
+        model=tiny_model(), args=training_arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=3),
         train_dataset=dataset, data_collator=collator,
     )
     first.train()
@@ -109,7 +110,7 @@ def test_checkpoint_saves_and_resumes(tokenizer, sequences, tmp_path):
 
     recorder = RecordWeightsAtStart()
     second = Trainer(
-        model=tiny_model(tokenizer, seed=1), args=training_arguments(tmp_path, max_steps=6),
+        model=tiny_model(seed=1), args=training_arguments(tmp_path, max_steps=6),
         train_dataset=dataset, data_collator=collator, callbacks=[recorder],
     )
     second.train(resume_from_checkpoint=str(checkpoint))
@@ -124,8 +125,8 @@ def test_checkpoint_saves_and_resumes(tokenizer, sequences, tmp_path):
     assert all(torch.isfinite(torch.tensor(resumed_losses)))
 
 
-def test_sft_batch_through_the_model_counts_only_the_answer(tokenizer):
-    model = tiny_model(tokenizer).eval()
+def test_sft_batch_through_the_model_counts_only_the_answer(tokenizer, tiny_model):
+    model = tiny_model().eval()
     prompt = tokenizer("def add(a, b):", add_special_tokens=False)["input_ids"]
     answer = tokenizer("    return a + b", add_special_tokens=False)["input_ids"]
     collator = DataCollatorForMaskedDiffusion(tokenizer)
