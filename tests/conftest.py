@@ -58,12 +58,6 @@ def build_word_tokenizer(config) -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="session")
-def tiny_config():
-    """`build_tiny_config(kind="mamba", num_layers=2, **overrides)`: the tiny preset with a stack's layers."""
-    return build_tiny_config
-
-
-@pytest.fixture(scope="session")
 def tiny_model():
     """`build_tiny_model(kind="mamba", num_layers=2, seed=0, sharpen=None, **overrides)`: a tiny random
     model in eval mode."""

@@ -171,3 +171,23 @@ def test_a_padded_batch_gives_each_sequence_its_logits_alone(stack, side, tiny_m
     batched = logits_of(model, ids, attention_mask=mask)
     for row, (span, logits) in enumerate(alone):
         assert (batched[row, span] - logits).abs().max() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_map_auto_on_a_gpu(stack, dtype, tiny_model, tmp_path):
+    """Loaded onto the GPU with device_map="auto": the CPU's logits; and, over 1,024 positions, the same logits as
+    the model cast in memory (whose rotary frequencies a buffer would have rounded to bf16)."""
+    model = tiny_model(stack, num_layers=NUM_LAYERS, seed=10)
+    ids = random_ids(model.config, 2, 1024)
+    reference = logits_of(model, ids)
+    model.save_pretrained(tmp_path)
+    mapped = DiffuAprielForMaskedLM.from_pretrained(tmp_path, device_map="auto", dtype=dtype).eval()
+    assert {tensor.device.type for tensor in mapped.parameters()} == {"cuda"}
+    logits = logits_of(mapped, ids.cuda())
+    assert logits.dtype == dtype
+    tolerance = 1e-3 if dtype == torch.float32 else 0.1  # relative to the largest logit
+    assert (logits.float().cpu() - reference).abs().max() < tolerance * reference.abs().max()
+    cast = model.to("cuda", dtype)
+    torch.testing.assert_close(logits_of(cast, ids.cuda()), logits)
