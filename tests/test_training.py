@@ -288,6 +288,30 @@ def test_resume_from_a_different_config_is_refused(trained, no_training, tmp_pat
                    "--vocab_size", str(VOCAB_SIZE + 64), "--resume_from_checkpoint", str(trained / "checkpoint-4"))
 
 
+def test_fine_tuning_starts_from_the_models_weights_and_tokenizer(trained, tmp_path):
+    # At learning rate 0 (AdamW then moves nothing, decay included) the saved model is the one it started from.
+    output = tmp_path / "fine-tuned"
+    assert train_command(output, "--max_steps", "1", "--learning_rate", "0", "--eval_fraction", "0",
+                         model=("--model_name_or_path", str(trained))) == 0
+    for name, tensor in load_file(trained / "model.safetensors").items():
+        assert torch.equal(load_file(output / "model.safetensors")[name], tensor), name
+    assert AutoTokenizer.from_pretrained(output).get_vocab() == AutoTokenizer.from_pretrained(trained).get_vocab()
+
+
+def test_fine_tuning_misuse_is_refused_by_name(trained, no_training, tmp_path, capsys):
+    assert_refused(capsys, "--vocab_size 512 differs from the vocab_size 320 of the model of --model_name_or_path",
+                   tmp_path / "out", "--vocab_size", "512", model=("--model_name_or_path", str(trained)))
+    assert_refused(capsys, "--model_name_or_path '.*nowhere' gives no DiffuApriel config", tmp_path / "out",
+                   model=("--model_name_or_path", str(tmp_path / "nowhere")))
+
+
+def test_missing_datasets_and_bf16_without_a_gpu_are_one_line(no_training, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    assert_refused(capsys, "`datasets` package, which is not installed: pip install datasets", tmp_path / "out")
+    if not torch.cuda.is_available():
+        assert_refused(capsys, "--bf16 needs a GPU with bfloat16 support", tmp_path / "out", "--bf16")
+
+
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "diffuapriel_hf.training.train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--resume_from_checkpoint" in result.stdout and "--preset" in result.stdout

@@ -53,11 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and tokenizer")
     config = model.add_mutually_exclusive_group(required=True)
     config.add_argument("--preset", choices=sorted(PRESETS), help="a named model configuration")
-    config.add_argument("--config", metavar="PATH", help="a config.json, or a folder holding one")
+    config.add_argument("--config", metavar="PATH", help="a config.json, or a folder holding one (random weights)")
+    config.add_argument("--model_name_or_path", metavar="NAME_OR_PATH",
+                        help="fine-tune a trained DiffuApriel model (a folder or a Hub id) from its weights, with its "
+                             "tokenizer unless --tokenizer names another")
     model.add_argument("--vocab_size", type=int, help="override the configuration's vocab_size")
     model.add_argument("--tokenizer", metavar="NAME_OR_PATH",
-                       help="an existing tokenizer (a mask token is added if missing); default: train a byte-level "
-                            "BPE tokenizer of the model's vocab_size on the training text")
+                       help="an existing tokenizer (a mask token is added if missing); default: the model's with "
+                            "--model_name_or_path, else a byte-level BPE tokenizer of the model's vocab_size trained on "
+                            "the training text")
 
     training = parser.add_argument_group("training (transformers.TrainingArguments)")
     training.add_argument("--output_dir", required=True)
@@ -104,7 +108,13 @@ def read_text_files(paths: list[str]) -> list[str]:
 def load_corpus(args):
     """The training documents as a `datasets.Dataset` with the columns `text` and `source` (the file, or the saved
     dataset and row, that errors in the text are reported against)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError(
+            "the train command reads its corpus with the `datasets` package, which is not installed: pip install "
+            "datasets (or install this package with its [train] extra)"
+        ) from error
 
     if args.train_files:
         corpus = datasets.Dataset.from_dict({"text": read_text_files(args.train_files), "source": args.train_files})
@@ -217,11 +227,28 @@ def check_resume_config(config: DiffuAprielConfig, checkpoint: str) -> None:
         raise ValueError(f"--resume_from_checkpoint {checkpoint!r} does not match this run's model config ({details})")
 
 
+def load_config(args) -> DiffuAprielConfig:
+    """The model configuration of --preset, --config or --model_name_or_path; a path or id that gives none is refused
+    naming the flag."""
+    if args.preset:
+        return preset_config(args.preset)
+    flag, location = ("--config", args.config) if args.config else ("--model_name_or_path", args.model_name_or_path)
+    try:
+        return DiffuAprielConfig.from_pretrained(location)
+    except OSError as error:
+        raise ValueError(f"{flag} {location!r} gives no DiffuApriel config: {str(error).splitlines()[0]}") from error
+
+
 def check_arguments(args, config: DiffuAprielConfig) -> int:
     """Refuse bad values before anything is read or written; returns the model's vocabulary size."""
     vocab_size = config.vocab_size if args.vocab_size is None else args.vocab_size
     if vocab_size < 1:
         raise ValueError(f"--vocab_size must be positive, got {vocab_size}")
+    if args.model_name_or_path and vocab_size != config.vocab_size:
+        raise ValueError(f"--vocab_size {vocab_size} differs from the vocab_size {config.vocab_size} of the model of "
+                         "--model_name_or_path, whose weights are kept: leave out --vocab_size")
+    if args.bf16 and not args.use_cpu and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise ValueError("--bf16 needs a GPU with bfloat16 support, and none is here: leave out --bf16")
     if args.seq_len < 1:
         raise ValueError(f"--seq_len must be positive, got {args.seq_len}")
     if config.max_position_embeddings is not None and args.seq_len > config.max_position_embeddings:
@@ -259,12 +286,15 @@ def training_arguments(args) -> "TrainingArguments":
 
 
 def load_tokenizer(args, corpus, training_args, checkpoint: Optional[str], vocab_size: int):
-    """The checkpoint's tokenizer when resuming, else `--tokenizer` or one trained on the corpus. The main process
-    makes it and saves it under --output_dir/tokenizer; the others load that copy, so all share one vocabulary."""
+    """The checkpoint's tokenizer when resuming, else the fine-tuned model's, `--tokenizer` or one trained on the
+    corpus. The main process makes it and saves it under --output_dir/tokenizer; the others load that copy, so all
+    share one vocabulary."""
     tokenizer_dir = os.path.join(args.output_dir, "tokenizer")
     with training_args.main_process_first(local=False, desc="tokenizer"):
         if checkpoint is not None:
             tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        elif args.model_name_or_path and not args.tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
         elif not training_args.should_save:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         else:
@@ -301,7 +331,7 @@ def split_sequences(corpus, tokenizer, args):
 
 def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
     """Everything before the first step, where every bad input is refused: (the Trainer, the checkpoint to resume)."""
-    config = preset_config(args.preset) if args.preset else DiffuAprielConfig.from_pretrained(args.config)
+    config = load_config(args)
     vocab_size = check_arguments(args, config)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     training_args = training_arguments(args)
@@ -319,8 +349,12 @@ def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
         check_resume_config(config, checkpoint)
     train_dataset, eval_dataset = split_sequences(corpus, tokenizer, args)
     set_seed(args.seed)  # the initial weights
+    if args.model_name_or_path:
+        model = DiffuAprielForMaskedLM.from_pretrained(args.model_name_or_path, config=config, dtype=torch.float32)
+    else:
+        model = DiffuAprielForMaskedLM(config)
     trainer = Trainer(
-        model=DiffuAprielForMaskedLM(config), args=training_args, train_dataset=train_dataset,
+        model=model, args=training_args, train_dataset=train_dataset,
         eval_dataset=eval_dataset, callbacks=[stop],
         data_collator=DataCollatorForMaskedDiffusion(tokenizer, sampling_eps=config.sampling_eps),
         processing_class=tokenizer,
