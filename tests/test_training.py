@@ -312,6 +312,21 @@ def test_missing_datasets_and_bf16_without_a_gpu_are_one_line(no_training, tmp_p
         assert_refused(capsys, "--bf16 needs a GPU with bfloat16 support", tmp_path / "out", "--bf16")
 
 
+def test_every_trainer_option_is_an_option(tmp_path, monkeypatch, capsys):
+    used = {}
+    monkeypatch.setattr(Trainer, "train", lambda self, **kwargs: used.setdefault("args", self.args) and 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train_command(tmp_path / "out", "--optim", "adafactor", "--max_grad_norm", "0.5", "--adam_beta2", "0.95",
+                      "--gradient_checkpointing", "--lr_scheduler_type", "constant", "--eval_fraction", "0")
+    args = used["args"]
+    assert (args.optim, args.max_grad_norm, args.adam_beta2, args.lr_scheduler_type) == (
+        "adafactor", 0.5, 0.95, "constant")
+    assert args.learning_rate == 3e-3 and args.save_total_limit == 2 and args.eval_strategy == "no"  # ours kept
+    assert args.remove_unused_columns is False and args.label_names == ["labels", "loss_weights"]
+    monkeypatch.setattr(Trainer, "train", lambda *a, **k: pytest.fail("training started"))
+    assert_refused(capsys, "--dataloader_persistent_workers", tmp_path / "out2", "--dataloader_persistent_workers")
+
+
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "diffuapriel_hf.training.train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--resume_from_checkpoint" in result.stdout and "--preset" in result.stdout

@@ -13,6 +13,7 @@ with DDP or FSDP (see benchmarks/training_throughput.md).
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -21,7 +22,7 @@ from functools import partial
 from typing import Optional
 
 import torch
-from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from ..hub.folders import move_into_place, staging_folder, staging_path
 from ..modeling.configuration_diffuapriel import DiffuAprielConfig, preset_config
@@ -32,6 +33,19 @@ from .checkpoints import StopOnSignal, check_output_dir, missing_checkpoint_file
 from .data import DataCollatorForMaskedDiffusion, NoiseSeededDataset, document_stream
 
 PROG = "diffuapriel train"
+# Our defaults where TrainingArguments' own suit pre-training a diffusion LM less (any of them can be given).
+TRAINING_DEFAULTS = dict(
+    learning_rate=3e-4, weight_decay=0.1, lr_scheduler_type="cosine", logging_steps=10, logging_first_step=True,
+    eval_steps=500, save_steps=500, save_total_limit=2, report_to="none",
+)
+FIXED_TRAINING_ARGUMENTS = dict(
+    # The collator reads the `t` / `noise_seed` columns, which forward does not take.
+    remove_unused_columns=False,
+    # Both go to `elbo_terms`; the loss itself is computed by the model from the batch.
+    label_names=["labels", "loss_weights"],
+    # Every parameter takes part in every forward pass.
+    ddp_find_unused_parameters=False,
+)
 EOS_TOKEN, PAD_TOKEN, MASK_TOKEN = "<|endoftext|>", "<|pad|>", "<|mask|>"
 # Configuration entries that describe a run or a library version rather than the model.
 NON_MODEL_CONFIG_KEYS = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "auto_map"}
@@ -63,35 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "--model_name_or_path, else a byte-level BPE tokenizer of the model's vocab_size trained on "
                             "the training text")
 
-    training = parser.add_argument_group("training (transformers.TrainingArguments)")
-    training.add_argument("--output_dir", required=True)
-    training.add_argument("--overwrite_output_dir", action="store_true",
-                          help="replace the model in an --output_dir that holds files (other files are kept; an "
-                               "earlier run's checkpoints are removed)")
-    training.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; -1: run --num_train_epochs")
-    training.add_argument("--num_train_epochs", type=float, default=1.0)
-    training.add_argument("--per_device_train_batch_size", type=int, default=8)
-    training.add_argument("--per_device_eval_batch_size", type=int, default=8)
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--learning_rate", type=float, default=3e-4)
-    training.add_argument("--weight_decay", type=float, default=0.1)
-    training.add_argument("--warmup_steps", type=int, default=0)
-    training.add_argument("--lr_scheduler_type", default="cosine")
-    training.add_argument("--logging_steps", type=int, default=10)
-    training.add_argument("--eval_steps", type=int, default=500)
-    training.add_argument("--save_steps", type=int, default=500)
-    training.add_argument("--save_total_limit", type=int, default=2)
-    training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    training.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    training.add_argument("--dataloader_num_workers", type=int, default=0)
-    training.add_argument("--use_cpu", action="store_true",
-                          help="train on the CPU even where an accelerator is present (several CPU processes under "
-                               "torchrun or accelerate launch need it too)")
-    training.add_argument("--report_to", default="none", help="logging integrations: none, tensorboard, wandb, ...")
-    training.add_argument("--resume_from_checkpoint", metavar="DIR",
-                          help="a checkpoint folder of an earlier run, or 'last' for the newest complete one in "
-                               "--output_dir")
+    model.add_argument("--overwrite_output_dir", action="store_true",
+                       help="replace the model in an --output_dir that holds files (other files are kept; an earlier "
+                            "run's checkpoints are removed)")
+
+    # Every option of transformers' TrainingArguments, as its own HfArgumentParser declares it (what `parents=` does).
+    parser._add_container_actions(HfArgumentParser(TrainingArguments, add_help=False))
+    parser.set_defaults(**TRAINING_DEFAULTS)
 
 
 def read_text_files(paths: list[str]) -> list[str]:
@@ -247,6 +239,9 @@ def check_arguments(args, config: DiffuAprielConfig) -> int:
     if args.model_name_or_path and vocab_size != config.vocab_size:
         raise ValueError(f"--vocab_size {vocab_size} differs from the vocab_size {config.vocab_size} of the model of "
                          "--model_name_or_path, whose weights are kept: leave out --vocab_size")
+    if args.dataloader_persistent_workers:
+        raise ValueError("--dataloader_persistent_workers would keep the first epoch's noise seeds in its workers "
+                         "(NoiseSeededDataset follows the epoch): leave it out")
     if args.bf16 and not args.use_cpu and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         raise ValueError("--bf16 needs a GPU with bfloat16 support, and none is here: leave out --bf16")
     if args.seq_len < 1:
@@ -263,26 +258,23 @@ def check_arguments(args, config: DiffuAprielConfig) -> int:
     return vocab_size
 
 
-def training_arguments(args) -> "TrainingArguments":
-    return TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_scheduler_type=args.lr_scheduler_type,
-        logging_steps=args.logging_steps, logging_first_step=True, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, seed=args.seed, bf16=args.bf16,
-        dataloader_num_workers=args.dataloader_num_workers, use_cpu=args.use_cpu, report_to=args.report_to,
-        eval_strategy="steps" if args.eval_fraction > 0 else "no", eval_steps=args.eval_steps,
-        # The collator reads the `t` / `noise_seed` columns, which forward does not take.
-        remove_unused_columns=False,
-        # Both go to `elbo_terms`; the loss itself is computed by the model from the batch.
-        label_names=["labels", "loss_weights"],
-        # Every parameter takes part in every forward pass.
-        ddp_find_unused_parameters=False,
-        # Named only when asked for: newer transformers (5.24) call it activation_checkpointing and warn on any value.
-        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
-    )
+def training_arguments(args) -> TrainingArguments:
+    """TrainingArguments of the options given (those at TrainingArguments' own defaults are left to it: newer versions
+    warn on some of them, e.g. gradient_checkpointing), with what the model and the collator need fixed."""
+    if not args.output_dir:
+        raise ValueError("--output_dir is required: name the folder to write the model and checkpoints to")
+    values = {
+        field.name: getattr(args, field.name) for field in dataclasses.fields(TrainingArguments)
+        if field.init and hasattr(args, field.name) and getattr(args, field.name) != field_default(field)
+    }
+    values.update(FIXED_TRAINING_ARGUMENTS, eval_strategy="steps" if args.eval_fraction > 0 else "no")
+    return TrainingArguments(**values)
+
+
+def field_default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def load_tokenizer(args, corpus, training_args, checkpoint: Optional[str], vocab_size: int):
