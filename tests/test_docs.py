@@ -1,0 +1,56 @@
+"""The repository's own documents: docs/architecture.md names files that exist, and the code cites no document
+outside the repository."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+SOURCE_FOLDERS = ("modeling", "src", "tests", "benchmarks", "conversion")
+# A design page kept beside the repository, cited by section number (spelled in two parts so this file does not match).
+OUTSIDE_CITATION = re.compile("DESIGN" + r"( section|\.md)")
+
+
+def source_files():
+    for folder in SOURCE_FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".md", ".sh") and path.resolve() != Path(__file__).resolve():
+                yield path
+
+
+def test_code_cites_only_documents_in_the_repository():
+    citing = [str(path.relative_to(ROOT)) for path in source_files() if OUTSIDE_CITATION.search(path.read_text())]
+    assert not citing, f"these files cite a document that is not in the repository: {citing}"
+
+
+def layout_paths(text: str) -> list[str]:
+    """The files and folders of the layout block under docs/architecture.md's "Where things live": a name at the start
+    of a line is a path from the repository root, a name indented by two spaces is inside the last such folder, and
+    lines indented further continue a description."""
+    block = text.split("## Where things live", 1)[1].split("```", 2)[1]
+    paths, folder = [], ""
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if not line.strip() or indent > 2:
+            continue
+        name = line.split()[0]
+        if indent:
+            paths.append(folder + name)
+        else:
+            paths.append(name)
+            folder = name if name.endswith("/") else ""
+    return paths
+
+
+def test_architecture_layout_names_real_paths():
+    paths = layout_paths(ARCHITECTURE.read_text())
+    assert len(paths) > 10
+    missing = [path for path in paths if not (ROOT / path).exists()]
+    assert not missing, f"docs/architecture.md's layout names paths that do not exist (update it): {missing}"
+
+
+def test_architecture_cites_real_files():
+    cited = set(re.findall(r"`((?:modeling|src|tests|benchmarks|conversion|docs)/[\w./-]+)`", ARCHITECTURE.read_text()))
+    assert cited
+    missing = sorted(path for path in cited if not (ROOT / path).exists())
+    assert not missing, f"docs/architecture.md cites files that do not exist (update it): {missing}"
