@@ -17,7 +17,6 @@ at the lengths and sizes where the cache is meant to pay (its changes to random-
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
 from diffuapriel_hf.cli.generate import default_model_path
 from diffuapriel_hf.training.stdlib_corpus import stdlib_files
+from harness import new_result, save  # benchmarks/harness.py, beside this script
 
 
 def prompts(tokenizer, count: int, length: int) -> torch.Tensor:
@@ -79,9 +79,7 @@ def main():
         make_prompts = lambda length: torch.randint(0, config.mask_token_id, (args.prompts, length))  # noqa: E731
     settings = dict(max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
                     do_sample=False)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    result = dict(model=folder, device=device_name,
-                  torch_threads=torch.get_num_threads(), dtype=str(dtype), batch=args.prompts, **settings, rows=[])
+    result = new_result(model=folder, dtype=str(dtype), batch=args.prompts, **settings, rows=[])
     for length in args.prompt_lengths:
         ids = make_prompts(length).to(device)
         # Each path warmed up right before it is timed (Triton's first compilations; on CUDA the whole pass's graph,
@@ -103,11 +101,9 @@ def main():
             row["eager_windows_same_tokens"] = bool(torch.equal(eager_windows, cached))
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
     what_prompts = "held-out standard-library prompts" if args.preset is None else "random prompts, random weights"
     lines = [
-        f"# Block cache: {Path(folder).name}, {result['device']}, {dtype}",
+        f"# Block cache: {Path(folder).name}, {result['environment']['device']}, {dtype}",
         "",
         f"Batch of {args.prompts} {what_prompts}, {args.max_new_tokens} new tokens in blocks of {args.block_length}, "
         f"{args.steps} steps (greedy, low-confidence remasking); one `generate()` call each way after a warm-up of "
@@ -122,7 +118,7 @@ def main():
         lines.append(f"| {row['prompt_tokens']} | {row['plain_seconds']:.2f} | {row['cached_seconds']:.2f} | "
                      f"{row['speedup']:.2f}x | {row['changed_token_fraction']:.1%} | "
                      f"{row['identical_completions']} of {args.prompts} |{eager_windows}")
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    save(result, args.out, markdown="\n".join(lines))
 
 
 if __name__ == "__main__":

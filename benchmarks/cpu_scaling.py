@@ -1,7 +1,7 @@
 """How the cost of one forward pass (one denoising step) grows with sequence length on the CPU, PyTorch path.
 
 Each (config, length) runs in a fresh subprocess so that its peak resident memory is its own. Writes
-benchmarks/results/cpu_scaling.json and .md.
+benchmarks/results/cpu_scaling.json and .md (or --out).
 
     python benchmarks/cpu_scaling.py                       # tiny and ~50M configs, 1K..16K tokens
     python benchmarks/cpu_scaling.py --lengths 1024 2048   # a quicker look
@@ -9,7 +9,6 @@ benchmarks/results/cpu_scaling.json and .md.
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from harness import RESULTS, new_result, save  # benchmarks/harness.py, beside this script
+
 CONFIGS = {
     "tiny": dict(name="tiny"),
     # ~50M parameters: GPT-2 vocabulary, 6 bidirectional Mamba-2 blocks of width 512 with state size 128.
@@ -25,7 +26,6 @@ CONFIGS = {
         name="diffuapriel-240m", hidden_size=512, num_hidden_layers=6, intermediate_size=1024, mamba_d_state=128,
     ),
 }
-RESULTS = Path(__file__).parent / "results"
 
 
 def measure(config_name: str, seqlen: int, repeats: int) -> dict:
@@ -62,26 +62,23 @@ def main():
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu_scaling", help="path stem of the .json and .md")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.repeats)))
         return
 
-    rows = []
+    result = new_result(rows=[])
+    rows = result["rows"]
     for config_name in args.configs:
         for seqlen in args.lengths:
             child = [sys.executable, __file__, "--child", config_name, str(seqlen), "--repeats", str(args.repeats)]
             row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             print(json.dumps(row), flush=True)
             rows.append(row)
-    machine = dict(
-        processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__
-    )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_scaling.json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=2) + "\n")
     lines = [
-        f"CPU forward pass (PyTorch path, fp32, batch 1), {machine['threads']} threads, torch {machine['torch']}.",
+        "CPU forward pass (PyTorch path, fp32, batch 1).",
         "",
         "| config | params | tokens | forward (s) | ms / token | peak RSS (MiB) | RSS growth (MiB) |",
         "|---|---|---|---|---|---|---|",
@@ -91,7 +88,7 @@ def main():
             f"| {r['config']} | {r['parameters'] / 1e6:.1f}M | {r['seqlen']} | {r['forward_s']:.3f} | "
             f"{r['ms_per_token']:.3f} | {r['peak_rss_mib']} | {r['peak_rss_growth_mib']} |"
         )
-    (RESULTS / "cpu_scaling.md").write_text("\n".join(lines) + "\n")
+    save(result, args.out, markdown="\n".join(lines))
     print("\n".join(lines))
 
 

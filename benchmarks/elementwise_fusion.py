@@ -1,6 +1,6 @@
 """The memory-bound operations around a diffuapriel-1.3b block, unfused against the fused kernels the model uses
-(`diffuapriel_hf.modeling.fused_ops`), at 64K tokens (bf16, hidden size 2048, Mamba inner size 4096, MLP size 2048), timed in
-one process on one GPU:
+(`diffuapriel_hf.modeling.fused_ops`), at 64K tokens (bf16, hidden size 2048, Mamba inner size 4096, MLP size 2048),
+timed in one process on one GPU:
 
 - the direction sum `out0 + reverse_time(out1)` (a gather, then an add) against one kernel reading out1 mirrored;
 - the direction sum, the residual add and the MLP's RMSNorm (three to four kernels, the residual stream read again
@@ -15,13 +15,12 @@ Each fused form is checked against the unfused one before it is timed.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from throughput import median_ms  # benchmarks/throughput.py, beside this script
+from harness import median_ms, new_result, save  # benchmarks/harness.py, beside this script
 
 TOKENS, HIDDEN, INNER, MLP = 65536, 2048, 4096, 2048
 
@@ -50,6 +49,7 @@ def main():
     from diffuapriel_hf.modeling.mamba_ops import reverse_time
     from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielRMSNorm
 
+    result = new_result(tokens=TOKENS)
     torch.manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     out0, out1, residual = (torch.randn(1, TOKENS, HIDDEN, **bf16) for _ in range(3))
@@ -75,9 +75,8 @@ def main():
         rows.append(compare("residual + out_proj(y) (addmm epilogue, not used)",
                             lambda: flat_residual + F.linear(y, out_proj),
                             lambda: torch.addmm(flat_residual, y, out_proj.t()), 1e-2))
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tokens=TOKENS, rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    result["rows"] = rows
+    save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,16 @@
 """Whole diffuapriel-1.3b denoising steps (batch 1, bf16, replayed from CUDA graphs) with and without the fused
-operations of `diffuapriel_hf.modeling.fused_ops` and the MLP's one gate-and-up product, alternating in one process on one GPU,
-over several rounds: what each is worth where it counts, in the step the throughput benchmark measures.
+operations of `diffuapriel_hf.modeling.fused_ops` and the MLP's one gate-and-up product, alternating in one process on
+one GPU, over several rounds: what each is worth where it counts, in the step the throughput benchmark measures.
 
     python benchmarks/fusion_ab.py --lengths 4096 16384 65536 --out benchmarks/results/fusion_ab.json
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from throughput import build, graphed_step_ms  # benchmarks/throughput.py, beside this script
+from harness import build, graphed_step_ms, new_result, save  # benchmarks/harness.py, beside this script
 
 # name: (fused kernels on, MLP gate and up as one product from ONE_PRODUCT_MIN_TOKENS on, the SwiGLU kernel on)
 CONFIGS = {
@@ -35,7 +34,7 @@ def main():
 
     model = build("diffuapriel-1.3b")
     fused, plain_linear, swiglu = fused_ops._fused, modeling._plain_linear, modeling.swiglu
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rounds=args.rounds, step_ms={})
+    result = new_result(rounds=args.rounds, step_ms={})
     for length in args.lengths:
         ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
         for _ in range(args.rounds):
@@ -48,8 +47,7 @@ def main():
                 result["step_ms"].setdefault(f"1 x {length}: {name}", []).append(ms)
                 print(f"1 x {length:6d}  {name:35s} {ms:8.2f} ms", flush=True)
     fused_ops._fused, modeling._plain_linear, modeling.swiglu = fused, plain_linear, swiglu
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

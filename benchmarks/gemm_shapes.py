@@ -8,13 +8,12 @@ help. Each product also through cuBLASLt, and with --triton through the best of 
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from throughput import matmul_ceiling, median_ms  # benchmarks/throughput.py, beside this script
+from harness import matmul_ceiling, median_ms, new_result, save  # benchmarks/harness.py, beside this script
 
 TOKENS = 65536
 # name: (input width K, output width N, calls per step)
@@ -48,6 +47,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--triton", action="store_true", help="also time Inductor's autotuned Triton matmuls")
     args = parser.parse_args()
+    result = new_result(tokens=TOKENS)
     torch.manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     ceiling = matmul_ceiling()  # FLOP/s
@@ -68,10 +68,8 @@ def main():
             del x, weight
     step_ms = sum(row["ms"] * row["calls_per_step"] for row in rows)
     print(f"ceiling {ceiling / 1e12:.0f} TFLOP/s; the step's GEMMs {step_ms:.1f} ms")
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tokens=TOKENS,
-                  ceiling_tflops=ceiling / 1e12, step_gemm_ms=step_ms, rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    result.update(ceiling_tflops=ceiling / 1e12, step_gemm_ms=step_ms, rows=rows)
+    save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from throughput import build, graphed_step_ms, peak_bf16  # benchmarks/throughput.py, beside this script
+from harness import build, device_name, graphed_step_ms, new_result, peak_bf16, save  # beside this script
 
 
 def free_ssd(x, *args, **kwargs):
@@ -51,9 +51,8 @@ def main():
         ),
     }
     parameters = model.num_parameters()
-    peak = peak_bf16(torch.cuda.get_device_name())
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, parameters=parameters,
-                  peak_flops=peak, step_ms={}, mfu={})
+    peak = peak_bf16(device_name())
+    result = new_result(parameters=parameters, peak_flops=peak, step_ms={}, mfu={})
     for length in args.lengths:
         ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
         for _ in range(args.rounds):
@@ -66,8 +65,7 @@ def main():
             best = min(result["step_ms"][f"1 x {length}: {name}"])
             result["mfu"][f"1 x {length}: {name}"] = 2 * parameters * length / (best / 1e3) / peak
     mamba_ops._kernel_ops = kernels
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
     print(json.dumps(result["mfu"], indent=1))
 
 

@@ -13,7 +13,7 @@ state 128) in three layouts, eagerly and replayed from a CUDA graph (as `generat
 """
 
 import argparse
-import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops
 from diffuapriel_hf.modeling.presets import preset_config
-from throughput import median_ms  # benchmarks/throughput.py, beside this script
+from harness import median_ms, new_result, save  # benchmarks/harness.py, beside this script
 
 
 def _dt(mixer, dt_raw):
@@ -112,11 +112,12 @@ def time_ms(fn, graphed, reps=20):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     ops = kernel_ops()
     if ops is None:
         raise SystemExit("mamba-ssm is not installed")
+    result = new_result(rows=[])
     torch.manual_seed(0)
     config = preset_config("diffuapriel-1.3b")
     with torch.device("cuda"):
@@ -127,7 +128,7 @@ def main():
         for mx in mixer.directions():
             mx.A_log.copy_(torch.log(torch.arange(1, mx.num_heads + 1, device="cuda", dtype=torch.float32)))
             mx.dt_bias.fill_(-3.0)
-    rows = []
+    rows = result["rows"]
     with torch.no_grad():
         for seqlen in args.lengths:
             h = torch.randn(1, seqlen, config.hidden_size, device="cuda", dtype=torch.bfloat16)
@@ -141,10 +142,7 @@ def main():
                 rows.append(row)
                 print(f"{name:9s} L={seqlen:6d} eager {row['eager_ms']:7.3f} ms  graph {row['graph_ms']:7.3f} ms  "
                       f"rel err {err:.1e}", flush=True)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@ batch 1), timed by PyTorch's profiler and grouped by kernel name, largest first.
 """
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from throughput import build  # benchmarks/throughput.py, beside this script
+from harness import build, new_result, save  # benchmarks/harness.py, beside this script
 
 
 def main():
@@ -23,6 +22,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
+    result = new_result(model=args.model, length=args.length)
     model = build(args.model)
     ids = torch.randint(0, model.config.mask_token_id, (1, args.length), device="cuda")
     with torch.no_grad():
@@ -40,13 +40,11 @@ def main():
     ranked = sorted(totals, key=totals.get, reverse=True)
     rows = [dict(kernel=name[:160], ms=totals[name], calls=counts[name]) for name in ranked[: args.top]]
     rest = sum(totals[name] for name in ranked[args.top:])
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, model=args.model, length=args.length,
-                  total_kernel_ms=sum(totals.values()), other_kernels_ms=rest, kernels=rows)
+    result.update(total_kernel_ms=sum(totals.values()), other_kernels_ms=rest, kernels=rows)
     for row in rows:
         print(f"{row['ms']:9.2f} ms {row['calls']:5d} x  {row['kernel'][:110]}")
     print(f"{rest:9.2f} ms in other kernels; {result['total_kernel_ms']:.1f} ms in all")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

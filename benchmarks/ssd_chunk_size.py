@@ -13,14 +13,13 @@ presets' sizes (64 heads of 64, state 128, one group):
 """
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from ssd_kernel import GROUPS, HEAD_DIM, HEADS, STATE  # the 1.3B presets' mixer sizes, beside this script
-from throughput import build, median_ms  # benchmarks/throughput.py, beside this script
+from harness import build, median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from ssd_kernel import GROUPS, HEAD_DIM, HEADS, STATE  # the 1.3B presets' mixer sizes
 
 CHUNK_SIZES = [64, 128, 256]
 LENGTHS = [2048, 8192, 16384, 65536]
@@ -107,12 +106,10 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lengths", nargs="+", type=int, default=LENGTHS)
     args = parser.parse_args()
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  heads=HEADS, head_dim=HEAD_DIM, state=STATE, groups=GROUPS)
+    result = new_result(heads=HEADS, head_dim=HEAD_DIM, state=STATE, groups=GROUPS)
     result["ssd"] = ssd_rows(args.lengths)
     result["model"] = model_rows([n for n in args.lengths if n >= 8192])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

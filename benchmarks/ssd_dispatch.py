@@ -9,12 +9,11 @@ and with every one on mamba-ssm's `mamba_chunk_scan_combined`; all in one proces
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from throughput import build, graphed_step_ms  # benchmarks/throughput.py, beside this script
+from harness import build, graphed_step_ms, new_result, save  # benchmarks/harness.py, beside this script
 
 SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (1, 65536), (16, 1024), (8, 2048),
           (4, 4096), (2, 8192), (4, 16384)]
@@ -36,7 +35,7 @@ def main():
         "single_pass": lambda *sizes: True,
         "mamba_ssm": lambda *sizes: False,
     }
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=[])
+    result = new_result(rows=[])
     for batch, length in SHAPES:
         ids = torch.randint(0, model.config.mask_token_id, (batch, length), device="cuda")
         row = dict(batch=batch, length=length,
@@ -50,7 +49,7 @@ def main():
         print(f"{batch:2d} x {length:6d}: single pass {row['single_pass_graphed_step_ms']:7.2f} ms, mamba-ssm "
               f"{row['mamba_ssm_graphed_step_ms']:7.2f} ms, rule picks "
               f"{'single pass' if row['rule_picks_single_pass'] else 'mamba-ssm'}", flush=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        save(result, args.out)
 
 
 if __name__ == "__main__":

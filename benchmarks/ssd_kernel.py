@@ -1,4 +1,5 @@
-"""Our single-pass SSD forward kernel (`diffuapriel_hf.modeling.ssd_triton`) against mamba-ssm's `mamba_chunk_scan_combined`.
+"""Our single-pass SSD forward kernel (`diffuapriel_hf.modeling.ssd_triton`) against mamba-ssm's
+`mamba_chunk_scan_combined`.
 
 In bf16 with the 1.3B presets' sizes (64 heads of 64, state 128, one group), inputs laid out as the mixer passes
 them (x, B and C strided views of one convolution output, dt of in_proj's), dt raw with dt_bias and softplus inside
@@ -7,7 +8,7 @@ the call, as in inference:
 - the time of mamba-ssm's call (its default chunk size, 256) and of ours under each launch setting swept (segments,
   pipeline stages, register cap), at batch 1 x 2K..64K and 16 x 1K. Chunks of 32 tokens, a whole head's 64 channels
   per program and 4 warps are fixed: chunks of 64, half a head per program and 8 warps were slower at every shape
-  (`ssd_kernel.json` as of commit 6c9f268 for the earlier kernel, `ssd_transposed.json` for this one);
+  (`ssd_kernel.json` as of commit 6c9f268 for the earlier kernel, `archive/ssd_transposed.json` for this one);
 - the largest difference between the two outputs, relative to the output's scale.
 
 The kernel times are of eager calls, so mamba-ssm's five launches (and its Python wrapper) count against it at short
@@ -19,12 +20,11 @@ MAMBA_DETERMINISTIC=1, which makes mamba-ssm skip its autotuning (and run slower
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
 
-from throughput import median_ms  # benchmarks/throughput.py, beside this script
+from harness import median_ms, new_result, save  # benchmarks/harness.py, beside this script
 
 SHAPES = [(1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 65536), (16, 1024)]
 HEADS, HEAD_DIM, STATE, GROUPS = 64, 64, 128, 1
@@ -90,11 +90,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, heads=HEADS, head_dim=HEAD_DIM,
-                  state=STATE, groups=GROUPS)
+    result = new_result(heads=HEADS, head_dim=HEAD_DIM, state=STATE, groups=GROUPS)
     result["kernel"] = kernel_rows()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ssd_kernel import mixer_inputs  # benchmarks/, beside this script
-from throughput import build, graphed_step_ms, median_ms
+from harness import build, graphed_step_ms, median_ms, new_result, save  # benchmarks/, beside this script
+from ssd_kernel import mixer_inputs
 
 VARIANTS = ["as passed", "states by head", "both by head"]
 
@@ -94,11 +94,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rounds=args.rounds)
+    result = new_result(rounds=args.rounds)
     result["calls"] = call_rows(args.call_lengths, args.rounds)
     result["step_ms"] = step_rows(args.step_lengths, args.rounds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,14 @@ logits of each variant are compared with the model's.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from throughput import build, graphed_step_ms  # benchmarks/throughput.py, beside this script
-
 from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
 from diffuapriel_hf.modeling.mamba_ops import reverse_time, select_ops
 from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
+from harness import build, graphed_step_ms, new_result, save  # benchmarks/harness.py, beside this script
 
 AS_BUILT = BidirectionalMamba2Mixer.direction_outputs
 _side_streams = {}
@@ -59,8 +57,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model = build("diffuapriel-1.3b")
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rounds=args.rounds, step_ms={},
-                  max_abs_logit_difference={})
+    result = new_result(rounds=args.rounds, step_ms={}, max_abs_logit_difference={})
     for length in args.lengths:
         ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
         logits = {}
@@ -77,8 +74,7 @@ def main():
                 result["step_ms"].setdefault(f"1 x {length}: {name}", []).append(ms)
                 print(f"1 x {length:6d}  {name:28s} {ms:8.2f} ms", flush=True)
     use("as built")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

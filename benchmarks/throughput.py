@@ -25,69 +25,13 @@ from pathlib import Path
 
 import torch
 
+from harness import build, device_name, graphed_step_ms, matmul_ceiling, median_ms, new_result, peak_bf16, save
+
 MODELS = ["diffuapriel-1.3b", "diffuapriel-h-1.3b", "diffutran-1.3b"]
 BASELINE = "diffutran-1.3b"
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 TOKENS_PER_BATCH = 16384  # the batched shapes: TOKENS_PER_BATCH // length sequences at each length below it
 PROMPT_LENGTH = 64
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets (without sparsity), by a substring of the device name.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
-             ("A100", 312e12)]
-
-
-def peak_bf16(device_name: str) -> float:
-    for key, value in PEAK_BF16:
-        if key in device_name:
-            return value
-    raise ValueError(f"no datasheet bf16 peak known for {device_name!r}: add it to PEAK_BF16")
-
-
-def median_ms(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def graphed_step_ms(model, ids, reps: int, warmup: int = 1) -> float:
-    """Median time of one denoising step on `ids` replayed from a CUDA graph (captured here, released after)."""
-    from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
-
-    with torch.no_grad():
-        denoiser = GraphedDenoiser(model, max_tokens=None)
-        ms = median_ms(lambda: denoiser(ids), reps=reps, warmup=warmup)
-    del denoiser
-    torch.cuda.empty_cache()
-    return ms
-
-
-def matmul_ceiling() -> float:
-    """FLOP/s of a large bf16 matrix product on this card (the practical ceiling, next to the datasheet's)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    ms = median_ms(lambda: a @ b, reps=20, warmup=3)
-    return 2 * 8192**3 / (ms / 1e3)
-
-
-def build(name: str):
-    from diffuapriel_hf import DiffuAprielForMaskedLM
-    from diffuapriel_hf.modeling.presets import preset_config
-
-    # max_position_embeddings is advisory (RoPE extrapolates); generate() checks it, so it is raised to the longest
-    # length measured.
-    config = preset_config(name, max_position_embeddings=max(LENGTHS))
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = DiffuAprielForMaskedLM(config)
-    return model.to(torch.bfloat16).eval()
 
 
 def sdpa_backends(model):
@@ -156,18 +100,16 @@ def measure(model, batch: int, length: int, steps: int, reps: int) -> dict:
     return row
 
 
-def run(args, partial_path: Path) -> dict:
+def run(args) -> dict:
     from diffuapriel_hf.modeling.cuda_graphs import GRAPH_MAX_TOKENS
 
-    device = torch.cuda.get_device_name()
-    result = dict(device=device, torch=torch.__version__, peak_bf16_flops=peak_bf16(device),
-                  graph_max_tokens=GRAPH_MAX_TOKENS,
-                  matmul_ceiling_flops=matmul_ceiling(), generate_steps=args.steps, prompt_length=PROMPT_LENGTH,
-                  tokens_per_batch=TOKENS_PER_BATCH, models={})
+    result = new_result(peak_bf16_flops=peak_bf16(device_name()), graph_max_tokens=GRAPH_MAX_TOKENS,
+                        matmul_ceiling_flops=matmul_ceiling(), generate_steps=args.steps, prompt_length=PROMPT_LENGTH,
+                        tokens_per_batch=TOKENS_PER_BATCH, models={})
     shapes = [(1, length) for length in args.lengths]
     shapes += [(TOKENS_PER_BATCH // length, length) for length in args.lengths if length < TOKENS_PER_BATCH]
     for name in args.models:
-        model = build(name)
+        model = build(name, max_position_embeddings=max(args.lengths))
         params = model.num_parameters()
         rows = []
         for batch, length in shapes:
@@ -176,10 +118,11 @@ def run(args, partial_path: Path) -> dict:
             add_step_rates(row, params, result["peak_bf16_flops"])
             rows.append(row)
             print(f"{name:20s} {batch:3d} x {length:6d}  eager {row['eager_step_ms']:9.2f} ms  graphed "
-                  f"{row['graphed_step_ms']:9.2f} ms  MFU {row['mfu']:5.1%}  gen {row['generate_tokens_per_s']:9.0f} tok/s"
-                  f"  peak {row['peak_memory_gib']:5.1f} GiB  attn {row['attention_backend']}", flush=True)
+                  f"{row['graphed_step_ms']:9.2f} ms  MFU {row['mfu']:5.1%}  "
+                  f"gen {row['generate_tokens_per_s']:9.0f} tok/s  peak {row['peak_memory_gib']:5.1f} GiB  "
+                  f"attn {row['attention_backend']}", flush=True)
         result["models"][name] = dict(parameters=params, rows=rows)
-        partial_path.write_text(json.dumps(result, indent=1))  # what is measured so far survives a crash
+        save(result, args.out)  # what is measured so far survives a crash
         del model
         torch.cuda.empty_cache()
     return result
@@ -198,7 +141,8 @@ def by_shape(result, name):
 
 
 def targets(result) -> list[str]:
-    """The issue's targets, checked against this run."""
+    """The targets, checked against this run: the paper's speed-ups over DiffuTran at 64K (4.4x, 2.6x for the hybrid),
+    ahead of DiffuTran from 4K tokens, a 2K step within 1.5x of the time its FLOPs need at the 16K rate, 55% MFU."""
     lines = []
     base = by_shape(result, BASELINE)
     for name, needed in (("diffuapriel-1.3b", 4.4), ("diffuapriel-h-1.3b", 2.6)):
@@ -212,7 +156,8 @@ def targets(result) -> list[str]:
         ours = by_shape(result, "diffuapriel-1.3b")
         behind = [length for (batch, length), r in ours.items() if batch == 1 and length >= 4096
                   and r["step_ms"] >= base[(1, length)]["step_ms"]]
-        lines.append(f"- diffuapriel-1.3b ahead of DiffuTran from 4K on: {'met' if not behind else f'missed at {behind}'}")
+        verdict = "met" if not behind else f"missed at {behind}"
+        lines.append(f"- diffuapriel-1.3b ahead of DiffuTran from 4K on: {verdict}")
         if (1, 16384) in ours and (1, 2048) in ours:
             rate16 = ours[(1, 16384)]["model_tflops_per_s"]
             needed_ms = 2 * result["models"]["diffuapriel-1.3b"]["parameters"] * 2048 / (rate16 * 1e12) * 1e3
@@ -234,7 +179,7 @@ def markdown(result) -> str:
     lines = [
         f"# Throughput: {', '.join(result['models'])}",
         "",
-        f"GPU: {result['device']} (torch {result['torch']}). bf16, random weights. Step = one denoising forward pass "
+        f"GPU: {result['environment']['device']}. bf16, random weights. Step = one denoising forward pass "
         f"to the logits, launched eagerly or replayed from a CUDA graph (which also copies the logits out); the "
         f"step time used below is the faster of the two (`generate()` replays graphs for steps of up to "
         f"{result['graph_max_tokens']} tokens). MFU = 2 x parameters x tokens / step time / {peak:.0f} TFLOP/s "
@@ -256,7 +201,7 @@ def markdown(result) -> str:
                 f"| {name} | {r['batch']} x {r['length']} | {r['eager_step_ms']:.2f} | {r['graphed_step_ms']:.2f} | "
                 f"{step_ratio} | {r['mfu']:.1%} | {r['generate_tokens_per_s']:,.0f} | {gen_ratio} | "
                 f"{r['peak_memory_gib']:.1f} | {r['attention_backend']} |")
-    lines += ["", "## Targets (issue 6)", "", *targets(result), ""]
+    lines += ["", "## Targets", "", *targets(result), ""]
     return "\n".join(lines)
 
 
@@ -282,15 +227,15 @@ def plot(result, path):
     left.set_yscale("log")
     left.set_ylabel("one denoising step (ms)")
     right.set_ylabel("throughput / DiffuTran's")
-    fig.suptitle(f"bf16, 1.3B presets, {result['device']}")
+    fig.suptitle(f"bf16, 1.3B presets, {result['environment']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def write(result, stem: Path):
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
-    plot(result, stem.with_suffix(".png"))
+def write(result, out: Path):
+    """OUT.json, OUT.md and OUT.png."""
+    json_path = save(result, out, markdown=markdown(result))
+    plot(result, json_path.with_suffix(".png"))
 
 
 def main():
@@ -303,13 +248,16 @@ def main():
     args = parser.parse_args()
     if args.render:
         result = json.loads(args.render.read_text())
-        write(result, args.render.with_suffix(""))
+        if "environment" not in result:
+            parser.error(f"{args.render} was recorded before results were stamped (benchmarks/harness.py): "
+                         "measure again")
+        write(result, args.render)
         return
     if args.out is None:
         parser.error("give --out (or --render)")
     if BASELINE not in args.models:
         parser.error(f"the ratios need the baseline {BASELINE} among --models")
-    result = run(args, args.out.with_suffix(".json"))
+    result = run(args)
     write(result, args.out)
     print(markdown(result))
 

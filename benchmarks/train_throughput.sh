@@ -1,7 +1,8 @@
 #!/bin/bash
 # Training throughput of the same train command on one GPU and on two (DDP, through `accelerate launch`, no
 # distribution code of ours): diffuapriel-240m, bf16, 1,024-token sequences of the standard library, the shipped
-# model's tokenizer. Run from the repository root; writes OUT_DIR/{1gpu,2gpu-ddp}.json (Trainer's train_results).
+# model's tokenizer. Run from the repository root; writes OUT_DIR/{1gpu,2gpu-ddp}.json (Trainer's train_results,
+# stamped with the commit, device and library versions by benchmarks/harness.py).
 set -euo pipefail
 OUT_DIR=${1:?usage: train_throughput.sh OUT_DIR}
 mapfile -t FILES < <(python -m diffuapriel_hf.training.stdlib_corpus train)
@@ -16,3 +17,4 @@ accelerate launch --multi_gpu --num_processes 2 -m diffuapriel_hf.training.train
     --output_dir /tmp/tp-2gpu-ddp
 cp /tmp/tp-1gpu/train_results.json "$OUT_DIR/1gpu.json"
 cp /tmp/tp-2gpu-ddp/train_results.json "$OUT_DIR/2gpu-ddp.json"
+python benchmarks/harness.py stamp "$OUT_DIR/1gpu.json" "$OUT_DIR/2gpu-ddp.json"

@@ -10,13 +10,12 @@ time of each `generate()` call (after one warm-up call of each shape, which capt
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from throughput import build  # benchmarks/throughput.py, beside this script
+from harness import build, new_result, save  # benchmarks/harness.py, beside this script
 
 VARIANTS = ["window", "every position"]
 
@@ -48,13 +47,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    model = build("diffuapriel-1.3b")
-    # Advisory (Mamba has no length limit), and generate() checks it: raised to fit the longest prompt and its tokens.
-    model.config.max_position_embeddings = max(args.prompt_lengths) + args.max_new_tokens
+    model = build("diffuapriel-1.3b", max_position_embeddings=max(args.prompt_lengths) + args.max_new_tokens)
     model_class, windowed = type(model), type(model).denoising_logits
     settings = dict(max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
                     do_sample=False)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, settings=settings, rows={})
+    result = new_result(settings=settings, rows={})
     for length in args.prompt_lengths:
         ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
         row = result["rows"][f"1 x {length}"] = {}
@@ -69,8 +66,7 @@ def main():
                 print(f"1 x {length:6d}  {variant:15s} {seconds:7.3f} s  peak {peak:6.2f} GiB", flush=True)
         model_class.denoising_logits = windowed
         row["same tokens"] = bool(torch.equal(outputs["window"], outputs["every position"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

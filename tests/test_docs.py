@@ -54,3 +54,18 @@ def test_architecture_cites_real_files():
     assert cited
     missing = sorted(path for path in cited if not (ROOT / path).exists())
     assert not missing, f"docs/architecture.md cites files that do not exist (update it): {missing}"
+
+
+def test_cited_benchmark_results_exist():
+    """Paths under benchmarks/results/ that the README and the code cite (a stem stands for its .json and .md); the
+    results' own narrative is left out: it also tells of results retired to git history."""
+    results = ROOT / "benchmarks" / "results"
+    cited = {}
+    for path in [ROOT / "README.md", *source_files()]:
+        if results in path.parents:
+            continue
+        for name in re.findall(r"benchmarks/results/[\w.*/-]*\w", path.read_text()):
+            cited.setdefault(name, path.relative_to(ROOT))
+    assert cited
+    missing = {name: str(where) for name, where in cited.items() if not list(ROOT.glob(name + "*"))}
+    assert not missing, f"cited result files that do not exist (moved to benchmarks/results/archive/?): {missing}"

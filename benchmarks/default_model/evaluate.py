@@ -5,7 +5,8 @@
 
 import argparse
 import json
-import platform
+import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
@@ -13,6 +14,9 @@ from transformers import AutoTokenizer
 from diffuapriel_hf import DiffuAprielForMaskedLM
 from diffuapriel_hf.training.evaluation import text_bits_per_token
 from diffuapriel_hf.training.stdlib_corpus import HELD_OUT_MODULES, stdlib_files
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, for the harness beside the scripts
+from harness import new_result, save  # noqa: E402
 
 
 def main():
@@ -25,11 +29,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     files = stdlib_files("heldout")
     texts = [path.read_text(encoding="utf-8") for path in files]
-    results = dict(
-        python=platform.python_version(), device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        held_out_modules=list(HELD_OUT_MODULES), held_out_files=len(files), seq_len=args.seq_len,
-        num_samples=args.num_samples, models={},
-    )
+    results = new_result(held_out_modules=list(HELD_OUT_MODULES), held_out_files=len(files), seq_len=args.seq_len,
+                         num_samples=args.num_samples, models={})
     for folder in args.models:
         model = DiffuAprielForMaskedLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -38,8 +39,7 @@ def main():
         scores["layer_types"] = sorted(set(model.config.layer_types))
         results["models"][folder] = scores
         print(folder, json.dumps(scores), flush=True)
-    with open(args.output, "w") as handle:
-        json.dump(results, handle, indent=2)
+    save(results, args.output)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""What the benchmark scripts share: the stamp every result carries (the commit measured, whether the tracked files
+differed from it, the device, the library versions), the writing of results, and the timing helpers and model
+builder of the GPU scripts. The scripts import it from beside them:
+
+    from harness import build, graphed_step_ms, new_result, save
+
+    result = new_result(rounds=3)            # {"environment": {...}, "rounds": 3}, stamped before measuring
+    ...
+    save(result, args.out, markdown=table)   # OUT.json, and OUT.md with the stamp under the table
+
+A result written by another tool (Trainer's train_results.json) is stamped in place:
+
+    python benchmarks/harness.py stamp OUT_DIR/1gpu.json
+
+On a copy of the repository without its git folder (a GPU machine sent the working tree alone), the commit comes
+from the environment variable DIFFUAPRIEL_COMMIT, which the command that copied the tree sets (the stamp then says
+that whether the tree differed from that commit is unknown).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
+from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+COMMIT_VARIABLE = "DIFFUAPRIEL_COMMIT"
+LIBRARIES = ("torch", "transformers", "triton", "mamba-ssm", "causal-conv1d")
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (without sparsity), by a substring of the device name.
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
+             ("A100", 312e12)]
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def source_revision() -> dict:
+    """The commit checked out and whether tracked files differ from it (results aside: a run rewrites them)."""
+    try:
+        commit = _git("rev-parse", "HEAD")
+        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    except (OSError, subprocess.CalledProcessError) as error:
+        if COMMIT_VARIABLE not in os.environ:
+            raise RuntimeError(
+                f"cannot read the commit ({error}): run from a git checkout, or set {COMMIT_VARIABLE} to the commit "
+                "whose tree this is"
+            ) from error
+        return dict(commit=os.environ[COMMIT_VARIABLE], dirty=None, commit_from=COMMIT_VARIABLE)
+    return dict(commit=commit, dirty=bool(changed))
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def library_versions() -> dict:
+    """Python's version and each library's (None: not installed)."""
+    versions = dict(python=platform.python_version())
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment() -> dict:
+    """The stamp of a result: when, which commit, on what, with which libraries."""
+    return dict(time_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), **source_revision(),
+                device=device_name(), cuda=torch.version.cuda, versions=library_versions())
+
+
+def new_result(**fields) -> dict:
+    """A result stamped now, before anything is measured, holding `fields`."""
+    return dict(environment=environment(), **fields)
+
+
+def stamp_line(result: dict) -> str:
+    """One line saying what the result was measured with, for the Markdown beside it."""
+    env = result["environment"]
+    dirty = {True: " with uncommitted changes", False: "", None: " (uncommitted changes unknown)"}[env["dirty"]]
+    versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items() if version is not None)
+    cuda = f", CUDA {env['cuda']}" if env["cuda"] else ""
+    return f"Measured {env['time_utc']} at commit {env['commit'][:12]}{dirty} on {env['device']}{cuda}; {versions}."
+
+
+def output_paths(out) -> tuple[Path, Path]:
+    """OUT.json and OUT.md for `out` given with or without either suffix (a stem such as `block_cache_gpu_1.3b` keeps
+    its dots)."""
+    stem = str(out).removesuffix(".json").removesuffix(".md")
+    return Path(stem + ".json"), Path(stem + ".md")
+
+
+def save(result: dict, out, markdown: str = None) -> Path:
+    """Writes `result` (from `new_result`) as OUT.json and, given `markdown`, OUT.md with the stamp under it."""
+    if "environment" not in result:
+        raise ValueError("the result carries no stamp: build it with new_result()")
+    json_path, markdown_path = output_paths(out)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    if markdown is not None:
+        markdown_path.write_text(markdown.rstrip("\n") + "\n\n" + stamp_line(result) + "\n")
+    return json_path
+
+
+def stamp_file(path: Path) -> None:
+    """Adds the stamp to a JSON object that another tool wrote."""
+    result = json.loads(path.read_text())
+    if not isinstance(result, dict) or "environment" in result:
+        raise ValueError(f"{path} is not an unstamped JSON object")
+    path.write_text(json.dumps(dict(environment=environment(), **result), indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU timing and the models the throughput scripts measure.
+
+
+def peak_bf16(device: str) -> float:
+    for key, value in PEAK_BF16:
+        if key in device:
+            return value
+    raise ValueError(f"no datasheet bf16 peak known for {device!r}: add it to PEAK_BF16")
+
+
+def median_ms(fn, reps: int, warmup: int = 1) -> float:
+    """Median milliseconds of `fn()` on the current CUDA stream, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def graphed_step_ms(model, ids, reps: int, warmup: int = 1) -> float:
+    """Median time of one denoising step on `ids` replayed from a CUDA graph (captured here, released after)."""
+    with torch.no_grad():
+        denoiser = GraphedDenoiser(model, max_tokens=None)
+        ms = median_ms(lambda: denoiser(ids), reps=reps, warmup=warmup)
+    del denoiser
+    torch.cuda.empty_cache()
+    return ms
+
+
+def matmul_ceiling() -> float:
+    """FLOP/s of a large bf16 matrix product on this card (the practical ceiling, next to the datasheet's)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    ms = median_ms(lambda: a @ b, reps=20, warmup=3)
+    return 2 * 8192**3 / (ms / 1e3)
+
+
+def build(name: str, max_position_embeddings: int = 65536):
+    """A preset with random weights (seed 0) in bf16 on CUDA, in eval mode, with SDPA attention.
+    `max_position_embeddings` is advisory (RoPE extrapolates) but `generate()` checks it: raised to the longest length
+    a script measures."""
+    config = preset_config(name, max_position_embeddings=max_position_embeddings)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = DiffuAprielForMaskedLM(config)
+    return model.to(torch.bfloat16).eval()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Stamp results that other tools wrote (JSON objects), in place.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    stamp = commands.add_parser("stamp", help="add the environment stamp to JSON files")
+    stamp.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    for path in args.files:
+        stamp_file(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The benchmark scripts as infrastructure, checked without a GPU: each imports and answers `--help`, each stamps its
+results through benchmarks/harness.py, and the harness stamps and writes them as it says."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = sorted(BENCHMARKS.rglob("*.py"))
+SHELL_SCRIPTS = sorted(BENCHMARKS.rglob("*.sh"))
+
+
+@pytest.fixture
+def benchmarks_on_path(monkeypatch):
+    """The scripts import each other by name from their folder, as `python benchmarks/x.py` lets them."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def harness(benchmarks_on_path):
+    return load(BENCHMARKS / "harness.py")
+
+
+def test_there_are_scripts():
+    assert len(SCRIPTS) > 10 and len(SHELL_SCRIPTS) >= 2
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda path: str(path.relative_to(BENCHMARKS)))
+def test_script_imports_and_answers_help_without_a_gpu(path, benchmarks_on_path, monkeypatch, capsys):
+    module = load(path)
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", [p for p in SCRIPTS if p.name != "harness.py"] + SHELL_SCRIPTS,
+                         ids=lambda path: str(path.relative_to(BENCHMARKS)))
+def test_script_stamps_its_results_through_the_harness(path):
+    source = path.read_text()
+    # A script writes through save() (or an evaluation script it runs does), or stamps another tool's output.
+    uses = ("from harness import" in source and "new_result" in source and "save(" in source) or (
+        "benchmarks/harness.py stamp" in source) or ("benchmarks/default_model/evaluate.py" in source)
+    assert uses, f"{path.name} writes results without the harness's stamp"
+
+
+@pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=lambda path: path.name)
+def test_shell_script_parses(path):
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_stamp_names_commit_device_and_versions(harness):
+    stamp = harness.environment()
+    assert set(stamp["versions"]) == {"python", "torch", "transformers", "triton", "mamba-ssm", "causal-conv1d"}
+    assert stamp["versions"]["torch"] is not None and stamp["device"]
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert stamp["commit"] == head.strip() and isinstance(stamp["dirty"], bool)
+
+
+def test_stamp_outside_a_git_checkout_reads_the_commit_variable(harness, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "ROOT", tmp_path)  # no repository there
+    monkeypatch.delenv(harness.COMMIT_VARIABLE, raising=False)
+    with pytest.raises(RuntimeError, match=harness.COMMIT_VARIABLE):
+        harness.source_revision()
+    monkeypatch.setenv(harness.COMMIT_VARIABLE, "0123abcd")
+    assert harness.source_revision() == dict(commit="0123abcd", dirty=None, commit_from=harness.COMMIT_VARIABLE)
+
+
+def test_save_writes_stamped_json_and_markdown(harness, tmp_path):
+    result = harness.new_result(rows=[1, 2])
+    path = harness.save(result, tmp_path / "block_cache_gpu_1.3b", markdown="| a |\n|---|\n| 1 |")
+    assert path == tmp_path / "block_cache_gpu_1.3b.json"
+    assert json.loads(path.read_text()) == result
+    markdown = (tmp_path / "block_cache_gpu_1.3b.md").read_text()
+    assert markdown.startswith("| a |") and f"commit {result['environment']['commit'][:12]}" in markdown
+    assert harness.save(result, tmp_path / "x.json") == tmp_path / "x.json"
+    with pytest.raises(ValueError, match="new_result"):
+        harness.save(dict(rows=[]), tmp_path / "unstamped")
+
+
+def test_stamp_command_stamps_another_tools_json_once(harness, tmp_path):
+    path = tmp_path / "train_results.json"
+    path.write_text(json.dumps(dict(train_loss=1.5)))
+    assert harness.main(["stamp", str(path)]) == 0
+    stamped = json.loads(path.read_text())
+    assert stamped["train_loss"] == 1.5 and "commit" in stamped["environment"]
+    with pytest.raises(ValueError, match="unstamped"):
+        harness.main(["stamp", str(path)])
+
+
+def throughput_result(harness) -> dict:
+    """A small stamped result of throughput.py's layout: two models at batch 1 x 64K."""
+    def row(step_ms):
+        return dict(batch=1, length=65536, tokens=65536, eager_step_ms=step_ms, graphed_step_ms=step_ms + 1,
+                    generate_tokens_per_s=1000 / step_ms, peak_memory_gib=5.0, attention_backend="none")
+
+    result = harness.new_result(peak_bf16_flops=989.4e12, graph_max_tokens=16384, matmul_ceiling_flops=7e14,
+                                generate_steps=8, prompt_length=64, tokens_per_batch=16384, models={})
+    for name, parameters, step_ms in (("diffuapriel-1.3b", 1.39e9, 380.0), ("diffutran-1.3b", 1.34e9, 1770.0)):
+        result["models"][name] = dict(parameters=parameters, rows=[row(step_ms)])
+    return result
+
+
+def test_throughput_table_from_saved_results(harness, benchmarks_on_path):
+    throughput = load(BENCHMARKS / "throughput.py")
+    result = throughput_result(harness)
+    for name in result["models"]:
+        for row in result["models"][name]["rows"]:
+            throughput.add_step_rates(row, result["models"][name]["parameters"], result["peak_bf16_flops"])
+    table = throughput.markdown(result)
+    assert "| diffuapriel-1.3b | 1 x 65536 | 380.00 | 381.00 | 4.66x |" in table
+    assert "step throughput at 64K = 4.66x DiffuTran (target >= 4.4x): met" in table
+
+
+def test_throughput_refuses_to_render_unstamped_results(benchmarks_on_path, tmp_path, monkeypatch, capsys):
+    throughput = load(BENCHMARKS / "throughput.py")
+    saved = tmp_path / "old.json"
+    saved.write_text(json.dumps(dict(device="NVIDIA H200", models={})))
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--render", str(saved)])
+    with pytest.raises(SystemExit):
+        throughput.main()
+    assert "before results were stamped" in capsys.readouterr().err
+
+
+def index_rows() -> list[list[str]]:
+    """The cells of benchmarks/README.md's index table, one list per row (question, script, results, decision, sets)."""
+    table = (BENCHMARKS / "README.md").read_text().split("## Index", 1)[1].split("\n\n")[1]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in table.splitlines()[2:]]
+
+
+def backticked(cell: str) -> list[str]:
+    return [name for name in cell.split("`")[1::2] if not name.startswith(".")]  # `.md`: the same stem
+
+
+def test_index_names_every_script_and_only_real_ones():
+    rows = index_rows()
+    assert rows and all(len(row) == 5 for row in rows)
+    named = {name for row in rows for name in backticked(row[1]) if name.endswith((".py", ".sh"))}
+    assert all((BENCHMARKS / name).exists() for name in named), sorted(named)
+    scripts = {str(path.relative_to(BENCHMARKS)) for path in SCRIPTS + SHELL_SCRIPTS} - {"harness.py"}
+    assert scripts <= named, f"benchmark scripts missing from benchmarks/README.md's index: {sorted(scripts - named)}"
+
+
+def test_index_names_real_results_and_every_result_is_indexed():
+    results = BENCHMARKS / "results"
+    for row in index_rows():
+        for name in backticked(row[2]):
+            assert list(results.glob(name)) or (BENCHMARKS / name).exists(), f"no result file {name}"
+    text = (BENCHMARKS / "README.md").read_text()
+    unindexed = [path.name for path in results.iterdir() if path.is_file() and path.stem not in text]
+    assert not unindexed, f"results not in benchmarks/README.md (index them, or archive them): {unindexed}"
+    archive = (results / "archive" / "README.md").read_text()
+    unnoted = [path.name for path in (results / "archive").glob("*.json") if f"`{path.name}`" not in archive]
+    assert not unnoted, f"archived results without a note in results/archive/README.md: {unnoted}"
