@@ -166,3 +166,16 @@ def test_index_names_real_results_and_every_result_is_indexed():
     archive = (results / "archive" / "README.md").read_text()
     unnoted = [path.name for path in (results / "archive").glob("*.json") if f"`{path.name}`" not in archive]
     assert not unnoted, f"archived results without a note in results/archive/README.md: {unnoted}"
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the repository's git history")
+def test_compare_commits_imports_a_commits_runtime_beside_the_installed_one(benchmarks_on_path, tmp_path):
+    compare = load(BENCHMARKS / "compare_commits.py")
+    folder = compare.extract_runtime("HEAD", tmp_path)
+    runtime = compare.import_runtime(folder, "runtime_at_head")
+    presets = importlib.import_module("runtime_at_head.presets")
+    assert presets.__file__.startswith(str(tmp_path))
+    config = presets.preset_config("tiny")
+    assert type(config).__module__ == "runtime_at_head.configuration_diffuapriel" and runtime.__path__ == [str(folder)]
+    for name in [name for name in sys.modules if name.split(".")[0] == "runtime_at_head"]:
+        del sys.modules[name]
