@@ -51,8 +51,8 @@ def import_runtime(folder: Path, name: str):
 def build(runtime, preset: str, length: int, state_dict=None):
     """The preset from `runtime` in bf16 on CUDA, eval mode, SDPA attention; random (seed 0) or given weights."""
     modeling = importlib.import_module(f"{runtime.__name__}.modeling_diffuapriel")
-    presets = importlib.import_module(f"{runtime.__name__}.presets")
-    config = presets.preset_config(preset, max_position_embeddings=length)
+    configuration = importlib.import_module(f"{runtime.__name__}.configuration_diffuapriel")
+    config = configuration.DiffuAprielConfig.from_preset(preset, max_position_embeddings=length)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -63,7 +63,7 @@ def source_revision() -> dict:
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    return f"CPU {platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()}"
 
 
 def library_versions() -> dict:

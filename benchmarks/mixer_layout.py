@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffuapriel_hf import preset_config
 from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops
-from diffuapriel_hf.modeling.presets import preset_config
 from harness import median_ms, new_result, save  # benchmarks/harness.py, beside this script
 
 

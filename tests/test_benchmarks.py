@@ -173,9 +173,9 @@ def test_compare_commits_imports_a_commits_runtime_beside_the_installed_one(benc
     compare = load(BENCHMARKS / "compare_commits.py")
     folder = compare.extract_runtime("HEAD", tmp_path)
     runtime = compare.import_runtime(folder, "runtime_at_head")
-    presets = importlib.import_module("runtime_at_head.presets")
-    assert presets.__file__.startswith(str(tmp_path))
-    config = presets.preset_config("tiny")
+    configuration = importlib.import_module("runtime_at_head.configuration_diffuapriel")
+    assert configuration.__file__.startswith(str(tmp_path))
+    config = configuration.DiffuAprielConfig.from_preset("tiny")
     assert type(config).__module__ == "runtime_at_head.configuration_diffuapriel" and runtime.__path__ == [str(folder)]
     for name in [name for name in sys.modules if name.split(".")[0] == "runtime_at_head"]:
         del sys.modules[name]
