@@ -54,7 +54,8 @@ def test_script_stamps_its_results_through_the_harness(path):
     # A script writes through save() (or an evaluation script it runs does), or stamps another tool's output.
     uses = ("from harness import" in source and "new_result" in source and "save(" in source) or (
         "benchmarks/harness.py stamp" in source) or ("benchmarks/default_model/evaluate.py" in source)
-    assert uses, f"{path.name} writes results without the harness's stamp"
+    assert uses, (f"{path.name} writes results without the harness's stamp: build the result with "
+                  "`harness.new_result(...)` and write it with `harness.save(result, args.out)` (benchmarks/harness.py)")
 
 
 @pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=lambda path: path.name)
@@ -152,7 +153,8 @@ def test_index_names_every_script_and_only_real_ones():
     named = {name for row in rows for name in backticked(row[1]) if name.endswith((".py", ".sh"))}
     assert all((BENCHMARKS / name).exists() for name in named), sorted(named)
     scripts = {str(path.relative_to(BENCHMARKS)) for path in SCRIPTS + SHELL_SCRIPTS} - {"harness.py"}
-    assert scripts <= named, f"benchmark scripts missing from benchmarks/README.md's index: {sorted(scripts - named)}"
+    assert scripts <= named, (f"benchmark scripts missing from benchmarks/README.md's index (add a row: question, "
+                              f"script, results, decision, what it sets): {sorted(scripts - named)}")
 
 
 def test_index_names_real_results_and_every_result_is_indexed():
