@@ -118,6 +118,11 @@ class DiffuAprielConfig(PretrainedConfig):
         use_mamba_kernels: use mamba-ssm's Triton kernels (and causal-conv1d's) on CUDA tensors when installed.
         mask_token_id, pad_token_id, bos_token_id, eos_token_id: special token ids.
         sampling_eps: lower bound of the diffusion time `t` in training.
+        block_size: None for a full-sequence model (every position reads the whole sequence). An integer makes a
+            block diffusion model: the sequence is cut into blocks of this many tokens from its start; the
+            left-to-right Mamba scan runs over the whole sequence, the right-to-left scan and attention stop at the
+            end of each block, so a block's logits depend on it and the blocks before it only. Training then uses
+            BD3-LM's objective (`block_diffusion.py`).
     """
 
     model_type = "diffuapriel"
@@ -158,6 +163,7 @@ class DiffuAprielConfig(PretrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     sampling_eps: float = open_unit_interval(default=1e-3)
+    block_size: int | None = positive_int_or_none(default=None)
 
     def __post_init__(self, **kwargs):
         if self.layer_types is None:

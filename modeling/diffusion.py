@@ -136,6 +136,9 @@ def negative_elbo(
     grid `elbo_times(num_samples)`, each time with its own masks drawn from a private generator seeded with `seed`
     (the global RNG is untouched), so that two calls on the same inputs agree exactly.
 
+    On a block diffusion model (`config.block_size`) this is the block-factorised bound sum_b NELBO(x_b | x_<b), each
+    block noised at each grid time and read beside the clean blocks before it.
+
     input_ids: (B, L); attention_mask: (B, L), 0 at padding (never masked, never counted). The model runs in eval
     mode (dropout off) and is put back in its previous mode. Returns (B,) float32."""
     mask_token_id = model.config.mask_token_id
@@ -150,8 +153,11 @@ def negative_elbo(
         for t in elbo_times(num_samples).tolist():
             times = torch.full(input_ids.shape[:1], t)  # (B,)
             noised, masked = noise_tokens(input_ids, times, mask_token_id, noisable, generator)
-            logits = model(input_ids=noised, attention_mask=attention_mask).logits  # (B, L, V)
             labels = input_ids.masked_fill(~masked, -100)
+            # A block model reads each noised block beside the clean blocks before it, which the labels give: its
+            # bound is the block-factorised one, sum_b NELBO(x_b | x_<b).
+            block_labels = labels if model.config.block_size is not None else None
+            logits = model(input_ids=noised, attention_mask=attention_mask, labels=block_labels).logits  # (B, L, V)
             nelbo += loss_weight(t) * token_nll(logits, labels, mask_token_id).sum(-1)
     finally:
         model.train(was_training)

@@ -21,6 +21,14 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .block_diffusion import (
+    block_attention_mask,
+    fold_blocks,
+    num_blocks,
+    states_entering_blocks,
+    two_stream_attention_mask,
+    unfold_blocks,
+)
 from .cache import BlockContext
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import INTEGER_DTYPES, masked_diffusion_loss, values_readable
@@ -79,12 +87,16 @@ class Mamba2Mixer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps,
         initial_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None, state_at: Optional[int] = None,
+        block_states: Optional[int] = None,
     ):
         """hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
         `initial_state` continues a sequence whose earlier part left that state: (the convolution's inputs at the
         d_conv - 1 positions before (B, d_conv - 1, C), the SSM state (B, H, P, N) in float32). With
         `state_at` (0 to L), also returns the state before that position: what a pass over the tokens from there on
-        continues from (at L, the state this part leaves). Only the scan is split there, so the output is the same."""
+        continues from (at L, the state this part leaves). Only the scan is split there, so the output is the same.
+        With `block_states` (a block size), also returns the state entering every block of that size, as
+        (conv inputs (B, n, d_conv - 1, C), SSM states (B, n, H, P, N)): what each block of a block diffusion
+        model's noised stream starts from (`block_diffusion.py`)."""
         batch, seqlen, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         gate, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, H], dim=-1)
@@ -102,8 +114,9 @@ class Mamba2Mixer(nn.Module):
         # dt = clamp(softplus(dt + dt_bias)), (B, L, H): inside the SSD call (no extra launches), or here when the
         # padding must then be zeroed (no decay and no input at padding).
         dt_args = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
-        if padding_mask is not None:
-            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit) * padding_mask[..., None]
+        if padding_mask is not None or block_states is not None:
+            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+            dt = dt if padding_mask is None else dt * padding_mask[..., None]
             dt_args = {}
 
         def scan(positions: slice, entering_state, return_state: bool):  # y (B, l, H, P) [, the state it leaves]
@@ -129,12 +142,38 @@ class Mamba2Mixer(nn.Module):
             eps=self.norm.variance_epsilon, group_size=self.intermediate_size // G, norm_before_gate=False,
         )
         output = self.out_proj(y)
+        if block_states is not None:
+            return output, self.states_entering_blocks(xBC, x, dt, B, C, initial_state, ops, block_states)
         if state_at is None:
             return output
         # The convolution's inputs at the `width` positions before `state_at` (zeros before the sequence).
         width, end = self.conv1d.kernel_size[0] - 1, xBC.shape[1] - seqlen + state_at
         conv_inputs = F.pad(xBC[:, :end], (0, 0, max(width - end, 0), 0))
         return output, (conv_inputs[:, conv_inputs.shape[1] - width :], ssm_state)
+
+    def states_entering_blocks(self, xBC, x, dt, B, C, initial_state, ops, block_size: int):
+        """The (conv inputs, SSM state) entering every block of `block_size` tokens of this pass, as `forward`'s
+        `block_states` returns them. xBC: the convolution's inputs (B, w + L, C) when an initial state was given, else
+        (B, L, C); x (B, L, H * P), dt (B, L, H) after the softplus, B and C (B, L, G * N)."""
+        batch, seqlen = x.shape[:2]
+        H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
+        width, blocks = self.conv1d.kernel_size[0] - 1, num_blocks(seqlen, block_size)
+        if initial_state is None:  # zeros before the sequence
+            xBC = F.pad(xBC, (0, 0, width, 0))
+        conv_inputs = xBC.unfold(1, width, block_size)[:, :blocks].transpose(2, 3)  # (B, n, w, C)
+        # Each block's scan from a zero state, and its total decay; the states carried in follow from those.
+        A, dt = -torch.exp(self.A_log.float()), fold_blocks(dt, block_size)  # dt: (B * n, block, H)
+        x, B, C = (fold_blocks(t, block_size) for t in (x, B, C))
+        _, local = ops.chunk_scan(
+            x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), self.chunk_size,
+            return_final_states=True,
+        )  # local: (B * n, H, P, N)
+        log_decay = dt.sum(1) * A  # (B * n, H)
+        entering = states_entering_blocks(
+            local.unflatten(0, (batch, blocks)), log_decay.unflatten(0, (batch, blocks)),
+            None if initial_state is None else initial_state[1],
+        )
+        return conv_inputs, entering
 
 
 class BidirectionalMamba2Mixer(nn.Module):
@@ -167,10 +206,10 @@ class BidirectionalMamba2Mixer(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-        block_context: Optional[BlockContext] = None,
+        block_context: Optional[BlockContext] = None, two_stream: bool = False,
     ) -> torch.Tensor:
         # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
-        return self.combine(*self.direction_outputs(hidden_states, padding_mask, block_context))
+        return self.combine(*self.direction_outputs(hidden_states, padding_mask, block_context, two_stream))
 
     def combine(self, left_to_right: torch.Tensor, right_to_left: Optional[torch.Tensor]) -> torch.Tensor:
         """The mixer's output from `direction_outputs`: the sum (or mean) of the directions, in time order."""
@@ -181,12 +220,14 @@ class BidirectionalMamba2Mixer(nn.Module):
 
     def direction_outputs(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-        block_context: Optional[BlockContext] = None,
+        block_context: Optional[BlockContext] = None, two_stream: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The left-to-right output (B, L, D), and the right-to-left output in its own reading order, still reversed
         in time (None without a second direction): `forward` adds them, scaled by `direction_scale`; the block fuses
         that sum with its residual add and next norm."""
         ops = select_ops(hidden_states, self.config.use_mamba_kernels)
+        if self.config.block_size is not None:
+            return self.block_direction_outputs(hidden_states, padding_mask, ops, two_stream)
         inputs = [(self.left_to_right, hidden_states, padding_mask)]
         if self.right_to_left is not None:
             reversed_mask = None if padding_mask is None else reverse_time(padding_mask)
@@ -206,6 +247,38 @@ class BidirectionalMamba2Mixer(nn.Module):
         if entering_states:
             block_context.update_mamba_states(self.layer_idx, entering_states)
         return outputs[0], outputs[1] if len(outputs) == 2 else None
+
+    def block_direction_outputs(
+        self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps, two_stream: bool
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`direction_outputs` of a block diffusion model: left to right over the whole sequence, right to left
+        inside each block (its blocks as rows of their own). With `two_stream`, hidden_states is the noised stream
+        followed by the clean one, (B, 2L, D): the clean stream is read as a single one is, and each noised block
+        left to right from the state the clean stream enters that block with."""
+        batch, block_size = hidden_states.shape[0], self.config.block_size
+        if padding_mask is None and hidden_states.shape[1] % block_size:  # the last block's padding in the rows
+            padding_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
+        streams = hidden_states.chunk(2, dim=1) if two_stream else (hidden_states,)
+        masks = (None,) * len(streams) if padding_mask is None else padding_mask.chunk(len(streams), dim=1)
+        length = streams[0].shape[1]
+        if two_stream:
+            (noised, clean), (noised_mask, clean_mask) = streams, masks
+            clean_out, (conv_inputs, ssm_states) = self.left_to_right(clean, clean_mask, ops, block_states=block_size)
+            noised_out = self.left_to_right(
+                fold_blocks(noised, block_size), None if noised_mask is None else fold_blocks(noised_mask, block_size),
+                ops, initial_state=(conv_inputs.flatten(0, 1), ssm_states.flatten(0, 1)),
+            )
+            left_to_right = torch.cat([unfold_blocks(noised_out, batch, length), clean_out], dim=1)
+        else:
+            left_to_right = self.left_to_right(hidden_states, padding_mask, ops)
+        if self.right_to_left is None:
+            return left_to_right, None
+        rows = torch.cat([fold_blocks(stream, block_size) for stream in streams])  # (S * B * n, block, D)
+        row_masks = None if padding_mask is None else torch.cat([fold_blocks(m, block_size) for m in masks])
+        rows = self.right_to_left(reverse_time(rows), None if row_masks is None else reverse_time(row_masks), ops)
+        in_time_order = [unfold_blocks(part, batch, length) for part in reverse_time(rows).chunk(len(streams))]
+        # combine() takes the right-to-left output reversed in time over the whole sequence.
+        return left_to_right, reverse_time(torch.cat(in_time_order, dim=1))
 
 
 def rotate_half(x):
@@ -349,13 +422,13 @@ class DiffuAprielBlock(GradientCheckpointingLayer):
 
     def forward(
         self, hidden_states, padding_mask=None, attention_mask=None, position_embeddings=None, block_context=None,
-        **kwargs,
+        two_stream=False, **kwargs,
     ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         attention_weights, right_to_left, scale = None, None, 1.0
         if self.layer_type == MAMBA:
-            update, right_to_left = self.mixer.direction_outputs(hidden_states, padding_mask, block_context)
+            update, right_to_left = self.mixer.direction_outputs(hidden_states, padding_mask, block_context, two_stream)
             scale = self.mixer.direction_scale
         else:
             update, attention_weights = self.mixer(
@@ -484,6 +557,32 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
 
 
+def _position_ids(padding_mask, batch: int, length: int, streams: int, device) -> torch.Tensor:
+    """(B, streams * length) positions counting real tokens only, so that a left-padded sequence sees the positions it
+    has alone; each stream of a two-stream pass counts from 0."""
+    if padding_mask is None:
+        return torch.arange(length, device=device).repeat(streams).expand(batch, streams * length)
+    counts = padding_mask.long().unflatten(1, (streams, length)).cumsum(-1).flatten(1)
+    return (counts - 1).clamp(min=0)
+
+
+def _block_attention_bias(config, inputs_embeds, key_padding, two_stream: bool):
+    """The attention mask of a block diffusion model: block-causal (`block_diffusion.block_attention_mask`), or BD3-LM's
+    mask over a noised and a clean stream, and the padding on the keys."""
+    if "flash" in config._attn_implementation:  # its kernels take padding only, no mask of this shape
+        raise ValueError(
+            f"attn_implementation={config._attn_implementation!r} cannot run a block diffusion model's block-causal "
+            "attention: load it with attn_implementation='sdpa', 'eager' or 'flex_attention'"
+        )
+    length = inputs_embeds.shape[1] // 2 if two_stream else inputs_embeds.shape[1]
+    mask_of = two_stream_attention_mask if two_stream else block_attention_mask
+    allowed = mask_of(length, config.block_size, device=inputs_embeds.device)  # (Q, K) bool
+    return create_bidirectional_mask(
+        config=config, inputs_embeds=inputs_embeds, attention_mask=key_padding,
+        and_mask_function=lambda batch_idx, head_idx, q_idx, kv_idx: allowed[q_idx, kv_idx],
+    )
+
+
 class DiffuAprielModel(DiffuAprielPreTrainedModel):
     """Embeddings, the blocks, the final norm -> `BaseModelOutput`."""
 
@@ -511,12 +610,16 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         block_context: Optional[BlockContext] = None,
+        two_stream: bool = False,
         **kwargs,
     ):
         r"""
         block_context: a `BlockContext`. Not recorded yet: the inputs are the whole sequence, and the pass records
             what its positions outside the context's window contribute to each layer. Recorded: the inputs are the
             window's tokens alone, with the recorded padding and positions (so `attention_mask` must be None).
+        two_stream: block diffusion training (a model with `config.block_size`): the inputs are a noised sequence
+            followed by its clean one, (B, 2L), and `attention_mask` (B, 2L) the padding of both; each noised block
+            reads itself and the clean blocks before it (`block_diffusion.py`).
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
@@ -529,9 +632,15 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         hidden_states = inputs_embeds
         batch, seqlen = hidden_states.shape[:2]
         if block_context is not None:
+            if self.config.block_size is not None:
+                raise ValueError("block_context (the approximate cache of full-sequence models) does not apply to a "
+                                 "block diffusion model (config.block_size), whose blocks never read later ones")
             if not isinstance(block_context, BlockContext):
                 raise TypeError(f"block_context must be a BlockContext, got {type(block_context).__name__}")
             block_context.check_pass(batch, seqlen, attention_mask)
+        if two_stream and (self.config.block_size is None or seqlen % 2 or block_context is not None):
+            raise ValueError("two_stream needs a block diffusion model (config.block_size), inputs holding a noised "
+                             "and a clean sequence of the same length, and no block_context")
         window_pass = block_context is not None and block_context.recorded
 
         padding_mask = None  # (B, L) bool, True at real tokens; None when nothing is padded
@@ -546,16 +655,17 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
             # Positions count real tokens only, so a left-padded sequence sees the positions it has alone.
             if window_pass:
                 position_ids = block_context.window_position_ids
-            elif padding_mask is None:
-                position_ids = torch.arange(seqlen, device=hidden_states.device).expand(batch, seqlen)
             else:
-                position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = _position_ids(padding_mask, batch, seqlen // 2 if two_stream else seqlen,
+                                             2 if two_stream else 1, hidden_states.device)
             position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
             # Padding on the keys (in a window pass the whole sequence's, outside positions first, as its keys are).
             # Without padding, no mask: also under CUDA-graph capture, where transformers would build a full one and
             # SDPA could then not use its flash or cuDNN kernels.
             key_padding = block_context.key_padding_mask() if window_pass else padding_mask
-            if key_padding is not None:
+            if self.config.block_size is not None:
+                attention_bias = _block_attention_bias(self.config, hidden_states, key_padding, two_stream)
+            elif key_padding is not None:
                 attention_bias = create_bidirectional_mask(
                     config=self.config, inputs_embeds=hidden_states, attention_mask=key_padding
                 )
@@ -574,7 +684,7 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             hidden_states, attention_weights = layer(
                 hidden_states, padding_mask=padding_mask, attention_mask=attention_bias,
-                position_embeddings=position_embeddings, block_context=block_context, **kwargs,
+                position_embeddings=position_embeddings, block_context=block_context, two_stream=two_stream, **kwargs,
             )
             if output_attentions and layer.layer_type == ATTENTION:
                 all_attentions += (attention_weights,)
@@ -619,6 +729,20 @@ def vocab_logits(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Ten
         return F.linear(hidden_states, weight)
     padded = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])  # F.pad's copy kernel is 4x slower
     return F.linear(hidden_states, padded)[..., : weight.shape[0]]
+
+
+def _two_streams(input_ids, attention_mask, labels):
+    """The inputs of a block diffusion model's training pass: the noised sequence and the clean one after it, the clean
+    tokens read from `labels` where they are given (the masked positions) and from `input_ids` elsewhere."""
+    if input_ids is None:
+        raise ValueError("a block diffusion model's loss needs input_ids: its clean stream is built from input_ids "
+                         "and labels, which inputs_embeds cannot give")
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    clean = torch.where(labels == -100, input_ids, labels)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask], dim=1)
+    return torch.cat([input_ids, clean], dim=1), attention_mask
 
 
 class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedModel):
@@ -677,12 +801,18 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("the loss needs the logits of every position: pass labels with logits_to_keep=0")
+        two_stream = self.config.block_size is not None and labels is not None
+        if two_stream:  # BD3-LM: the noised blocks read the clean ones before them
+            input_ids, attention_mask = _two_streams(input_ids, attention_mask, labels)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
-            block_context=block_context, **kwargs,
+            block_context=block_context, two_stream=two_stream, **kwargs,
         )
-        logits = vocab_logits(_kept_positions(outputs.last_hidden_state, logits_to_keep), self.lm_head.weight)
+        hidden_states = outputs.last_hidden_state
+        if two_stream:  # the logits of the noised stream
+            hidden_states = hidden_states[:, : hidden_states.shape[1] // 2]
+        logits = vocab_logits(_kept_positions(hidden_states, logits_to_keep), self.lm_head.weight)
         loss = None
         if labels is not None:
             loss = masked_diffusion_loss(logits, labels, loss_weights, self.config.mask_token_id)

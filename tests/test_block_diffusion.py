@@ -1,0 +1,95 @@
+"""Block diffusion's pure functions: the attention masks, folding blocks into rows, the states entering blocks and the
+blocks' diffusion times."""
+
+import pytest
+import torch
+
+from diffuapriel_hf.modeling.block_diffusion import (
+    block_attention_mask,
+    fold_blocks,
+    num_blocks,
+    sample_block_times,
+    states_entering_blocks,
+    two_stream_attention_mask,
+    unfold_blocks,
+)
+from diffuapriel_hf.modeling.mamba_ops import mamba_chunk_scan_combined_reference
+
+
+def test_block_attention_mask():
+    mask = block_attention_mask(5, 2)
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def test_two_stream_attention_mask():
+    mask = two_stream_attention_mask(4, 2)  # noised 0-3, clean 4-7
+    expected = torch.tensor([
+        # noised block 0 sees itself only; noised block 1 sees itself and clean block 0
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        # the clean stream is block-causal over itself
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("length", [8, 7])
+def test_fold_and_unfold_blocks(length):
+    x = torch.arange(2 * length * 3).reshape(2, length, 3)
+    folded = fold_blocks(x, 4)
+    assert folded.shape == (2 * num_blocks(length, 4), 4, 3)
+    assert torch.equal(folded[1], x[0, 4:8]) if length == 8 else torch.equal(folded[1, :3], x[0, 4:7])
+    if length == 7:
+        assert torch.equal(folded[1, 3], torch.zeros(3, dtype=x.dtype))  # the last block's padding
+    assert torch.equal(unfold_blocks(folded, 2, length), x)
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+def test_states_entering_blocks_continue_the_scan(with_initial_state):
+    """The states a left-to-right scan carries into each block equal those of one scan over the whole sequence."""
+    torch.manual_seed(0)
+    batch, length, heads, head_dim, state, block = 2, 12, 3, 4, 5, 4
+    x = torch.randn(batch, length, heads, head_dim)
+    dt = torch.rand(batch, length, heads)
+    A = -torch.rand(heads) - 0.5
+    B, C = torch.randn(batch, length, 1, state), torch.randn(batch, length, 1, state)
+    initial = torch.randn(batch, heads, head_dim, state) if with_initial_state else None
+
+    def scan(x, dt, B, C, initial_states=None):
+        return mamba_chunk_scan_combined_reference(x, dt, A, B, C, 2, initial_states=initial_states,
+                                                   return_final_states=True)
+
+    _, local_states = scan(*(fold_blocks(t, block) for t in (x, dt, B, C)))
+    log_decay = (fold_blocks(dt, block) * A).sum(1).reshape(batch, -1, heads)  # (B, n, H)
+    entering = states_entering_blocks(local_states.reshape(batch, -1, heads, head_dim, state), log_decay, initial)
+    first = torch.zeros(batch, heads, head_dim, state) if initial is None else initial
+    torch.testing.assert_close(entering[:, 0], first)
+    for b in range(1, length // block):
+        prefix = (t[:, : b * block] for t in (x, dt, B, C))
+        torch.testing.assert_close(entering[:, b], scan(*prefix, initial)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_sample_block_times_are_stratified():
+    generator = torch.Generator().manual_seed(0)
+    t = sample_block_times(3, 4, sampling_eps=1e-3, generator=generator)
+    assert t.shape == (3, 4)
+    u = (t.flatten() - 1e-3) / (1 - 1e-3)
+    strata = torch.sort((u * 12).floor().long()).values
+    assert torch.equal(strata, torch.arange(12))  # one time in each of the 12 strata
+    assert torch.equal(t, sample_block_times(3, 4, 1e-3, torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="sampling_eps"):
+        sample_block_times(3, 4, sampling_eps=0.0)
+    with pytest.raises(ValueError, match="blocks"):
+        sample_block_times(3, 0)

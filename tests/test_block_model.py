@@ -1,0 +1,196 @@
+"""Block diffusion models (config.block_size): a block's logits depend on it and the blocks before it only, and the
+one-forward two-stream training loss (and its gradients) equals its definition computed block by block."""
+
+import pytest
+import torch
+
+from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
+from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.modeling.diffusion import elbo_times, masked_diffusion_loss, noise_tokens
+from diffuapriel_hf.modeling.mamba_ops import kernel_ops
+from diffuapriel_hf.modeling.cache import BlockContext
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STACKS = {
+    "mamba": [MAMBA, MAMBA],
+    "hybrid": [MAMBA, ATTENTION],
+    "attention": [ATTENTION, ATTENTION],
+}
+BLOCK = 4
+
+
+def block_model(stack: str, **overrides) -> DiffuAprielForMaskedLM:
+    torch.manual_seed(0)
+    overrides = {"block_size": BLOCK, "attn_implementation": "eager", **overrides}
+    config = preset_config("tiny", layer_types=STACKS[stack], **overrides)
+    return DiffuAprielForMaskedLM(config).eval()
+
+
+def random_ids(config, batch: int, length: int, generator) -> torch.Tensor:
+    return torch.randint(3, config.mask_token_id, (batch, length), generator=generator)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+@pytest.mark.parametrize("length", [12, 10])
+def test_a_block_reads_itself_and_earlier_blocks_only(stack, length):
+    model = block_model(stack)
+    generator = torch.Generator().manual_seed(1)
+    ids = random_ids(model.config, 2, length, generator)
+    with torch.no_grad():
+        logits = model(ids).logits
+        for block_start in range(0, length, BLOCK):
+            changed = ids.clone()
+            changed[:, block_start + BLOCK - 1 :] = random_ids(model.config, 2, length, generator)[
+                :, block_start + BLOCK - 1 :
+            ]  # the block's last token and everything after it
+            new = model(changed).logits
+            # Earlier blocks are untouched; inside the block, the positions before the change see it (right to left).
+            torch.testing.assert_close(new[:, :block_start], logits[:, :block_start], rtol=0, atol=1e-5)
+            if block_start + BLOCK - 1 < length and block_start + BLOCK - 1 > block_start:
+                assert not torch.allclose(new[:, block_start], logits[:, block_start], atol=1e-4)
+
+
+def test_a_full_sequence_model_reads_the_whole_sequence():
+    model = block_model("mamba", block_size=None)
+    ids = random_ids(model.config, 1, 12, torch.Generator().manual_seed(2))
+    changed = ids.clone()
+    changed[:, 2 * BLOCK] = (changed[:, 2 * BLOCK] + 1) % model.config.mask_token_id
+    with torch.no_grad():  # the last position of the block before the change sees it, as a block model's does not
+        assert not torch.allclose(model(ids).logits[:, 2 * BLOCK - 1], model(changed).logits[:, 2 * BLOCK - 1],
+                                  atol=1e-4)
+
+
+def noised_batch(config, length: int, padded: bool, generator):
+    """A batch noised block by block, its per-position loss weights (1 / the block's t) and padding."""
+    batch = 2
+    clean = random_ids(config, batch, length, generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    if padded:
+        attention_mask[1, length - 3 :] = 0
+        clean[1, length - 3 :] = config.pad_token_id
+    t = torch.rand(batch, -(-length // BLOCK), generator=generator).clamp(min=0.2)  # (B, n)
+    t_per_position = t.repeat_interleave(BLOCK, dim=1)[:, :length]
+    masked = (torch.rand(batch, length, generator=generator) < t_per_position) & attention_mask.bool()
+    noised = clean.masked_fill(masked, config.mask_token_id)
+    labels = clean.masked_fill(~masked, -100)
+    loss_weights = attention_mask / t_per_position
+    return noised, clean, labels, loss_weights, attention_mask
+
+
+def loss_block_by_block(model, noised, clean, labels, loss_weights, attention_mask):
+    """BD3-LM's loss by its definition: for each block, the model over the clean blocks before it and that noised
+    block, the block's logits scored."""
+    length = noised.shape[1]
+    logits = []
+    for start in range(0, length, BLOCK):
+        end = min(start + BLOCK, length)
+        inputs = torch.cat([clean[:, :start], noised[:, start:end]], dim=1)
+        logits.append(model(inputs, attention_mask=attention_mask[:, :end]).logits[:, start:end])
+    return masked_diffusion_loss(torch.cat(logits, dim=1), labels, loss_weights, model.config.mask_token_id)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+@pytest.mark.parametrize("length,padded", [(12, False), (10, True)])
+def test_two_stream_loss_and_gradients_equal_the_block_by_block_definition(stack, length, padded):
+    model = block_model(stack)
+    noised, clean, labels, loss_weights, attention_mask = noised_batch(
+        model.config, length, padded, torch.Generator().manual_seed(3)
+    )
+    loss = model(noised, attention_mask=attention_mask, labels=labels, loss_weights=loss_weights).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    expected = loss_block_by_block(model, noised, clean, labels, loss_weights, attention_mask)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for (name, _), grad, expected_grad in zip(model.named_parameters(), grads, expected_grads):
+        if expected_grad is None:
+            assert grad is None or not grad.any(), name
+        else:
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_elbo_is_the_block_factorised_bound():
+    model = block_model("hybrid")
+    config = model.config
+    ids = random_ids(config, 2, 10, torch.Generator().manual_seed(6))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, -2:] = 0
+    nelbo = model.compute_elbo(ids, attention_mask=attention_mask, num_samples=3, seed=7)
+    generator, expected = torch.Generator().manual_seed(7), torch.zeros(2)
+    with torch.no_grad():
+        for t in elbo_times(3).tolist():
+            noised, masked = noise_tokens(ids, torch.full((2,), t), config.mask_token_id, attention_mask.bool(),
+                                          generator)
+            labels = ids.masked_fill(~masked, -100)
+            for row in range(2):  # each row's terms alone, with the per-row weight 1/t
+                weights = attention_mask[row : row + 1] / t
+                loss = loss_block_by_block(model, noised[row : row + 1], ids[row : row + 1], labels[row : row + 1],
+                                           weights, attention_mask[row : row + 1])
+                expected[row] += loss * (weights > 0).sum()
+    torch.testing.assert_close(nelbo, expected / 3, rtol=1e-5, atol=1e-4)
+
+
+def test_two_stream_needs_input_ids():
+    model = block_model("mamba")
+    ids = random_ids(model.config, 1, 8, torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(inputs_embeds=model.get_input_embeddings()(ids), labels=ids)
+    with pytest.raises(ValueError, match="two_stream needs a block diffusion model"):
+        block_model("mamba", block_size=None).model(ids, two_stream=True)
+
+
+def test_refused_with_flash_attention_and_the_approximate_cache():
+    model = block_model("hybrid")
+    ids = random_ids(model.config, 1, 8, torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="does not apply to a block diffusion model"):
+        model(ids, block_context=BlockContext(0, 4))
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2.*cannot run a block diffusion model"):
+        model(ids)
+
+
+def test_block_size_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="block_size"):
+        preset_config("tiny", block_size=0)
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def loss_and_grads(model, batch):
+    noised, _, labels, loss_weights, attention_mask = batch
+    loss = model(noised, attention_mask=attention_mask, labels=labels, loss_weights=loss_weights).loss
+    return loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stack", STACKS)
+def test_two_stream_training_on_the_gpu_kernels(stack):
+    """The two-stream pass on CUDA (mamba-ssm's chunked scan with per-block initial states, forward and backward)
+    against the PyTorch path, in float32 (the kernels' tf32 products: about 1e-3), under bf16 autocast (about 1e-2),
+    and with gradient checkpointing (the same numbers)."""
+    if kernel_ops() is None:
+        pytest.skip("needs mamba-ssm")
+    sizes = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, mamba_d_head=32, mamba_d_state=32,
+                 mamba_n_groups=2, mamba_chunk_size=64, block_size=16, attn_implementation="sdpa")
+    model = block_model(stack, **sizes).train().cuda()
+    batch = [t.cuda() for t in noised_batch(model.config, 100, True, torch.Generator().manual_seed(8))]
+    model.config.use_mamba_kernels = False
+    expected_loss, expected_grads = loss_and_grads(model, batch)
+    model.config.use_mamba_kernels = True
+    loss, grads = loss_and_grads(model, batch)
+    assert relative_error(loss, expected_loss) <= 3e-3
+    for grad, expected in zip(grads, expected_grads):
+        if expected.norm() > 0:
+            assert relative_error(grad, expected) <= 3e-3
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16_loss, _ = loss_and_grads(model, batch)
+    assert relative_error(bf16_loss, expected_loss) <= 2e-2
+    model.gradient_checkpointing_enable()
+    checkpointed_loss, checkpointed_grads = loss_and_grads(model, batch)
+    torch.testing.assert_close(checkpointed_loss, loss)
+    for grad, checkpointed in zip(grads, checkpointed_grads):
+        torch.testing.assert_close(checkpointed, grad)
