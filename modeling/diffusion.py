@@ -48,15 +48,17 @@ def noise_tokens(
     generator: Optional[torch.Generator] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw x_t ~ q(x_t | x_0): each noisable token is independently replaced by `mask_token_id` with probability
-    `mask_probability(t)` of its sequence.
+    `mask_probability(t)` of its sequence (or, for block diffusion, of its block).
 
-    input_ids: (B, L); t: (B,); noisable: (B, L) bool, False where a token is never masked (padding, an SFT prompt).
-    The uniforms are drawn on the CPU (from `generator` when given) so that a seed gives the same masks on every
-    device. Returns (noised input_ids (B, L), masked (B, L) bool)."""
-    if t.shape != input_ids.shape[:1]:
-        raise ValueError(f"t must have shape (batch,) = {tuple(input_ids.shape[:1])}, got {tuple(t.shape)}")
+    input_ids: (B, L); t: (B,), or (B, L) a time per position; noisable: (B, L) bool, False where a token is never
+    masked (padding, an SFT prompt). The uniforms are drawn on the CPU (from `generator` when given) so that a seed
+    gives the same masks on every device. Returns (noised input_ids (B, L), masked (B, L) bool)."""
+    if t.shape not in (input_ids.shape[:1], input_ids.shape):
+        raise ValueError(f"t must have shape (batch,) = {tuple(input_ids.shape[:1])} or that of input_ids "
+                         f"{tuple(input_ids.shape)}, got {tuple(t.shape)}")
     uniforms = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)  # (B, L)
-    masked = uniforms < mask_probability(t).to(input_ids.device)[:, None]
+    probability = mask_probability(t).to(input_ids.device)
+    masked = uniforms < (probability if t.dim() == 2 else probability[:, None])
     if noisable is not None:
         masked &= noisable.bool()
     return input_ids.masked_fill(masked, mask_token_id), masked
@@ -156,7 +158,7 @@ def negative_elbo(
             labels = input_ids.masked_fill(~masked, -100)
             # A block model reads each noised block beside the clean blocks before it, which the labels give: its
             # bound is the block-factorised one, sum_b NELBO(x_b | x_<b).
-            block_labels = labels if model.config.block_size is not None else None
+            block_labels = labels if getattr(model.config, "block_size", None) is not None else None
             logits = model(input_ids=noised, attention_mask=attention_mask, labels=block_labels).logits  # (B, L, V)
             nelbo += loss_weight(t) * token_nll(logits, labels, mask_token_id).sum(-1)
     finally:

@@ -12,6 +12,18 @@ their speed and quality compare like for like; `tests/test_config.py` checks the
 | `diffuapriel-8m`     | 6 bidirectional Mamba-2    |     8,617,280 |
 | `diffutran-8m`       | 6 attention                |     8,523,008 |
 
+Each but `tiny` has a block diffusion variant named with `-block` (`block_size` 32, the block length generation
+uses; BD3-LM's training and an exact cache in generation): the same weights, so the same counts:
+
+| preset                     | layers                     | parameters    |
+|----------------------------|----------------------------|---------------|
+| `diffuapriel-1.3b-block`   | 20 bidirectional Mamba-2   | 1,388,559,872 |
+| `diffuapriel-h-1.3b-block` | 18 Mamba-2 + 4 attention   | 1,377,453,824 |
+| `diffutran-1.3b-block`     | 24 attention               | 1,336,154,112 |
+| `diffuapriel-240m-block`   | 12 bidirectional Mamba-2   |   247,639,296 |
+| `diffuapriel-8m-block`     | 6 bidirectional Mamba-2    |     8,617,280 |
+| `diffutran-8m-block`       | 6 attention                |     8,523,008 |
+
 The two 8M presets (a 4,096-token byte-level BPE vocabulary) are the size of the default model shipped in the
 package, trained on the Python standard library (benchmarks/default_model/), and of its DiffuTran baseline.
 
@@ -69,5 +81,10 @@ PRESETS = {
     ),
 }
 
+# The block diffusion variants of the table above (their weights are the same shapes).
+BLOCK_SIZE = 32
+PRESETS.update({f"{name}-block": {**fields, "block_size": BLOCK_SIZE} for name, fields in list(PRESETS.items())
+                if name != "tiny"})
 
-__all__ = ["ATTENTION", "MAMBA", "PRESETS"]
+
+__all__ = ["ATTENTION", "BLOCK_SIZE", "MAMBA", "PRESETS"]

@@ -3,37 +3,31 @@ one-forward two-stream training loss (and its gradients) equals its definition c
 
 import pytest
 import torch
+from transformers import Trainer, TrainingArguments
 
-from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
-from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf import DataCollatorForMaskedDiffusion, preset_config
 from diffuapriel_hf.modeling.diffusion import elbo_times, masked_diffusion_loss, noise_tokens
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops
 from diffuapriel_hf.modeling.cache import BlockContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STACKS = {
-    "mamba": [MAMBA, MAMBA],
-    "hybrid": [MAMBA, ATTENTION],
-    "attention": [ATTENTION, ATTENTION],
-}
 BLOCK = 4
 
 
-def block_model(stack: str, **overrides) -> DiffuAprielForMaskedLM:
-    torch.manual_seed(0)
-    overrides = {"block_size": BLOCK, "attn_implementation": "eager", **overrides}
-    config = preset_config("tiny", layer_types=STACKS[stack], **overrides)
-    return DiffuAprielForMaskedLM(config).eval()
+@pytest.fixture
+def block_model(tiny_model):
+    """A tiny block diffusion model (blocks of BLOCK tokens) of a stack's kind, attention eager."""
+    return lambda kind, **overrides: tiny_model(kind, **{"block_size": BLOCK, "attn_implementation": "eager",
+                                                         **overrides})
 
 
 def random_ids(config, batch: int, length: int, generator) -> torch.Tensor:
     return torch.randint(3, config.mask_token_id, (batch, length), generator=generator)
 
 
-@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("length", [12, 10])
-def test_a_block_reads_itself_and_earlier_blocks_only(stack, length):
+def test_a_block_reads_itself_and_earlier_blocks_only(block_model, stack, length):
     model = block_model(stack)
     generator = torch.Generator().manual_seed(1)
     ids = random_ids(model.config, 2, length, generator)
@@ -51,7 +45,7 @@ def test_a_block_reads_itself_and_earlier_blocks_only(stack, length):
                 assert not torch.allclose(new[:, block_start], logits[:, block_start], atol=1e-4)
 
 
-def test_a_full_sequence_model_reads_the_whole_sequence():
+def test_a_full_sequence_model_reads_the_whole_sequence(block_model):
     model = block_model("mamba", block_size=None)
     ids = random_ids(model.config, 1, 12, torch.Generator().manual_seed(2))
     changed = ids.clone()
@@ -90,9 +84,8 @@ def loss_block_by_block(model, noised, clean, labels, loss_weights, attention_ma
     return masked_diffusion_loss(torch.cat(logits, dim=1), labels, loss_weights, model.config.mask_token_id)
 
 
-@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("length,padded", [(12, False), (10, True)])
-def test_two_stream_loss_and_gradients_equal_the_block_by_block_definition(stack, length, padded):
+def test_two_stream_loss_and_gradients_equal_the_block_by_block_definition(block_model, stack, length, padded):
     model = block_model(stack)
     noised, clean, labels, loss_weights, attention_mask = noised_batch(
         model.config, length, padded, torch.Generator().manual_seed(3)
@@ -109,7 +102,7 @@ def test_two_stream_loss_and_gradients_equal_the_block_by_block_definition(stack
             torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_elbo_is_the_block_factorised_bound():
+def test_elbo_is_the_block_factorised_bound(block_model):
     model = block_model("hybrid")
     config = model.config
     ids = random_ids(config, 2, 10, torch.Generator().manual_seed(6))
@@ -130,7 +123,7 @@ def test_elbo_is_the_block_factorised_bound():
     torch.testing.assert_close(nelbo, expected / 3, rtol=1e-5, atol=1e-4)
 
 
-def test_two_stream_needs_input_ids():
+def test_two_stream_needs_input_ids(block_model):
     model = block_model("mamba")
     ids = random_ids(model.config, 1, 8, torch.Generator().manual_seed(4))
     with pytest.raises(ValueError, match="needs input_ids"):
@@ -139,7 +132,7 @@ def test_two_stream_needs_input_ids():
         block_model("mamba", block_size=None).model(ids, two_stream=True)
 
 
-def test_refused_with_flash_attention_and_the_approximate_cache():
+def test_refused_with_flash_attention_and_the_approximate_cache(block_model):
     model = block_model("hybrid")
     ids = random_ids(model.config, 1, 8, torch.Generator().manual_seed(5))
     with pytest.raises(ValueError, match="does not apply to a block diffusion model"):
@@ -167,8 +160,7 @@ def loss_and_grads(model, batch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("stack", STACKS)
-def test_two_stream_training_on_the_gpu_kernels(stack):
+def test_two_stream_training_on_the_gpu_kernels(block_model, stack):
     """The two-stream pass on CUDA (mamba-ssm's chunked scan with per-block initial states, forward and backward)
     against the PyTorch path, in float32 (the kernels' tf32 products: about 1e-3), under bf16 autocast (about 1e-2),
     and with gradient checkpointing (the same numbers)."""
@@ -194,3 +186,36 @@ def test_two_stream_training_on_the_gpu_kernels(stack):
     torch.testing.assert_close(checkpointed_loss, loss)
     for grad, checkpointed in zip(grads, checkpointed_grads):
         torch.testing.assert_close(checkpointed, grad)
+
+
+def test_collator_noises_each_block_at_its_own_time(word_tokenizer):
+    tokenizer = word_tokenizer(preset_config("tiny"))
+    collator = DataCollatorForMaskedDiffusion(tokenizer, block_size=BLOCK)
+    examples = [{"input_ids": list(range(3, 13)), "noise_seed": seed} for seed in range(3)]
+    batch = collator(examples)
+    weights = batch["loss_weights"]  # (3, 10): 1/t, one t per block of 4
+    for start in range(0, 10, BLOCK):
+        block = weights[:, start : start + BLOCK]
+        assert torch.equal(block, block[:, :1].expand_as(block))
+    t = 1 / weights[:, ::BLOCK]  # (3, 3 blocks)
+    u = (t.flatten() - 1e-3) / (1 - 1e-3)
+    assert torch.equal(torch.sort((u * 9 + 1e-4).floor().long()).values, torch.arange(9))  # stratified
+    assert torch.equal(collator(examples)["input_ids"], batch["input_ids"])  # seeded: the same noise
+    with pytest.raises(ValueError, match="block_size"):
+        DataCollatorForMaskedDiffusion(tokenizer, block_size=0)
+
+
+def test_trainer_trains_a_block_model(block_model, word_tokenizer, tmp_path):
+    model = block_model("hybrid").train()
+    tokenizer = word_tokenizer(model.config)
+    generator = torch.Generator().manual_seed(9)
+    dataset = [{"input_ids": random_ids(model.config, 1, 10, generator)[0].tolist()} for _ in range(8)]
+    before = [p.detach().clone() for p in model.parameters()]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_steps=1, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=DataCollatorForMaskedDiffusion(tokenizer, block_size=BLOCK))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -5,6 +5,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..modeling.block_diffusion import num_blocks, sample_block_times
 from ..modeling.diffusion import loss_weight, noise_tokens, sample_times
 
 
@@ -59,7 +60,8 @@ class DataCollatorForMaskedDiffusion:
     Without seeds the noise comes from torch's global RNG.
     """
 
-    def __init__(self, tokenizer, sampling_eps: float = 1e-3, pad_to_multiple_of: Optional[int] = None):
+    def __init__(self, tokenizer, sampling_eps: float = 1e-3, pad_to_multiple_of: Optional[int] = None,
+                 block_size: Optional[int] = None):
         if getattr(tokenizer, "mask_token_id", None) is None:
             raise ValueError(
                 "tokenizer has no mask token: add one, e.g. tokenizer.add_special_tokens({'mask_token': '<|mask|>'}), "
@@ -71,12 +73,17 @@ class DataCollatorForMaskedDiffusion:
             raise ValueError(f"sampling_eps must be in (0, 1), got {sampling_eps}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer (the model's config.block_size) or None, got "
+                             f"{block_size!r}")
         self.tokenizer = tokenizer
         self.mask_token_id = tokenizer.mask_token_id
         self.pad_token_id = tokenizer.pad_token_id
         self.padding_side = getattr(tokenizer, "padding_side", "right")
         self.sampling_eps = sampling_eps
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.block_size = block_size
 
     def _pad(self, rows: list, length: int, value) -> torch.Tensor:
         padded = torch.full((len(rows), length), value, dtype=torch.long)
@@ -111,12 +118,18 @@ class DataCollatorForMaskedDiffusion:
             noisable &= given != -100
         return input_ids, attention_mask, noisable
 
-    def _times(self, examples: list[dict[str, Any]], seeds: list) -> torch.Tensor:
-        """(B,) diffusion times: each example's own `t`, the others stratified over the batch."""
+    def _times(self, examples: list[dict[str, Any]], seeds: list, length: int) -> torch.Tensor:
+        """Diffusion times: (B,), or with `block_size` (B, L), one time per block repeated over its positions; each
+        example's own `t` for its whole row, the others stratified over the batch (over all its blocks)."""
         generator = None
         if all(seed is not None for seed in seeds):
             generator = torch.Generator().manual_seed(combine_seeds(seeds))
-        t = sample_times(len(examples), self.sampling_eps, generator)  # (B,)
+        if self.block_size is None:
+            t = sample_times(len(examples), self.sampling_eps, generator)  # (B,)
+        else:
+            blocks = sample_block_times(len(examples), num_blocks(length, self.block_size), self.sampling_eps,
+                                        generator)  # (B, n)
+            t = blocks.repeat_interleave(self.block_size, dim=1)[:, :length]  # (B, L)
         for i, example in enumerate(examples):
             if example.get("t") is not None:
                 t[i] = float(example["t"])
@@ -129,7 +142,7 @@ class DataCollatorForMaskedDiffusion:
             raise ValueError("examples is empty")
         input_ids, attention_mask, noisable = self._padded(examples)  # (B, L) each
         seeds = [example.get("noise_seed") for example in examples]
-        t = self._times(examples, seeds)  # (B,)
+        t = self._times(examples, seeds, input_ids.shape[1])  # (B,) or (B, L)
         noised, masked = input_ids.clone(), torch.zeros_like(noisable)
         for i, seed in enumerate(seeds):
             if seed is not None:
@@ -146,7 +159,7 @@ class DataCollatorForMaskedDiffusion:
             "input_ids": noised,
             "attention_mask": attention_mask,
             "labels": input_ids.masked_fill(~masked, -100),
-            "loss_weights": loss_weight(t)[:, None] * noisable,  # (B, L)
+            "loss_weights": (loss_weight(t) if t.dim() == 2 else loss_weight(t)[:, None]) * noisable,  # (B, L)
         }
 
 
