@@ -158,8 +158,9 @@ def negative_elbo(
             labels = input_ids.masked_fill(~masked, -100)
             # A block model reads each noised block beside the clean blocks before it, which the labels give: its
             # bound is the block-factorised one, sum_b NELBO(x_b | x_<b).
-            block_labels = labels if getattr(model.config, "block_size", None) is not None else None
-            logits = model(input_ids=noised, attention_mask=attention_mask, labels=block_labels).logits  # (B, L, V)
+            block_model = getattr(model.config, "block_size", None) is not None
+            logits = model(input_ids=noised, attention_mask=attention_mask,
+                           **({"labels": labels} if block_model else {})).logits  # (B, L, V)
             nelbo += loss_weight(t) * token_nll(logits, labels, mask_token_id).sum(-1)
     finally:
         model.train(was_training)
