@@ -259,6 +259,7 @@ def test_bad_numbers_are_refused_by_name(no_training, tmp_path, capsys):
     assert_refused(capsys, "--vocab_size must be positive, got 0", tmp_path / "out", "--max_steps", "1",
                    "--vocab_size", "0")
     assert_refused(capsys, "--seq_len must be positive", tmp_path / "out", "--seq_len", "0")
+    assert_refused(capsys, "--block_size must be positive, got 0", tmp_path / "out", "--block_size", "0")
     assert_refused(capsys, r"--eval_fraction must be in \[0, 1\)", tmp_path / "out", "--eval_fraction", "1")
     assert not (tmp_path / "out").exists()
 
@@ -296,6 +297,16 @@ def test_fine_tuning_starts_from_the_models_weights_and_tokenizer(trained, tmp_p
     for name, tensor in load_file(trained / "model.safetensors").items():
         assert torch.equal(load_file(output / "model.safetensors")[name], tensor), name
     assert AutoTokenizer.from_pretrained(output).get_vocab() == AutoTokenizer.from_pretrained(trained).get_vocab()
+
+
+def test_a_full_sequence_model_fine_tunes_into_a_block_model(trained, tmp_path):
+    output = tmp_path / "block"
+    assert train_command(output, "--max_steps", "2", "--eval_fraction", "0", "--block_size", "8",
+                         model=("--model_name_or_path", str(trained))) == 0
+    model = DiffuAprielForMaskedLM.from_pretrained(output)
+    assert model.config.block_size == 8 and DiffuAprielForMaskedLM.from_pretrained(trained).config.block_size is None
+    assert any(not torch.equal(load_file(output / "model.safetensors")[name], tensor)
+               for name, tensor in load_file(trained / "model.safetensors").items())
 
 
 def test_fine_tuning_misuse_is_refused_by_name(trained, no_training, tmp_path, capsys):

@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tune a trained DiffuApriel model (a folder or a Hub id) from its weights, with its "
                              "tokenizer unless --tokenizer names another")
     model.add_argument("--vocab_size", type=int, help="override the configuration's vocab_size")
+    model.add_argument("--block_size", type=int,
+                       help="train a block diffusion model with blocks of this many tokens (BD3-LM's objective; a "
+                            "full-sequence --model_name_or_path is fine-tuned into one); default: the configuration's")
     model.add_argument("--tokenizer", metavar="NAME_OR_PATH",
                        help="an existing tokenizer (a mask token is added if missing); default: the model's with "
                             "--model_name_or_path, else a byte-level BPE tokenizer of the model's vocab_size trained on "
@@ -246,6 +249,8 @@ def check_arguments(args, config: DiffuAprielConfig) -> int:
         raise ValueError("--bf16 needs a GPU with bfloat16 support, and none is here: leave out --bf16")
     if args.seq_len < 1:
         raise ValueError(f"--seq_len must be positive, got {args.seq_len}")
+    if args.block_size is not None and args.block_size < 1:
+        raise ValueError(f"--block_size must be positive, got {args.block_size}")
     if config.max_position_embeddings is not None and args.seq_len > config.max_position_embeddings:
         raise ValueError(
             f"--seq_len {args.seq_len} is above the config's max_position_embeddings {config.max_position_embeddings}"
@@ -335,6 +340,7 @@ def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
         vocab_size=vocab_size, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        **({} if args.block_size is None else {"block_size": args.block_size}),
     ))
     config.validate()
     if checkpoint is not None:
@@ -348,7 +354,8 @@ def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_dataset,
         eval_dataset=eval_dataset, callbacks=[stop],
-        data_collator=DataCollatorForMaskedDiffusion(tokenizer, sampling_eps=config.sampling_eps),
+        data_collator=DataCollatorForMaskedDiffusion(tokenizer, sampling_eps=config.sampling_eps,
+                                                     block_size=config.block_size),
         processing_class=tokenizer,
         compute_metrics=elbo_metrics if eval_dataset is not None else None,
         preprocess_logits_for_metrics=(
