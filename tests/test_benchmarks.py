@@ -55,7 +55,8 @@ def test_script_stamps_its_results_through_the_harness(path):
     uses = ("from harness import" in source and "new_result" in source and "save(" in source) or (
         "benchmarks/harness.py stamp" in source) or ("benchmarks/default_model/evaluate.py" in source)
     assert uses, (f"{path.name} writes results without the harness's stamp: build the result with "
-                  "`harness.new_result(...)` and write it with `harness.save(result, args.out)` (benchmarks/harness.py)")
+                  "`harness.new_result(...)` and write it with `harness.save(result, args.out)` "
+                  "(benchmarks/harness.py)")
 
 
 @pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=lambda path: path.name)
