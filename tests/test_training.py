@@ -338,6 +338,32 @@ def test_every_trainer_option_is_an_option(tmp_path, monkeypatch, capsys):
     assert_refused(capsys, "--dataloader_persistent_workers", tmp_path / "out2", "--dataloader_persistent_workers")
 
 
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_options_from_a_json_or_yaml_file(tmp_path, monkeypatch, capsys, suffix):
+    used = {}
+    monkeypatch.setattr(Trainer, "train", lambda self, **kwargs: used.setdefault("args", self.args) and 1 / 0)
+    options = {"train_files": SOURCE_FILES, "preset": "tiny", "vocab_size": VOCAB_SIZE, "seq_len": SEQ_LEN,
+               "eval_fraction": 0, "optim": "adafactor", "learning_rate": 0.001, "max_steps": 3}
+    path = tmp_path / f"options{suffix}"
+    path.write_text(json.dumps(options))  # JSON is YAML too
+    with pytest.raises(ZeroDivisionError):
+        cli_main(["train", "--args_file", str(path), "--output_dir", str(tmp_path / "out"), "--learning_rate", "0.002"])
+    args = used["args"]
+    assert (args.optim, args.max_steps, args.learning_rate) == ("adafactor", 3, 0.002)  # the command line wins
+    path.write_text(json.dumps({**options, "no_such_option": 1}))
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["train", "--args_file", str(path), "--output_dir", str(tmp_path / "out")])
+    assert exited.value.code == 2 and "'no_such_option' is not an option of this command" in capsys.readouterr().err
+
+
+def test_missing_corpus_or_model_is_one_line(no_training, tmp_path, capsys):
+    capsys.readouterr()
+    assert cli_main(["train", "--preset", "tiny", "--output_dir", str(tmp_path / "out")]) == 2
+    assert "one of --train_files or --dataset is required" in capsys.readouterr().err
+    assert cli_main(["train", "--train_files", *SOURCE_FILES, "--output_dir", str(tmp_path / "out")]) == 2
+    assert "one of --preset, --config or --model_name_or_path is required" in capsys.readouterr().err
+
+
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "diffuapriel_hf.training.train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--resume_from_checkpoint" in result.stdout and "--preset" in result.stdout

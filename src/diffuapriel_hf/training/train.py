@@ -14,6 +14,7 @@ with DDP or FSDP (see benchmarks/training_throughput.md).
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -22,6 +23,7 @@ from functools import partial
 from typing import Optional
 
 import torch
+import yaml
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from ..hub.folders import move_into_place, staging_folder, staging_path
@@ -51,9 +53,31 @@ EOS_TOKEN, PAD_TOKEN, MASK_TOKEN = "<|endoftext|>", "<|pad|>", "<|mask|>"
 NON_MODEL_CONFIG_KEYS = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "auto_map"}
 
 
+class ArgumentsFile(argparse.Action):
+    """--args_file FILE (.json, .yaml or .yml): its entries are options of the command, as if given on the command
+    line; an option the command line gives wins."""
+
+    def __call__(self, parser, namespace, path, option_string=None):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                entries = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            parser.error(f"--args_file {path}: {error}")
+        if not isinstance(entries, dict):
+            parser.error(f"--args_file {path}: expected a mapping of option names to values")
+        for key, value in entries.items():
+            if key not in vars(namespace) or key == self.dest:
+                parser.error(f"--args_file {path}: {key!r} is not an option of this command")
+            if getattr(namespace, key) == parser.get_default(key):
+                setattr(namespace, key, value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--args_file", metavar="FILE", action=ArgumentsFile,
+                        help="a JSON or YAML file of options (option name: value); the command line wins")
     data = parser.add_argument_group("data")
-    source = data.add_mutually_exclusive_group(required=True)
+    # Required, but possibly from --args_file: checked by `check_arguments`.
+    source = data.add_mutually_exclusive_group()
     source.add_argument("--train_files", nargs="+", metavar="FILE", help="UTF-8 text files, each one document")
     source.add_argument("--dataset", metavar="DIR",
                         help="a dataset saved by datasets' save_to_disk ('train' split of a DatasetDict)")
@@ -65,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="diffusion times on the ELBO evaluation grid, per held-out sequence (default: 8)")
 
     model = parser.add_argument_group("model and tokenizer")
-    config = model.add_mutually_exclusive_group(required=True)
+    config = model.add_mutually_exclusive_group()
     config.add_argument("--preset", choices=sorted(PRESETS), help="a named model configuration")
     config.add_argument("--config", metavar="PATH", help="a config.json, or a folder holding one (random weights)")
     config.add_argument("--model_name_or_path", metavar="NAME_OR_PATH",
@@ -225,6 +249,9 @@ def check_resume_config(config: DiffuAprielConfig, checkpoint: str) -> None:
 def load_config(args) -> DiffuAprielConfig:
     """The model configuration of --preset, --config or --model_name_or_path; a path or id that gives none is refused
     naming the flag."""
+    if not (args.preset or args.config or args.model_name_or_path):
+        raise ValueError("one of --preset, --config or --model_name_or_path is required (on the command line or in "
+                         "--args_file)")
     if args.preset:
         return preset_config(args.preset)
     flag, location = ("--config", args.config) if args.config else ("--model_name_or_path", args.model_name_or_path)
@@ -236,6 +263,8 @@ def load_config(args) -> DiffuAprielConfig:
 
 def check_arguments(args, config: DiffuAprielConfig) -> int:
     """Refuse bad values before anything is read or written; returns the model's vocabulary size."""
+    if not (args.train_files or args.dataset):
+        raise ValueError("one of --train_files or --dataset is required (on the command line or in --args_file)")
     vocab_size = config.vocab_size if args.vocab_size is None else args.vocab_size
     if vocab_size < 1:
         raise ValueError(f"--vocab_size must be positive, got {vocab_size}")
