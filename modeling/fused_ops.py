@@ -13,22 +13,23 @@ Unfused, each is several kernels with intermediate tensors between them (the rev
 residual stream read again by the norm, the activation); fused, each reads its inputs once and writes its outputs
 once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
 
-The kernels have no backward: they run where no gradient is needed, on contiguous CUDA tensors of one shape and
-dtype (`swiglu` also on the two column halves of one product's output), and the references run everywhere else (CPU,
-training, Triton not installed). They compute in float32 and round once, where the references round after each
-operation.
+Each function takes `use_kernel`, the choice of `kernel_policy.KernelPolicy` (CUDA, Triton installed, no grad mode):
+with it, the kernel runs where it applies (tensors of one shape and dtype, laid out as it reads them, none needing a
+gradient: the kernels have no backward), and the reference everywhere else. The kernels compute in float32 and round
+once, where the references round after each operation.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .mamba_ops import needs_gradient, reverse_time
+from .mamba_ops import is_plain_module, needs_gradient, reverse_time
 
 try:  # installed with mamba-ssm (and by PyTorch's CUDA wheels); without it, the references
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
+TRITON_INSTALLED = triton is not None
 
 BLOCK = 4096  # elements per program of the elementwise kernels
 MAX_NORM_WIDTH = 8192  # the norm kernel holds one row in registers
@@ -39,15 +40,15 @@ def add_time_reversed_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return a + reverse_time(b)
 
 
-def add_rms_norm_reference(residual, update, norm, time_reversed=None, scale=1.0):
+def add_rms_norm_reference(residual, update, norm, time_reversed=None, scale=1.0, norm_kwargs=None):
     """hidden = residual + scale * (update + reverse_time(time_reversed)) for (B, L, D) tensors (time_reversed may
-    be None), and norm(hidden): the residual stream after a mixer, and the next norm's output."""
+    be None), and norm(hidden, **norm_kwargs): the residual stream after a mixer, and the next norm's output."""
     if time_reversed is not None:
         update = add_time_reversed_reference(update, time_reversed)
     if scale != 1.0:
         update = update * scale
     hidden = residual + update
-    return hidden, norm(hidden)
+    return hidden, norm(hidden, **(norm_kwargs or {}))
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -56,8 +57,8 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _fused(*tensors: torch.Tensor, column_slices: bool = False) -> bool:
-    """Whether the kernel applies: Triton installed, CUDA tensors of one shape and dtype, no gradient, and each
-    contiguous (with `column_slices`, also a column slice of a contiguous tensor, with the others' row stride)."""
+    """Whether a kernel applies: tensors of one shape and dtype, none needing a gradient, each contiguous (with
+    `column_slices`, also a column slice of a contiguous tensor, with the others' row stride)."""
     first = tensors[0]
     if column_slices:
         rows = _row_stride(first)
@@ -65,9 +66,7 @@ def _fused(*tensors: torch.Tensor, column_slices: bool = False) -> bool:
     else:
         laid_out = all(t.is_contiguous() for t in tensors)
     return (
-        triton is not None
-        and first.is_cuda
-        and laid_out
+        laid_out
         and all(t.shape == first.shape and t.dtype == first.dtype for t in tensors)
         and not needs_gradient(*tensors)
     )
@@ -86,29 +85,30 @@ def _row_stride(t: torch.Tensor):
     return row_stride
 
 
-def add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a + b reversed along the time axis (dim 1), for (B, L, D) tensors: one kernel where `_fused`, else the
-    reference."""
-    if a.dim() != 3 or not _fused(a, b):
+def add_time_reversed(a: torch.Tensor, b: torch.Tensor, use_kernel: bool = False) -> torch.Tensor:
+    """a + b reversed along the time axis (dim 1), for (B, L, D) tensors: one kernel where `use_kernel` and
+    `_fused`, else the reference."""
+    if not use_kernel or a.dim() != 3 or not _fused(a, b):
         return add_time_reversed_reference(a, b)
     return launch_add_time_reversed(a, b)
 
 
-def add_rms_norm(residual, update, norm, time_reversed=None, scale=1.0):
-    """`add_rms_norm_reference` as one kernel where `_fused` (norm's weight included, of the same dtype, rows of at
-    most MAX_NORM_WIDTH), else the reference. `norm` is an RMSNorm module: its `weight` and `variance_epsilon`."""
+def add_rms_norm(residual, update, norm, time_reversed=None, scale=1.0, use_kernel=False, norm_kwargs=None):
+    """`add_rms_norm_reference` as one kernel where `use_kernel` and `_fused` (norm's weight included, of the same
+    dtype, rows of at most MAX_NORM_WIDTH), else the reference. `norm` is an RMSNorm module: its `weight` and
+    `variance_epsilon`, read directly only where it is plain (`is_plain_module`); a hooked one (offloaded) is called
+    by the reference, with `norm_kwargs`."""
     tensors = [residual, update] + ([] if time_reversed is None else [time_reversed])
-    weight = norm.weight
-    if (residual.dim() != 3 or residual.shape[-1] > MAX_NORM_WIDTH or not _fused(*tensors) or not _fused(weight)
-            or weight.dtype != residual.dtype):
-        return add_rms_norm_reference(residual, update, norm, time_reversed, scale)
+    if (not use_kernel or residual.dim() != 3 or residual.shape[-1] > MAX_NORM_WIDTH or not _fused(*tensors)
+            or not is_plain_module(norm, type(norm)) or not _fused(norm.weight) or norm.weight.dtype != residual.dtype):
+        return add_rms_norm_reference(residual, update, norm, time_reversed, scale, norm_kwargs)
     return launch_add_rms_norm(residual, update, norm.weight, norm.variance_epsilon, time_reversed, scale)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`swiglu_reference`: one kernel where `_fused`, gate and up each contiguous or a column slice of one tensor
-    (the halves of one product's output, `gate_up.chunk(2, -1)`); else the reference."""
-    if not _fused(gate, up, column_slices=True):
+def swiglu(gate: torch.Tensor, up: torch.Tensor, use_kernel: bool = False) -> torch.Tensor:
+    """`swiglu_reference`: one kernel where `use_kernel` and `_fused`, gate and up each contiguous or a column slice
+    of one tensor (the halves of one product's output, `gate_up.chunk(2, -1)`); else the reference."""
+    if not use_kernel or not _fused(gate, up, column_slices=True):
         return swiglu_reference(gate, up)
     return launch_swiglu(gate, up)
 
@@ -142,6 +142,19 @@ def launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                                                         BLOCK=BLOCK)
     return out
 
+
+__all__ = [
+    "TRITON_INSTALLED",
+    "add_rms_norm",
+    "add_rms_norm_reference",
+    "add_time_reversed",
+    "add_time_reversed_reference",
+    "launch_add_rms_norm",
+    "launch_add_time_reversed",
+    "launch_swiglu",
+    "swiglu",
+    "swiglu_reference",
+]
 
 if triton is not None:
 

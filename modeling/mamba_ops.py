@@ -11,18 +11,19 @@ For inference with at least as many (sequence, head) pairs as the GPU has multip
 enough to be cut into segments walked in parallel, the SSD takes our own single-pass Triton kernel instead
 (`ssd_triton.ssd_forward`, same signature), which is faster there; mamba-ssm's for training and elsewhere.
 
-`select_ops(tensor, use_kernels)` makes the choice once per forward: the kernels when the tensor is on CUDA, kernels
-are wanted and the packages import; the references otherwise. Both compute in float32 and return the input dtype.
-The kernel packages are imported lazily, inside `try`, so that importing this module never fails without them.
+`kernel_policy.resolve_kernel_policy` makes the choice once per forward: `kernel_ops()` on CUDA when kernels are
+wanted and the packages import, `TORCH_OPS` otherwise. Both compute in float32 and return the input dtype. The kernel
+packages are imported lazily, inside `try`, so that importing this module never fails without them.
 """
 
+import functools
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def segment_sum(x: torch.Tensor) -> torch.Tensor:
@@ -169,8 +170,6 @@ class MambaOps:
 
 
 TORCH_OPS = MambaOps("torch", mamba_chunk_scan_combined_reference, causal_conv1d_reference, rmsnorm_reference)
-_kernel_ops = None  # None: not looked for yet; False: not installed
-_warned_fallback = False
 
 
 def _causal_conv1d_via_kernel(kernel):
@@ -198,6 +197,14 @@ def needs_gradient(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def is_plain_module(module: nn.Module, cls: type) -> bool:
+    """Whether `module` is exactly a `cls` with nothing around it: not a subclass (a LoRA or quantised layer), no
+    accelerate hook (which loads offloaded weights when the module is called), no forward hooks. A kernel may read the
+    weights of a plain module directly; any other module must be called."""
+    return (type(module) is cls and getattr(module, "_hf_hook", None) is None and not module._forward_hooks
+            and not module._forward_pre_hooks)
+
+
 def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_is_faster):
     """The SSD on CUDA: our `ssd_triton.ssd_forward` (one pass, the state carried in registers) for inference where
     `single_pass_is_faster(batch, nheads, seqlen, device)`; mamba-ssm's `mamba_chunk_scan_combined` elsewhere, when a
@@ -215,44 +222,38 @@ def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_
     return chunk_scan
 
 
-def kernel_ops():
+@functools.cache
+def kernel_ops(single_pass: Optional[bool] = None) -> Optional[MambaOps]:
     """The CUDA kernels as `MambaOps`, or None when mamba-ssm is not installed. causal-conv1d is optional: without it
-    the convolution takes the PyTorch reference (cuDNN's depthwise convolution) and the rest stays on kernels."""
-    global _kernel_ops
-    if _kernel_ops is None:
-        try:
-            from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    the convolution takes the PyTorch reference (cuDNN's depthwise convolution) and the rest stays on kernels.
+    `single_pass` forces the SSD's choice between our single-pass kernel and mamba-ssm's for the calls either can take
+    (None: `ssd_triton.single_pass_is_faster` decides; benchmarks/ssd_dispatch.py measures both)."""
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-            from .ssd_triton import single_pass_is_faster, ssd_forward
-        except (ImportError, OSError):  # not installed, or built for another torch / CUDA
-            _kernel_ops = False
-        else:
-            try:
-                from causal_conv1d import causal_conv1d_fn
-            except (ImportError, OSError):
-                conv = causal_conv1d_reference
-            else:
-                conv = _causal_conv1d_via_kernel(causal_conv1d_fn)
-            chunk_scan = _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_is_faster)
-            _kernel_ops = MambaOps("kernels", chunk_scan, conv, rmsnorm_fn)
-    return _kernel_ops or None
+        from .ssd_triton import single_pass_is_faster, ssd_forward
+    except (ImportError, OSError):  # not installed, or built for another torch / CUDA
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except (ImportError, OSError):
+        conv = causal_conv1d_reference
+    else:
+        conv = _causal_conv1d_via_kernel(causal_conv1d_fn)
+    rule = single_pass_is_faster if single_pass is None else (lambda *sizes: single_pass)
+    name = "kernels" if single_pass is None else f"kernels (single-pass SSD {'always' if single_pass else 'never'})"
+    return MambaOps(name, _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, rule), conv, rmsnorm_fn)
 
-
-def select_ops(tensor: torch.Tensor, use_kernels: bool) -> MambaOps:
-    """The kernels for CUDA tensors when wanted and installed (one warning when they are wanted but missing), else
-    the PyTorch references."""
-    global _warned_fallback
-    if not (use_kernels and tensor.is_cuda):
-        return TORCH_OPS
-    ops = kernel_ops()
-    if ops is None:
-        if not _warned_fallback:
-            warnings.warn(
-                "mamba-ssm is not installed: the Mamba-2 layers run on the (slower) PyTorch path. "
-                "`pip install diffuapriel-hf[cuda]` installs the kernels.",
-                stacklevel=3,
-            )
-            _warned_fallback = True
-        return TORCH_OPS
-    return ops
+__all__ = [
+    "MambaOps",
+    "TORCH_OPS",
+    "causal_conv1d_reference",
+    "is_plain_module",
+    "kernel_ops",
+    "mamba_chunk_scan_combined_reference",
+    "needs_gradient",
+    "reverse_time",
+    "rmsnorm_reference",
+    "segment_sum",
+]

@@ -7,7 +7,7 @@ Block (every layer): x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)), where t
   - `DiffuAprielAttention`: non-causal grouped-query attention with RoPE, through transformers' attention interface.
 """
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,8 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .block_diffusion import (
     block_attention_mask,
@@ -34,7 +36,8 @@ from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import INTEGER_DTYPES, masked_diffusion_loss, values_readable
 from .fused_ops import add_rms_norm, add_time_reversed, swiglu
 from .generation import DiffusionGenerationMixin
-from .mamba_ops import MambaOps, reverse_time, select_ops
+from .kernel_policy import REFERENCE_POLICY, KernelPolicy, resolve_kernel_policy
+from .mamba_ops import MambaOps, is_plain_module, reverse_time
 
 
 class DiffuAprielRMSNorm(nn.Module):
@@ -43,15 +46,47 @@ class DiffuAprielRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, hidden_states):
-        if hidden_states.is_cuda and hidden_states.dtype == self.weight.dtype:
-            # One fused kernel (float32 statistics, one rounding at the end) instead of six passes over a float32
-            # copy: 0.09 vs 0.88 ms for 32K tokens of width 2048 on an H200, 12% of a 1.3B Mamba step.
+    def forward(self, hidden_states, kernels: KernelPolicy = REFERENCE_POLICY):
+        if kernels.fused_rms_norm and hidden_states.dtype == self.weight.dtype:
             return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
         dtype = hidden_states.dtype
         hidden_states = hidden_states.float()
         hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * hidden_states.to(dtype)
+
+
+class MambaRMSNormGated(nn.Module):
+    """The Mamba-2 output norm: RMSNorm over groups of `group_size` channels of hidden_states * silu(gate), as
+    mamba-ssm's `RMSNormGated(norm_before_gate=False)`; computed by `ops.rmsnorm` (the kernel or its reference)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor, ops: MambaOps) -> torch.Tensor:
+        return ops.rmsnorm(hidden_states, self.weight, None, z=gate, eps=self.variance_epsilon,
+                           group_size=self.group_size, norm_before_gate=False)
+
+
+class MixerOutput(NamedTuple):
+    """What a block's mixer returns, for either kind. `update`: its update to the residual stream (B, L, D).
+    `attention_weights`: the attention map (B, H, L, L) of an attention mixer whose implementation returns one, else
+    None. `time_reversed`: a bidirectional Mamba mixer's right-to-left update, still in its reversed reading order
+    (None otherwise), which the block adds in one fused pass with its residual and next norm; `scale` multiplies the
+    directions' sum. `combined()` is the mixer's output alone."""
+
+    update: torch.Tensor
+    attention_weights: Optional[torch.Tensor] = None
+    time_reversed: Optional[torch.Tensor] = None
+    scale: float = 1.0
+
+    def combined(self, kernels: KernelPolicy = REFERENCE_POLICY) -> torch.Tensor:
+        if self.time_reversed is None:
+            return self.update
+        output = add_time_reversed(self.update, self.time_reversed, use_kernel=kernels.fused_elementwise)
+        return output if self.scale == 1.0 else output * self.scale
 
 
 class Mamba2Mixer(nn.Module):
@@ -81,7 +116,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
-        self.norm = DiffuAprielRMSNorm(self.intermediate_size, eps=config.rms_norm_eps)
+        self.norm = MambaRMSNormGated(self.intermediate_size, self.intermediate_size // self.n_groups, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mamba_proj_bias)
 
     def forward(
@@ -106,10 +141,7 @@ class Mamba2Mixer(nn.Module):
         if initial_state is not None:  # the convolution also reads the last inputs of the earlier part
             conv_state, ssm_state = initial_state
             xBC = torch.cat([conv_state.to(xBC.dtype), xBC], dim=1)
-        # (B, C, L) views of (B, L, C) rows: causal-conv1d reads this channels-last layout in place.
-        conv_out = ops.causal_conv1d(
-            xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
-        ).transpose(1, 2)[:, xBC.shape[1] - seqlen :]  # (B, L, C)
+        conv_out = self.convolution(xBC, ops)[:, xBC.shape[1] - seqlen :]  # (B, L, C)
         x, B, C = conv_out.split([self.intermediate_size, G * N, G * N], dim=-1)
         # dt = clamp(softplus(dt + dt_bias)), (B, L, H): inside the SSD call (no extra launches), or here when the
         # padding must then be zeroed (no decay and no input at padding).
@@ -137,11 +169,7 @@ class Mamba2Mixer(nn.Module):
         else:
             before, ssm_state = scan(slice(None, state_at), ssm_state, True)
             y = torch.cat([before, scan(slice(state_at, None), ssm_state, False)], dim=1)
-        y = ops.rmsnorm(
-            y.reshape(batch, seqlen, self.intermediate_size), self.norm.weight, None, z=gate,
-            eps=self.norm.variance_epsilon, group_size=self.intermediate_size // G, norm_before_gate=False,
-        )
-        output = self.out_proj(y)
+        output = self.out_proj(self.norm(y.reshape(batch, seqlen, self.intermediate_size), gate, ops))
         if block_states is not None:
             return output, self.states_entering_blocks(xBC, x, dt, B, C, initial_state, ops, block_states)
         if state_at is None:
@@ -175,6 +203,18 @@ class Mamba2Mixer(nn.Module):
         )
         return conv_inputs, entering
 
+    def convolution(self, xBC: torch.Tensor, ops: MambaOps) -> torch.Tensor:
+        """act(causal depthwise conv1d(xBC)), (B, L, C) -> (B, L, C): the kernel reads the weight of a plain
+        `conv1d`; one wrapped by an offloading hook or an adapter is called, so that its weight is loaded or adapted."""
+        inputs = xBC.transpose(1, 2)  # (B, C, L), a view: causal-conv1d reads this channels-last layout in place
+        if is_plain_module(self.conv1d, nn.Conv1d):
+            output = ops.causal_conv1d(
+                inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
+            )
+        else:  # padded on both sides by d_conv - 1: the first L outputs are the causal ones
+            output = ACT2FN[self.activation](self.conv1d(inputs)[..., : inputs.shape[-1]])
+        return output.transpose(1, 2)
+
 
 class BidirectionalMamba2Mixer(nn.Module):
     """Two Mamba-2 mixers over the same input, `left_to_right` and `right_to_left` (omitted when
@@ -207,25 +247,24 @@ class BidirectionalMamba2Mixer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
         block_context: Optional[BlockContext] = None, two_stream: bool = False,
-    ) -> torch.Tensor:
-        # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
-        return self.combine(*self.direction_outputs(hidden_states, padding_mask, block_context, two_stream))
-
-    def combine(self, left_to_right: torch.Tensor, right_to_left: Optional[torch.Tensor]) -> torch.Tensor:
-        """The mixer's output from `direction_outputs`: the sum (or mean) of the directions, in time order."""
-        if right_to_left is None:
-            return left_to_right
-        output = add_time_reversed(left_to_right, right_to_left)
-        return output if self.direction_scale == 1.0 else output * self.direction_scale
+        kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
+    ) -> MixerOutput:
+        # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding. The
+        # attention mixer's arguments (attention_mask, position_embeddings) are in kwargs, unused here.
+        left_to_right, right_to_left = self.direction_outputs(
+            hidden_states, padding_mask, block_context, two_stream, kernels
+        )
+        return MixerOutput(left_to_right, time_reversed=right_to_left, scale=self.direction_scale)
 
     def direction_outputs(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
         block_context: Optional[BlockContext] = None, two_stream: bool = False,
+        kernels: KernelPolicy = REFERENCE_POLICY,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The left-to-right output (B, L, D), and the right-to-left output in its own reading order, still reversed
-        in time (None without a second direction): `forward` adds them, scaled by `direction_scale`; the block fuses
-        that sum with its residual add and next norm."""
-        ops = select_ops(hidden_states, self.config.use_mamba_kernels)
+        in time (None without a second direction): their sum, scaled by `direction_scale`, is the mixer's output,
+        which the block fuses with its residual add and next norm."""
+        ops = kernels.mamba
         if self.config.block_size is not None:
             return self.block_direction_outputs(hidden_states, padding_mask, ops, two_stream)
         inputs = [(self.left_to_right, hidden_states, padding_mask)]
@@ -277,7 +316,7 @@ class BidirectionalMamba2Mixer(nn.Module):
         row_masks = None if padding_mask is None else torch.cat([fold_blocks(m, block_size) for m in masks])
         rows = self.right_to_left(reverse_time(rows), None if row_masks is None else reverse_time(row_masks), ops)
         in_time_order = [unfold_blocks(part, batch, length) for part in reverse_time(rows).chunk(len(streams))]
-        # combine() takes the right-to-left output reversed in time over the whole sequence.
+        # MixerOutput.combined() takes the right-to-left output reversed in time over the whole sequence.
         return left_to_right, reverse_time(torch.cat(in_time_order, dim=1))
 
 
@@ -346,12 +385,19 @@ class DiffuAprielAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, block_context=None, **kwargs):
+    def forward(
+        self, hidden_states, position_embeddings, attention_mask=None, block_context=None, padding_mask=None,
+        two_stream=False, kernels=None, **kwargs,
+    ) -> MixerOutput:
+        # hidden_states: (B, L, D); attention_mask: the keys' padding (or block structure) as transformers' attention
+        # interface takes it. padding_mask, two_stream and kernels are the Mamba mixer's arguments (attention_mask
+        # carries the padding and the blocks here), unused: the implementation is the config's `attn_implementation`.
         batch, seqlen, _ = hidden_states.shape
-        shape = (batch, seqlen, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, L, d)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, Hkv, L, d)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        # Head counts spelled out, not -1: an empty batch has no size to infer them from.
+        query = self.q_proj(hidden_states).view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
+        kv_shape = (batch, seqlen, self.num_key_value_heads, self.head_dim)
+        key = self.k_proj(hidden_states).view(kv_shape).transpose(1, 2)  # (B, Hkv, L, d)
+        value = self.v_proj(hidden_states).view(kv_shape).transpose(1, 2)
         cos, sin = position_embeddings  # (B, L, d)
         cos, sin = cos[:, None], sin[:, None]
         query = query * cos + rotate_half(query) * sin
@@ -360,20 +406,16 @@ class DiffuAprielAttention(nn.Module):
             key, value = block_context.update(key, value, self.layer_idx)  # (B, Hkv, L, d)
 
         attention_interface = eager_attention_forward
-        if self.config._attn_implementation != "eager":
+        # transformers' fused implementations reshape with -1, which an empty batch cannot resolve; the eager one
+        # gives its empty output.
+        if self.config._attn_implementation != "eager" and batch > 0:
             attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         output, weights = attention_interface(
             self, query, key, value, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, is_causal=False, **kwargs,
         )
-        return self.o_proj(output.reshape(batch, seqlen, -1)), weights
-
-
-# From this many tokens a call, the MLP computes gate and up as one product. At 64K tokens of the 1.3B presets on an
-# H200 it took 1.63 ms against 2 x 0.94 ms for two (benchmarks/results/gemm_shapes.json), and a whole graphed step
-# 399-401 ms against 403.5-406 ms (32K: 198.3-199.6 against 199.1-200.4 ms); at 4K to 16K tokens whole steps were no
-# faster, within 0.6 ms either way (benchmarks/results/fusion_ab.json).
-ONE_PRODUCT_MIN_TOKENS = 32768
+        output = output.reshape(batch, seqlen, self.num_heads * self.head_dim)
+        return MixerOutput(self.o_proj(output), attention_weights=weights)
 
 
 class DiffuAprielMLP(nn.Module):
@@ -387,23 +429,17 @@ class DiffuAprielMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
         self.act_is_silu = config.hidden_act in ("silu", "swish")
 
-    def forward(self, x):
-        if (self.act_is_silu and x.is_cuda and x.numel() >= ONE_PRODUCT_MIN_TOKENS * x.shape[-1]
-                and all(_plain_linear(m) for m in (self.gate_proj, self.up_proj))):
+    def forward(self, x, kernels: KernelPolicy = REFERENCE_POLICY):
+        one_product_from = kernels.mlp_one_product_min_tokens
+        if (self.act_is_silu and one_product_from is not None and x.numel() >= one_product_from * x.shape[-1]
+                and all(is_plain_module(m, nn.Linear) and m.bias is None for m in (self.gate_proj, self.up_proj))):
             # gate and up as one product, read in halves by the SwiGLU kernel.
             gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.act_is_silu:  # silu(gate) * up as one kernel on CUDA
-            return self.down_proj(swiglu(gate, up))
+        if self.act_is_silu:
+            return self.down_proj(swiglu(gate, up, use_kernel=kernels.fused_swiglu))
         return self.down_proj(self.act_fn(gate) * up)
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    """Whether `module` is an nn.Linear computing F.linear(x, weight) and nothing else: not a subclass (a LoRA or
-    quantised layer), no bias, no hooks (an offloading hook, say), so its weight can join another's in one product."""
-    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
-            and not module._forward_pre_hooks)
 
 
 class DiffuAprielBlock(GradientCheckpointingLayer):
@@ -422,24 +458,22 @@ class DiffuAprielBlock(GradientCheckpointingLayer):
 
     def forward(
         self, hidden_states, padding_mask=None, attention_mask=None, position_embeddings=None, block_context=None,
-        two_stream=False, **kwargs,
+        two_stream=False, kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
     ):
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-        attention_weights, right_to_left, scale = None, None, 1.0
-        if self.layer_type == MAMBA:
-            update, right_to_left = self.mixer.direction_outputs(hidden_states, padding_mask, block_context, two_stream)
-            scale = self.mixer.direction_scale
-        else:
-            update, attention_weights = self.mixer(
-                hidden_states, position_embeddings, attention_mask, block_context=block_context, **kwargs
-            )
+        mixed = self.mixer(
+            self.input_layernorm(hidden_states, kernels), padding_mask=padding_mask, attention_mask=attention_mask,
+            position_embeddings=position_embeddings, block_context=block_context, two_stream=two_stream,
+            kernels=kernels, **kwargs,
+        )
         if self.mlp is None:
-            update = update if right_to_left is None else self.mixer.combine(update, right_to_left)
-            return residual + update, attention_weights
-        # The direction sum, the residual add and the MLP's norm: one pass over the residual stream on CUDA.
-        hidden_states, normed = add_rms_norm(residual, update, self.post_mixer_layernorm, right_to_left, scale)
-        return hidden_states + self.mlp(normed), attention_weights
+            return residual + mixed.combined(kernels), mixed.attention_weights
+        # The direction sum, the residual add and the MLP's norm: one pass over the residual stream with the kernels.
+        hidden_states, normed = add_rms_norm(
+            residual, mixed.update, self.post_mixer_layernorm, mixed.time_reversed, mixed.scale,
+            use_kernel=kernels.fused_elementwise, norm_kwargs=dict(kernels=kernels),
+        )
+        return hidden_states + self.mlp(normed, kernels), mixed.attention_weights
 
 
 class DiffuAprielPreTrainedModel(PreTrainedModel):
@@ -452,6 +486,9 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # What transformers' `capture_outputs` collects from `DiffuAprielModel.forward`: each block's output (after the
+    # embeddings, the input of the first), and each attention map (index 1 of an attention mixer's `MixerOutput`).
+    _can_record_outputs = {"hidden_states": DiffuAprielBlock, "attentions": DiffuAprielAttention}
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -503,7 +540,7 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, DiffuAprielRMSNorm):
+        if isinstance(module, (DiffuAprielRMSNorm, MambaRMSNormGated)):
             init.ones_(module.weight)
         elif isinstance(module, Mamba2Mixer):
             # Mamba-2's initialisation: A = -[1..H], D = 1, dt log-uniform in [dt_min, dt_max] (stored as
@@ -601,18 +638,17 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @capture_outputs
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
         block_context: Optional[BlockContext] = None,
         two_stream: bool = False,
+        kernels: Optional[KernelPolicy] = None,
         **kwargs,
-    ):
+    ) -> BaseModelOutput:
         r"""
         block_context: a `BlockContext`. Not recorded yet: the inputs are the whole sequence, and the pass records
             what its positions outside the context's window contribute to each layer. Recorded: the inputs are the
@@ -620,37 +656,40 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         two_stream: block diffusion training (a model with `config.block_size`): the inputs are a noised sequence
             followed by its clean one, (B, 2L), and `attention_mask` (B, 2L) the padding of both; each noised block
             reads itself and the clean blocks before it (`block_diffusion.py`).
+        kwargs: `output_hidden_states` (the embeddings and each layer's output, the last one normed) and
+            `output_attentions` (one map per attention layer whose implementation returns one: eager), collected by
+            transformers' `capture_outputs`; `return_dict`; the rest goes to the attention implementation.
+        kernels: the `KernelPolicy` of this pass (default: `resolve_kernel_policy` for the config and the device).
         """
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        hidden_states = inputs_embeds
-        batch, seqlen = hidden_states.shape[:2]
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, D)
         if block_context is not None:
             if self.config.block_size is not None:
                 raise ValueError("block_context (the approximate cache of full-sequence models) does not apply to a "
                                  "block diffusion model (config.block_size), whose blocks never read later ones")
             if not isinstance(block_context, BlockContext):
                 raise TypeError(f"block_context must be a BlockContext, got {type(block_context).__name__}")
-            block_context.check_pass(batch, seqlen, attention_mask)
-        if two_stream and (self.config.block_size is None or seqlen % 2 or block_context is not None):
+            block_context.check_pass(*hidden_states.shape[:2], attention_mask)
+        if two_stream and (self.config.block_size is None or hidden_states.shape[1] % 2 or block_context is not None):
             raise ValueError("two_stream needs a block diffusion model (config.block_size), inputs holding a noised "
                              "and a clean sequence of the same length, and no block_context")
-        window_pass = block_context is not None and block_context.recorded
+        kernels = kernels or resolve_kernel_policy(self.config, hidden_states.device)
+        layer_inputs = self._layer_inputs(hidden_states, attention_mask, block_context, two_stream)
+        for layer in self.layers:
+            hidden_states, _ = layer(hidden_states, **layer_inputs, kernels=kernels, **kwargs)
+        if block_context is not None:
+            block_context.mark_recorded()
+        return BaseModelOutput(last_hidden_state=self.norm(hidden_states, kernels))
 
-        padding_mask = None  # (B, L) bool, True at real tokens; None when nothing is padded
-        if window_pass:
-            padding_mask = block_context.window_padding_mask()
-        elif attention_mask is not None:
-            padding_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
-            if values_readable(padding_mask) and bool(padding_mask.all()):
-                padding_mask = None
-        attention_bias = position_embeddings = position_ids = None
+    def _layer_inputs(self, hidden_states, attention_mask, block_context, two_stream) -> dict:
+        """What every block takes besides the hidden states: the padding (B, L) bool, True at real tokens, or None
+        when nothing is padded; with attention layers, the rotary embeddings and the keys' padding in the attention
+        implementation's form. A pass recording a `BlockContext` records the padding and the window's positions."""
+        batch, seqlen = hidden_states.shape[:2]
+        window_pass = block_context is not None and block_context.recorded
+        padding_mask = _padding_mask(hidden_states, attention_mask, block_context)
+        inputs = dict(padding_mask=padding_mask, block_context=block_context, two_stream=two_stream)
+        position_ids = None
         if self.rotary_emb is not None:
             # Positions count real tokens only, so a left-padded sequence sees the positions it has alone.
             if window_pass:
@@ -658,46 +697,33 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
             else:
                 position_ids = _position_ids(padding_mask, batch, seqlen // 2 if two_stream else seqlen,
                                              2 if two_stream else 1, hidden_states.device)
-            position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
-            # Padding on the keys (in a window pass the whole sequence's, outside positions first, as its keys are).
-            # Without padding, no mask: also under CUDA-graph capture, where transformers would build a full one and
-            # SDPA could then not use its flash or cuDNN kernels.
-            key_padding = block_context.key_padding_mask() if window_pass else padding_mask
-            if self.config.block_size is not None:
-                attention_bias = _block_attention_bias(self.config, hidden_states, key_padding, two_stream)
-            elif key_padding is not None:
-                attention_bias = create_bidirectional_mask(
-                    config=self.config, inputs_embeds=hidden_states, attention_mask=key_padding
-                )
+            inputs["position_embeddings"] = self.rotary_emb(position_ids, hidden_states.dtype)
+            inputs["attention_mask"] = self._attention_bias(hidden_states, padding_mask, block_context, two_stream)
         if block_context is not None and not window_pass:
             block_context.record_sequence(batch, seqlen, padding_mask, position_ids)
+        return inputs
 
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        if output_attentions and self.config._attn_implementation not in ("eager",):
-            raise ValueError(
-                "output_attentions=True needs attn_implementation='eager' (fused attention kernels do not return "
-                "attention maps)"
-            )
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, attention_weights = layer(
-                hidden_states, padding_mask=padding_mask, attention_mask=attention_bias,
-                position_embeddings=position_embeddings, block_context=block_context, two_stream=two_stream, **kwargs,
-            )
-            if output_attentions and layer.layer_type == ATTENTION:
-                all_attentions += (attention_weights,)
-        if block_context is not None:
-            block_context.mark_recorded()
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        if not return_dict:
-            return tuple(v for v in (hidden_states, all_hidden_states, all_attentions) if v is not None)
-        return BaseModelOutput(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
-        )
+    def _attention_bias(self, hidden_states, padding_mask, block_context, two_stream):
+        """The padding of the keys as the attention implementation takes it (in a window pass the whole sequence's,
+        outside positions first, as its keys are). Without padding, no mask: also under CUDA-graph capture, where
+        transformers would build a full one and SDPA could then not use its flash or cuDNN kernels."""
+        window_pass = block_context is not None and block_context.recorded
+        key_padding = block_context.key_padding_mask() if window_pass else padding_mask
+        if self.config.block_size is not None:
+            return _block_attention_bias(self.config, hidden_states, key_padding, two_stream)
+        if key_padding is None:
+            return None
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_padding)
+
+
+def _padding_mask(hidden_states, attention_mask, block_context) -> Optional[torch.Tensor]:
+    """(B, L) bool, True at real tokens, or None when nothing is padded (in a window pass, the recorded padding)."""
+    if block_context is not None and block_context.recorded:
+        return block_context.window_padding_mask()
+    if attention_mask is None:
+        return None
+    padding_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
+    return None if values_readable(padding_mask) and bool(padding_mask.all()) else padding_mask
 
 
 def _kept_positions(hidden_states: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:
@@ -719,13 +745,13 @@ def _kept_positions(hidden_states: torch.Tensor, logits_to_keep: Union[int, torc
     return hidden_states[:, length - logits_to_keep :] if logits_to_keep else hidden_states
 
 
-def vocab_logits(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The LM head, hidden_states (B, L, D) @ weight (V, D)^T -> (B, L, V). On CUDA the vocabulary is padded to a
-    multiple of 8 for the product and the padding sliced off (a strided view): rows of an odd width such as GPT-2's
-    50,258 are not 16-byte aligned, which sends cuBLAS to a kernel 2.4x slower (24.4 vs 10.4 ms for 32K tokens on an
-    H200); the values are the same."""
-    pad = -weight.shape[0] % 8
-    if not hidden_states.is_cuda or pad == 0:
+def vocab_logits(hidden_states: torch.Tensor, weight: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
+    """The LM head, hidden_states (B, L, D) @ weight (V, D)^T -> (B, L, V). The vocabulary is padded to a multiple
+    of `vocab_multiple` for the product (`KernelPolicy.vocab_multiple`: 8 on CUDA) and the padding sliced off (a
+    strided view): rows of an odd width such as GPT-2's 50,258 are not 16-byte aligned, which sends cuBLAS to a kernel
+    2.4x slower (24.4 vs 10.4 ms for 32K tokens on an H200); the values are the same."""
+    pad = -weight.shape[0] % vocab_multiple
+    if pad == 0:
         return F.linear(hidden_states, weight)
     padded = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])  # F.pad's copy kernel is 4x slower
     return F.linear(hidden_states, padded)[..., : weight.shape[0]]
@@ -773,6 +799,7 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -780,13 +807,10 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         loss_weights: Optional[torch.Tensor] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
         block_context: Optional[BlockContext] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
         **kwargs,
-    ):
+    ) -> MaskedLMOutput:
         r"""
         labels: (B, L) the clean token at each position to predict, -100 elsewhere.
         loss_weights: (B, L) the MDLM weight 1/t of each position that counts in the loss normalisation (masked or
@@ -798,27 +822,28 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
             those of the block being filled: the LM head is then a few rows, not the whole sequence's (at 64K tokens
             of a 1.3B model, 5% of a step, and its 6.6 GB of logits).
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("the loss needs the logits of every position: pass labels with logits_to_keep=0")
         two_stream = self.config.block_size is not None and labels is not None
         if two_stream:  # BD3-LM: the noised blocks read the clean ones before them
             input_ids, attention_mask = _two_streams(input_ids, attention_mask, labels)
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        kernels = resolve_kernel_policy(self.config, inputs.device) if inputs is not None else REFERENCE_POLICY
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
-            block_context=block_context, two_stream=two_stream, **kwargs,
+            block_context=block_context, two_stream=two_stream, kernels=kernels, return_dict=True, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if two_stream:  # the logits of the noised stream
             hidden_states = hidden_states[:, : hidden_states.shape[1] // 2]
-        logits = vocab_logits(_kept_positions(hidden_states, logits_to_keep), self.lm_head.weight)
+        hidden_states = _kept_positions(hidden_states, logits_to_keep)
+        if is_plain_module(self.lm_head, nn.Linear) and self.lm_head.bias is None:
+            logits = vocab_logits(hidden_states, self.lm_head.weight, kernels.vocab_multiple)
+        else:  # an offloaded or adapted head: called, so that its hook or adapter acts
+            logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = masked_diffusion_loss(logits, labels, loss_weights, self.config.mask_token_id)
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) + output) if loss is not None else output
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -832,4 +857,16 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         return negative_elbo(self, input_ids, attention_mask=attention_mask, num_samples=num_samples, seed=seed)
 
 
-__all__ = ["DiffuAprielPreTrainedModel", "DiffuAprielModel", "DiffuAprielForMaskedLM"]
+__all__ = [
+    "BidirectionalMamba2Mixer",
+    "DiffuAprielAttention",
+    "DiffuAprielBlock",
+    "DiffuAprielForMaskedLM",
+    "DiffuAprielMLP",
+    "DiffuAprielModel",
+    "DiffuAprielPreTrainedModel",
+    "DiffuAprielRMSNorm",
+    "Mamba2Mixer",
+    "MambaRMSNormGated",
+    "MixerOutput",
+]

@@ -19,7 +19,7 @@ walks each segment for its leaving state only, and the full walk starts each seg
 from the earlier segments'; short ones go to mamba-ssm (`single_pass_is_faster`).
 
 It computes the forward from a zero state only (no gradient), with the signature of `mamba_chunk_scan_combined` for
-what the mixer passes; `mamba_ops` sends everything else (training, initial or final states, a gate z) to
+what the mixer passes; `mamba_ops.kernel_ops` sends everything else (training, initial or final states, a gate z) to
 mamba-ssm. The products round their inputs to x's dtype and accumulate in float32, as mamba-ssm's kernels do; for
 float32 inputs they are exact float32 products (no TF32).
 """
@@ -34,6 +34,8 @@ try:  # a dependency of mamba-ssm: mamba_ops imports this module only where mamb
 except ImportError as error:
     raise ImportError("diffuapriel_hf.modeling.ssd_triton needs triton, which mamba-ssm installs") from error
 
+from .kernel_policy import DISPATCH_THRESHOLDS
+
 # Launch settings measured on an H200 (benchmarks/results/ssd_kernel.json). The register cap lets three programs share
 # a multiprocessor (the walk would otherwise take about 200 registers a thread, leaving room for two).
 CHUNK = 32
@@ -42,10 +44,10 @@ NUM_STAGES = 3
 MAX_REGISTERS = 168
 # Segments, for sequences with fewer (sequence, head) walks than multiprocessors: enough for this many walks per
 # multiprocessor, none shorter than this many tokens, and at least this many; with fewer, mamba-ssm keeps the call
-# (whole steps with two segments were not measured).
-SEGMENT_WALKS_PER_MULTIPROCESSOR = 6
-MIN_SEGMENT_LENGTH = 1024
-MIN_SEGMENTS = 4
+# (whole steps with two segments were not measured). Dispatch thresholds: in kernel_policy's table, with their sources.
+SEGMENT_WALKS_PER_MULTIPROCESSOR = DISPATCH_THRESHOLDS["ssd_segment_walks_per_multiprocessor"].value
+MIN_SEGMENT_LENGTH = DISPATCH_THRESHOLDS["ssd_min_segment_length"].value
+MIN_SEGMENTS = DISPATCH_THRESHOLDS["ssd_min_segments"].value
 
 
 def single_pass_is_faster(batch: int, nheads: int, seqlen: int, device) -> bool:
@@ -350,3 +352,6 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
         **common_flags,
     )
     return y
+
+
+__all__ = ["launch_ssd_forward", "single_pass_is_faster", "ssd_forward", "time_steps_by_head"]

@@ -6,8 +6,8 @@ import torch
 
 from diffuapriel_hf import DiffusionGenerationConfig
 from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
-from diffuapriel_hf.modeling.mamba_ops import select_ops
 from diffuapriel_hf.modeling.cache import BlockContext
+from diffuapriel_hf.modeling.mamba_ops import TORCH_OPS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,7 +96,7 @@ def test_a_mamba_direction_continues_from_the_state_it_reports(state_at, tiny_mo
     started from the reported state, gives the rest of it (at 40, the state the sequence leaves, continued by more)."""
     model = tiny_model("mamba")
     direction = model.model.layers[0].mixer.left_to_right
-    ops = select_ops(torch.zeros(1), use_kernels=False)
+    ops = TORCH_OPS
     hidden, more = torch.randn(2, 40, model.config.hidden_size), torch.randn(2, 6, model.config.hidden_size)
     with torch.no_grad():
         whole = direction(torch.cat([hidden, more], dim=1), None, ops)

@@ -11,7 +11,6 @@ kernel instead of autotuning among about nine (and its backward deterministic), 
 """
 
 import importlib.util
-import warnings
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from diffuapriel_hf.modeling import mamba_ops
 from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
 from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser, graphed_denoiser
 from diffuapriel_hf.modeling.cache import BlockContext
+from diffuapriel_hf.modeling.kernel_policy import DISPATCH_THRESHOLDS, resolve_kernel_policy
 from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 
 pytestmark = [
@@ -64,11 +64,10 @@ def test_kernel_path_matches_the_pytorch_path(dtype, tolerance):
     mixer = randomised_mixer(config)
     hidden = torch.randn(2, 301, config.hidden_size, device="cuda")
     with torch.no_grad():
-        config.use_mamba_kernels = False
-        expected = mixer(hidden)  # float32 PyTorch reference
-        config.use_mamba_kernels = True
-        assert mamba_ops.select_ops(hidden, True).name == "kernels"
-        actual = mixer.to(dtype)(hidden.to(dtype))
+        expected = mixer(hidden).combined()  # float32 PyTorch reference (the default policy of a lone module)
+        kernels = resolve_kernel_policy(config, hidden.device)
+        assert kernels.mamba.name == "kernels" and kernels.fused_elementwise
+        actual = mixer.to(dtype)(hidden.to(dtype), kernels=kernels).combined(kernels)
     assert actual.dtype == dtype
     assert rel_err(actual, expected) <= tolerance
 
@@ -191,19 +190,20 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
     with torch.no_grad():
         norm.weight.normal_()
         # One addition in a's dtype either way: the same rounding.
-        torch.testing.assert_close(fused.add_time_reversed(a, b), fused.add_time_reversed_reference(a, b),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(fused.add_time_reversed(a, b, use_kernel=True),
+                                   fused.add_time_reversed_reference(a, b), rtol=0, atol=0)
         # silu(gate) * up rounded once instead of twice: at least as close to float32 as the reference.
         exact_swiglu = fused.swiglu_reference(exact(a), exact(b))
         halves = torch.cat([a, b], dim=-1).chunk(2, dim=-1)  # the one-product MLP's layout
-        assert rel_err(fused.swiglu(a, b), exact_swiglu) <= tolerance / 2
-        torch.testing.assert_close(fused.swiglu(*halves), fused.swiglu(a, b), rtol=0, atol=0)
+        assert rel_err(fused.swiglu(a, b, use_kernel=True), exact_swiglu) <= tolerance / 2
+        torch.testing.assert_close(fused.swiglu(*halves, use_kernel=True), fused.swiglu(a, b, use_kernel=True),
+                                   rtol=0, atol=0)
         assert rel_err(fused.swiglu_reference(a, b), exact_swiglu) <= tolerance
         # The direction sum, residual add and norm: the residual stream rounded once, then its norm.
         float_norm = DiffuAprielRMSNorm(96, eps=1e-5).to("cuda")
         float_norm.weight.copy_(norm.weight)
         for mirrored, scale in [(None, 1.0), (b, 1.0), (b, 0.5)]:
-            fused_out = fused.add_rms_norm(residual, a, norm, mirrored, scale)
+            fused_out = fused.add_rms_norm(residual, a, norm, mirrored, scale, use_kernel=True)
             reference_out = fused.add_rms_norm_reference(residual, a, norm, mirrored, scale)
             exact_out = fused.add_rms_norm_reference(exact(residual), exact(a), float_norm,
                                                      None if mirrored is None else exact(mirrored), scale)
@@ -213,13 +213,16 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
                 assert rel_err(reference_part, exact_part) <= 2 * tolerance
     # A gradient needed: the references, which carry it.
     a.requires_grad_(True)
-    assert fused.swiglu(a, b).grad_fn is not None and fused.add_time_reversed(a, b).grad_fn is not None
-    assert all(t.grad_fn is not None for t in fused.add_rms_norm(residual, a, norm, b))
+    assert fused.swiglu(a, b, use_kernel=True).grad_fn is not None
+    assert fused.add_time_reversed(a, b, use_kernel=True).grad_fn is not None
+    assert all(t.grad_fn is not None for t in fused.add_rms_norm(residual, a, norm, b, use_kernel=True))
 
 
 def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_projection_is_replaced(monkeypatch):
     from diffuapriel_hf.modeling import modeling_diffuapriel
-    from diffuapriel_hf.modeling.modeling_diffuapriel import ONE_PRODUCT_MIN_TOKENS, DiffuAprielMLP
+    from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielMLP
+
+    min_tokens = DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value
 
     class ShiftedLinear(torch.nn.Linear):  # what a LoRA or quantised layer looks like to the MLP: a subclass
         def forward(self, x):
@@ -228,23 +231,25 @@ def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_proje
     one_products = []  # the row strides of what the one-product path hands to swiglu: its output's halves
     swiglu = modeling_diffuapriel.swiglu
 
-    def recording_swiglu(gate, up):
+    def recording_swiglu(gate, up, use_kernel=False):
         if not gate.is_contiguous():
             one_products.append(gate.stride(-2))
-        return swiglu(gate, up)
+        return swiglu(gate, up, use_kernel=use_kernel)
 
     monkeypatch.setattr(modeling_diffuapriel, "swiglu", recording_swiglu)
     config = preset_config("tiny")
     torch.manual_seed(0)
     mlp = DiffuAprielMLP(config).cuda()
-    for tokens, one_product in [(ONE_PRODUCT_MIN_TOKENS, True), (ONE_PRODUCT_MIN_TOKENS - 1, False)]:
+    kernels = resolve_kernel_policy(config, "cuda")
+    assert kernels.mlp_one_product_min_tokens == min_tokens
+    for tokens, one_product in [(min_tokens, True), (min_tokens - 1, False)]:
         one_products.clear()
         x = torch.randn(1, tokens, config.hidden_size, device="cuda")
         separate = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        torch.testing.assert_close(mlp(x), separate, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mlp(x, kernels), separate, rtol=1e-5, atol=1e-5)
         assert one_products == ([2 * config.intermediate_size] if one_product else [])
-    x = torch.randn(1, ONE_PRODUCT_MIN_TOKENS, config.hidden_size, device="cuda")
-    mlp(x).sum().backward()  # the gradient reaches both weights through the concatenation
+    x = torch.randn(1, min_tokens, config.hidden_size, device="cuda")
+    mlp(x, kernels).sum().backward()  # the gradient reaches both weights through the concatenation
     assert mlp.gate_proj.weight.grad.abs().sum() > 0 and mlp.up_proj.weight.grad.abs().sum() > 0
     shifted = ShiftedLinear(config.hidden_size, config.intermediate_size, bias=False).cuda()
     shifted.load_state_dict(mlp.up_proj.state_dict())
@@ -252,7 +257,7 @@ def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_proje
     one_products.clear()
     with torch.no_grad():
         separate = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        torch.testing.assert_close(mlp(x), separate, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mlp(x, kernels), separate, rtol=1e-5, atol=1e-5)
     assert one_products == []
 
 
@@ -441,15 +446,3 @@ def test_generate_captures_anew_after_the_parameters_move(use_block_cache):
     assert not torch.equal(moved, before)
     model.to(torch.bfloat16)
     assert torch.equal(model.generate(prompt, **kwargs), other.to(torch.bfloat16).generate(prompt, **kwargs))
-
-
-def test_missing_kernels_fall_back_to_pytorch_with_one_warning(monkeypatch):
-    monkeypatch.setattr(mamba_ops, "_kernel_ops", False)  # as when mamba-ssm does not import
-    monkeypatch.setattr(mamba_ops, "_warned_fallback", False)
-    hidden = torch.zeros(1, 4, device="cuda")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert mamba_ops.select_ops(hidden, True) is mamba_ops.TORCH_OPS
-        assert mamba_ops.select_ops(hidden, True) is mamba_ops.TORCH_OPS
-    assert len([w for w in caught if "mamba-ssm is not installed" in str(w.message)]) == 1
-    assert mamba_ops.select_ops(hidden, False) is mamba_ops.TORCH_OPS

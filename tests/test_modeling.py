@@ -5,7 +5,17 @@ import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 from transformers.modeling_outputs import MaskedLMOutput
 
-from diffuapriel_hf import DiffuAprielForMaskedLM, DiffuAprielModel
+from diffuapriel_hf import DiffuAprielConfig, DiffuAprielForMaskedLM, DiffuAprielModel
+from diffuapriel_hf.modeling import kernel_policy
+from diffuapriel_hf.modeling.configuration_diffuapriel import MAMBA
+from diffuapriel_hf.modeling.fused_ops import TRITON_INSTALLED
+from diffuapriel_hf.modeling.kernel_policy import (
+    DISPATCH_THRESHOLDS,
+    REFERENCE_POLICY,
+    override_kernel_policy,
+    resolve_kernel_policy,
+)
+from diffuapriel_hf.modeling.mamba_ops import TORCH_OPS, MambaOps, kernel_ops
 
 
 @pytest.fixture
@@ -74,8 +84,39 @@ def test_hidden_states_and_attentions_follow_hybrid_conventions(tiny_model):
     assert len(out.attentions) == 1  # one map per attention layer
     assert out.attentions[0].shape == (2, model.config.num_attention_heads, 9, 9)
     torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, 9))
-    with pytest.raises(ValueError, match="eager"):
-        tiny_model("hybrid", attn_implementation="sdpa")(ids, output_attentions=True)
+    torch.testing.assert_close(out.hidden_states[-1], model.model(ids).last_hidden_state)  # the last one normed
+    as_tuple = model(ids, output_hidden_states=True, output_attentions=True, return_dict=False)
+    assert len(as_tuple) == 3 and len(as_tuple[1]) == 4 and len(as_tuple[2]) == 1
+
+
+def test_output_attentions_under_sdpa_returns_no_maps_as_transformers_models_do(tiny_model):
+    """transformers' convention (its SDPA interface warns once; its models then return no map for those layers)."""
+    model = tiny_model("hybrid", attn_implementation="sdpa")
+    ids = random_ids(model.config, 2, 9)
+    with torch.no_grad():
+        out = model(ids, output_attentions=True, output_hidden_states=True)
+        torch.testing.assert_close(out.logits, model(ids).logits)
+    assert out.attentions == ()
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "mamba"])
+def test_offloading_to_cpu_and_disk_gives_the_same_logits_and_tokens(tiny_model, kind, tmp_path):
+    """accelerate's offload hooks load a module's weights when it is called: every layer calls its parts, and the
+    kernels read weights directly only from plain modules, so a model spread over the execution device, offloaded
+    CPU memory and disk computes what it computes whole."""
+    model = tiny_model(kind, seed=8)
+    ids = random_ids(model.config, 2, 9)
+    model.save_pretrained(tmp_path / "model")
+    budget = sum(p.numel() * p.element_size() for p in model.parameters()) * 2 // 3
+    offloaded = DiffuAprielForMaskedLM.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "offload"
+    )
+    assert "disk" in offloaded.hf_device_map.values()
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    generate = dict(max_new_tokens=6, steps=3, seed=0)
+    assert torch.equal(offloaded.generate(ids[:, :4], **generate), model.generate(ids[:, :4], **generate))
 
 
 def test_logits_are_untouched_and_loss_excludes_the_mask_token(tiny_model):
@@ -121,6 +162,17 @@ def test_logits_to_keep_computes_the_named_positions_only(tiny_model):
         model(ids, logits_to_keep=1.5)
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_an_empty_batch_gives_empty_outputs(tiny_model, stack, implementation):
+    model = tiny_model(stack, attn_implementation=implementation)
+    ids = random_ids(model.config, 0, 5)
+    with torch.no_grad():
+        for mask in (None, torch.ones_like(ids)):
+            out = model(ids, attention_mask=mask, output_hidden_states=True)
+            assert out.logits.shape == (0, 5, model.config.vocab_size)
+            assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+
+
 def test_bad_inputs_are_clear_errors(tiny_model):
     model = tiny_model("hybrid")
     ids = random_ids(model.config, 2, 5)
@@ -153,3 +205,65 @@ def test_bad_inputs_are_clear_errors(tiny_model):
             model(ids, labels=labels)
     with pytest.raises(TypeError, match="labels must be an integer"):
         model(ids, labels=ids.float())
+
+
+def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
+    config = DiffuAprielConfig.from_preset("tiny")
+    assert resolve_kernel_policy(config, torch.device("cpu")) is REFERENCE_POLICY
+    with torch.no_grad():
+        on_cuda = resolve_kernel_policy(config, "cuda")  # resolving needs no GPU: it reads the device type
+    assert on_cuda.fused_rms_norm and on_cuda.fused_elementwise == on_cuda.fused_swiglu == TRITON_INSTALLED
+    assert on_cuda.vocab_multiple == DISPATCH_THRESHOLDS["lm_head_vocab_multiple"].value
+    assert on_cuda.mlp_one_product_min_tokens == DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value
+    assert on_cuda.mamba.name == ("torch" if kernel_ops() is None else "kernels")
+    with torch.enable_grad():  # the forward-only Triton kernels stay out of grad mode
+        assert not resolve_kernel_policy(config, "cuda").fused_elementwise
+    assert resolve_kernel_policy(DiffuAprielConfig.from_preset("tiny", use_mamba_kernels=False), "cuda").mamba is TORCH_OPS
+    for threshold in DISPATCH_THRESHOLDS.values():
+        assert threshold.source.startswith("benchmarks/results/")
+
+
+@pytest.mark.skipif(kernel_ops() is not None, reason="mamba-ssm is installed")
+def test_missing_mamba_kernels_fall_back_to_pytorch_with_one_warning():
+    kernel_policy._default_policy.cache_clear()
+    kernel_policy._warn_kernels_missing.cache_clear()
+    config = DiffuAprielConfig.from_preset("tiny")
+    with pytest.warns(UserWarning, match="mamba-ssm is not installed") as caught:
+        for grad in (True, False, True):
+            with torch.set_grad_enabled(grad):
+                assert resolve_kernel_policy(config, "cuda").mamba is TORCH_OPS
+    assert len([w for w in caught if "mamba-ssm" in str(w.message)]) == 1
+
+
+def test_override_kernel_policy_reaches_every_layer_and_restores_the_policy(tiny_model):
+    """The context manager tests and benchmarks switch paths with: a recording MambaOps sees every Mamba direction's
+    calls, the one-product MLP and the padded LM head give the same logits, and the policy is restored on exit."""
+    model = tiny_model("hybrid", seed=9)
+    ids = random_ids(model.config, 2, 9)
+    calls = []
+
+    def recording(operation):
+        def call(*args, **kwargs):
+            calls.append(operation.__name__)
+            return operation(*args, **kwargs)
+        return call
+
+    recording_ops = MambaOps("recording", *(recording(op) for op in (TORCH_OPS.chunk_scan, TORCH_OPS.causal_conv1d,
+                                                                      TORCH_OPS.rmsnorm)))
+    with torch.no_grad():
+        expected = model(ids).logits
+        with override_kernel_policy(mamba=recording_ops, mlp_one_product_min_tokens=1, vocab_multiple=64):
+            assert resolve_kernel_policy(model.config, "cpu").vocab_multiple == 64
+            with override_kernel_policy(vocab_multiple=1):  # nested: the inner value, the outer ones kept
+                assert resolve_kernel_policy(model.config, "cpu").vocab_multiple == 1
+                assert resolve_kernel_policy(model.config, "cpu").mamba is recording_ops
+            overridden = model(ids).logits
+        assert resolve_kernel_policy(model.config, "cpu") is REFERENCE_POLICY
+    directions = 2 * model.config.layer_types.count(MAMBA)
+    assert sorted(set(calls)) == sorted(op.__name__ for op in (TORCH_OPS.chunk_scan, TORCH_OPS.causal_conv1d,
+                                                               TORCH_OPS.rmsnorm))
+    assert len(calls) == 3 * directions
+    torch.testing.assert_close(overridden, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="unknown KernelPolicy fields"):
+        with override_kernel_policy(fused_everything=True):
+            pass

@@ -127,7 +127,7 @@ def test_causal_mixer_matches_transformers_mamba2_mixer(n_groups):
     hidden = torch.randn(2, 29, 32)
     with torch.no_grad():
         expected = theirs(hidden)
-        actual = ours(hidden)
+        actual = ours(hidden).combined()
     assert (actual - expected).abs().max() <= 1e-4
 
 
@@ -141,12 +141,12 @@ def test_backward_direction_is_the_forward_algorithm_on_the_reversed_sequence():
     hidden = torch.randn(2, 21, config.hidden_size)
     with torch.no_grad():
         causal.left_to_right.load_state_dict(bidirectional.left_to_right.state_dict())
-        left_to_right = causal(hidden)
+        left_to_right = causal(hidden).combined()
         causal.left_to_right.load_state_dict(bidirectional.right_to_left.state_dict())
-        right_to_left = causal(hidden.flip(1)).flip(1)
-        torch.testing.assert_close(bidirectional(hidden), left_to_right + right_to_left, rtol=1e-5, atol=1e-5)
+        right_to_left = causal(hidden.flip(1)).combined().flip(1)
+        torch.testing.assert_close(bidirectional(hidden).combined(), left_to_right + right_to_left, rtol=1e-5, atol=1e-5)
         bidirectional.config.bidirectional_strategy = "mean"
-        torch.testing.assert_close(bidirectional(hidden), (left_to_right + right_to_left) / 2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bidirectional(hidden).combined(), (left_to_right + right_to_left) / 2, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_chunk_scan_routes_to_the_single_pass_kernel_only_for_forward_only_zero_state_calls():

@@ -1,0 +1,169 @@
+"""Which implementation each operation of a forward pass takes, decided in one place.
+
+Every operation the model fuses has a PyTorch reference (runs everywhere, carries gradients) and one or more kernels:
+
+| operation                                  | reference                          | kernel (CUDA)                            |
+|--------------------------------------------|------------------------------------|------------------------------------------|
+| SSD scan, causal conv1d, gated norm        | `mamba_ops.*_reference`            | mamba-ssm / causal-conv1d, our           |
+|                                            |                                    | `ssd_triton.ssd_forward` (inference)     |
+| direction sum; residual add + next norm    | `fused_ops.*_reference`            | `fused_ops` Triton kernels (inference)   |
+| SwiGLU activation                          | `fused_ops.swiglu_reference`       | `fused_ops` Triton kernel (inference)    |
+| block RMSNorm                              | float32 statistics, six passes     | `F.rms_norm`, one kernel                 |
+| MLP gate and up projections                | two products                       | one product of the stacked weights       |
+| LM head                                    | the vocabulary as it is            | the vocabulary padded to a multiple of 8 |
+
+`resolve_kernel_policy(config, device)` makes every choice once per forward, from the config (`use_mamba_kernels`),
+the device, grad mode and what is installed, into a `KernelPolicy` that the model passes to its layers; the layers
+hold no device branches. `override_kernel_policy(**fields)` replaces fields of the resolved policy for the code it
+wraps: tests and benchmarks switch paths with it instead of patching module attributes. Kernels without a backward
+also refuse, call by call, any tensor that needs a gradient (`mamba_ops.needs_gradient`), whatever the policy says.
+
+Every dispatch threshold is in `DISPATCH_THRESHOLDS`, with the result file of the benchmark that set it.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import warnings
+from contextvars import ContextVar
+from typing import Optional
+
+import torch
+
+from .fused_ops import TRITON_INSTALLED
+from .mamba_ops import TORCH_OPS, MambaOps, kernel_ops
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    value: int
+    meaning: str
+    source: str  # the benchmark result that set it
+
+
+DISPATCH_THRESHOLDS = {
+    "mlp_one_product_min_tokens": Threshold(
+        32768,
+        "from this many tokens a call, the MLP computes gate and up as one product: at 64K tokens of the 1.3B presets "
+        "on an H200 1.63 ms against 2 x 0.94 ms for two, a whole graphed step 399-401 against 403.5-406 ms (32K: "
+        "198.3-199.6 against 199.1-200.4 ms); at 4K to 16K tokens whole steps were no faster, within 0.6 ms",
+        "benchmarks/results/gemm_shapes.json, benchmarks/results/fusion_ab.json",
+    ),
+    "lm_head_vocab_multiple": Threshold(
+        8,
+        "the LM head's rows padded to a multiple of this for the product: rows of an odd width such as GPT-2's 50,258 "
+        "are not 16-byte aligned and send cuBLAS to a kernel 2.4x slower (53 vs 23 ms at 64K tokens on an H200); a "
+        "multiple of 128 was no faster",
+        "benchmarks/results/throughput_analysis.md",
+    ),
+    "ssd_segment_walks_per_multiprocessor": Threshold(
+        6,
+        "single-pass SSD with fewer (sequence, head) walks than multiprocessors: each sequence cut into enough "
+        "segments for this many walks per multiprocessor",
+        "benchmarks/results/ssd_kernel.json",
+    ),
+    "ssd_min_segment_length": Threshold(
+        1024, "single-pass SSD: no segment shorter than this many tokens", "benchmarks/results/ssd_kernel.json"
+    ),
+    "ssd_min_segments": Threshold(
+        4,
+        "single-pass SSD: with fewer segments than this (and fewer walks than multiprocessors) mamba-ssm's kernels "
+        "keep the call (at 1 x 2K tokens of the 1.3B presets, 19.3 vs 14.5 ms a step; 1 x 4K: 27.0 vs 27.9 ms)",
+        "benchmarks/results/ssd_dispatch.json",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """One forward pass's choice of implementations (see the module's table).
+
+    mamba: the Mamba mixer's SSD scan, convolution and gated norm (`mamba_ops.TORCH_OPS` or `mamba_ops.kernel_ops()`).
+    fused_elementwise: the Triton kernels of the direction sum and the residual add + norm.
+    fused_swiglu: the Triton kernel of the SwiGLU activation.
+    fused_rms_norm: `F.rms_norm` for the block norms (where input and weight share a dtype).
+    mlp_one_product_min_tokens: from how many tokens the MLP computes gate and up as one product (None: never).
+    vocab_multiple: the LM head's vocabulary padded to a multiple of this for its product (1: not padded).
+    """
+
+    mamba: MambaOps = TORCH_OPS
+    fused_elementwise: bool = False
+    fused_swiglu: bool = False
+    fused_rms_norm: bool = False
+    mlp_one_product_min_tokens: Optional[int] = None
+    vocab_multiple: int = 1
+
+
+REFERENCE_POLICY = KernelPolicy()  # PyTorch everywhere: CPU, MPS, and whatever lacks a kernel
+_overrides: ContextVar[dict] = ContextVar("diffuapriel_kernel_policy_overrides", default={})
+
+
+def resolve_kernel_policy(config, device: torch.device) -> KernelPolicy:
+    """The policy for a forward pass of a model with this config on this device, in the current grad mode, with the
+    fields `override_kernel_policy` sets (outside `torch.compile`, which cannot read them)."""
+    device = torch.device(device)
+    policy = _default_policy(device.type, bool(config.use_mamba_kernels), torch.is_grad_enabled())
+    overrides = {} if torch.compiler.is_compiling() else _overrides.get()
+    return dataclasses.replace(policy, **overrides) if overrides else policy
+
+
+@contextlib.contextmanager
+def override_kernel_policy(**fields):
+    """Within the block, every resolved `KernelPolicy` has these fields replaced, e.g.
+    `with override_kernel_policy(mamba=TORCH_OPS, fused_elementwise=False): model(ids)` runs the references."""
+    unknown = set(fields) - {field.name for field in dataclasses.fields(KernelPolicy)}
+    if unknown:
+        raise TypeError(f"override_kernel_policy got unknown KernelPolicy fields: {sorted(unknown)}")
+    token = _overrides.set({**_overrides.get(), **fields})
+    try:
+        yield
+    finally:
+        _overrides.reset(token)
+
+
+@functools.lru_cache
+def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: bool) -> KernelPolicy:
+    if device_type != "cuda":
+        return REFERENCE_POLICY
+    # The Triton kernels of fused_ops have no backward: in grad mode the references run.
+    forward_only = TRITON_INSTALLED and not grad_enabled
+    return KernelPolicy(
+        mamba=_mamba_ops(use_mamba_kernels),
+        fused_elementwise=forward_only,
+        fused_swiglu=forward_only,
+        # One fused kernel (float32 statistics, one rounding at the end) instead of six passes over a float32 copy:
+        # 0.09 vs 0.88 ms for 32K tokens of width 2048 on an H200, 12% of a 1.3B Mamba step.
+        fused_rms_norm=True,
+        mlp_one_product_min_tokens=DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value,
+        vocab_multiple=DISPATCH_THRESHOLDS["lm_head_vocab_multiple"].value,
+    )
+
+
+def _mamba_ops(use_mamba_kernels: bool) -> MambaOps:
+    """The kernels when wanted and installed, else the references."""
+    if not use_mamba_kernels:
+        return TORCH_OPS
+    ops = kernel_ops()
+    if ops is None:
+        _warn_kernels_missing()
+        return TORCH_OPS
+    return ops
+
+
+@functools.cache
+def _warn_kernels_missing() -> None:  # once per process
+    warnings.warn(
+        "mamba-ssm is not installed: the Mamba-2 layers run on the (slower) PyTorch path. "
+        "`pip install diffuapriel-hf[cuda]` installs the kernels.",
+        stacklevel=4,
+    )
+
+
+__all__ = [
+    "DISPATCH_THRESHOLDS",
+    "KernelPolicy",
+    "REFERENCE_POLICY",
+    "Threshold",
+    "override_kernel_policy",
+    "resolve_kernel_policy",
+]
