@@ -555,6 +555,13 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
 
 
+def _costs_no_sync(tensor: torch.Tensor) -> bool:
+    """Whether a check may read `tensor`'s values: a CPU tensor (no device synchronisation) outside torch.compile.
+    The forward reads no device memory to check values, so that an eager CUDA pass never waits for the device: the
+    API boundaries check them (generate, the data collator, the loss)."""
+    return tensor.device.type == "cpu" and values_readable(tensor)
+
+
 def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -564,7 +571,7 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
             raise ValueError(f"input_ids must be a 2-D tensor (batch, length), got shape {shape}")
         if input_ids.dtype not in INTEGER_DTYPES:
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.numel() and values_readable(input_ids):
+        if input_ids.numel() and _costs_no_sync(input_ids):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= config.vocab_size:
                 raise ValueError(
@@ -588,7 +595,7 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
                 f"attention_mask must have the shape of the inputs (batch, length) = {tuple(shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        if attention_mask.dtype != torch.bool and values_readable(attention_mask) and not bool(
+        if attention_mask.dtype != torch.bool and _costs_no_sync(attention_mask) and not bool(
             ((attention_mask == 0) | (attention_mask == 1)).all()
         ):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
@@ -717,7 +724,9 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
 
 
 def _padding_mask(hidden_states, attention_mask, block_context) -> Optional[torch.Tensor]:
-    """(B, L) bool, True at real tokens, or None when nothing is padded (in a window pass, the recorded padding)."""
+    """(B, L) bool, True at real tokens, or None when nothing is padded (in a window pass, the recorded padding). A mask
+    of ones is read once to skip the padding path, a device synchronisation on CUDA: pass attention_mask=None when
+    nothing is padded (generate does) for a pass that never waits for the device."""
     if block_context is not None and block_context.recorded:
         return block_context.window_padding_mask()
     if attention_mask is None:
@@ -733,7 +742,7 @@ def _kept_positions(hidden_states: torch.Tensor, logits_to_keep: Union[int, torc
         if logits_to_keep.dim() != 1 or logits_to_keep.dtype not in INTEGER_DTYPES:
             raise ValueError(f"logits_to_keep as a tensor must be 1-D integer positions, got a "
                              f"{logits_to_keep.dim()}-D {logits_to_keep.dtype} tensor")
-        if values_readable(logits_to_keep) and logits_to_keep.numel() and not (
+        if _costs_no_sync(logits_to_keep) and logits_to_keep.numel() and not (
             0 <= int(logits_to_keep.min()) and int(logits_to_keep.max()) < length
         ):
             raise ValueError(f"logits_to_keep names positions outside the sequence [0, {length})")
