@@ -66,11 +66,11 @@ def main():
     rows = []
     with torch.no_grad():
         rows.append(compare("direction sum out0 + reversed out1", lambda: out0 + reverse_time(out1),
-                            lambda: fused_ops.add_time_reversed(out0, out1), 1e-6))
+                            lambda: fused_ops.add_time_reversed(out0, out1, use_kernel=True), 1e-6))
         rows.append(compare("direction sum + residual add + RMSNorm", unfused_block_tail,
-                            lambda: fused_ops.add_rms_norm(residual, out0, norm, out1), 1e-2))
+                            lambda: fused_ops.add_rms_norm(residual, out0, norm, out1, use_kernel=True), 1e-2))
         rows.append(compare("SwiGLU product silu(gate) * up", lambda: F.silu(gate) * up,
-                            lambda: fused_ops.swiglu(gate, up), 1e-2))
+                            lambda: fused_ops.swiglu(gate, up, use_kernel=True), 1e-2))
         flat_residual = residual[0]
         rows.append(compare("residual + out_proj(y) (addmm epilogue, not used)",
                             lambda: flat_residual + F.linear(y, out_proj),

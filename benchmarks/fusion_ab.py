@@ -29,24 +29,21 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from diffuapriel_hf.modeling import fused_ops
-    from diffuapriel_hf.modeling import modeling_diffuapriel as modeling
+    from diffuapriel_hf.modeling.kernel_policy import DISPATCH_THRESHOLDS, override_kernel_policy
 
     model = build("diffuapriel-1.3b")
-    fused, plain_linear, swiglu = fused_ops._fused, modeling._plain_linear, modeling.swiglu
+    one_product_from = DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value
     result = new_result(rounds=args.rounds, step_ms={})
     for length in args.lengths:
         ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
         for _ in range(args.rounds):
             for name in args.configs:
                 kernels_on, one_product_on, swiglu_on = CONFIGS[name]
-                fused_ops._fused = fused if kernels_on else (lambda *tensors, **layout: False)
-                modeling._plain_linear = plain_linear if one_product_on else (lambda module: False)
-                modeling.swiglu = swiglu if swiglu_on else fused_ops.swiglu_reference
-                ms = graphed_step_ms(model, ids, reps=5 if length > 16384 else 15, warmup=2)
+                with override_kernel_policy(fused_elementwise=kernels_on, fused_swiglu=swiglu_on,
+                                            mlp_one_product_min_tokens=one_product_from if one_product_on else None):
+                    ms = graphed_step_ms(model, ids, reps=5 if length > 16384 else 15, warmup=2)
                 result["step_ms"].setdefault(f"1 x {length}: {name}", []).append(ms)
                 print(f"1 x {length:6d}  {name:35s} {ms:8.2f} ms", flush=True)
-    fused_ops._fused, modeling._plain_linear, modeling.swiglu = fused, plain_linear, swiglu
     save(result, args.out)
 
 

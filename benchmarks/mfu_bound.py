@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     from diffuapriel_hf.modeling import mamba_ops
+    from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
 
     model = build("diffuapriel-1.3b")
     kernels = mamba_ops.kernel_ops()
@@ -57,14 +58,13 @@ def main():
         ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
         for _ in range(args.rounds):
             for name, ops in variants.items():
-                mamba_ops._kernel_ops = ops
-                ms = graphed_step_ms(model, ids, reps=5 if length > 16384 else 15, warmup=2)
+                with override_kernel_policy(mamba=ops):
+                    ms = graphed_step_ms(model, ids, reps=5 if length > 16384 else 15, warmup=2)
                 result["step_ms"].setdefault(f"1 x {length}: {name}", []).append(ms)
                 print(f"1 x {length:6d}  {name:40s} {ms:8.2f} ms", flush=True)
         for name in variants:
             best = min(result["step_ms"][f"1 x {length}: {name}"])
             result["mfu"][f"1 x {length}: {name}"] = 2 * parameters * length / (best / 1e3) / peak
-    mamba_ops._kernel_ops = kernels
     save(result, args.out)
     print(json.dumps(result["mfu"], indent=1))
 

@@ -23,28 +23,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    from diffuapriel_hf.modeling import mamba_ops
-    from diffuapriel_hf.modeling.ssd_triton import single_pass_is_faster, ssd_forward
+    from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
+    from diffuapriel_hf.modeling.mamba_ops import kernel_ops
+    from diffuapriel_hf.modeling.ssd_triton import single_pass_is_faster
 
     model = build("diffuapriel-1.3b")
-    kernels = mamba_ops.kernel_ops()
     heads = model.config.mamba_n_heads
-    choices = {
-        "single_pass": lambda *sizes: True,
-        "mamba_ssm": lambda *sizes: False,
-    }
+    choices = {"single_pass": kernel_ops(single_pass=True), "mamba_ssm": kernel_ops(single_pass=False)}
     result = new_result(rows=[])
     for batch, length in SHAPES:
         ids = torch.randint(0, model.config.mask_token_id, (batch, length), device="cuda")
         row = dict(batch=batch, length=length,
                    rule_picks_single_pass=single_pass_is_faster(batch, heads, length, ids.device))
-        for name, predicate in choices.items():
-            chunk_scan = mamba_ops._chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, predicate)
-            mamba_ops._kernel_ops = mamba_ops.MambaOps(name, chunk_scan, kernels.causal_conv1d, kernels.rmsnorm)
-            row[f"{name}_graphed_step_ms"] = graphed_step_ms(model, ids, reps=10, warmup=2)
-        mamba_ops._kernel_ops = kernels
+        for name, ops in choices.items():
+            with override_kernel_policy(mamba=ops):
+                row[f"{name}_graphed_step_ms"] = graphed_step_ms(model, ids, reps=10, warmup=2)
         result["rows"].append(row)
         print(f"{batch:2d} x {length:6d}: single pass {row['single_pass_graphed_step_ms']:7.2f} ms, mamba-ssm "
               f"{row['mamba_ssm_graphed_step_ms']:7.2f} ms, rule picks "

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
-from diffuapriel_hf.modeling.mamba_ops import reverse_time, select_ops
+from diffuapriel_hf.modeling.kernel_policy import REFERENCE_POLICY
+from diffuapriel_hf.modeling.mamba_ops import reverse_time
 from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 from harness import build, graphed_step_ms, new_result, save  # benchmarks/harness.py, beside this script
 
@@ -21,11 +22,11 @@ AS_BUILT = BidirectionalMamba2Mixer.direction_outputs
 _side_streams = {}
 
 
-def directions_on_two_streams(self, hidden_states, padding_mask=None, block_context=None):
+def directions_on_two_streams(self, hidden_states, padding_mask=None, block_context=None, kernels=REFERENCE_POLICY):
     """`direction_outputs` with the right-to-left direction (its input reversal included) on a side stream."""
     if self.right_to_left is None or padding_mask is not None or block_context is not None:
-        return AS_BUILT(self, hidden_states, padding_mask, block_context)
-    ops = select_ops(hidden_states, self.config.use_mamba_kernels)
+        return AS_BUILT(self, hidden_states, padding_mask, block_context, kernels)
+    ops = kernels.mamba
     main = torch.cuda.current_stream()
     side = _side_streams.setdefault(hidden_states.device, torch.cuda.Stream(hidden_states.device))
     side.wait_stream(main)
