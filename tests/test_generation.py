@@ -546,3 +546,98 @@ def test_fill_mask_pipeline_from_a_saved_folder(tmp_path, tiny_model, word_token
     assert [p["token"] for p in fill("w3 [MASK] w4", top_k=2)] == [p["token"] for p in pipeline(
         "fill-mask", model=model, tokenizer=tokenizer
     )("w3 [MASK] w4", top_k=2)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The published samplers are the contract: LLaDA's low-confidence remasking and Fast-dLLM's threshold decoding.
+
+
+def published_transfer_counts(block_mask_index, steps):
+    """LLaDA's `get_num_transfer_tokens` (GSAI-ML/LLaDA, generate.py), as published."""
+    mask_num = block_mask_index.sum(dim=1, keepdim=True)
+    base, remainder = mask_num // steps, mask_num % steps
+    counts = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    for i in range(mask_num.size(0)):
+        counts[i, : remainder[i]] += 1
+    return counts
+
+
+def published_generate(model, prompt, steps, gen_length, block_length, temperature=0.0, generator=None,
+                       threshold=None):
+    """LLaDA's `generate` (GSAI-ML/LLaDA generate.py, remasking='low_confidence', no classifier-free guidance) and, with
+    `threshold`, Fast-dLLM's threshold decoding (NVlabs/Fast-dLLM llada/generate.py: `get_transfer_index` keeps the
+    most confident candidate and every other one at least `threshold` sure, until the block is full), one prompt,
+    as published but for two adaptations: the mask token's logit is -inf (our models, as MDLM's SUBS, never predict
+    it), and the Gumbel noise -log(U) of every position is drawn as Exp(1) draws from `generator`, one row of the
+    vocabulary per mask of the current block, left to right: the same distribution, and the draws our sampler makes.
+    Returns (sequence, forward passes)."""
+    mask_id = model.config.mask_token_id
+    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt
+    steps = steps // (gen_length // block_length)
+    passes = 0
+    for num_block in range(gen_length // block_length):
+        start, end = prompt.shape[1] + num_block * block_length, prompt.shape[1] + (num_block + 1) * block_length
+        num_transfer_tokens = published_transfer_counts(x[:, start:end] == mask_id, steps)
+        i = 0
+        while (x[:, start:end] == mask_id).any() and (threshold is not None or i < steps):
+            mask_index = x == mask_id
+            mask_index[:, end:] = False
+            logits = model(x).logits.double()
+            passes += 1
+            logits[..., mask_id] = float("-inf")
+            if temperature == 0:
+                x0 = logits.argmax(dim=-1)
+            else:
+                exponential = torch.ones(logits.shape, dtype=torch.float64)
+                exponential[mask_index] = torch.empty(int(mask_index.sum()), logits.shape[-1]).exponential_(
+                    generator=generator).double()
+                x0 = (logits.exp() / exponential**temperature).argmax(dim=-1)
+            x0_p = logits.softmax(dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, float("-inf"))
+            count = int(mask_index.sum()) if threshold is not None else int(num_transfer_tokens[0, i])
+            _, select_index = torch.topk(confidence[0], k=count)
+            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+            transfer_index[0, select_index] = True
+            if threshold is not None:
+                for k in range(1, count):
+                    if confidence[0, select_index[k]] < threshold:
+                        transfer_index[0, select_index[k]] = False
+            x[transfer_index] = x0[transfer_index]
+            i += 1
+    return x, passes
+
+
+PUBLISHED_RUNS = [
+    dict(steps=16, gen_length=16, block_length=8),
+    dict(steps=8, gen_length=16, block_length=8),
+    dict(steps=6, gen_length=12, block_length=4),
+    dict(steps=4, gen_length=16, block_length=16),
+    dict(steps=8, gen_length=16, block_length=8, temperature=1.0),
+    dict(steps=8, gen_length=16, block_length=4, temperature=0.7),
+    dict(steps=16, gen_length=16, block_length=8, threshold=0.5),
+    dict(steps=24, gen_length=24, block_length=8, threshold=0.3),
+    dict(steps=16, gen_length=16, block_length=16, threshold=0.4, temperature=1.0),
+]
+
+
+@pytest.mark.parametrize("run", PUBLISHED_RUNS, ids=settings_id)
+@pytest.mark.parametrize("kind", sorted(STACKS))
+def test_the_same_tokens_passes_and_draws_as_llada_and_fast_dllm(kind, run):
+    """Where the lengths divide, `generate()` is LLaDA's sampler (and with a threshold and `steps` unset, Fast-dLLM's
+    threshold decoding): the same tokens, the same number of forward passes, the same draws from one random stream."""
+    model = tiny_model(kind=kind, seed=2, sharpen=30.0)
+    prompt = random_ids(model, 1, 5, seed=3)
+    expected, passes = published_generate(model, prompt, generator=torch.Generator().manual_seed(9), **run)
+    temperature, threshold = run.get("temperature", 0.0), run.get("threshold")
+    out = model.generate(
+        prompt, max_new_tokens=run["gen_length"], block_length=run["block_length"],
+        steps=None if threshold is not None else run["steps"], confidence_threshold=threshold,
+        do_sample=temperature > 0, temperature=temperature or None, generator=[torch.Generator().manual_seed(9)],
+        eos_token_id=None, return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, expected)
+    assert out.num_forward_passes == passes
+    if threshold is not None:
+        assert passes < run["gen_length"]  # the threshold committed several tokens at some step
