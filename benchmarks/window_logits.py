@@ -17,16 +17,15 @@ import torch
 
 from harness import build, new_result, save  # benchmarks/harness.py, beside this script
 
+from diffuapriel_hf.modeling.cuda_graphs import graphed_denoiser
+from diffuapriel_hf.modeling.denoisers import GraphDenoiser
+
 VARIANTS = ["window", "every position"]
 
 
-def every_position(self, input_ids, attention_mask, logits_to_keep):
+def every_position(self, sequences):
     """The denoising pass as it was: every position's logits, of which the sampler read the window's."""
-    from diffuapriel_hf.modeling.cuda_graphs import graphed_denoiser
-
-    if input_ids.is_cuda:
-        return graphed_denoiser(self)(input_ids, attention_mask)[:, logits_to_keep]
-    return self(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits[:, logits_to_keep]
+    return graphed_denoiser(self.model)(sequences, self.attention_mask)[:, self.positions]
 
 
 def timed_generate(model, ids, settings) -> tuple[torch.Tensor, float, float]:
@@ -48,7 +47,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model = build("diffuapriel-1.3b", max_position_embeddings=max(args.prompt_lengths) + args.max_new_tokens)
-    model_class, windowed = type(model), type(model).denoising_logits
+    windowed = GraphDenoiser.__call__
     settings = dict(max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
                     do_sample=False)
     result = new_result(settings=settings, rows={})
@@ -58,13 +57,13 @@ def main():
         outputs = {}
         for round_ in range(args.rounds + 1):  # round 0 warms up (graph capture, autotuning)
             for variant in VARIANTS:
-                model_class.denoising_logits = windowed if variant == "window" else every_position
+                GraphDenoiser.__call__ = windowed if variant == "window" else every_position
                 outputs[variant], seconds, peak = timed_generate(model, ids, settings)
                 if round_:
                     row.setdefault(f"{variant} seconds", []).append(seconds)
                     row[f"{variant} peak GiB"] = peak
                 print(f"1 x {length:6d}  {variant:15s} {seconds:7.3f} s  peak {peak:6.2f} GiB", flush=True)
-        model_class.denoising_logits = windowed
+        GraphDenoiser.__call__ = windowed
         row["same tokens"] = bool(torch.equal(outputs["window"], outputs["every position"]))
     save(result, args.out)
 

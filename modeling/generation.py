@@ -1,61 +1,86 @@
-"""Diffusion sampling for `DiffuAprielForMaskedLM.generate`.
+"""`DiffuAprielForMaskedLM.generate`: masked diffusion sampling, as transformers users call `generate()`.
 
-A masked diffusion LM generates by starting from `[MASK]` tokens and, step by step, committing some of them to tokens
-predicted by the denoiser, until none is left. Which masks are committed at a step is the *remasking rule*:
+Generation runs in semi-autoregressive blocks of `block_length` new tokens, left to right (the last block may be
+shorter); masks already in the prompt (infilling) are filled together with the first block. A committed token is
+never changed again. `generate()` composes three parts:
 
-- `low_confidence` (LLaDA): the masks whose predicted token has the highest probability;
-- `margin`: the largest gap between the first and second most likely tokens;
-- `entropy`: the lowest entropy of the predicted distribution;
-- `random`: uniformly at random;
-- `ancestral` (MDLM): each mask independently, with the probability of MDLM's reverse process between two times.
+- a plan (`generation_plan.plan_generation`): which options apply, how many new tokens, in which blocks, with how
+  many steps each, decided before any forward pass;
+- the sampling math (`sampling.propose_tokens`, `sampling.choose_commits`): at each step, a token for every mask of
+  the block and which of them to commit;
+- a denoiser (`denoisers.make_denoiser`): the forward passes, eager, from CUDA graphs or with the block cache.
 
-Generation runs in semi-autoregressive blocks of `block_length` new tokens, left to right; masks already in the
-prompt (infilling) are filled together with the first block. A committed token is never changed again.
-
-The sampling math is a set of small pure functions on tensors; `DiffusionGenerationMixin.generate` composes them,
-and calls the model through one method, `denoising_logits`, so that the denoising step can be wrapped (CUDA graphs,
-`torch.compile`) in one place.
-
-Randomness: every row of a batch draws from its own `torch.Generator`, only when the row has masks to fill, and over
-tensors whose shapes depend on that row alone, so a prompt gives the same tokens in any batch as on its own with the
-same seed. The global RNG is never used.
+Observers of the steps (`on_step`: progress bars, the streamer's drafts, pass counts, the history) see a
+`StepReport` after every step.
 """
 
-import contextlib
 import copy
-import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList, StopStringCriteria
 from transformers.utils import ModelOutput, logging
 
-from .cache import BlockContext
-from .cuda_graphs import graphed_denoiser
+from .denoisers import make_denoiser
 from .diffusion import INTEGER_DTYPES
+from .generation_plan import (
+    GenerationPlan,
+    check_sampling_values,
+    check_token_ids,
+    plan_generation,
+    refused_options,
+)
+from .sampling import (
+    REMASKING_RULES,
+    CandidateSampler,
+    choose_commits,
+    pad_after_eos,
+    propose_tokens,
+    row_generators,
+)
 
 logger = logging.get_logger(__name__)
-
-REMASKING_RULES = ("low_confidence", "margin", "entropy", "random", "ancestral")
 
 
 class DiffusionGenerationConfig(GenerationConfig):
     r"""
     Generation settings of a masked diffusion LM. Saved with the model as `generation_config.json`.
 
-    Besides `GenerationConfig`'s `max_new_tokens` / `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
-    `eos_token_id`, `pad_token_id`, `bos_token_id` and `return_dict_in_generate`:
+    Besides the standard options of `GenerationConfig` that mean something for diffusion sampling (lengths, the
+    sampling options, special tokens, stopping, `num_return_sequences`, `return_dict_in_generate`; the others are
+    refused by name, `generation_plan.HONOURED_OPTIONS` lists them):
 
     Args:
-        steps: denoising steps over the whole generation, shared equally by the blocks. `None`: one token per step.
-        block_length: new tokens per semi-autoregressive block; must divide the number of new tokens. `None`: one
-            block of all new tokens.
+        steps: denoising steps over the whole generation, spread over the blocks in proportion to their new tokens
+            (equally where `block_length` divides them, the remainder to the first blocks); each block takes at least
+            one, and no generation takes more forward passes. `None`: one token per step.
+        block_length: new tokens per semi-autoregressive block; the last block holds what is left, so any number of
+            new tokens works. `None`: one block of all new tokens.
         remasking: which masks to commit at a step: `"low_confidence"`, `"margin"`, `"entropy"`, `"random"` or
             `"ancestral"` (MDLM's sampler: each mask is revealed with the reverse-process probability, and the
             forward pass is skipped after a step that changed nothing).
         confidence_threshold: parallel decoding: every mask whose chosen token has at least this probability is
-            committed at the step (with at least the number the step schedule asks for, so at least one).
+            committed at the step, whatever the remasking rule; the rule chooses among the others only as many as
+            the step schedule's minimum still asks for (so at least one a step). With `steps` unset (one token a
+            step at least) and `low_confidence`, this is Fast-dLLM's threshold decoding, token for token; a smaller
+            `steps` raises the minimum, so a step may commit more than the threshold alone would.
         use_block_cache: reuse what the tokens outside the current block contribute (each layer's Mamba states
             entering the block from both sides, the attention keys and values outside it) across the block's
             steps, recorded by a whole-sequence pass at the block's first step; the later steps then run on the
@@ -67,9 +92,13 @@ class DiffusionGenerationConfig(GenerationConfig):
         mask_token_id: the `[MASK]` token; `generate()` falls back to the model config's.
         output_history: with `return_dict_in_generate=True`, also return the sequence after every step.
 
-    Sampling draws from softmax(logits / temperature) filtered by `top_k` / `top_p` when `do_sample=True` and
-    `temperature > 0`; otherwise the most likely token is chosen. The mask token is never chosen. The remasking
-    rules and the threshold judge the chosen tokens by the model's unfiltered distribution.
+    Each candidate's logits go through transformers' own logits processors (`repetition_penalty`,
+    `no_repeat_ngram_size`, `bad_words_ids`, eos suppressed before `min_new_tokens` / `min_length`, a
+    `logits_processor` passed to generate()), a candidate seen as an autoregressive next token at its position. When
+    `do_sample=True` and `temperature > 0` the token is drawn from that distribution warped by `temperature`,
+    `top_k`, `top_p`, `min_p`, `typical_p`, `epsilon_cutoff`, `eta_cutoff` (transformers' warpers); otherwise the most
+    likely token is chosen. The mask token is never chosen. The remasking rules and the threshold judge the chosen
+    tokens by the processed, unwarped distribution.
     """
 
     def __init__(self, **kwargs):
@@ -88,6 +117,7 @@ class DiffusionGenerationConfig(GenerationConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}")
+        check_sampling_values(self)
         if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"`temperature` must be >= 0 (0 chooses the most likely token), got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
@@ -135,194 +165,292 @@ class DiffusionGenerateOutput(ModelOutput):
         sequences: (B, L) the prompts (padding kept) followed by the generated tokens; after an `eos_token_id` in
             the generated part, padding.
         num_forward_passes: number of denoiser forward passes the generation took.
+        tokens_per_forward: (B,) float, each row's committed tokens over the forward passes it took part in (the
+            secondary metric transformers' diffusion models report).
         history: with `output_history=True`, the (B, L) sequence after every denoising step (masks still in place
             where nothing was committed yet).
     """
 
     sequences: Optional[torch.LongTensor] = None
     num_forward_passes: Optional[int] = None
+    tokens_per_forward: Optional[torch.FloatTensor] = None
     history: Optional[tuple[torch.LongTensor, ...]] = None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sampling math: pure functions.
+@dataclass
+class StepReport:
+    """What one denoising step did, for the `on_step` observers.
 
-
-def num_tokens_to_commit(num_masked: torch.Tensor, steps_left: torch.Tensor) -> torch.Tensor:
-    """How many masks to commit now so that `num_masked` masks are spread as evenly as possible over `steps_left`
-    steps: ceil(num_masked / steps_left). Applied at every step, this is LLaDA's schedule (the remainder goes to the
-    first steps), and it still finishes on time after a step that committed more (confidence threshold).
-
-    num_masked, steps_left: (B,) integer tensors, steps_left >= 1. Returns (B,).
+    block, step: the block's index and the step's (counted over the whole generation), from 0.
+    sequences: (B, L) after the step (masks where nothing is committed yet); window: the block's window.
+    forward_pass: whether the step ran a forward pass (the ancestral sampler skips it after a step that changed
+        nothing); rows: (B,) bool, the rows with masks at this step; committed: (B, L) bool, what it committed.
     """
-    return torch.div(num_masked + steps_left - 1, steps_left, rounding_mode="floor")
+
+    block: int
+    step: int
+    sequences: torch.Tensor
+    window: slice
+    forward_pass: bool
+    rows: torch.Tensor
+    committed: torch.Tensor
 
 
-def filter_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
-) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering: logits (N, V) -> (N, V) with -inf at the removed
-    tokens. `top_k` None/0 and `top_p` None/1 keep everything; the most likely token is always kept."""
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # A token goes when the tokens ranked above it already hold at least top_p of the mass.
-        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
-        remove = (mass_above >= top_p).scatter(-1, order, mass_above >= top_p)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+class PassCounter:
+    """Counts forward passes, each row's passes and its committed tokens (`on_step` observer)."""
+
+    def __init__(self, batch_size: int, device: torch.device):
+        self.passes = 0
+        self.row_passes = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.row_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def __call__(self, report: StepReport) -> None:
+        if report.forward_pass:
+            self.passes += 1
+            self.row_passes += report.rows.long()
+        self.row_tokens += report.committed.sum(dim=-1)
+
+    def tokens_per_forward(self) -> torch.Tensor:
+        return self.row_tokens.float() / self.row_passes.clamp(min=1).float()
 
 
-def sample_categorical(probs: torch.Tensor, exponential_noise: torch.Tensor) -> torch.Tensor:
-    """One token per row of probs (N, V), given exponential_noise (N, V) of i.i.d. Exp(1) draws: the exponential
-    race argmax(p / E), an exact categorical sample (the Gumbel-max trick), whose randomness is all in the noise."""
-    return (probs / exponential_noise).argmax(dim=-1)
+class DraftSender:
+    """Sends the block being filled after every step to a streamer's `put_draft` (transformers'
+    `TextDiffusionStreamer`): the canvas while it is denoised, masks included."""
+
+    def __init__(self, streamer):
+        self.streamer = streamer
+
+    def __call__(self, report: StepReport) -> None:
+        self.streamer.put_draft(report.sequences[:, report.window].cpu())
 
 
-def confidence_scores(
-    rule: str, probs: torch.Tensor, tokens: torch.Tensor, uniform: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """How sure the model is about each candidate, higher = commit first. probs: (N, V) the model's distribution
-    (mask token excluded); tokens: (N,) the chosen tokens; uniform: (N,) U(0,1) draws, used by the `random` rule
-    only. Returns (N,).
+class HistoryRecorder:
+    """Keeps the sequence after every step (`output_history`)."""
 
-    low_confidence: p(token); margin: p(first) - p(second); entropy: minus the entropy of p; random: uniform."""
-    if rule == "low_confidence":
-        return probs.gather(-1, tokens[:, None]).squeeze(-1)
-    if rule == "margin":
-        top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    if rule == "entropy":
-        return (probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(dim=-1)
-    if rule == "random":
-        if uniform is None:
-            raise ValueError("the `random` remasking rule needs `uniform` draws")
-        return uniform
-    raise ValueError(f"`remasking` must be one of {REMASKING_RULES[:-1]} for confidence scores, got {rule!r}")
+    def __init__(self):
+        self.states = []
 
-
-def ancestral_reveal_probability(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """MDLM's reverse step from time t to s < t under the linear schedule alpha_t = 1 - t (the fraction of clean
-    tokens): a masked token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t, its value
-    drawn from the denoiser, and otherwise stays masked. At s = 0 every mask is revealed."""
-    return (t - s) / t
-
-
-def select_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """For each row of scores (B, L), the `counts[b]` highest entries (-inf entries never; ties go to the leftmost)
-    as a (B, L) bool mask."""
-    order = scores.sort(dim=-1, descending=True, stable=True).indices  # (B, L)
-    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(-1, order, positions)  # ranks[b, i]: the rank of entry i
-    return (ranks < counts[:, None]) & (scores > float("-inf"))
-
-
-def pad_after_eos(
-    sequences: torch.Tensor, generated: torch.Tensor, eos_token_id: Sequence[int], pad_token_id: int
-) -> torch.Tensor:
-    """Replace everything after the first eos of the generated positions (B, L) bool by pad_token_id."""
-    is_eos = torch.isin(sequences, torch.tensor(eos_token_id, device=sequences.device)) & generated
-    after_eos = (is_eos.long().cumsum(dim=-1) - is_eos.long()) > 0
-    return sequences.masked_fill(after_eos & generated, pad_token_id)
+    def __call__(self, report: StepReport) -> None:
+        self.states.append(report.sequences.clone())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Per-row random streams.
+# Before the first pass: the prompts, the candidates' processors, the stopping criteria.
 
 
-def _row_generators(seed, generator, batch_size: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per row. An int seed (or one drawn from `generator`, or from the OS when neither is given) seeds
-    every row alike, so a row's draws never depend on the batch it is in; a list of seeds or of generators gives each
-    row its own."""
-    if generator is not None and seed is not None:
-        raise ValueError("pass `seed` or `generator`, not both")
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != batch_size:
-            raise ValueError(f"`generator` is a list of {len(generator)} generators for a batch of {batch_size}")
-        for g in generator:
-            if g.device.type != device.type:
-                raise ValueError(f"`generator` must be on the model's device ({device}), got one on {g.device}")
-        return list(generator)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {type(generator)}")
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little") >> 2
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch_size
-    if len(seeds) != batch_size or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"`seed` must be an int or a list of {batch_size} ints (one per row), got {seed!r}")
-    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+def prepare_prompts(input_ids, attention_mask, config: DiffusionGenerationConfig,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked (B * num_return_sequences, P) prompts and their attention mask, each prompt repeated in a row
+    `num_return_sequences` times. None: a single prompt of the BOS token (or an empty one)."""
+    if input_ids is None:
+        if attention_mask is not None:
+            raise ValueError("`attention_mask` was given without `input_ids`")
+        prompt = [] if config.bos_token_id is None else [config.bos_token_id]
+        input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must be a (batch, length) tensor, got {getattr(input_ids, 'shape', input_ids)}")
+    if input_ids.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"`input_ids` must be an integer tensor, got {input_ids.dtype}")
+    input_ids = input_ids.to(device=device, dtype=torch.long)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (tokens)")
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("`attention_mask` must pad on the left (tokenizer.padding_side = 'left')")
+    copies = config.num_return_sequences or 1
+    return input_ids.repeat_interleave(copies, dim=0), attention_mask.repeat_interleave(copies, dim=0)
 
 
-def _draw_per_row(kind: str, counts: list[int], width: int, generators, device) -> torch.Tensor:
-    """Concatenated draws for the rows' candidates: counts[b] rows of `width` values from generators[b] (rows with no
-    candidate draw nothing). kind: "uniform" or "exponential". Returns (sum(counts), width)."""
-    parts = []
-    for count, g in zip(counts, generators):
-        if count == 0:
-            continue
-        draw = torch.empty(count, width, device=device, dtype=torch.float32)
-        parts.append(draw.uniform_(generator=g) if kind == "uniform" else draw.exponential_(generator=g))
-    return torch.cat(parts) if parts else torch.empty(0, width, device=device)
+def eos_ids(config: GenerationConfig) -> list[int]:
+    eos = config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# One step's decisions, composed from the functions above.
-
-
-def propose_tokens(
-    candidate_logits: torch.Tensor, mask_token_id: int, config: DiffusionGenerationConfig, sampling: bool,
-    counts: list[int], generators,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The candidates' distribution (K, V), mask token excluded, and a token for each (K,) from their logits (K, V):
-    drawn from the tempered, filtered distribution when `sampling` (with the rows' generators; counts[b] candidates
-    are row b's), else the most likely. The unfiltered distribution is what ranks and thresholds the candidates, so
-    that top_k=1 is greedy and a low temperature does not fake confidence."""
-    candidate_logits = candidate_logits.float()  # a copy: the caller indexed it out of the model's logits
-    candidate_logits[:, mask_token_id] = float("-inf")
-    probs = candidate_logits.softmax(dim=-1)
+def candidate_sampler(config: DiffusionGenerationConfig, prompt_length: int,
+                      logits_processor: Optional[LogitsProcessorList]) -> CandidateSampler:
+    """The candidates' processors (transformers' own classes) from the config's options, then the caller's, and
+    the warpers that filter what is sampled."""
+    eos, processors = eos_ids(config), LogitsProcessorList()
+    if config.min_length and eos:
+        processors.append(MinLengthLogitsProcessor(config.min_length, eos))
+    if config.min_new_tokens and eos:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos))
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if config.bad_words_ids:
+        processors.append(NoBadWordsLogitsProcessor(config.bad_words_ids, eos or None))
+    processors.extend(logits_processor or [])
+    sampling = bool(config.do_sample) and (config.temperature is None or config.temperature > 0)
+    warpers = LogitsProcessorList()
     if not sampling:
-        return probs, probs.argmax(dim=-1)
-    filtered = filter_logits(candidate_logits, config.temperature or 1.0, config.top_k, config.top_p)
-    noise = _draw_per_row("exponential", counts, probs.shape[-1], generators, probs.device)
-    return probs, sample_categorical(filtered.softmax(dim=-1), noise)
+        return CandidateSampler(processors, warpers, sampling)
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(config.temperature)))
+    for warper, value, neutral in ((TopKLogitsWarper, config.top_k, 0), (TopPLogitsWarper, config.top_p, 1.0),
+                                   (MinPLogitsWarper, config.min_p, 0.0), (TypicalLogitsWarper, config.typical_p, 1.0),
+                                   (EpsilonLogitsWarper, config.epsilon_cutoff, 0.0),
+                                   (EtaLogitsWarper, config.eta_cutoff, 0.0)):
+        if value is not None and value != neutral:
+            warpers.append(warper(value))
+    return CandidateSampler(processors, warpers, sampling)
 
 
-def choose_commits(
-    rule: str, in_block: torch.Tensor, probs: torch.Tensor, tokens: torch.Tensor, remaining: torch.Tensor,
-    steps_left: torch.Tensor, confidence_threshold: Optional[float], counts: list[int], generators,
-) -> torch.Tensor:
-    """Which of the candidates (the True entries of in_block (B, L), in row-major order, with their distributions
-    probs (K, V) and tokens (K,)) to commit at this step, as a (B, L) bool mask. `ancestral`: each independently,
-    with MDLM's reveal probability for a row with steps_left (B,) steps to go; the other rules: each row's
-    `num_tokens_to_commit(remaining, steps_left)` most confident, and with a threshold also every one at least that
-    sure."""
-    if rule == "ancestral":
-        batch, length = in_block.shape
-        row_steps_left = steps_left[:, None].expand(batch, length)[in_block].float()  # (K,)
-        uniform = _draw_per_row("uniform", counts, 1, generators, probs.device).squeeze(-1)
-        commit = torch.zeros_like(in_block)
-        commit[in_block] = uniform < ancestral_reveal_probability(row_steps_left, row_steps_left - 1)
-        return commit
-    uniform = None
-    if rule == "random":
-        uniform = _draw_per_row("uniform", counts, 1, generators, probs.device).squeeze(-1)
-    scores = torch.full(in_block.shape, float("-inf"), device=in_block.device)
-    scores[in_block] = confidence_scores(rule, probs, tokens, uniform)
-    to_commit = num_tokens_to_commit(remaining, steps_left.clamp(min=1))  # rows without masks: 0
-    if confidence_threshold is not None:
-        sure = torch.zeros_like(in_block)
-        sure[in_block] = probs.gather(-1, tokens[:, None]).squeeze(-1) >= confidence_threshold
-        to_commit = torch.maximum(to_commit, sure.sum(dim=-1))
-    return select_top(scores, to_commit)
+def stopping_lists(config: DiffusionGenerationConfig, stopping_criteria,
+                   tokenizer) -> tuple[StoppingCriteriaList, StoppingCriteriaList]:
+    """The criteria checked each time a block is committed: those that end a row at a token (`stop_strings`, with
+    the `tokenizer` passed to generate(), then the caller's), checked on the sequence up to each of the block's
+    positions as an autoregressive model's would be; and `max_time`, checked once, at the block's end."""
+    at_tokens, at_blocks = StoppingCriteriaList(), StoppingCriteriaList()
+    if config.stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("`stop_strings` needs the tokenizer: pass `tokenizer=` to generate()")
+        at_tokens.append(StopStringCriteria(tokenizer, config.stop_strings))
+    at_tokens.extend(stopping_criteria or [])
+    if config.max_time is not None:
+        at_blocks.append(MaxTimeCriteria(config.max_time))
+    return at_tokens, at_blocks
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The run: the canvas, block after block.
+
+
+class DiffusionRun:
+    """The state of one generation: the canvas `sequences` (B, L) (prompts, then masks), which rows are finished,
+    and the step loop that fills a block (`fill_block`) and commits it (`close_block`)."""
+
+    def __init__(self, plan: GenerationPlan, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 config: DiffusionGenerationConfig, sampler: CandidateSampler, generators, observers: list):
+        batch, device = input_ids.shape[0], input_ids.device
+        self.plan, self.config, self.sampler, self.generators, self.observers = plan, config, sampler, generators, observers
+        self.mask_id = config.mask_token_id
+        new_masks = torch.full((batch, plan.num_new_tokens), self.mask_id, dtype=torch.long, device=device)
+        self.sequences = torch.cat([input_ids, new_masks], dim=1)  # (B, L)
+        self.attention = torch.cat([attention_mask, attention_mask.new_ones(batch, plan.num_new_tokens)], dim=1)
+        self.positions = torch.arange(plan.length, device=device)
+        self.generated = (self.positions >= plan.prompt_length).expand(batch, plan.length)  # (B, L) the new tokens
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.steps_taken = 0
+
+    def block_masks(self, index: int) -> torch.Tensor:
+        """(B, L) bool: the masks block `index` fills (the first block also the prompts')."""
+        start, end = self.plan.blocks[index]
+        region = (self.positions >= start) & (self.positions < end)  # (L,)
+        if index == 0:
+            region = region | (self.positions < self.plan.prompt_length)
+        return (self.sequences == self.mask_id) & region & self.attention.bool()
+
+    def fill_block(self, index: int, denoiser) -> None:
+        """Denoise block `index` until it has no mask: at most its planned steps (with `steps` unset, one per mask
+        of its fullest row), each a forward pass but where the ancestral sampler has nothing new to predict."""
+        in_block = self.block_masks(index)
+        if not bool(in_block.any()):
+            return
+        # The window: from the first position with a mask to fill in any row to the block's end. Only its logits are
+        # computed (all the sampler reads), and the block cache reuses what lies outside it.
+        window = slice(int(in_block.any(dim=0).nonzero()[0]), self.plan.blocks[index][1])
+        remaining = in_block.sum(dim=-1)  # (B,)
+        planned = self.plan.steps[index] if self.plan.steps is not None else int(remaining.max())
+        steps_left = remaining.clone() if self.plan.steps is None else torch.full_like(remaining, planned)
+        logits, stale = None, torch.ones_like(self.finished)  # stale: rows whose input changed since their logits
+        denoiser.start_block(window)
+        for _ in range(planned):
+            active = remaining > 0
+            forward_pass = logits is None or self.config.remasking != "ancestral" or bool((stale & active).any())
+            if forward_pass:
+                # MDLM: a row whose tokens did not change since its last prediction keeps it (its input is the same).
+                fresh = denoiser(self.sequences)  # (B, K, V)
+                keep = logits is not None and self.config.remasking == "ancestral"
+                logits = torch.where(stale[:, None, None], fresh, logits) if keep else fresh
+                stale = torch.zeros_like(stale)
+            commit = self.step(index, in_block, logits[in_block[:, window]], remaining, steps_left)
+            in_block = in_block & ~commit
+            remaining, steps_left = in_block.sum(dim=-1), steps_left - active.long()
+            stale = stale | commit.any(dim=-1)
+            report = StepReport(index, self.steps_taken, self.sequences, window, forward_pass, active, commit)
+            self.steps_taken += 1
+            for observe in self.observers:
+                observe(report)
+            if not bool(in_block.any()):
+                break
+        denoiser.finish_block(self.sequences)
+        if bool(in_block.any()):
+            raise RuntimeError(f"generate(): block {index} still has masks after its {planned} planned steps")
+
+    def step(self, index: int, in_block: torch.Tensor, candidate_logits: torch.Tensor, remaining: torch.Tensor,
+             steps_left: torch.Tensor) -> torch.Tensor:
+        """One step's decisions on the candidates (the masks in_block (B, L), in row-major order, with their logits
+        (K, V)): commit some to their proposed tokens in `sequences`; returns what was committed (B, L). Refuses
+        logits that are not finite and, but for the ancestral sampler, a step that would commit nothing."""
+        where = f"generate(): step {self.steps_taken} (block {index})"
+        if not bool(torch.isfinite(candidate_logits).all()):
+            raise RuntimeError(f"{where}: the model's logits are not finite (NaN or infinity) at the masks to fill: "
+                               "damaged weights, or an overflow in float16 (try bfloat16 or float32)")
+        counts = remaining.tolist()
+        probs, tokens = propose_tokens(candidate_logits, self.mask_id, self.sampler, counts, self.generators,
+                                       self.sequences, in_block)  # (K, V), (K,)
+        commit = choose_commits(self.config.remasking, in_block, probs, tokens, remaining, steps_left,
+                                self.config.confidence_threshold, counts, self.generators)  # (B, L)
+        if self.config.remasking != "ancestral" and bool(((remaining > 0) & ~commit.any(dim=-1)).any()):
+            raise RuntimeError(f"{where}: a row with masks to fill committed none, where the plan commits at least one")
+        chosen = torch.full_like(self.sequences, self.mask_id)
+        chosen[in_block] = tokens
+        self.sequences = torch.where(commit, chosen, self.sequences)
+        return commit
+
+    def close_block(self, index: int, stopping: tuple[StoppingCriteriaList, StoppingCriteriaList],
+                    streamer) -> None:
+        """Block `index` is committed: a row that produced eos in it, or that a stopping criterion ends, is done (its
+        tokens after the stop and its later blocks become padding, with nothing to generate); the streamer gets the
+        block."""
+        start, end = self.plan.blocks[index]
+        eos, (at_tokens, at_blocks) = eos_ids(self.config), stopping
+        block_done = self.generated & (self.positions < end)
+        ended = torch.zeros_like(self.finished)
+        if eos:
+            ended |= (torch.isin(self.sequences, torch.tensor(eos, device=ended.device)) & block_done).any(dim=-1)
+        stops = self.stop_lengths(start, end, at_tokens)  # (B,)
+        ended |= stops < self.plan.length
+        if at_blocks:
+            ended |= at_blocks(self.sequences[:, :end], None).to(ended.device)
+            stops = torch.where(ended & ~self.finished, torch.minimum(stops, torch.tensor(end)), stops)
+        newly_finished = ended & ~self.finished
+        if bool(newly_finished.any()):
+            after = self.generated & ~block_done | (self.positions >= stops[:, None].to(ended.device))
+            self.sequences = self.sequences.masked_fill(newly_finished[:, None] & self.generated & after,
+                                                        self.pad_token_id())
+        self.finished |= ended
+        if streamer is not None:
+            shown = self.output()
+            if index == 0:
+                streamer.put(shown[:, : self.plan.prompt_length].cpu())
+            streamer.put(shown[:, start:end].cpu())
+
+    def stop_lengths(self, start: int, end: int, criteria: StoppingCriteriaList) -> torch.Tensor:
+        """(B,) for each row, the length of the shortest prefix ending in the block [start, end) that `criteria`
+        stop at (the sequence's length where none does)."""
+        stops = torch.full_like(self.finished, self.plan.length, dtype=torch.long)
+        for length in range(start + 1, end + 1) if criteria else ():
+            hit = criteria(self.sequences[:, :length], None).to(stops.device) & (stops == self.plan.length)
+            stops = stops.masked_fill(hit, length)
+        return stops
+
+    def pad_token_id(self) -> Optional[int]:
+        eos = eos_ids(self.config)
+        return self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else None)
+
+    def output(self) -> torch.Tensor:
+        """The sequences, padded after each row's first generated eos."""
+        eos = eos_ids(self.config)
+        return pad_after_eos(self.sequences, self.generated, eos, self.pad_token_id()) if eos else self.sequences
 
 
 class DiffusionGenerationMixin:
@@ -355,32 +483,9 @@ class DiffusionGenerationMixin:
         except OSError:
             logger.info("No generation_config.json: using the generation config built from the model config.")
 
-    def denoising_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                         logits_to_keep: torch.Tensor) -> torch.Tensor:
-        """One denoising forward pass, (B, L) -> logits (B, K, V) at the K positions `logits_to_keep`: the only place
-        where `generate` calls the model, so that this step can be wrapped (CUDA graphs, torch.compile) on its own.
-        On CUDA the pass is replayed from a CUDA graph captured for the input's shape (`cuda_graphs.GraphedDenoiser`):
-        the same logits, bit for bit, without the launch overhead of the ~1,000 kernels of each step."""
-        if input_ids.is_cuda:
-            return graphed_denoiser(self)(input_ids, attention_mask, logits_to_keep)
-        return self(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
-                    return_dict=True).logits
-
-    def cached_denoising_logits(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], context, logits_to_keep: torch.Tensor
-    ) -> torch.Tensor:
-        """A denoising pass with the block cache (`use_block_cache`), (B, L) -> the logits (B, K, V) of the context's
-        window, whose positions `logits_to_keep` lists: while `context` (a `BlockContext`) is not recorded, a pass
-        over the whole sequence that records it; then passes over the window alone."""
-        if not context.recorded:
-            return self(input_ids=input_ids, attention_mask=attention_mask, block_context=context,
-                        logits_to_keep=logits_to_keep, return_dict=True).logits
-        window_ids = input_ids[:, context.start : context.end]
-        if input_ids.is_cuda:  # the block's window passes replayed from one CUDA graph (its own tensor: copied)
-            return graphed_denoiser(self).window(window_ids, context).clone()
-        return self(input_ids=window_ids, block_context=context, return_dict=True).logits
-
     def _resolve_generation_config(self, generation_config, kwargs) -> DiffusionGenerationConfig:
+        """The call's settings: the generation config (the model's by default) updated by `kwargs`, every option
+        honoured or refused by name."""
         base = self.generation_config if generation_config is None else generation_config
         if not isinstance(base, DiffusionGenerationConfig):
             base = DiffusionGenerationConfig.from_dict(base.to_dict())
@@ -388,10 +493,16 @@ class DiffusionGenerationMixin:
         unused = config.update(**kwargs)
         if unused:
             raise ValueError(f"generate() got arguments that are not generation settings: {sorted(unused)}")
+        refused = refused_options(config)
+        if refused:
+            settings = ", ".join(f"`{name}`={getattr(config, name)!r}" for name in refused)
+            raise ValueError(f"{settings}: no meaning in diffusion sampling (no beam search, key-value cache or "
+                             "autoregressive scores); unset to generate")
         if config.mask_token_id is None:
             config.mask_token_id = self.config.mask_token_id
         if config.mask_token_id is None:
             raise ValueError("`mask_token_id` is not set: set it in the model config or the generation config")
+        check_token_ids(config, self.config.vocab_size)
         return config
 
     @torch.no_grad()
@@ -403,6 +514,10 @@ class DiffusionGenerationMixin:
         streamer=None,
         generator: Union[torch.Generator, list[torch.Generator], None] = None,
         seed: Union[int, list[int], None] = None,
+        logits_processor: Optional[LogitsProcessorList] = None,
+        stopping_criteria: Optional[StoppingCriteriaList] = None,
+        tokenizer=None,
+        on_step: Optional[Callable[[StepReport], None]] = None,
         **kwargs,
     ) -> Union[torch.LongTensor, DiffusionGenerateOutput]:
         r"""
@@ -410,176 +525,62 @@ class DiffusionGenerationMixin:
         then denoise block by block.
 
         Args:
-            input_ids: (B, P) prompts, left-padded; `[MASK]` tokens in them are filled (infilling), every other
-                token is kept. None: a single prompt of the BOS token (or an empty one).
+            input_ids: (B, P) prompts, left-padded; mask tokens in them are filled (infilling), every other token is
+                kept. None: a single prompt of the BOS token (or an empty one).
             attention_mask: (B, P), 0 at padding, which must be on the left. None: no padding.
             generation_config: a `DiffusionGenerationConfig` (default `self.generation_config`); `**kwargs` override
-                its fields for this call.
+                its fields for this call. Every standard option is honoured or refused by name.
             streamer: receives `put(tokens)` with the prompt (its masks filled) and then each block's tokens as the
-                block is committed, then `end()` (transformers' `TextStreamer` protocol).
+                block is committed, then `end()` (transformers' `TextStreamer` protocol); with a `put_draft` method
+                (transformers' `TextDiffusionStreamer`), also the block being filled after every step.
             generator, seed: make the run repeatable. An int `seed` (or a `torch.Generator`, from which one seed is
-                drawn) seeds every row alike: a prompt gives the same tokens alone or in any batch. A list (one seed
-                or generator per row) gives rows their own streams. The global RNG is never touched.
+                drawn) seeds every prompt alike: a prompt gives the same tokens alone or in any batch. A list of
+                seeds (one per prompt) or of generators (one per returned row) gives rows their own streams. With
+                `num_return_sequences`, each copy of a prompt has its own stream. The global RNG is never touched.
+            logits_processor: transformers `LogitsProcessor`s applied to every candidate's scores after the config's
+                own (a candidate is processed as an autoregressive next token at its position would be).
+            stopping_criteria: transformers `StoppingCriteria`, checked each time a block is committed, as are
+                `max_time` and `stop_strings` (which need `tokenizer`): a row they end is padded after that block.
+            on_step: called with a `StepReport` after every denoising step.
 
         Returns:
-            (B, P + max_new_tokens) token ids, or a `DiffusionGenerateOutput` with `return_dict_in_generate=True`.
+            (B * num_return_sequences, P + max_new_tokens) token ids, or a `DiffusionGenerateOutput` with
+            `return_dict_in_generate=True`.
         """
         config = self._resolve_generation_config(generation_config, kwargs)
-        mask_id = config.mask_token_id
-        device = self.device
-        if input_ids is None:
-            if attention_mask is not None:
-                raise ValueError("`attention_mask` was given without `input_ids`")
-            prompt = [] if config.bos_token_id is None else [config.bos_token_id]
-            input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = getattr(input_ids, "shape", input_ids)
-            raise ValueError(f"`input_ids` must be a (batch, length) tensor, got {shape}")
-        if input_ids.dtype not in INTEGER_DTYPES:
-            raise TypeError(f"`input_ids` must be an integer tensor, got {input_ids.dtype}")
-        input_ids = input_ids.to(device=device, dtype=torch.long)
-        batch, prompt_length = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (tokens)")
-        attention_mask = attention_mask.to(device=device, dtype=torch.long)
-        if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-            raise ValueError("`attention_mask` must pad on the left (tokenizer.padding_side = 'left')")
-        prompt_masks = (input_ids == mask_id) & attention_mask.bool()  # (B, P) masks to infill
-
-        # How many new tokens, in how many blocks of how many steps.
-        if config.max_new_tokens is not None:
-            num_new = config.max_new_tokens
-        elif config.max_length is not None:
-            num_new = config.max_length - prompt_length
-            if num_new < 0 or (num_new == 0 and not bool(prompt_masks.any())):
-                raise ValueError(
-                    f"`max_length` ({config.max_length}) leaves no room after the prompt ({prompt_length} tokens)"
-                )
-        elif bool(prompt_masks.any()):
-            num_new = 0  # infilling only
-        else:
-            raise ValueError("nothing to generate: set `max_new_tokens` (or put [MASK] tokens in `input_ids`)")
-        max_positions = getattr(self.config, "max_position_embeddings", None)
-        if max_positions is not None and prompt_length + num_new > max_positions:
-            raise ValueError(
-                f"the prompt ({prompt_length} tokens) and `max_new_tokens` ({num_new}) need {prompt_length + num_new} "
-                f"positions, more than the model's max_position_embeddings ({max_positions})"
-            )
-        block_length = config.block_length or num_new
-        if num_new % max(block_length, 1):
-            raise ValueError(f"`block_length` ({block_length}) must divide the number of new tokens ({num_new})")
-        num_blocks = max(num_new // max(block_length, 1), 1)
-        steps_per_block = None
-        if config.steps is not None:
-            if config.steps % num_blocks:
-                raise ValueError(f"`steps` ({config.steps}) must be divisible by the number of blocks ({num_blocks})")
-            steps_per_block = config.steps // num_blocks
-
-        eos_ids = config.eos_token_id
-        eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-        pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
-        sampling = bool(config.do_sample) and (config.temperature is None or config.temperature > 0)
-        rule = config.remasking
-        needs_generators = sampling or rule in ("random", "ancestral")
-        generators = _row_generators(seed, generator, batch, device) if needs_generators else None
-
-        x = torch.cat([input_ids, torch.full((batch, num_new), mask_id, dtype=torch.long, device=device)], dim=1)
-        attention = torch.cat([attention_mask, attention_mask.new_ones(batch, num_new)], dim=1)  # (B, L)
-        model_attention = None if bool(attention.all()) else attention
-        length = x.shape[1]
-        positions = torch.arange(length, device=device)
-        generated = (positions >= prompt_length).expand(batch, length)  # (B, L) the new tokens
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        num_forward_passes = 0
-        history = [] if config.output_history else None
-        stale = torch.ones(batch, dtype=torch.bool, device=device)  # rows whose input changed since their logits
-
-        def denoise() -> torch.Tensor:  # the logits (B, K, V) of the block's window
-            nonlocal num_forward_passes
-            num_forward_passes += 1
-            if context is None:
-                return self.denoising_logits(x, model_attention, window_positions)
-            return self.cached_denoising_logits(x, model_attention, context, window_positions)
-
-        # Nothing runs between the steps of one call that could move the parameters: the CUDA graphs check where
-        # they lie once per call, not at every step (about 1 ms of host time a step for a 1.3B model).
-        with graphed_denoiser(self).parameters_fixed() if x.is_cuda else contextlib.nullcontext():
-            for block in range(num_blocks):
-                start = prompt_length + block * block_length
-                region = (positions >= start) & (positions < start + block_length)  # (L,)
-                if block == 0:
-                    region = region | (positions < prompt_length)  # the infilling masks go with the first block
-                in_block = (x == mask_id) & region & attention.bool()  # (B, L)
-                remaining = in_block.sum(dim=-1)  # (B,)
-                steps_left = (remaining.clone() if steps_per_block is None
-                              else torch.full_like(remaining, steps_per_block))
-                # The window: from the first position with a mask to fill in any row to the block's end. Only its
-                # logits are computed (all the sampler reads), and the block cache reuses what lies outside it.
-                logits = context = None
-                if bool(in_block.any()):
-                    window = slice(int(in_block.any(dim=0).nonzero()[0]), start + block_length)
-                    window_positions = torch.arange(window.start, window.stop, device=device)
-                    if config.use_block_cache:
-                        context = BlockContext(window.start, window.stop)
-                while bool((remaining > 0).any()):
-                    active = remaining > 0
-                    if logits is None or rule != "ancestral":
-                        logits = denoise()
-                    elif bool((stale & active).any()):
-                        # MDLM: a row whose tokens did not change since its last prediction keeps it (its input is the
-                        # same); the others get new ones.
-                        logits = torch.where(stale[:, None, None], denoise(), logits)
-                    stale = torch.zeros_like(stale)
-
-                    # Candidates: the masks of the current block, in row-major order (each row's run is contiguous).
-                    counts = remaining.tolist()
-                    probs, tokens = propose_tokens(logits[in_block[:, window]], mask_id, config, sampling, counts,
-                                                   generators)  # (K, V), (K,)
-                    commit = choose_commits(rule, in_block, probs, tokens, remaining, steps_left,
-                                            config.confidence_threshold, counts, generators)  # (B, L)
-                    chosen = torch.full_like(x, mask_id)
-                    chosen[in_block] = tokens
-                    x = torch.where(commit, chosen, x)
-                    in_block = in_block & ~commit
-                    remaining = in_block.sum(dim=-1)
-                    steps_left = steps_left - active.long()
-                    stale = stale | commit.any(dim=-1)
-                    if history is not None:
-                        history.append(x.clone())
-
-                # A row that produced eos is done: its later blocks become padding, with nothing to generate.
-                if eos_ids:
-                    block_done = generated & (positions < start + block_length)
-                    has_eos = (torch.isin(x, torch.tensor(eos_ids, device=device)) & block_done).any(dim=-1)
-                    newly_finished = has_eos & ~finished
-                    x = x.masked_fill(newly_finished[:, None] & generated & ~block_done, pad_id)
-                    stale = stale | newly_finished
-                    finished = finished | has_eos
-                if streamer is not None:
-                    shown = pad_after_eos(x, generated, eos_ids, pad_id) if eos_ids else x
-                    if block == 0:
-                        streamer.put(shown[:, :prompt_length].cpu())
-                    streamer.put(shown[:, start : start + block_length].cpu())
-                if bool(finished.all()):
+        input_ids, attention_mask = prepare_prompts(input_ids, attention_mask, config, self.device)
+        has_prompt_masks = bool(((input_ids == config.mask_token_id) & attention_mask.bool()).any())
+        plan = plan_generation(input_ids.shape[1], has_prompt_masks, config.max_new_tokens, config.max_length,
+                               config.block_length, config.steps, getattr(self.config, "max_position_embeddings", None))
+        sampler = candidate_sampler(config, plan.prompt_length, logits_processor)
+        stopping = stopping_lists(config, stopping_criteria, tokenizer)
+        generators = None
+        if sampler.sampling or config.remasking in ("random", "ancestral"):
+            copies = config.num_return_sequences or 1
+            generators = row_generators(seed, generator, input_ids.shape[0] // copies, self.device, copies)
+        counter = PassCounter(input_ids.shape[0], self.device)
+        history = HistoryRecorder() if config.output_history else None
+        observers = [counter] + [o for o in (history, on_step) if o is not None]
+        if streamer is not None and hasattr(streamer, "put_draft"):
+            observers.append(DraftSender(streamer))
+        run = DiffusionRun(plan, input_ids, attention_mask, config, sampler, generators, observers)
+        if any(stopping) and run.pad_token_id() is None:
+            raise ValueError("ending rows by `stopping_criteria`/`stop_strings`/`max_time` needs a `pad_token_id`")
+        model_attention = None if bool(run.attention.all()) else run.attention
+        with make_denoiser(self, config.use_block_cache, model_attention) as denoiser:
+            for index in range(len(plan.blocks)):
+                run.fill_block(index, denoiser)
+                run.close_block(index, stopping, streamer)
+                if bool(run.finished.all()):
                     break
-
         if streamer is not None:
             streamer.end()
-        if eos_ids:
-            x = pad_after_eos(x, generated, eos_ids, pad_id)
         if not config.return_dict_in_generate:
-            return x
+            return run.output()
         return DiffusionGenerateOutput(
-            sequences=x, num_forward_passes=num_forward_passes,
-            history=tuple(history) if history is not None else None,
+            sequences=run.output(), num_forward_passes=counter.passes, tokens_per_forward=counter.tokens_per_forward(),
+            history=tuple(history.states) if history is not None else None,
         )
 
 
-__all__ = ["DiffusionGenerationConfig", "DiffusionGenerationMixin", "DiffusionGenerateOutput"]
+__all__ = ["DiffusionGenerationConfig", "DiffusionGenerationMixin", "DiffusionGenerateOutput", "StepReport"]

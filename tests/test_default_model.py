@@ -81,3 +81,20 @@ def test_generate_command_uses_the_shipped_model(capsys):
     assert main(["generate", "--prompt", "def add(a, b):", "--no-progress", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def add(a, b):") and len(out) > 40
+
+
+def test_stop_strings_end_the_generation_after_the_block_that_holds_them(shipped):
+    model, tokenizer = shipped
+    ids = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
+    settings = dict(max_new_tokens=32, block_length=8, steps=32, eos_token_id=None)
+    free = model.generate(ids, **settings)
+    prompt_length = ids.shape[1]
+    stop = tokenizer.decode(free[0, prompt_length + 8 : prompt_length + 9])  # the second block's first token
+    first_block = tokenizer.decode(free[0, prompt_length : prompt_length + 8])
+    if not stop.strip() or stop in first_block:
+        pytest.skip("the second block's first token also appears in the first block")
+    out = model.generate(ids, stop_strings=[stop], tokenizer=tokenizer, return_dict_in_generate=True, **settings)
+    # As an autoregressive model would: the row ends after the token that completes the stop string.
+    assert torch.equal(out.sequences[0, : prompt_length + 9], free[0, : prompt_length + 9])
+    assert out.sequences[0, prompt_length + 9 :].eq(model.generation_config.pad_token_id).all()
+    assert out.num_forward_passes == 16  # checked when the second block is committed: two blocks of eight steps

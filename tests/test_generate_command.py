@@ -88,8 +88,9 @@ def test_infill_fills_the_placeholders_in_place(saved_model, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "{path}", "--prompt", "w3", "--max-new-tokens", 8, "--steps", 3, "--block-length", 4], "steps"),
-        (["--model", "{path}", "--prompt", "w3", "--max-new-tokens", 4, "--temperature", -1], "temperature"),
+        (["--model", "{path}", "--prompt", "w3", "--max-new-tokens", 8, "--steps", 1, "--block-length", 4],
+         r"`--steps` \(1\) is fewer than the blocks"),
+        (["--model", "{path}", "--prompt", "w3", "--max-new-tokens", 4, "--temperature", -1], "`--temperature`"),
         (["--model", "{path}", "--infill", "w3 w4"], "placeholder"),
         (["--model", "{path}", "--infill", "w3 [MASK]", "--infill-length", 0], "--infill-length"),
         (["--model", "{path}/nothing-here", "--prompt", "w3"], "cannot load a model"),

@@ -4,15 +4,30 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, GenerationConfig, TextStreamer, pipeline
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForMaskedLM,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerFast,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextStreamer,
+    pipeline,
+)
 
-from diffuapriel_hf import DiffuAprielForMaskedLM, DiffusionGenerationConfig
-from diffuapriel_hf.modeling.generation import (
-    DiffusionGenerateOutput,
+from diffuapriel_hf import DiffuAprielForMaskedLM, DiffusionGenerationConfig, preset_config
+from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
+from diffuapriel_hf.modeling.denoisers import BlockCacheDenoiser, EagerDenoiser
+from diffuapriel_hf.modeling import generation
+from diffuapriel_hf.modeling.generation import DiffusionGenerateOutput, candidate_sampler
+from diffuapriel_hf.modeling.generation_plan import HONOURED_OPTIONS, GenerationPlan, plan_generation
+from diffuapriel_hf.modeling.sampling import (
+    CandidateSampler,
     ancestral_reveal_probability,
     choose_commits,
     confidence_scores,
-    filter_logits,
     num_tokens_to_commit,
     pad_after_eos,
     propose_tokens,
@@ -20,7 +35,24 @@ from diffuapriel_hf.modeling.generation import (
     select_top,
 )
 
+STACKS = {"mamba": [MAMBA, MAMBA], "hybrid": [MAMBA, ATTENTION]}
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model(kind="mamba", seed=0, sharpen=None, **overrides):
+    """A tiny random model. `sharpen` multiplies the (untied) LM head so that the predictions are confident, as a
+    trained model's are (a random tiny model predicts nearly uniformly)."""
+    torch.manual_seed(seed)
+    if sharpen is not None:
+        overrides["tie_word_embeddings"] = False
+    config = preset_config("tiny", num_hidden_layers=len(STACKS[kind]), layer_types=STACKS[kind], **overrides)
+    model = DiffuAprielForMaskedLM(config).eval()
+    if sharpen is not None:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(sharpen)
+    return model
 
 
 def random_ids(model, *shape, seed=0):
@@ -48,7 +80,7 @@ def states(initial, output):
 # The config
 
 
-def test_model_generation_config_is_built_from_the_model_config(tiny_model):
+def test_model_generation_config_is_built_from_the_model_config():
     model = tiny_model()
     gc = model.generation_config
     assert isinstance(gc, DiffusionGenerationConfig)
@@ -75,7 +107,7 @@ def test_model_generation_config_is_built_from_the_model_config(tiny_model):
         (dict(mask_token_id=-3), "mask_token_id"),
     ],
 )
-def test_config_validation_names_the_argument(settings, argument, tiny_model):
+def test_config_validation_names_the_argument(settings, argument):
     with pytest.raises(ValueError, match=argument):
         DiffusionGenerationConfig(**settings)
     model = tiny_model()
@@ -86,8 +118,7 @@ def test_config_validation_names_the_argument(settings, argument, tiny_model):
 @pytest.mark.parametrize(
     "call, argument",
     [
-        (dict(max_new_tokens=10, block_length=4), "block_length"),
-        (dict(max_new_tokens=8, block_length=4, steps=3), "steps"),
+        (dict(max_new_tokens=10, block_length=4, steps=2), "--steps|`steps` \\(2\\) is fewer than the blocks \\(3\\)"),
         (dict(max_length=3), "max_length"),
         (dict(max_length=6), "max_length"),  # exactly the prompt, nothing to fill
         (dict(max_new_tokens=300), "max_position_embeddings"),
@@ -95,13 +126,13 @@ def test_config_validation_names_the_argument(settings, argument, tiny_model):
         (dict(max_new_tokens=4, numbr_of_steps=3), "numbr_of_steps"),
     ],
 )
-def test_generate_validation_names_the_argument(call, argument, tiny_model):
+def test_generate_validation_names_the_argument(call, argument):
     model = tiny_model()
     with pytest.raises(ValueError, match=argument):
         model.generate(random_ids(model, 1, 6), **call)
 
 
-def test_right_padding_is_refused(tiny_model):
+def test_right_padding_is_refused():
     model = tiny_model()
     ids = random_ids(model, 2, 5)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
@@ -111,7 +142,7 @@ def test_right_padding_is_refused(tiny_model):
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "ancestral"])
 @pytest.mark.parametrize("use_block_cache", [False, True])
-def test_generate_computes_the_logits_of_the_block_window_only(remasking, use_block_cache, monkeypatch, tiny_model):
+def test_generate_computes_the_logits_of_the_block_window_only(remasking, use_block_cache, monkeypatch):
     """Each denoising pass computes the logits of the block being filled (from its first mask in any row), and the
     tokens are those of passes that compute every position's logits and read the same rows."""
     model = tiny_model(seed=4)
@@ -119,31 +150,33 @@ def test_generate_computes_the_logits_of_the_block_window_only(remasking, use_bl
     prompt[1, 2] = model.config.mask_token_id  # an infilling mask: the first block's window starts there
     kwargs = dict(max_new_tokens=12, steps=6, block_length=4, remasking=remasking, do_sample=True, seed=1,
                   use_block_cache=use_block_cache)
-    denoising_logits, cached_denoising_logits = type(model).denoising_logits, type(model).cached_denoising_logits
-    windows = []
+    windows = []  # the positions whose logits each pass computed
 
-    def recorded(method):
-        def call(self, input_ids, attention_mask, *rest):
-            windows.append(rest[-1].tolist())
-            return method(self, input_ids, attention_mask, *rest)
+    def recorded(denoise):
+        def call(self, sequences):
+            logits = denoise(self, sequences)
+            assert logits.shape[1] == len(self.positions)
+            windows.append(self.positions.tolist())
+            return logits
         return call
 
-    monkeypatch.setattr(type(model), "denoising_logits", recorded(denoising_logits))
-    monkeypatch.setattr(type(model), "cached_denoising_logits", recorded(cached_denoising_logits))
+    for kind in (EagerDenoiser, BlockCacheDenoiser):
+        monkeypatch.setattr(kind, "__call__", recorded(kind.__call__))
     windowed = model.generate(prompt, **kwargs)
     assert windows[0] == list(range(2, 10)) and windows[-1] == list(range(14, 18))
     assert all(len(window) <= 8 for window in windows)
+    monkeypatch.undo()
 
     if not use_block_cache:  # (the cache is approximate: its tokens may differ from uncached passes')
-        def every_position(self, input_ids, attention_mask, logits_to_keep):
-            logits = self(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
-            return logits[:, logits_to_keep]
+        def every_position(self, sequences):
+            logits = self.model(input_ids=sequences, attention_mask=self.attention_mask, return_dict=True).logits
+            return logits[:, self.positions]
 
-        monkeypatch.setattr(type(model), "denoising_logits", every_position)
+        monkeypatch.setattr(EagerDenoiser, "__call__", every_position)
         assert torch.equal(windowed, model.generate(prompt, **kwargs))
 
 
-def test_non_binary_mask_and_float_ids_are_refused(tiny_model):
+def test_non_binary_mask_and_float_ids_are_refused():
     model = tiny_model()
     ids = random_ids(model, 2, 5)
     with pytest.raises(ValueError, match="only 0 .padding. and 1"):
@@ -152,14 +185,14 @@ def test_non_binary_mask_and_float_ids_are_refused(tiny_model):
         model.generate(ids.float(), max_new_tokens=4)
 
 
-def test_per_call_settings_do_not_change_the_model_config(tiny_model):
+def test_per_call_settings_do_not_change_the_model_config():
     model = tiny_model()
     before = model.generation_config.to_dict()
     model.generate(random_ids(model, 1, 4), max_new_tokens=4, steps=2, remasking="margin")
     assert model.generation_config.to_dict() == before
 
 
-def test_generation_config_saves_with_the_model_and_reloads(tmp_path, tiny_model):
+def test_generation_config_saves_with_the_model_and_reloads(tmp_path):
     model = tiny_model()
     model.generation_config.update(
         steps=8, block_length=4, remasking="margin", confidence_threshold=0.8, do_sample=True, temperature=0.7,
@@ -209,17 +242,6 @@ def test_commit_schedule_catches_up_after_a_large_step():
     assert counts == [1, 1, 0]
 
 
-def test_filter_logits():
-    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
-    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, False, True]]
-    torch.testing.assert_close(filter_logits(logits, temperature=2.0), logits / 2)
-    probs = logits.softmax(-1)[0]  # sorted: 3.0 (0.61), 2.0 (0.22), 1.0 (0.08), ...
-    keep_two = float(probs[4] + probs[0]) - 1e-4  # the first two hold just more than this
-    assert torch.isfinite(filter_logits(logits, top_p=keep_two)).tolist() == [[True, False, False, False, True]]
-    assert torch.isfinite(filter_logits(logits, top_p=float(probs[4]) - 1e-4)).sum() == 1  # the top token stays
-    assert torch.isfinite(filter_logits(logits, top_k=0, top_p=1.0)).all()
-
-
 def test_sample_categorical_draws_from_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]).expand(40000, 5)
     noise = torch.empty(probs.shape).exponential_(generator=torch.Generator().manual_seed(0))
@@ -261,8 +283,8 @@ def test_one_steps_decisions():
     in_block = torch.tensor([[False, True, True, True], [True, True, False, False]])  # 3 + 2 candidates
     logits = torch.tensor([[0.0, 5.0, 0.0, 9.0], [4.0, 0.0, 0.0, 9.0], [0.0, 0.0, 3.0, 9.0], [1.0, 0.0, 0.0, 9.0],
                            [0.0, 2.0, 0.0, 9.0]])  # (K, V), the mask token (3) the most likely everywhere
-    config = DiffusionGenerationConfig(temperature=1.0)
-    probs, tokens = propose_tokens(logits, 3, config, sampling=False, counts=[3, 2], generators=None)
+    greedy = CandidateSampler(LogitsProcessorList(), LogitsProcessorList(), sampling=False)
+    probs, tokens = propose_tokens(logits, 3, greedy, counts=[3, 2], generators=None)
     assert tokens.tolist() == [1, 0, 2, 0, 1] and bool((probs[:, 3] == 0).all())  # never the mask token
     remaining, steps_left = torch.tensor([3, 2]), torch.tensor([3, 1])
     commit = choose_commits("low_confidence", in_block, probs, tokens, remaining, steps_left, None, [3, 2], None)
@@ -282,7 +304,7 @@ def test_one_steps_decisions():
 # generate()
 
 
-def test_semi_autoregressive_blocks_and_steps(tiny_model):
+def test_semi_autoregressive_blocks_and_steps():
     model = tiny_model()
     ids = random_ids(model, 1, 5)
     out = model.generate(
@@ -304,7 +326,7 @@ def test_semi_autoregressive_blocks_and_steps(tiny_model):
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random", "ancestral"])
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_committed_tokens_never_change_and_the_mask_is_never_chosen(remasking, do_sample, tiny_model):
+def test_committed_tokens_never_change_and_the_mask_is_never_chosen(remasking, do_sample):
     model = tiny_model(kind="hybrid")
     ids = random_ids(model, 2, 4)
     # A random tiny model with tied embeddings predicts the mask token itself at a masked position: it must be
@@ -325,7 +347,7 @@ def test_committed_tokens_never_change_and_the_mask_is_never_chosen(remasking, d
     assert not (out.sequences == mask_id).any()
 
 
-def test_confidence_threshold_commits_every_sure_token_in_one_step(tiny_model):
+def test_confidence_threshold_commits_every_sure_token_in_one_step():
     model = tiny_model(sharpen=60.0)
     ids = random_ids(model, 1, 6, seed=1)
     threshold, mask_id, new = 0.5, model.config.mask_token_id, 16
@@ -357,7 +379,7 @@ def test_confidence_threshold_commits_every_sure_token_in_one_step(tiny_model):
     assert fast.num_forward_passes == 2
 
 
-def test_ancestral_sampler_skips_the_forward_pass_after_a_step_that_changed_nothing(tiny_model):
+def test_ancestral_sampler_skips_the_forward_pass_after_a_step_that_changed_nothing():
     model = tiny_model()
     ids = random_ids(model, 1, 4)
     out = model.generate(
@@ -372,7 +394,7 @@ def test_ancestral_sampler_skips_the_forward_pass_after_a_step_that_changed_noth
 
 
 @pytest.mark.parametrize("new_tokens", [0, 4])
-def test_infilling_fills_every_mask_and_keeps_every_given_token(new_tokens, tiny_model):
+def test_infilling_fills_every_mask_and_keeps_every_given_token(new_tokens):
     model = tiny_model(kind="hybrid")
     mask_id = model.config.mask_token_id
     ids = random_ids(model, 2, 10)
@@ -407,9 +429,9 @@ def settings_id(settings):
     return "-".join(f"{k}={v}" for k, v in settings.items()) or "greedy"
 
 
-@pytest.mark.parametrize("kind", ["hybrid", "mamba"])
+@pytest.mark.parametrize("kind", sorted(STACKS))
 @pytest.mark.parametrize("settings", BATCH_SETTINGS, ids=settings_id)
-def test_left_padded_batch_gives_what_each_prompt_gives_alone(kind, settings, tiny_model):
+def test_left_padded_batch_gives_what_each_prompt_gives_alone(kind, settings):
     model = tiny_model(kind=kind, seed=1, sharpen=8.0)
     prompts = [random_ids(model, n, seed=n) for n in (3, 9, 6)]
     prompts[1][4] = model.config.mask_token_id  # one prompt also has a hole to fill
@@ -421,7 +443,7 @@ def test_left_padded_batch_gives_what_each_prompt_gives_alone(kind, settings, ti
         assert torch.equal(out[row, : ids.shape[1] - len(prompt)], ids[row, : ids.shape[1] - len(prompt)])
 
 
-def test_eos_ends_a_sequence(tiny_model):
+def test_eos_ends_a_sequence():
     model = tiny_model(sharpen=4.0)
     ids = random_ids(model, 1, 3, seed=2)
     settings = dict(max_new_tokens=16, block_length=4, do_sample=True, seed=7)
@@ -442,7 +464,7 @@ def test_eos_ends_a_sequence(tiny_model):
     assert torch.equal(batch[1], model.generate(other, eos_token_id=eos, pad_token_id=0, **settings)[0])
 
 
-def test_seed_and_generator_are_repeatable_and_leave_the_global_rng_alone(tiny_model):
+def test_seed_and_generator_are_repeatable_and_leave_the_global_rng_alone():
     model = tiny_model()
     ids = random_ids(model, 2, 4)
     settings = dict(max_new_tokens=8, do_sample=True, remasking="random", steps=4)
@@ -465,7 +487,7 @@ def test_seed_and_generator_are_repeatable_and_leave_the_global_rng_alone(tiny_m
         model.generate(ids, seed=[1, 2, 3], **settings)
 
 
-def test_sampling_with_top_k_1_is_greedy_and_sampling_differs_from_greedy(tiny_model):
+def test_sampling_with_top_k_1_is_greedy_and_sampling_differs_from_greedy():
     model = tiny_model()
     ids = random_ids(model, 2, 4)
     greedy = model.generate(ids, max_new_tokens=8, seed=0)
@@ -474,7 +496,7 @@ def test_sampling_with_top_k_1_is_greedy_and_sampling_differs_from_greedy(tiny_m
     assert not torch.equal(model.generate(ids, max_new_tokens=8, do_sample=True, seed=0), greedy)
 
 
-def test_lengths_from_max_length_and_a_default_bos_prompt(tiny_model):
+def test_lengths_from_max_length_and_a_default_bos_prompt():
     model = tiny_model()
     ids = random_ids(model, 2, 5)
     assert model.generate(ids, max_length=9, eos_token_id=None).shape == (2, 9)
@@ -482,7 +504,7 @@ def test_lengths_from_max_length_and_a_default_bos_prompt(tiny_model):
     assert out.shape == (1, 5) and out[0, 0] == model.config.bos_token_id
 
 
-def test_return_dict_matches_the_tensor_output(tiny_model):
+def test_return_dict_matches_the_tensor_output():
     model = tiny_model()
     ids = random_ids(model, 1, 4)
     tensor = model.generate(ids, max_new_tokens=8, steps=4)
@@ -502,7 +524,7 @@ class RecordingStreamer:
         self.ended = True
 
 
-def test_streamer_receives_the_prompt_then_each_block(tiny_model):
+def test_streamer_receives_the_prompt_then_each_block():
     model = tiny_model()
     ids = random_ids(model, 1, 5)
     ids[0, 2] = model.config.mask_token_id
@@ -513,7 +535,19 @@ def test_streamer_receives_the_prompt_then_each_block(tiny_model):
     assert streamer.pieces[0][0, 2] != model.config.mask_token_id  # the prompt arrives with its hole filled
 
 
-def test_text_streamer_prints_the_generated_text(capsys, tiny_model, word_tokenizer):
+def word_tokenizer(config):
+    """A word-level tokenizer over the tiny preset's vocabulary: [PAD] [BOS] [EOS] w3 ... w94 [MASK]."""
+    vocab = {"[PAD]": config.pad_token_id, "[BOS]": config.bos_token_id, "[EOS]": config.eos_token_id}
+    vocab.update({f"w{i}": i for i in range(3, config.mask_token_id)})
+    vocab["[MASK]"] = config.mask_token_id
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", mask_token="[MASK]"
+    )
+
+
+def test_text_streamer_prints_the_generated_text(capsys):
     model = tiny_model()
     tokenizer = word_tokenizer(model.config)
     ids = tokenizer("w5 w6 w7", return_tensors="pt").input_ids
@@ -523,7 +557,7 @@ def test_text_streamer_prints_the_generated_text(capsys, tiny_model, word_tokeni
     assert printed.strip() == tokenizer.decode(out[0, 3:], skip_special_tokens=True).strip() != ""
 
 
-def test_fill_mask_pipeline(tiny_model, word_tokenizer):
+def test_fill_mask_pipeline():
     model = tiny_model(kind="hybrid")
     tokenizer = word_tokenizer(model.config)
     fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)
@@ -536,7 +570,7 @@ def test_fill_mask_pipeline(tiny_model, word_tokenizer):
     assert len(fill(["w3 [MASK]", "w7 w8 [MASK] w9"], top_k=2)) == 2
 
 
-def test_fill_mask_pipeline_from_a_saved_folder(tmp_path, tiny_model, word_tokenizer):
+def test_fill_mask_pipeline_from_a_saved_folder(tmp_path):
     model = tiny_model()
     tokenizer = word_tokenizer(model.config)
     model.save_pretrained(tmp_path)
@@ -641,3 +675,322 @@ def test_the_same_tokens_passes_and_draws_as_llada_and_fast_dllm(kind, run):
     assert out.num_forward_passes == passes
     if threshold is not None:
         assert passes < run["gen_length"]  # the threshold committed several tokens at some step
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The plan, without a model
+
+
+def test_plan_any_length_with_a_shorter_last_block_and_steps_spread_in_proportion():
+    plan = plan_generation(5, False, 20, None, 8, 5)
+    assert plan.blocks == ((5, 13), (13, 21), (21, 25)) and plan.length == 25
+    assert plan.steps == (2, 2, 1) and sum(plan.steps) == 5
+    assert plan_generation(5, False, 20, None, 8, None).steps is None  # one token per step
+    assert plan_generation(0, False, 16, None, 8, 8).steps == (4, 4)  # lengths that divide: LLaDA's equal shares
+    assert plan_generation(0, False, 12, None, 4, 7).steps == (3, 2, 2)  # the remainder to the first blocks
+    assert plan_generation(0, False, 17, None, 8, 6).steps == (3, 2, 1)
+    assert plan_generation(3, True, None, None, 8, 4) == GenerationPlan(3, 0, ((3, 3),), (4,))  # infilling only
+    assert plan_generation(3, False, None, 10, None, None).blocks == ((3, 10),)  # from max_length
+    for steps in range(3, 40):
+        assert sum(plan_generation(0, False, 21, None, 8, steps).steps) == steps
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (dict(max_new_tokens=16, block_length=4, steps=3), r"`steps` \(3\) is fewer than the blocks \(4\)"),
+        (dict(max_new_tokens=0), "nothing to generate"),
+        (dict(max_length=4), r"`max_length` \(4\) leaves no room"),
+        (dict(max_new_tokens=300, max_positions=256), "max_position_embeddings"),
+    ],
+)
+def test_plan_refusals_name_the_setting(call, message):
+    settings = dict(max_new_tokens=None, max_length=None, block_length=None, steps=None)
+    settings.update(call)
+    with pytest.raises(ValueError, match=message):
+        plan_generation(6, False, **settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation always ends
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random", "ancestral"])
+def test_non_finite_logits_raise_naming_the_step(remasking):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"step 0 \(block 0\).*not finite"):
+        model.generate(random_ids(model, 1, 4), max_new_tokens=8, steps=4, remasking=remasking, do_sample=True, seed=0)
+
+
+def test_a_step_that_commits_nothing_raises_naming_the_step(monkeypatch):
+    model = tiny_model()
+    nothing = lambda *args: torch.zeros_like(args[1])  # noqa: E731  (a rule gone wrong)
+    monkeypatch.setattr(generation, "choose_commits", nothing)
+    with pytest.raises(RuntimeError, match=r"step 0 \(block 0\).*committed none"):
+        model.generate(random_ids(model, 1, 4), max_new_tokens=8)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(confidence_threshold=0.2), dict(remasking="ancestral",
+                                                                                   do_sample=True)])
+@pytest.mark.parametrize("steps", [3, 5, 11, None])
+def test_any_length_gets_what_it_asks_in_no_more_passes_than_steps(settings, steps):
+    model = tiny_model(sharpen=20.0)
+    ids = random_ids(model, 2, 5)
+    out = model.generate(ids, max_new_tokens=11, block_length=4, steps=steps, seed=3, eos_token_id=None,
+                         return_dict_in_generate=True, **settings)
+    assert out.sequences.shape == (2, 16) and not (out.sequences == model.config.mask_token_id).any()
+    assert out.num_forward_passes <= (steps or 11)
+    if steps is None and not settings:
+        assert out.num_forward_passes == 11  # one token per step
+    # A row takes part in the passes while it has masks: a row that finishes a block first takes part in fewer.
+    assert out.tokens_per_forward.shape == (2,) and (out.tokens_per_forward >= 11 / out.num_forward_passes).all()
+    if steps is None and not settings:
+        assert out.tokens_per_forward.tolist() == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The threshold means what it says
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
+def test_threshold_commits_every_sure_candidate_whatever_the_rule(remasking):
+    in_block = torch.tensor([[True, True, True, True, False]])
+    probs = torch.tensor([[0.35, 0.3, 0.35], [0.9, 0.05, 0.05], [0.226, 0.7, 0.074], [0.5, 0.49, 0.01]])
+    tokens = probs.argmax(-1)  # p = 0.35, 0.9, 0.7, 0.5
+    generators = [torch.Generator().manual_seed(0)]
+    for steps_left, committed in ((4, 3), (1, 4)):  # schedule minimum 1 (the sure ones suffice), then all 4
+        commit = choose_commits(remasking, in_block, probs, tokens, torch.tensor([4]), torch.tensor([steps_left]),
+                                0.5, [4], generators)
+        assert commit[0, [1, 2, 3]].all() and int(commit.sum()) == committed
+    # Below the threshold, the rule chooses among the others only: one sure (0.9), a minimum of two, and margin
+    # prefers position 2 (0.7 - 0.226) to 3 (0.01) and 0 (0); random draws among 0, 2 and 3.
+    commit = choose_commits(remasking, in_block, probs, tokens, torch.tensor([4]), torch.tensor([2]), 0.8, [4],
+                            generators)
+    assert commit[0, 1] and int(commit.sum()) == 2
+    if remasking in ("low_confidence", "margin"):
+        assert commit[0].tolist() == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("remasking", ["margin", "entropy", "random"])
+def test_generate_with_a_threshold_never_leaves_a_sure_mask(remasking):
+    model = tiny_model(sharpen=30.0)
+    ids = random_ids(model, 1, 6, seed=1)
+    threshold, mask_id = 0.4, model.config.mask_token_id
+    out = model.generate(ids, max_new_tokens=12, block_length=12, confidence_threshold=threshold,
+                         remasking=remasking, do_sample=False, seed=2, eos_token_id=None,
+                         return_dict_in_generate=True, output_history=True)
+    history = states(torch.cat([ids, torch.full((1, 12), mask_id)], dim=1), out)
+    for before, after in zip(history, history[1:]):
+        logits = model(before).logits[0].float()
+        logits[:, mask_id] = float("-inf")
+        probs = logits.softmax(-1)
+        sure = (before[0] == mask_id) & (probs.max(-1).values >= threshold)
+        assert not (sure & (after[0] == mask_id)).any()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling through transformers' logits processors
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """The hand-written filter that transformers' warpers replaced, kept as the reference they must match:
+    temperature, then top-k, then nucleus (top-p) filtering, -inf at the removed tokens."""
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+        remove = (mass_above >= top_p).scatter(-1, order, mass_above >= top_p)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, None, None), (1.0, 5, None),
+                                                       (1.0, None, 0.8), (0.6, 20, 0.9), (1.3, 3, 0.5)])
+def test_transformers_warpers_draw_the_tokens_of_the_old_filter(temperature, top_k, top_p):
+    logits = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 3
+    logits[:, 95] = float("-inf")  # the mask token
+    config = DiffusionGenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampler = candidate_sampler(config, 0, None)
+    sequences, candidates = torch.zeros(8, 8, dtype=torch.long), torch.ones(8, 8, dtype=torch.bool)
+    generators = [torch.Generator().manual_seed(row) for row in range(8)]
+    _, tokens = propose_tokens(logits, 95, sampler, [8] * 8, generators, sequences, candidates)
+    noise = torch.cat([torch.empty(8, 96).exponential_(generator=torch.Generator().manual_seed(row))
+                       for row in range(8)])
+    expected = sample_categorical(filter_logits(logits, temperature, top_k, top_p).softmax(-1), noise)
+    assert torch.equal(tokens, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every standard option honoured or refused by name
+
+
+# A value that asks for something, for the options refused (others: True).
+REFUSED_SAMPLES = {
+    "num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 0.5, "length_penalty": 2.0, "penalty_alpha": 0.6,
+    "cache_implementation": "static", "cache_config": {"max_cache_len": 64}, "max_cache_len": 64, "top_h": 0.5,
+    "encoder_repetition_penalty": 1.2, "encoder_no_repeat_ngram_size": 2, "forced_bos_token_id": 3,
+    "forced_eos_token_id": 3, "exponential_decay_length_penalty": (2, 1.1), "suppress_tokens": [3],
+    "begin_suppress_tokens": [3], "sequence_bias": [[[3], 1.0]], "guidance_scale": 2.0,
+    "watermarking_config": {"greenlist_ratio": 0.25}, "decoder_start_token_id": 3, "num_assistant_tokens": 5,
+    "num_assistant_tokens_schedule": "heuristic", "assistant_confidence_threshold": 0.5,
+    "prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 2, "assistant_early_exit": 1,
+    "assistant_lookbehind": 5, "target_lookbehind": 5, "assistant_ensemble_weight": 0.5, "speculation_type": "mtp",
+    "compile_config": {"fullgraph": True}, "continuous_batching_config": {"block_size": 8}, "dola_layers": "low",
+    "constraints": ["a constraint"], "force_words_ids": [[3]], "prefill_chunk_size": 8, "generation_kwargs": {"a": 1},
+}
+
+
+def standard_options():
+    return sorted(name for name in vars(GenerationConfig()) if not name.startswith("_"))
+
+
+@pytest.mark.parametrize("name", standard_options())
+def test_every_standard_option_is_honoured_or_refused_by_name(name):
+    """Walks the installed transformers' GenerationConfig: an option is honoured (HONOURED_OPTIONS, each with its own
+    test) or refused with a ValueError that names it."""
+    if name in HONOURED_OPTIONS:
+        assert name in HONOURED_TESTS, f"{name} is honoured but no test says how"
+        return
+    model = tiny_model()
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        model.generate(random_ids(model, 1, 4), max_new_tokens=4, **{name: REFUSED_SAMPLES.get(name, True)})
+
+
+HONOURED_TESTS = {
+    "max_length": "test_lengths_from_max_length_and_a_default_bos_prompt",
+    "max_new_tokens": "test_semi_autoregressive_blocks_and_steps",
+    "min_length": "test_min_new_tokens_and_min_length_suppress_eos_before_them",
+    "min_new_tokens": "test_min_new_tokens_and_min_length_suppress_eos_before_them",
+    "max_time": "test_stopping_criteria_and_stop_strings_end_a_row_after_its_block",
+    "stop_strings": "test_stopping_criteria_and_stop_strings_end_a_row_after_its_block",  # and test_default_model.py
+    "do_sample": "test_sampling_with_top_k_1_is_greedy_and_sampling_differs_from_greedy",
+    "temperature": "test_transformers_warpers_draw_the_tokens_of_the_old_filter",
+    "top_k": "test_transformers_warpers_draw_the_tokens_of_the_old_filter",
+    "top_p": "test_transformers_warpers_draw_the_tokens_of_the_old_filter",
+    "min_p": "test_processors_and_warpers_change_what_is_drawn",
+    "typical_p": "test_processors_and_warpers_change_what_is_drawn",
+    "epsilon_cutoff": "test_processors_and_warpers_change_what_is_drawn",
+    "eta_cutoff": "test_processors_and_warpers_change_what_is_drawn",
+    "repetition_penalty": "test_processors_and_warpers_change_what_is_drawn",
+    "no_repeat_ngram_size": "test_processors_and_warpers_change_what_is_drawn",
+    "bad_words_ids": "test_processors_and_warpers_change_what_is_drawn",
+    "num_return_sequences": "test_num_return_sequences_gives_each_row_its_own_stream",
+    "return_dict_in_generate": "test_return_dict_matches_the_tensor_output",
+    "pad_token_id": "test_eos_ends_a_sequence",
+    "bos_token_id": "test_lengths_from_max_length_and_a_default_bos_prompt",
+    "eos_token_id": "test_eos_ends_a_sequence",
+    "use_cache": "test_use_cache_changes_nothing",
+    "transformers_version": "test_generation_config_saves_with_the_model_and_reloads",
+}
+
+
+def test_honoured_options_have_their_tests():
+    assert set(HONOURED_TESTS) == HONOURED_OPTIONS - {"_from_model_config"}
+    assert all(name in globals() for name in HONOURED_TESTS.values())
+
+
+def test_use_cache_changes_nothing():
+    model = tiny_model()
+    ids = random_ids(model, 1, 4)
+    plain = model.generate(ids, max_new_tokens=8)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, use_cache=False), plain)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, use_cache=True), plain)
+
+
+@pytest.mark.parametrize(
+    "settings, name",
+    [
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(pad_token_id=96), "pad_token_id"),
+        (dict(eos_token_id=[2, 500]), "eos_token_id"),
+        (dict(eos_token_id=-1), "eos_token_id"),
+    ],
+)
+def test_invalid_values_are_refused_by_name(settings, name):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        model.generate(random_ids(model, 1, 4), max_new_tokens=4, do_sample=True, **settings)
+
+
+def test_processors_and_warpers_change_what_is_drawn():
+    model = tiny_model(sharpen=5.0)
+    ids = random_ids(model, 2, 6)
+    settings = dict(max_new_tokens=12, block_length=4, do_sample=True, seed=3, eos_token_id=None)
+    plain = model.generate(ids, **settings)
+    for option in (dict(min_p=0.2), dict(typical_p=0.5), dict(epsilon_cutoff=0.05), dict(eta_cutoff=0.9),
+                   dict(repetition_penalty=5.0)):
+        assert not torch.equal(model.generate(ids, **option, **settings), plain), option
+    banned = plain[0, 6:9].tolist()
+    out = model.generate(ids, bad_words_ids=[[t] for t in banned], **settings)
+    assert not torch.isin(out[:, 6:], torch.tensor(banned)).any()
+    out = model.generate(ids, no_repeat_ngram_size=1, **settings)  # no token twice in a row's text
+    for row in out.tolist():
+        assert len(set(row[6:])) == 12 and not set(row[6:]) & set(row[:6])
+
+
+def test_min_new_tokens_and_min_length_suppress_eos_before_them():
+    model = tiny_model(sharpen=4.0)
+    ids = random_ids(model, 1, 3, seed=2)
+    settings = dict(max_new_tokens=16, block_length=4, do_sample=True, seed=7)
+    free = model.generate(ids, eos_token_id=None, **settings)[0, 3:].tolist()
+    eos = free[1]  # called "eos": it ends the row at the second token without a minimum
+    early = model.generate(ids, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True, **settings)
+    assert early.sequences[0, 5:].eq(0).all()
+    for minimum in (dict(min_new_tokens=10), dict(min_length=13)):
+        out = model.generate(ids, eos_token_id=eos, pad_token_id=0, **minimum, **settings)[0, 3:].tolist()
+        assert eos not in out[:10]
+
+
+def test_logits_processor_is_applied_to_every_candidate():
+    model = tiny_model()
+    ids = random_ids(model, 2, 4)
+    seen = []
+
+    class Only7(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(input_ids.shape)
+            return torch.full_like(scores, float("-inf")).index_fill(-1, torch.tensor([7]), 0.0)
+
+    out = model.generate(ids, max_new_tokens=8, logits_processor=LogitsProcessorList([Only7()]))
+    assert out[:, 4:].eq(7).all()
+    assert {shape[1] for shape in seen} <= set(range(4, 12))  # each candidate sees the tokens before it
+
+
+def test_stopping_criteria_and_stop_strings_end_a_row_after_its_block():
+    model = tiny_model(sharpen=4.0)
+    ids = random_ids(model, 2, 3, seed=2)
+    settings = dict(max_new_tokens=16, block_length=4, do_sample=True, seed=7, eos_token_id=None, pad_token_id=0)
+    free = model.generate(ids, **settings)
+
+    class AfterEight(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 3 + 8)
+
+    out = model.generate(ids, stopping_criteria=StoppingCriteriaList([AfterEight()]), return_dict_in_generate=True,
+                         **settings)
+    assert torch.equal(out.sequences[:, :11], free[:, :11]) and out.sequences[:, 11:].eq(0).all()
+    assert out.num_forward_passes == 8  # two blocks of four
+    with pytest.raises(ValueError, match="tokenizer"):  # stop_strings: test_default_model.py, with a real tokenizer
+        model.generate(ids, stop_strings=["w5"], **settings)
+    timed = model.generate(ids, max_time=0.0, return_dict_in_generate=True, **settings)
+    assert timed.num_forward_passes == 4 and timed.sequences[:, 7:].eq(0).all()  # ended after the first block
+
+
+def test_num_return_sequences_gives_each_row_its_own_stream():
+    model = tiny_model()
+    ids = random_ids(model, 2, 4)
+    settings = dict(max_new_tokens=8, do_sample=True, seed=5)
+    out = model.generate(ids, num_return_sequences=3, **settings)
+    assert out.shape == (6, 12) and torch.equal(out[:, :4], ids.repeat_interleave(3, dim=0))
+    assert len({tuple(row) for row in out[:3].tolist()}) == 3  # the copies of a prompt differ
+    assert torch.equal(out[::3], model.generate(ids, **settings))  # the first copy is the call without copies
+    with pytest.raises(ValueError, match="num_return_sequences"):  # copies of a greedy run: refused, as transformers
+        model.generate(ids, max_new_tokens=8, num_return_sequences=2)

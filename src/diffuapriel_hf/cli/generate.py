@@ -14,7 +14,7 @@ import argparse
 import copy
 import sys
 
-from ..modeling.generation import REMASKING_RULES
+from ..modeling.sampling import REMASKING_RULES
 
 DEFAULT_MASK_PLACEHOLDER = "[MASK]"
 
@@ -58,8 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+# The generation settings that flags set, as generate()'s errors name them (`steps`), and the flags.
+FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "max_new_tokens", "steps", "block_length", "remasking", "confidence_threshold", "temperature", "top_k", "top_p")}
+
+
 def fail(message: str):
     raise SystemExit(f"diffuapriel generate: error: {message}")
+
+
+def fail_with_flags(message: str):
+    """`fail` with the settings that flags set named as the flags (`--steps`, not `steps`)."""
+    for name, flag in FLAGS.items():
+        message = message.replace(f"`{name}`", f"`{flag}`")
+    fail(message)
 
 
 def default_model_path() -> str:
@@ -121,24 +133,17 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
 
 
 class StepProgress:
-    """A progress bar of denoising forward passes, counted by wrapping the model's two denoising calls
-    (`denoising_logits`, and `cached_denoising_logits` with the block cache). Its total is an upper bound: a
-    confidence threshold or the ancestral sampler may finish in fewer passes."""
+    """A progress bar of denoising forward passes, fed by generate()'s `on_step` reports. Its total is an upper
+    bound: a confidence threshold or the ancestral sampler may finish in fewer passes."""
 
-    def __init__(self, model, total: int, disable: bool):
+    def __init__(self, total: int, disable: bool):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc="denoising", unit="step", disable=disable, file=sys.stderr)
-        for name in ("denoising_logits", "cached_denoising_logits"):
-            setattr(model, name, self._counted(getattr(model, name)))
 
-    def _counted(self, denoise):
-        def call(*args):
-            logits = denoise(*args)
+    def __call__(self, report) -> None:
+        if report.forward_pass:
             self.bar.update(1)
-            return logits
-
-        return call
 
     def close(self):
         self.bar.close()
@@ -179,13 +184,13 @@ def run(args) -> int:
     try:
         config.update(**settings)
     except ValueError as error:
-        fail(str(error))
+        fail_with_flags(str(error))
     num_masks = (input_ids == mask_token_id).sum().item() + (config.max_new_tokens or 0)
-    progress = StepProgress(model, total=config.steps or num_masks, disable=args.no_progress)
+    progress = StepProgress(total=config.steps or num_masks, disable=args.no_progress)
     try:
-        sequences = model.generate(input_ids, generation_config=config, seed=args.seed)
+        sequences = model.generate(input_ids, generation_config=config, seed=args.seed, on_step=progress)
     except ValueError as error:
-        fail(str(error))
+        fail_with_flags(str(error))
     finally:
         progress.close()
     print(tokenizer.decode(sequences[0], skip_special_tokens=True))
