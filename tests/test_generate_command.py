@@ -2,6 +2,8 @@
 
 import argparse
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,7 +95,7 @@ def test_infill_fills_the_placeholders_in_place(saved_model, capsys):
         (["--model", "{path}", "--prompt", "w3", "--max-new-tokens", 4, "--temperature", -1], "`--temperature`"),
         (["--model", "{path}", "--infill", "w3 w4"], "placeholder"),
         (["--model", "{path}", "--infill", "w3 [MASK]", "--infill-length", 0], "--infill-length"),
-        (["--model", "{path}/nothing-here", "--prompt", "w3"], "cannot load a model"),
+        (["--model", "{path}/nothing-here", "--prompt", "w3"], "nothing-here': no such folder"),
     ],
 )
 def test_errors_are_clear(saved_model, capsys, argv, message):
@@ -151,3 +153,65 @@ def test_infill_ids_keep_the_tokenizer_special_tokens(saved_model, word_tokenize
     )
     mask = model.config.mask_token_id
     assert infill_ids(tokenizer, "w3 @ w4 @", "@", 2, mask) == [bos, 3, mask, mask, 4, mask, mask, eos]
+
+
+def test_show_drafts_prints_the_text_through_the_diffusion_streamer(saved_model, capsys):
+    path, model, tokenizer = saved_model
+    code, out, _ = generate_command(capsys, "--model", path, "--prompt", "w3 w4", "--max-new-tokens", 8, "--seed", 1,
+                                    "--show-drafts", "--no-progress")
+    expected = model.generate(torch.tensor([[3, 4]]), max_new_tokens=8)
+    final = tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert code == 0 and "\033" in out  # drafts drawn and cleared in place
+    assert out.rstrip().endswith(final.split()[-1])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "no/such/folder/here", "--prompt", "w3"], r"--model 'no/such/folder/here': no such folder"),
+        (["--model", "./typo-model", "--prompt", "w3"], r"--model './typo-model': no such folder"),
+        (["--device", "cuda", "--prompt", "w3"], "--device cuda: .*no CUDA device"),
+        (["--device", "nonsense", "--prompt", "w3"], "--device 'nonsense'"),
+    ],
+)
+def test_unusable_model_paths_and_devices_get_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=message) as raised:
+        main(["generate", *argv])
+    assert "\n" not in str(raised.value)
+
+
+def test_top_k_and_top_p_ask_for_sampling():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, argv=[])
+    assert generation_settings(parser.parse_args(["--top-k", "5"]))["do_sample"] is True
+    assert generation_settings(parser.parse_args(["--top-p", "0.9", "--temperature", "0"]))["do_sample"] is False
+
+
+def test_help_shows_the_model_saved_defaults(saved_model, tmp_path):
+    _, model, tokenizer = saved_model
+    model.generation_config.update(steps=12, block_length=4)
+    try:
+        model.save_pretrained(tmp_path)
+    finally:
+        model.generation_config.update(steps=None, block_length=None)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, argv=["--model", str(tmp_path)])
+    text = " ".join(parser.format_help().split())
+    assert "denoising steps in all (the model's: 12)" in text and "(the model's: 4)" in text
+    assert "--steps must be at least the number of blocks" in text
+
+
+def test_the_command_help_imports_no_torch():
+    code = ("import sys, diffuapriel_command\n"
+            "try:\n    diffuapriel_command.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "generate" in result.stdout
+
+
+def test_no_progress_silences_every_bar(saved_model, capsys):
+    path = saved_model[0]
+    code, _, err = generate_command(capsys, "--model", path, "--prompt", "w3", "--max-new-tokens", 4, "--no-progress")
+    assert code == 0 and err == ""

@@ -13,6 +13,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     StoppingCriteria,
     StoppingCriteriaList,
+    TextDiffusionStreamer,
     TextStreamer,
     pipeline,
 )
@@ -994,3 +995,39 @@ def test_num_return_sequences_gives_each_row_its_own_stream():
     assert torch.equal(out[::3], model.generate(ids, **settings))  # the first copy is the call without copies
     with pytest.raises(ValueError, match="num_return_sequences"):  # copies of a greedy run: refused, as transformers
         model.generate(ids, max_new_tokens=8, num_return_sequences=2)
+
+
+class DraftStreamer(RecordingStreamer):
+    def __init__(self):
+        super().__init__()
+        self.drafts = []
+
+    def put_draft(self, tokens):
+        self.drafts.append(tokens.clone())
+
+
+def test_a_streamer_with_put_draft_sees_the_block_after_every_step():
+    model = tiny_model()
+    ids = random_ids(model, 1, 5)
+    streamer = DraftStreamer()
+    out = model.generate(ids, max_new_tokens=12, block_length=4, steps=6, eos_token_id=None, streamer=streamer,
+                         return_dict_in_generate=True, output_history=True)
+    assert len(streamer.drafts) == len(out.history) == 6 and [d.shape[1] for d in streamer.drafts] == [4] * 6
+    for step, (draft, state) in enumerate(zip(streamer.drafts, out.history)):
+        start = 5 + 4 * (step // 2)  # the block of the step
+        assert torch.equal(draft, state[:, start : start + 4])
+    mask_id = model.config.mask_token_id
+    assert [int((d == mask_id).sum()) for d in streamer.drafts] == [2, 0, 2, 0, 2, 0]  # two tokens a step
+    assert torch.equal(torch.cat(streamer.drafts[1::2], dim=1), out.sequences[:, 5:])
+    assert torch.equal(torch.cat(streamer.pieces, dim=1), out.sequences)  # committed tokens through put, as before
+
+
+def test_text_diffusion_streamer_shows_drafts(capsys):
+    model = tiny_model()
+    tokenizer = word_tokenizer(model.config)
+    ids = tokenizer("w5 w6 w7", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, block_length=4, eos_token_id=None,
+                         streamer=TextDiffusionStreamer(tokenizer))
+    printed = capsys.readouterr().out
+    assert "[MASK]" in printed and "\033" in printed  # a draft with masks, drawn over in place
+    assert printed.rstrip().endswith(tokenizer.decode(out[0, 3:]).split()[-1])

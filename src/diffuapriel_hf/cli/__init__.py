@@ -1,5 +1,6 @@
-"""The `diffuapriel` command line. Importing this package imports no model code (nor torch)."""
+"""The `diffuapriel` command line: its dispatcher is the top-level module `diffuapriel_command` (which imports no
+torch), its subcommands' modules live here and in `training` and `hub`."""
 
-from .main import main
+from diffuapriel_command import main
 
 __all__ = ["main"]

@@ -1,5 +1,10 @@
-"""The `diffuapriel` command: `diffuapriel {train,generate,convert} ...`. Each subcommand lives in its own module,
-imported only when it runs, and exposes `add_arguments(parser)` and `run(args)`."""
+"""The `diffuapriel` command: `diffuapriel {train,generate,convert} ...`. Each subcommand lives in its own module of
+`diffuapriel_hf`, imported only when it runs (or its help is asked for), and exposes `add_arguments(parser)` and
+`run(args)`.
+
+This dispatcher is a top-level module, outside the `diffuapriel_hf` package, because importing anything in that
+package runs its `__init__`, which imports torch and transformers to register the model with the Auto classes: here,
+`diffuapriel --help` answers without them."""
 
 import argparse
 import importlib

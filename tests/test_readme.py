@@ -1,0 +1,113 @@
+"""README.md runs as written: every ```python block (in order, in one namespace, as a reader pastes them), every
+```bash command and every `diffuapriel ...` command quoted in the text, in a scratch folder.
+
+Stated exceptions and reductions, each applied by name below (SKIPPED, REDUCED):
+- `pip install ...`: the package is installed where this suite runs; skipped.
+- `python3 -m pytest ...`: this suite itself; skipped.
+- `accelerate launch --multi_gpu ...`: needs several GPUs; skipped.
+- `diffuapriel train ...`: the same command on the `tiny` preset, a 320-token vocabulary, 32-token sequences, two
+  optimizer steps, four standard-library files as `data/*.txt`, in float32 (no --bf16 on the CPU).
+- `diffuapriel convert path/to/mamba2-checkpoint ...`: on a tiny random transformers Mamba-2 checkpoint saved there.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Mamba2Config, Mamba2ForCausalLM
+
+README = Path(__file__).parents[1] / "README.md"
+TEXT = README.read_text()
+SKIPPED = {
+    "pip install": "the package is installed where the suite runs",
+    "python3 -m pytest": "this suite itself",
+    "accelerate launch": "needs several GPUs",
+}
+REDUCED = {  # flag -> the value it takes here (None: dropped)
+    "diffuapriel train": {"--preset": "tiny", "--vocab_size": "320", "--seq_len": "32", "--bf16": None},
+}
+REDUCED_EXTRA = {"diffuapriel train": ["--max_steps", "2", "--per_device_train_batch_size", "4",
+                                       "--eval_fraction", "0.2", "--elbo_samples", "1"]}
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
+
+
+def shell_commands() -> list[str]:
+    """The commands of the ```bash blocks (continuation lines joined, comments dropped, `&&` chains split) and the
+    `diffuapriel ...` commands quoted in the text."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", TEXT, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            commands += [part.strip() for part in line.split(" && ") if part.strip()]
+    prose = re.sub(r"```.*?```", "", TEXT, flags=re.S)
+    return commands + re.findall(r"`(diffuapriel [^`]+)`", prose)
+
+
+def reduced(command: str) -> str:
+    """`command` at the stated reduced sizes."""
+    for prefix, values in REDUCED.items():
+        if not command.startswith(prefix):
+            continue
+        words = shlex.split(command)
+        kept = []
+        for word in words:
+            if kept and kept[-1] in values and values[kept[-1]] is not None and not word.startswith("--"):
+                kept.append(values[kept[-1]])  # the flag's reduced value replaces its given one
+                continue
+            if kept and kept[-1] in values and not word.startswith("--"):
+                continue
+            kept.append(word)
+        kept = [word for word in kept if not (word in values and values[word] is None)]
+        command = " ".join(word if re.fullmatch(r"[\w./*=-]+", word) else shlex.quote(word)  # globs unquoted
+                           for word in kept + REDUCED_EXTRA[prefix])
+    return command
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """A scratch folder with what the README's commands read: text files, a Mamba-2 checkpoint."""
+    folder = tmp_path_factory.mktemp("readme")
+    (folder / "data").mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "string.py", "bisect.py", "heapq.py"):
+        shutil.copy(stdlib / name, folder / "data" / f"{name}.txt")
+    torch.manual_seed(0)
+    config = Mamba2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, state_size=8,
+                          n_groups=1, chunk_size=8, expand=2, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    Mamba2ForCausalLM(config).save_pretrained(folder / "path" / "to" / "mamba2-checkpoint")
+    return folder
+
+
+def test_the_readme_has_its_examples():
+    assert len(python_blocks()) >= 2 and any(c.startswith("diffuapriel generate") for c in shell_commands())
+
+
+def test_python_blocks_run_in_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in python_blocks():
+        exec(compile(block, str(README), "exec"), namespace)
+
+
+@pytest.mark.parametrize("command", shell_commands())
+def test_shell_commands_run(command, scratch):
+    skip = next((why for prefix, why in SKIPPED.items() if command.startswith(prefix)), None)
+    if skip:
+        pytest.skip(f"{command.split()[0]} ...: {skip}")
+    if "..." in command.split():
+        pytest.skip("an elided command line")
+    bin_dir = os.path.dirname(sys.executable)  # where the installed `diffuapriel` script lives
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(["bash", "-c", reduced(command)], cwd=scratch, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
