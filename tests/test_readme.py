@@ -12,7 +12,6 @@ Stated exceptions and reductions, each applied by name below (SKIPPED, REDUCED):
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -43,33 +42,29 @@ def python_blocks() -> list[str]:
 
 def shell_commands() -> list[str]:
     """The commands of the ```bash blocks (continuation lines joined, comments dropped, `&&` chains split) and the
-    `diffuapriel ...` commands quoted in the text."""
+    `diffuapriel ... --option ...` commands quoted in the text."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", TEXT, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#\s.*$", "", line).strip()
             commands += [part.strip() for part in line.split(" && ") if part.strip()]
     prose = re.sub(r"```.*?```", "", TEXT, flags=re.S)
-    return commands + re.findall(r"`(diffuapriel [^`]+)`", prose)
+    quoted = re.findall(r"`(diffuapriel [^`]+)`", prose)  # commands with options, not names or quoted errors
+    return commands + [command for command in quoted if " --" in command and "error:" not in command]
 
 
 def reduced(command: str) -> str:
-    """`command` at the stated reduced sizes."""
+    """`command` at the stated reduced sizes: each reduced flag's value replaced (or the flag dropped), the extra
+    flags appended (the last of a repeated flag wins)."""
     for prefix, values in REDUCED.items():
         if not command.startswith(prefix):
             continue
-        words = shlex.split(command)
-        kept = []
-        for word in words:
-            if kept and kept[-1] in values and values[kept[-1]] is not None and not word.startswith("--"):
-                kept.append(values[kept[-1]])  # the flag's reduced value replaces its given one
-                continue
-            if kept and kept[-1] in values and not word.startswith("--"):
-                continue
-            kept.append(word)
-        kept = [word for word in kept if not (word in values and values[word] is None)]
-        command = " ".join(word if re.fullmatch(r"[\w./*=-]+", word) else shlex.quote(word)  # globs unquoted
-                           for word in kept + REDUCED_EXTRA[prefix])
+        for flag, value in values.items():
+            if value is None:
+                command = re.sub(rf"\s{flag}(?=\s|$)", "", command)
+            else:
+                command = re.sub(rf"{flag}\s+\S+", f"{flag} {value}", command)
+        command = " ".join([command, *REDUCED_EXTRA[prefix]])
     return command
 
 
