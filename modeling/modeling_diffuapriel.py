@@ -295,11 +295,11 @@ class BidirectionalMamba2Mixer(nn.Module):
         followed by the clean one, (B, 2L, D): the clean stream is read as a single one is, and each noised block
         left to right from the state the clean stream enters that block with."""
         batch, block_size = hidden_states.shape[0], self.config.block_size
-        if padding_mask is None and hidden_states.shape[1] % block_size:  # the last block's padding in the rows
-            padding_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
         streams = hidden_states.chunk(2, dim=1) if two_stream else (hidden_states,)
-        masks = (None,) * len(streams) if padding_mask is None else padding_mask.chunk(len(streams), dim=1)
         length = streams[0].shape[1]
+        if padding_mask is None and length % block_size:  # each stream's last block is padded in the rows
+            padding_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
+        masks = (None,) * len(streams) if padding_mask is None else padding_mask.chunk(len(streams), dim=1)
         if two_stream:
             (noised, clean), (noised_mask, clean_mask) = streams, masks
             clean_out, (conv_inputs, ssm_states) = self.left_to_right(clean, clean_mask, ops, block_states=block_size)

@@ -84,7 +84,7 @@ def loss_block_by_block(model, noised, clean, labels, loss_weights, attention_ma
     return masked_diffusion_loss(torch.cat(logits, dim=1), labels, loss_weights, model.config.mask_token_id)
 
 
-@pytest.mark.parametrize("length,padded", [(12, False), (10, True)])
+@pytest.mark.parametrize("length,padded", [(12, False), (10, False), (10, True)])
 def test_two_stream_loss_and_gradients_equal_the_block_by_block_definition(block_model, stack, length, padded):
     model = block_model(stack)
     noised, clean, labels, loss_weights, attention_mask = noised_batch(
