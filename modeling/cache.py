@@ -1,6 +1,12 @@
-"""The block cache: what the tokens outside a window of a sequence contribute to each layer, recorded by one pass over
-the whole sequence and read by passes over the window alone (Fast-dLLM's dual cache; benchmarks/block_cache.py
-measures what it saves and what it changes).
+"""The caches of generation.
+
+`BlockContext`, the approximate block cache of full-sequence models: what the tokens outside a window of a sequence
+contribute to each layer, recorded by one pass over the whole sequence and read by passes over the window alone
+(Fast-dLLM's dual cache; benchmarks/block_cache.py measures what it saves and what it changes).
+
+`BlockDiffusionCache`, the exact cache of block diffusion models (`config.block_size`): what the finished blocks of a
+sequence hand the next one, at every layer (the left-to-right Mamba state, the attention keys and values), so that a
+denoising step runs on the current block alone and gives the logits of a pass over the whole sequence.
 
 `BlockContext` follows transformers' cache layers (`transformers.cache_utils`): the attention layers hand it their
 keys and values through `update(key_states, value_states, layer_idx)` and attend to what it returns; the Mamba layers
@@ -13,6 +19,8 @@ import copy
 from typing import Optional
 
 import torch
+
+from .configuration_diffuapriel import MAMBA
 
 
 class BlockContext:
@@ -141,4 +149,122 @@ class BlockContext:
         return tensors + ([] if self.window_position_ids is None else [self.window_position_ids])
 
 
-__all__ = ["BlockContext"]
+class BlockDiffusionCache:
+    """The exact cache of a block diffusion model (`config.block_size`): at every layer, what the blocks consumed so
+    far hand the blocks after them. In a block model a block reads the blocks before it only through the
+    left-to-right Mamba scan (its state and the convolution's last inputs at the block's start) and the attention
+    keys and values of earlier positions (the right-to-left scan restarts in every block): with those, a pass over
+    one block gives the logits that a pass over the whole sequence gives there, and a Mamba layer's share of the
+    cache has the same size whatever the context.
+
+    A pass of the model given `past_key_values=cache` takes the tokens that follow the consumed ones, whole blocks
+    (B, W) with W a multiple of the block size, and its `attention_mask` (B, W) (padding only as whole blocks before a
+    row's first token, or at a row's end). With `use_cache=True` the pass consumes them: each layer's state moves past
+    them and their keys and values are kept (a prompt's prefill; a block once committed). Without, the pass reads the
+    cache and leaves it as it was (a denoising step): such passes always read the same tensors, updated in place, so
+    one CUDA graph serves every step of every block (`cuda_graphs.GraphedDenoiser.cached_step`).
+
+    Layers use it as transformers' cache layers: attention layers call `update(key, value, layer_idx)` and attend to
+    what it returns under `attention_mask()`, Mamba layers read `mamba_state(layer_idx)` and hand their new state to
+    `update_mamba_state`. Keys and values are held in buffers of `max_length` positions, read whole under a mask
+    (so that the passes' shapes never change), written at the consumed length.
+    """
+
+    def __init__(self, config, batch_size: int, max_length: int, device=None, dtype: torch.dtype = torch.float32):
+        if config.block_size is None:
+            raise ValueError("BlockDiffusionCache is the cache of a block diffusion model: config.block_size is None")
+        if max_length < 1 or max_length % config.block_size:
+            raise ValueError(f"max_length ({max_length}) must be a positive multiple of the block size "
+                             f"({config.block_size})")
+        self.block_size, self.max_length = config.block_size, max_length
+        self.length = 0  # positions consumed, the same for every row: whole blocks
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) real tokens consumed
+        self.key_padding = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # True: a kept key
+        self.mamba_states, self.keys_values = {}, {}
+        conv_dim = config.mamba_intermediate_size + 2 * config.mamba_n_groups * config.mamba_d_state
+        for layer_idx, layer_type in enumerate(config.layer_types):
+            if layer_type == MAMBA:  # (conv inputs (B, d_conv - 1, C), SSM state (B, H, P, N) float32)
+                self.mamba_states[layer_idx] = (
+                    torch.zeros(batch_size, config.mamba_d_conv - 1, conv_dim, device=device, dtype=dtype),
+                    torch.zeros(batch_size, config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state,
+                                device=device, dtype=torch.float32),
+                )
+            else:  # (B, Hkv, max_length, d)
+                shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+                self.keys_values[layer_idx] = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
+        self.consuming = False
+        self.pass_mask = self.pass_positions = None
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # A pass: begun by the model with its padding, ended once every layer ran.
+
+    def begin_pass(self, padding_mask: torch.Tensor, consume: bool) -> None:
+        """padding_mask: (B, W) bool, True at real tokens, of the pass's W tokens (whole blocks)."""
+        batch, width = padding_mask.shape
+        if batch != self.positions.shape[0] or width % self.block_size:
+            raise ValueError(f"a pass with a BlockDiffusionCache of batch {self.positions.shape[0]} takes whole blocks "
+                             f"of {self.block_size} tokens, got inputs of shape ({batch}, {width})")
+        if consume and self.length + width > self.max_length:
+            raise ValueError(f"the BlockDiffusionCache holds {self.max_length} positions: {self.length} are consumed, "
+                             f"{width} more do not fit")
+        self.consuming, self.pass_mask = consume, padding_mask
+        # Positions count real tokens only, as in a pass over the whole sequence.
+        self.pass_positions = (self.positions[:, None] + padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def end_pass(self) -> None:
+        if self.consuming:
+            width = self.pass_mask.shape[1]
+            self.key_padding[:, self.length : self.length + width] = self.pass_mask
+            self.positions += self.pass_mask.sum(-1)
+            self.length += width
+        self.consuming, self.pass_mask, self.pass_positions = False, None, None
+
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, W, max_length + W), additive (0 or the dtype's minimum, as every attention implementation takes it):
+        a query sees the kept keys and, among the pass's own, those of its block and the blocks before it."""
+        width = self.pass_mask.shape[1]
+        block = torch.arange(width, device=self.pass_mask.device) // self.block_size
+        block_causal = block[None, :] <= block[:, None]  # (W, W)
+        own = block_causal[None] & self.pass_mask[:, None, :]  # (B, W, W)
+        kept = self.key_padding[:, None, :].expand(-1, width, -1)  # (B, W, max_length)
+        allowed = torch.cat([kept, own], dim=-1)[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Per layer, as transformers' cache layers.
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+               layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (B, Hkv, max_length + W, d) the pass's queries attend to: the kept ones (the buffer,
+        whole), then the pass's own (B, Hkv, W, d), which a consuming pass also keeps."""
+        kept_keys, kept_values = self.keys_values[layer_idx]
+        keys, values = torch.cat([kept_keys, key_states], dim=2), torch.cat([kept_values, value_states], dim=2)
+        if self.consuming:
+            end = self.length + key_states.shape[2]
+            kept_keys[:, :, self.length : end] = key_states
+            kept_values[:, :, self.length : end] = value_states
+        return keys, values
+
+    def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (conv inputs, SSM state) the left-to-right direction of Mamba layer `layer_idx` continues from."""
+        return self.mamba_states[layer_idx]
+
+    def update_mamba_state(self, layer_idx: int, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """A consuming pass's new state, copied into the tensors the next passes read."""
+        for kept, new in zip(self.mamba_states[layer_idx], state):
+            kept.copy_(new)
+
+    def reset(self) -> None:
+        """Empty, as built: for a new generation of the same shapes (its tensors stay where they are)."""
+        self.length = 0
+        for tensor in [self.positions, self.key_padding, *self.tensors()]:
+            tensor.zero_()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The state tensors, in a fixed order."""
+        return [t for layer in sorted(self.mamba_states) for t in self.mamba_states[layer]] + [
+            t for layer in sorted(self.keys_values) for t in self.keys_values[layer]]
+
+
+__all__ = ["BlockContext", "BlockDiffusionCache"]

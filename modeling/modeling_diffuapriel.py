@@ -31,7 +31,7 @@ from .block_diffusion import (
     two_stream_attention_mask,
     unfold_blocks,
 )
-from .cache import BlockContext
+from .cache import BlockContext, BlockDiffusionCache
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import INTEGER_DTYPES, masked_diffusion_loss, values_readable
 from .fused_ops import add_rms_norm, add_time_reversed, swiglu
@@ -247,26 +247,26 @@ class BidirectionalMamba2Mixer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
         block_context: Optional[BlockContext] = None, two_stream: bool = False,
-        kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
+        past_key_values: Optional[BlockDiffusionCache] = None, kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
     ) -> MixerOutput:
         # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding. The
         # attention mixer's arguments (attention_mask, position_embeddings) are in kwargs, unused here.
         left_to_right, right_to_left = self.direction_outputs(
-            hidden_states, padding_mask, block_context, two_stream, kernels
+            hidden_states, padding_mask, block_context, two_stream, kernels, past_key_values
         )
         return MixerOutput(left_to_right, time_reversed=right_to_left, scale=self.direction_scale)
 
     def direction_outputs(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
         block_context: Optional[BlockContext] = None, two_stream: bool = False,
-        kernels: KernelPolicy = REFERENCE_POLICY,
+        kernels: KernelPolicy = REFERENCE_POLICY, cache: Optional[BlockDiffusionCache] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The left-to-right output (B, L, D), and the right-to-left output in its own reading order, still reversed
         in time (None without a second direction): their sum, scaled by `direction_scale`, is the mixer's output,
         which the block fuses with its residual add and next norm."""
         ops = kernels.mamba
         if self.config.block_size is not None:
-            return self.block_direction_outputs(hidden_states, padding_mask, ops, two_stream)
+            return self.block_direction_outputs(hidden_states, padding_mask, ops, two_stream, cache)
         inputs = [(self.left_to_right, hidden_states, padding_mask)]
         if self.right_to_left is not None:
             reversed_mask = None if padding_mask is None else reverse_time(padding_mask)
@@ -288,12 +288,14 @@ class BidirectionalMamba2Mixer(nn.Module):
         return outputs[0], outputs[1] if len(outputs) == 2 else None
 
     def block_direction_outputs(
-        self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps, two_stream: bool
+        self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps, two_stream: bool,
+        cache: Optional[BlockDiffusionCache] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`direction_outputs` of a block diffusion model: left to right over the whole sequence, right to left
         inside each block (its blocks as rows of their own). With `two_stream`, hidden_states is the noised stream
         followed by the clean one, (B, 2L, D): the clean stream is read as a single one is, and each noised block
-        left to right from the state the clean stream enters that block with."""
+        left to right from the state the clean stream enters that block with. With a `cache`, the left-to-right scan
+        continues from the cached state (and a consuming pass hands it the state it leaves)."""
         batch, block_size = hidden_states.shape[0], self.config.block_size
         streams = hidden_states.chunk(2, dim=1) if two_stream else (hidden_states,)
         length = streams[0].shape[1]
@@ -308,6 +310,14 @@ class BidirectionalMamba2Mixer(nn.Module):
                 ops, initial_state=(conv_inputs.flatten(0, 1), ssm_states.flatten(0, 1)),
             )
             left_to_right = torch.cat([unfold_blocks(noised_out, batch, length), clean_out], dim=1)
+        elif cache is not None:
+            entering = cache.mamba_state(self.layer_idx)
+            if cache.consuming:
+                left_to_right, leaving = self.left_to_right(hidden_states, padding_mask, ops, initial_state=entering,
+                                                            state_at=length)
+                cache.update_mamba_state(self.layer_idx, leaving)
+            else:
+                left_to_right = self.left_to_right(hidden_states, padding_mask, ops, initial_state=entering)
         else:
             left_to_right = self.left_to_right(hidden_states, padding_mask, ops)
         if self.right_to_left is None:
@@ -387,7 +397,7 @@ class DiffuAprielAttention(nn.Module):
 
     def forward(
         self, hidden_states, position_embeddings, attention_mask=None, block_context=None, padding_mask=None,
-        two_stream=False, kernels=None, **kwargs,
+        two_stream=False, past_key_values=None, kernels=None, **kwargs,
     ) -> MixerOutput:
         # hidden_states: (B, L, D); attention_mask: the keys' padding (or block structure) as transformers' attention
         # interface takes it. padding_mask, two_stream and kernels are the Mamba mixer's arguments (attention_mask
@@ -404,6 +414,8 @@ class DiffuAprielAttention(nn.Module):
         key = key * cos + rotate_half(key) * sin
         if block_context is not None:  # a window's queries attend to the recorded outside positions, then the window
             key, value = block_context.update(key, value, self.layer_idx)  # (B, Hkv, L, d)
+        if past_key_values is not None:  # the kept keys of earlier blocks, then the pass's own
+            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, Hkv, M + L, d)
 
         attention_interface = eager_attention_forward
         # transformers' fused implementations reshape with -1, which an empty batch cannot resolve; the eager one
@@ -458,13 +470,13 @@ class DiffuAprielBlock(GradientCheckpointingLayer):
 
     def forward(
         self, hidden_states, padding_mask=None, attention_mask=None, position_embeddings=None, block_context=None,
-        two_stream=False, kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
+        two_stream=False, past_key_values=None, kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
     ):
         residual = hidden_states
         mixed = self.mixer(
             self.input_layernorm(hidden_states, kernels), padding_mask=padding_mask, attention_mask=attention_mask,
             position_embeddings=position_embeddings, block_context=block_context, two_stream=two_stream,
-            kernels=kernels, **kwargs,
+            past_key_values=past_key_values, kernels=kernels, **kwargs,
         )
         if self.mlp is None:
             return residual + mixed.combined(kernels), mixed.attention_weights
@@ -601,6 +613,28 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
 
 
+def _check_caches(config, hidden_states, attention_mask, block_context, two_stream, past_key_values) -> None:
+    """Refuse cache and stream arguments that do not fit the model or each other."""
+    if block_context is not None:
+        if config.block_size is not None:
+            raise ValueError("block_context (the approximate cache of full-sequence models) does not apply to a "
+                             "block diffusion model (config.block_size), whose blocks never read later ones: use "
+                             "past_key_values=BlockDiffusionCache(...)")
+        if not isinstance(block_context, BlockContext):
+            raise TypeError(f"block_context must be a BlockContext, got {type(block_context).__name__}")
+        block_context.check_pass(*hidden_states.shape[:2], attention_mask)
+    if past_key_values is not None:
+        if not isinstance(past_key_values, BlockDiffusionCache):
+            raise TypeError(f"past_key_values must be a BlockDiffusionCache, got {type(past_key_values).__name__}")
+        if config.block_size != past_key_values.block_size or block_context is not None or two_stream:
+            raise ValueError("past_key_values (a BlockDiffusionCache) needs a block diffusion model of its block size "
+                             f"({past_key_values.block_size}; the model's is {config.block_size}), and no "
+                             "block_context or two_stream")
+    if two_stream and (config.block_size is None or hidden_states.shape[1] % 2 or block_context is not None):
+        raise ValueError("two_stream needs a block diffusion model (config.block_size), inputs holding a noised "
+                         "and a clean sequence of the same length, and no block_context")
+
+
 def _position_ids(padding_mask, batch: int, length: int, streams: int, device) -> torch.Tensor:
     """(B, streams * length) positions counting real tokens only, so that a left-padded sequence sees the positions it
     has alone; each stream of a two-stream pass counts from 0."""
@@ -653,6 +687,8 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         inputs_embeds: Optional[torch.FloatTensor] = None,
         block_context: Optional[BlockContext] = None,
         two_stream: bool = False,
+        past_key_values: Optional[BlockDiffusionCache] = None,
+        use_cache: bool = False,
         kernels: Optional[KernelPolicy] = None,
         **kwargs,
     ) -> BaseModelOutput:
@@ -663,6 +699,9 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         two_stream: block diffusion training (a model with `config.block_size`): the inputs are a noised sequence
             followed by its clean one, (B, 2L), and `attention_mask` (B, 2L) the padding of both; each noised block
             reads itself and the clean blocks before it (`block_diffusion.py`).
+        past_key_values: a block diffusion model's `BlockDiffusionCache`: the inputs are whole blocks that follow the
+            tokens it consumed, read against it; `attention_mask` their padding. `use_cache=True` consumes them (the
+            cache moves past them); otherwise the cache is read and left as it was.
         kwargs: `output_hidden_states` (the embeddings and each layer's output, the last one normed) and
             `output_attentions` (one map per attention layer whose implementation returns one: eager), collected by
             transformers' `capture_outputs`; `return_dict`; the rest goes to the attention implementation.
@@ -670,42 +709,42 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         """
         _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, D)
-        if block_context is not None:
-            if self.config.block_size is not None:
-                raise ValueError("block_context (the approximate cache of full-sequence models) does not apply to a "
-                                 "block diffusion model (config.block_size), whose blocks never read later ones")
-            if not isinstance(block_context, BlockContext):
-                raise TypeError(f"block_context must be a BlockContext, got {type(block_context).__name__}")
-            block_context.check_pass(*hidden_states.shape[:2], attention_mask)
-        if two_stream and (self.config.block_size is None or hidden_states.shape[1] % 2 or block_context is not None):
-            raise ValueError("two_stream needs a block diffusion model (config.block_size), inputs holding a noised "
-                             "and a clean sequence of the same length, and no block_context")
+        _check_caches(self.config, hidden_states, attention_mask, block_context, two_stream, past_key_values)
         kernels = kernels or resolve_kernel_policy(self.config, hidden_states.device)
-        layer_inputs = self._layer_inputs(hidden_states, attention_mask, block_context, two_stream)
+        if past_key_values is not None:
+            past_key_values.begin_pass(_padding_mask(hidden_states, attention_mask, None, keep_ones=True), use_cache)
+        layer_inputs = self._layer_inputs(hidden_states, attention_mask, block_context, two_stream, past_key_values)
         for layer in self.layers:
             hidden_states, _ = layer(hidden_states, **layer_inputs, kernels=kernels, **kwargs)
         if block_context is not None:
             block_context.mark_recorded()
+        if past_key_values is not None:
+            past_key_values.end_pass()
         return BaseModelOutput(last_hidden_state=self.norm(hidden_states, kernels))
 
-    def _layer_inputs(self, hidden_states, attention_mask, block_context, two_stream) -> dict:
+    def _layer_inputs(self, hidden_states, attention_mask, block_context, two_stream, cache) -> dict:
         """What every block takes besides the hidden states: the padding (B, L) bool, True at real tokens, or None
         when nothing is padded; with attention layers, the rotary embeddings and the keys' padding in the attention
         implementation's form. A pass recording a `BlockContext` records the padding and the window's positions."""
         batch, seqlen = hidden_states.shape[:2]
         window_pass = block_context is not None and block_context.recorded
-        padding_mask = _padding_mask(hidden_states, attention_mask, block_context)
-        inputs = dict(padding_mask=padding_mask, block_context=block_context, two_stream=two_stream)
+        padding_mask = cache.pass_mask if cache is not None else _padding_mask(hidden_states, attention_mask,
+                                                                                block_context)
+        inputs = dict(padding_mask=padding_mask, block_context=block_context, two_stream=two_stream,
+                      past_key_values=cache)
         position_ids = None
         if self.rotary_emb is not None:
             # Positions count real tokens only, so a left-padded sequence sees the positions it has alone.
             if window_pass:
                 position_ids = block_context.window_position_ids
+            elif cache is not None:
+                position_ids = cache.pass_positions
             else:
                 position_ids = _position_ids(padding_mask, batch, seqlen // 2 if two_stream else seqlen,
                                              2 if two_stream else 1, hidden_states.device)
             inputs["position_embeddings"] = self.rotary_emb(position_ids, hidden_states.dtype)
-            inputs["attention_mask"] = self._attention_bias(hidden_states, padding_mask, block_context, two_stream)
+            inputs["attention_mask"] = (cache.attention_mask(hidden_states.dtype) if cache is not None else
+                                        self._attention_bias(hidden_states, padding_mask, block_context, two_stream))
         if block_context is not None and not window_pass:
             block_context.record_sequence(batch, seqlen, padding_mask, position_ids)
         return inputs
@@ -723,15 +762,18 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_padding)
 
 
-def _padding_mask(hidden_states, attention_mask, block_context) -> Optional[torch.Tensor]:
+def _padding_mask(hidden_states, attention_mask, block_context, keep_ones: bool = False) -> Optional[torch.Tensor]:
     """(B, L) bool, True at real tokens, or None when nothing is padded (in a window pass, the recorded padding). A mask
     of ones is read once to skip the padding path, a device synchronisation on CUDA: pass attention_mask=None when
-    nothing is padded (generate does) for a pass that never waits for the device."""
+    nothing is padded (generate does) for a pass that never waits for the device. `keep_ones`: always a mask (ones
+    when attention_mask is None), never read."""
     if block_context is not None and block_context.recorded:
         return block_context.window_padding_mask()
     if attention_mask is None:
-        return None
+        return hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool) if keep_ones else None
     padding_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
+    if keep_ones:
+        return padding_mask
     return None if values_readable(padding_mask) and bool(padding_mask.all()) else padding_mask
 
 
