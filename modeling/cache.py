@@ -166,8 +166,9 @@ class BlockDiffusionCache:
 
     Layers use it as transformers' cache layers: attention layers call `update(key, value, layer_idx)` and attend to
     what it returns under `attention_mask()`, Mamba layers read `mamba_state(layer_idx)` and hand their new state to
-    `update_mamba_state`. Keys and values are held in buffers of `max_length` positions, read whole under a mask
-    (so that the passes' shapes never change), written at the consumed length.
+    `update_mamba_state`. Keys and values are held in buffers of `max_length` positions, written at the consumed
+    length. A step reads them whole under a mask, so that the shapes of the steps never change; a consuming pass (run
+    eagerly) reads the consumed ones only.
     """
 
     def __init__(self, config, batch_size: int, max_length: int, device=None, dtype: torch.dtype = torch.float32):
@@ -194,6 +195,7 @@ class BlockDiffusionCache:
                 self.keys_values[layer_idx] = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
         self.consuming = False
         self.pass_mask = self.pass_positions = None
+        self.visible = max_length  # the kept keys a pass reads
 
     # ------------------------------------------------------------------------------------------------------------------
     # A pass: begun by the model with its padding, ended once every layer ran.
@@ -208,6 +210,7 @@ class BlockDiffusionCache:
             raise ValueError(f"the BlockDiffusionCache holds {self.max_length} positions: {self.length} are consumed, "
                              f"{width} more do not fit")
         self.consuming, self.pass_mask = consume, padding_mask
+        self.visible = self.length if consume else self.max_length
         # Positions count real tokens only, as in a pass over the whole sequence.
         self.pass_positions = (self.positions[:, None] + padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -220,13 +223,13 @@ class BlockDiffusionCache:
         self.consuming, self.pass_mask, self.pass_positions = False, None, None
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """(B, 1, W, max_length + W), additive (0 or the dtype's minimum, as every attention implementation takes it):
+        """(B, 1, W, V + W) for the V kept keys the pass reads (`update`), additive (0 or the dtype's minimum, as every attention implementation takes it):
         a query sees the kept keys and, among the pass's own, those of its block and the blocks before it."""
         width = self.pass_mask.shape[1]
         block = torch.arange(width, device=self.pass_mask.device) // self.block_size
         block_causal = block[None, :] <= block[:, None]  # (W, W)
         own = block_causal[None] & self.pass_mask[:, None, :]  # (B, W, W)
-        kept = self.key_padding[:, None, :].expand(-1, width, -1)  # (B, W, max_length)
+        kept = self.key_padding[:, None, : self.visible].expand(-1, width, -1)  # (B, W, V)
         allowed = torch.cat([kept, own], dim=-1)[:, None]
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
@@ -236,10 +239,11 @@ class BlockDiffusionCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values (B, Hkv, max_length + W, d) the pass's queries attend to: the kept ones (the buffer,
-        whole), then the pass's own (B, Hkv, W, d), which a consuming pass also keeps."""
+        """The keys and values (B, Hkv, V + W, d) the pass's queries attend to: the V kept ones it reads (a step: the
+        buffer, whole), then the pass's own (B, Hkv, W, d), which a consuming pass also keeps."""
         kept_keys, kept_values = self.keys_values[layer_idx]
-        keys, values = torch.cat([kept_keys, key_states], dim=2), torch.cat([kept_values, value_states], dim=2)
+        keys = torch.cat([kept_keys[:, :, : self.visible], key_states], dim=2)
+        values = torch.cat([kept_values[:, :, : self.visible], value_states], dim=2)
         if self.consuming:
             end = self.length + key_states.shape[2]
             kept_keys[:, :, self.length : end] = key_states

@@ -16,6 +16,11 @@ a model holds at most one graph (and its memory) at a time.
 With the block cache (`use_block_cache`), the passes over a block's window alone repeat with one shape and read what
 the block's first (whole-sequence) pass recorded: `GraphedDenoiser.window` captures them once, and for each later
 block copies its recording into the tensors that graph reads.
+
+A block diffusion model's steps against its exact cache (`cache.BlockDiffusionCache`) have one shape for every block
+of a generation and read the cache's tensors, which the eager passes that consume blocks update in place:
+`GraphedDenoiser.cached_step` captures the step once per cache, and `block_diffusion_cache` keeps that cache for the
+next generation of the same shapes, emptied, so that its graph is replayed again.
 """
 
 import contextlib
@@ -23,6 +28,8 @@ import weakref
 from typing import Optional
 
 import torch
+
+from .cache import BlockDiffusionCache
 
 GRAPH_MAX_TOKENS = 16384  # the longest step (batch x length) captured by default
 
@@ -44,6 +51,8 @@ class GraphedDenoiser:
         self._static_context = None  # the BlockContext that the window graph reads, with `window`
         self._recording_of = None  # a weak reference to the context whose recording `_static_context` holds
         self._fixed_parameters_key = None  # set within `parameters_fixed`
+        self._block_cache = None  # the BlockDiffusionCache that `cached_step`'s graph reads
+        self._block_cache_layout = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -120,6 +129,37 @@ class GraphedDenoiser:
                 static.copy_(given)
             self._recording_of = weakref.ref(context)
         return self._replay(window_ids)
+
+    def block_diffusion_cache(self, batch_size: int, max_length: int) -> BlockDiffusionCache:
+        """An empty `BlockDiffusionCache` for the model's generation of `batch_size` rows on a canvas of `max_length`
+        columns: the one kept from the last generation of these shapes (its step graph still valid), else a new one."""
+        model = self.model
+        layout = (batch_size, max_length, model.dtype, model.device)
+        if self._block_cache is not None and self._block_cache_layout == layout:
+            self._block_cache.reset()
+            return self._block_cache
+        self._drop_graph()
+        self._block_cache = BlockDiffusionCache(model.config, batch_size, max_length, model.device, model.dtype)
+        self._block_cache_layout = layout
+        return self._block_cache
+
+    def cached_step(self, input_ids: torch.Tensor, padding_mask: torch.Tensor,
+                    cache: BlockDiffusionCache) -> torch.Tensor:
+        """`model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache).logits` (B, W, V), a step
+        that reads the cache without consuming, replayed from a CUDA graph captured for the cache (the steps of every
+        block have the shapes of the first; the cache's tensors are updated in place between them). Passes the
+        `__call__` rules send to eager run eagerly. A fresh tensor, safe to keep."""
+        if self._runs_eagerly(input_ids):
+            return self.model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache).logits
+        key = (tuple(input_ids.shape), input_ids.device, self._parameters_key(), id(cache))
+        if key != self.key:
+            self._drop_graph()
+            static_inputs = (input_ids.clone(), padding_mask.clone())
+            graph, static_logits = self._capture(
+                lambda: self.model(input_ids=static_inputs[0], attention_mask=static_inputs[1],
+                                   past_key_values=cache).logits, input_ids.device)
+            self.graph, self.key = (graph, static_inputs, static_logits), key
+        return self._replay(input_ids, padding_mask).clone()
 
     def _drop_graph(self):
         self.key = self.graph = self._static_context = self._recording_of = None

@@ -10,9 +10,9 @@ A generation asks its denoiser for the logits of one block's window at every ste
 
 Kinds: `EagerDenoiser` (a plain forward pass), `GraphDenoiser` (the same pass replayed from a CUDA graph,
 `cuda_graphs.GraphedDenoiser`), `BlockCacheDenoiser` (the approximate block cache of full-sequence models: the first
-step of a block records what the rest of the sequence contributes, the later steps run on the window alone). A block
-model's exact cache fits the same interface: `finish_block` is where the finished block's states are kept.
-`make_denoiser` chooses the kind, in one place.
+step of a block records what the rest of the sequence contributes, the later steps run on the window alone) and
+`ExactCacheDenoiser` (a block diffusion model's exact cache: the steps run on the block alone, `finish_block` moves
+the cache past it). `make_denoiser` chooses the kind, in one place.
 """
 
 import contextlib
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .cache import BlockContext
+from .cache import BlockContext, BlockDiffusionCache
 from .cuda_graphs import graphed_denoiser
 
 
@@ -104,12 +104,79 @@ class BlockCacheDenoiser(GraphDenoiser):
         self.context = None
 
 
-def make_denoiser(model: torch.nn.Module, use_block_cache: bool,
+# The most tokens (per row) a pass consuming a prompt into the exact cache takes at once.
+PREFILL_CHUNK = 4096
+
+
+class ExactCacheDenoiser:
+    """A block diffusion model's exact cache (`cache.BlockDiffusionCache`): the blocks before the current one are
+    consumed once (the prompt's in one prefill pass at the first step, each generated block by `finish_block`), and
+    every step runs the current block alone against the cache (from a CUDA graph with `graphs`, the same graph for
+    every block). The canvas's blocks are the model's (`plan_block_generation`); the logits are those of the window
+    asked for, which ends where its block ends."""
+
+    def __init__(self, model: torch.nn.Module, attention_mask: Optional[torch.Tensor], graphs: bool):
+        self.model, self.graphs, self.block_size = model, graphs, model.config.block_size
+        self.attention_mask = attention_mask  # (B, L) of the canvas, or None without padding
+        self.cache = self.block = self.window = None
+
+    def __enter__(self) -> "ExactCacheDenoiser":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.cache = None
+
+    def start_block(self, window: slice) -> None:
+        start = window.start - window.start % self.block_size
+        self.block, self.window = slice(start, start + self.block_size), window
+
+    def padding(self, sequences: torch.Tensor, columns: slice) -> torch.Tensor:
+        if self.attention_mask is None:
+            return torch.ones_like(sequences[:, columns], dtype=torch.bool)
+        return self.attention_mask[:, columns].bool()
+
+    def consume(self, sequences: torch.Tensor, end: int) -> None:
+        """Move the cache past the canvas's tokens up to column `end` (whole blocks), in passes of at most
+        PREFILL_CHUNK tokens: a long prompt's activations and attention masks then take the memory of a chunk, not of
+        the prompt."""
+        if self.cache is None:
+            self.cache = self.new_cache(sequences)
+        chunk = max(PREFILL_CHUNK // self.block_size, 1) * self.block_size
+        while self.cache.length < end:
+            columns = slice(self.cache.length, min(self.cache.length + chunk, end))
+            self.model(input_ids=sequences[:, columns], attention_mask=self.padding(sequences, columns),
+                       past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+
+    def new_cache(self, sequences: torch.Tensor) -> BlockDiffusionCache:
+        batch, width = sequences.shape
+        if self.graphs:
+            return graphed_denoiser(self.model).block_diffusion_cache(batch, width)
+        return BlockDiffusionCache(self.model.config, batch, width, sequences.device, self.model.dtype)
+
+    def __call__(self, sequences: torch.Tensor) -> torch.Tensor:
+        """sequences (B, L) -> the logits (B, K, V) of the window's K positions, from a pass over its block alone."""
+        self.consume(sequences, self.block.start)
+        ids, padding = sequences[:, self.block], self.padding(sequences, self.block)
+        if self.graphs:
+            logits = graphed_denoiser(self.model).cached_step(ids, padding, self.cache)
+        else:
+            logits = self.model(input_ids=ids, attention_mask=padding, past_key_values=self.cache).logits
+        return logits[:, self.window.start - self.block.start :]
+
+    def finish_block(self, sequences: torch.Tensor) -> None:
+        self.consume(sequences, self.block.stop)
+        self.block = self.window = None
+
+
+def make_denoiser(model: torch.nn.Module, use_block_cache: bool, use_cache: bool,
                   attention_mask: Optional[torch.Tensor]) -> EagerDenoiser:
-    """The denoiser kind for `model`: the block cache when asked for (its window passes graphed on CUDA); else CUDA
-    graphs on CUDA, unless the model is compiled (`model.compile()`: torch.compile then owns the passes, and its
+    """The denoiser kind for `model`: a block diffusion model's exact cache unless `use_cache` is False (then whole-
+    sequence passes); the block cache when asked for (its window passes graphed on CUDA); else CUDA graphs on CUDA,
+    unless the model is compiled (`model.compile()`: torch.compile then owns the passes, and its
     `mode="reduce-overhead"` its own graphs); else eager passes."""
     graphs = model.device.type == "cuda" and getattr(model, "_compiled_call_impl", None) is None
+    if model.config.block_size is not None and use_cache:
+        return ExactCacheDenoiser(model, attention_mask, graphs)
     if use_block_cache:
         return BlockCacheDenoiser(model, attention_mask, graphs)
     return GraphDenoiser(model, attention_mask) if graphs else EagerDenoiser(model, attention_mask)

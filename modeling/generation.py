@@ -44,6 +44,7 @@ from .generation_plan import (
     GenerationPlan,
     check_sampling_values,
     check_token_ids,
+    plan_block_generation,
     plan_generation,
     refused_options,
 )
@@ -89,6 +90,11 @@ class DiffusionGenerationConfig(GenerationConfig):
             On CUDA the block's later steps replay one CUDA graph, fed each block's recording; the recording pass
             runs eagerly. It pays with long contexts (5.6x faster with a 16K-token prompt and a 1.3B model on an
             H200), not with small models on short ones (benchmarks/results/block_cache_gpu*.md).
+        use_cache (standard field): on a block diffusion model (`config.block_size`), denoise each block against the
+            exact cache of the blocks before it (True, the default: the tokens and logits of whole-sequence passes,
+            at a step cost that does not grow with the context for the Mamba layers), or run every step over the
+            whole sequence (False). A block model generates its own blocks (`block_length` None or its block size);
+            a full-sequence model keeps no exact cache.
         mask_token_id: the `[MASK]` token; `generate()` falls back to the model config's.
         output_history: with `return_dict_in_generate=True`, also return the sequence after every step.
 
@@ -267,6 +273,25 @@ def prepare_prompts(input_ids, attention_mask, config: DiffusionGenerationConfig
     return input_ids.repeat_interleave(copies, dim=0), attention_mask.repeat_interleave(copies, dim=0)
 
 
+def plan_for(model_config, config: DiffusionGenerationConfig, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor) -> GenerationPlan:
+    """The plan of a full-sequence model (`plan_generation`) or of a block diffusion model (`plan_block_generation`)
+    for these prompts."""
+    masks = (input_ids == config.mask_token_id) & attention_mask.bool()  # (B, P) the prompts' masks to fill
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    if model_config.block_size is None:
+        return plan_generation(input_ids.shape[1], bool(masks.any()), config.max_new_tokens, config.max_length,
+                               config.block_length, config.steps, max_positions)
+    if config.use_block_cache:
+        raise ValueError("`use_block_cache` (the approximate cache of full-sequence models) does not apply to a block "
+                         "diffusion model, whose cache is exact (`use_cache`, on by default)")
+    return plan_block_generation(
+        attention_mask.sum(-1).tolist(), input_ids.shape[1], [row.nonzero().flatten().tolist() for row in masks],
+        config.max_new_tokens, config.max_length, config.block_length, config.steps, model_config.block_size,
+        max_positions,
+    )
+
+
 def eos_ids(config: GenerationConfig) -> list[int]:
     eos = config.eos_token_id
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -324,8 +349,10 @@ def stopping_lists(config: DiffusionGenerationConfig, stopping_criteria,
 
 
 class DiffusionRun:
-    """The state of one generation: the canvas `sequences` (B, L) (prompts, then masks), which rows are finished,
-    and the step loop that fills a block (`fill_block`) and commits it (`close_block`)."""
+    """The state of one generation: the canvas `sequences` (B, L) the denoiser reads (prompts, then masks, laid out as
+    the plan says), which rows are finished, and the step loop that fills a block (`fill_block`) and commits it
+    (`close_block`). `standard` gives a canvas tensor in the prompts-then-new-tokens layout of the output, which is
+    also what the logits processors and stopping criteria read."""
 
     def __init__(self, plan: GenerationPlan, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  config: DiffusionGenerationConfig, sampler: CandidateSampler, generators, observers: list):
@@ -333,18 +360,38 @@ class DiffusionRun:
         self.plan, self.config, self.sampler, self.generators, self.observers = plan, config, sampler, generators, observers
         self.mask_id = config.mask_token_id
         new_masks = torch.full((batch, plan.num_new_tokens), self.mask_id, dtype=torch.long, device=device)
-        self.sequences = torch.cat([input_ids, new_masks], dim=1)  # (B, L)
-        self.attention = torch.cat([attention_mask, attention_mask.new_ones(batch, plan.num_new_tokens)], dim=1)
-        self.positions = torch.arange(plan.length, device=device)
-        self.generated = (self.positions >= plan.prompt_length).expand(batch, plan.length)  # (B, L) the new tokens
+        self.prompts = torch.cat([input_ids, new_masks], dim=1)  # (B, P + N): the output's layout, as given
+        real = torch.cat([attention_mask, attention_mask.new_ones(batch, plan.num_new_tokens)], dim=1).bool()
+        offsets = plan.offsets if plan.offsets is not None else (0,) * batch
+        self.offsets = torch.tensor(offsets, device=device)  # (B,) canvas column of each row's position 0
+        self.columns = (self.offsets[:, None] + torch.arange(plan.length, device=device)).clamp(0, plan.width - 1)
+        # The positions that lie on the canvas: all of them, or (rows placed block-aligned) the rows' tokens only.
+        self.placed = real if plan.offsets is not None else torch.ones_like(real)  # (B, P + N)
+        self.placed_at = (*self.placed.nonzero(as_tuple=True)[:1], self.columns[self.placed])
+        self.sequences = self.on_canvas(self.prompts, self.mask_id)  # (B, L)
+        self.attention = self.on_canvas(real.long(), 0)
+        self.positions = torch.arange(plan.width, device=device)
+        new_tokens = torch.arange(plan.length, device=device) >= plan.prompt_length
+        self.generated = self.on_canvas(new_tokens.expand(batch, -1), False)  # (B, L) the new tokens
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.steps_taken = 0
 
+    def on_canvas(self, tensor: torch.Tensor, fill) -> torch.Tensor:
+        """A (B, P + N) tensor of the output's layout placed on the canvas (B, L), `fill` where no row's token lies."""
+        canvas = torch.full((tensor.shape[0], self.plan.width), fill, dtype=tensor.dtype, device=tensor.device)
+        canvas[self.placed_at] = tensor[self.placed]
+        return canvas
+
+    def standard(self, canvas: torch.Tensor, fill) -> torch.Tensor:
+        """A canvas tensor (B, L) in the output's layout (B, P + N), `fill` where it is not on the canvas."""
+        return torch.where(self.placed, canvas.gather(1, self.columns), fill)
+
     def block_masks(self, index: int) -> torch.Tensor:
-        """(B, L) bool: the masks block `index` fills (the first block also the prompts')."""
+        """(B, L) bool: the masks block `index` fills (for a full-sequence model, the first block also the
+        prompts')."""
         start, end = self.plan.blocks[index]
         region = (self.positions >= start) & (self.positions < end)  # (L,)
-        if index == 0:
+        if index == 0 and self.plan.offsets is None:
             region = region | (self.positions < self.plan.prompt_length)
         return (self.sequences == self.mask_id) & region & self.attention.bool()
 
@@ -359,7 +406,10 @@ class DiffusionRun:
         window = slice(int(in_block.any(dim=0).nonzero()[0]), self.plan.blocks[index][1])
         remaining = in_block.sum(dim=-1)  # (B,)
         planned = self.plan.steps[index] if self.plan.steps is not None else int(remaining.max())
-        steps_left = remaining.clone() if self.plan.steps is None else torch.full_like(remaining, planned)
+        if self.plan.row_steps is not None:
+            steps_left = torch.tensor([row[index] for row in self.plan.row_steps], device=remaining.device)
+        else:
+            steps_left = remaining.clone() if self.plan.steps is None else torch.full_like(remaining, planned)
         logits, stale = None, torch.ones_like(self.finished)  # stale: rows whose input changed since their logits
         denoiser.start_block(window)
         for _ in range(planned):
@@ -396,7 +446,7 @@ class DiffusionRun:
                                "damaged weights, or an overflow in float16 (try bfloat16 or float32)")
         counts = remaining.tolist()
         probs, tokens = propose_tokens(candidate_logits, self.mask_id, self.sampler, counts, self.generators,
-                                       self.sequences, in_block)  # (K, V), (K,)
+                                       self.standard(self.sequences, self.prompts), self.standard(in_block, False))
         commit = choose_commits(self.config.remasking, in_block, probs, tokens, remaining, steps_left,
                                 self.config.confidence_threshold, counts, self.generators)  # (B, L)
         if self.config.remasking != "ancestral" and bool(((remaining > 0) & ~commit.any(dim=-1)).any()):
@@ -418,7 +468,7 @@ class DiffusionRun:
         if eos:
             ended |= (torch.isin(self.sequences, torch.tensor(eos, device=ended.device)) & block_done).any(dim=-1)
         stops = self.stop_lengths(start, end, at_tokens)  # (B,)
-        ended |= stops < self.plan.length
+        ended |= stops < self.plan.width
         if at_blocks:
             ended |= at_blocks(self.sequences[:, :end], None).to(ended.device)
             stops = torch.where(ended & ~self.finished, torch.minimum(stops, torch.tensor(end)), stops)
@@ -428,19 +478,24 @@ class DiffusionRun:
             self.sequences = self.sequences.masked_fill(newly_finished[:, None] & self.generated & after,
                                                         self.pad_token_id())
         self.finished |= ended
-        if streamer is not None:
-            shown = self.output()
+        if streamer is not None:  # streamers take one row: its new tokens of the block
+            shown, offset = self.output(), int(self.offsets[0])
             if index == 0:
                 streamer.put(shown[:, : self.plan.prompt_length].cpu())
-            streamer.put(shown[:, start:end].cpu())
+            streamer.put(shown[:, max(start - offset, self.plan.prompt_length) : end - offset].cpu())
 
     def stop_lengths(self, start: int, end: int, criteria: StoppingCriteriaList) -> torch.Tensor:
-        """(B,) for each row, the length of the shortest prefix ending in the block [start, end) that `criteria`
-        stop at (the sequence's length where none does)."""
-        stops = torch.full_like(self.finished, self.plan.length, dtype=torch.long)
-        for length in range(start + 1, end + 1) if criteria else ():
-            hit = criteria(self.sequences[:, :length], None).to(stops.device) & (stops == self.plan.length)
-            stops = stops.masked_fill(hit, length)
+        """(B,) for each row, the canvas column after the shortest prefix ending in the block [start, end) that
+        `criteria` stop at (the canvas's width where none does). The criteria read the output's layout, as an
+        autoregressive model's sequences would be."""
+        stops = torch.full_like(self.finished, self.plan.width, dtype=torch.long)
+        if not criteria:
+            return stops
+        sequences, offsets = self.standard(self.sequences, self.prompts), self.offsets
+        for length in range(max(start - int(offsets.max()), 0) + 1, end - int(offsets.min()) + 1):
+            in_block = (length + offsets > start) & (length + offsets <= end)
+            hit = criteria(sequences[:, :length], None).to(stops.device) & in_block & (stops == self.plan.width)
+            stops = torch.where(hit, length + offsets, stops)
         return stops
 
     def pad_token_id(self) -> Optional[int]:
@@ -448,9 +503,11 @@ class DiffusionRun:
         return self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else None)
 
     def output(self) -> torch.Tensor:
-        """The sequences, padded after each row's first generated eos."""
+        """The sequences in the output's layout (the prompts as given, then the new tokens), padded after each row's
+        first generated eos."""
         eos = eos_ids(self.config)
-        return pad_after_eos(self.sequences, self.generated, eos, self.pad_token_id()) if eos else self.sequences
+        done = pad_after_eos(self.sequences, self.generated, eos, self.pad_token_id()) if eos else self.sequences
+        return self.standard(done, self.prompts)
 
 
 class DiffusionGenerationMixin:
@@ -549,9 +606,7 @@ class DiffusionGenerationMixin:
         """
         config = self._resolve_generation_config(generation_config, kwargs)
         input_ids, attention_mask = prepare_prompts(input_ids, attention_mask, config, self.device)
-        has_prompt_masks = bool(((input_ids == config.mask_token_id) & attention_mask.bool()).any())
-        plan = plan_generation(input_ids.shape[1], has_prompt_masks, config.max_new_tokens, config.max_length,
-                               config.block_length, config.steps, getattr(self.config, "max_position_embeddings", None))
+        plan = plan_for(self.config, config, input_ids, attention_mask)
         sampler = candidate_sampler(config, plan.prompt_length, logits_processor)
         stopping = stopping_lists(config, stopping_criteria, tokenizer)
         generators = None
@@ -567,7 +622,7 @@ class DiffusionGenerationMixin:
         if any(stopping) and run.pad_token_id() is None:
             raise ValueError("ending rows by `stopping_criteria`/`stop_strings`/`max_time` needs a `pad_token_id`")
         model_attention = None if bool(run.attention.all()) else run.attention
-        with make_denoiser(self, config.use_block_cache, model_attention) as denoiser:
+        with make_denoiser(self, config.use_block_cache, config.use_cache, model_attention) as denoiser:
             for index in range(len(plan.blocks)):
                 run.fill_block(index, denoiser)
                 run.close_block(index, stopping, streamer)
@@ -579,7 +634,7 @@ class DiffusionGenerationMixin:
             return run.output()
         return DiffusionGenerateOutput(
             sequences=run.output(), num_forward_passes=counter.passes, tokens_per_forward=counter.tokens_per_forward(),
-            history=tuple(history.states) if history is not None else None,
+            history=tuple(run.standard(s, run.prompts) for s in history.states) if history is not None else None,
         )
 
 

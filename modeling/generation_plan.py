@@ -15,8 +15,8 @@ HONOURED_OPTIONS = frozenset({
     "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
     "no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "return_dict_in_generate", "pad_token_id",
     "bos_token_id", "eos_token_id",
-    # No key-value cache is kept between denoising steps but the block cache (`use_block_cache`): use_cache=False
-    # is what happens anyway, and use_cache=True asks for nothing that could be kept.
+    # A block diffusion model's exact cache (True, the default) or whole-sequence passes at every step (False); a
+    # full-sequence model keeps no exact cache (its approximate one is `use_block_cache`), so it changes nothing there.
     "use_cache",
     # Bookkeeping, not options.
     "transformers_version", "_from_model_config",
@@ -70,20 +70,35 @@ class GenerationPlan:
     """What a generation does, before it runs.
 
     prompt_length: P, the prompts' (padded) width; new tokens go to positions P to P + num_new_tokens.
-    blocks: each block's new positions [start, end), left to right, the last possibly shorter; the first block also
-        fills the masks in the prompts (infilling). Infilling only: one block of no new positions.
+    blocks: each block's columns [start, end) of the canvas the denoiser reads, left to right. Full-sequence models:
+        the canvas is the prompts followed by the new tokens, blocks hold new positions, the last possibly shorter,
+        and the first block also fills the masks in the prompts (infilling; infilling only: one block of no new
+        positions). Block diffusion models: the model's own blocks, see `plan_block_generation`.
     steps: the denoising steps of each block, or None for one token per step (as many steps as a block has masks).
         A block never takes more forward passes than its steps.
+    row_steps: None when every row takes a block's `steps`; else each row's steps of each block (B, blocks), and
+        `steps` their maximum: rows whose blocks hold different numbers of masks spread `steps` each on their own.
+    offsets: None for the canvas above; else (B,) where each row's columns lie on the canvas: row b's position j
+        (prompts left-padded to P, then the new tokens) is canvas column j + offsets[b], and the canvas is
+        `canvas_width` wide (its columns outside a row's tokens are padding).
     """
 
     prompt_length: int
     num_new_tokens: int
     blocks: tuple[tuple[int, int], ...]
     steps: Optional[tuple[int, ...]]
+    offsets: Optional[tuple[int, ...]] = None
+    canvas_width: Optional[int] = None
+    row_steps: Optional[tuple[tuple[int, ...], ...]] = None
 
     @property
     def length(self) -> int:
         return self.prompt_length + self.num_new_tokens
+
+    @property
+    def width(self) -> int:
+        """The canvas's width."""
+        return self.length if self.canvas_width is None else self.canvas_width
 
 
 def new_token_count(prompt_length: int, has_prompt_masks: bool, max_new_tokens: Optional[int],
@@ -122,20 +137,70 @@ def spread_steps(steps: int, sizes: list[int]) -> tuple[int, ...]:
     return tuple(1 + high - low for low, high in zip(bounds, bounds[1:]))
 
 
-def plan_generation(prompt_length: int, has_prompt_masks: bool, max_new_tokens: Optional[int],
-                    max_length: Optional[int], block_length: Optional[int], steps: Optional[int],
-                    max_positions: Optional[int] = None) -> GenerationPlan:
-    """The plan for prompts of width `prompt_length` (see `GenerationPlan`); `max_positions` is the model's
-    `max_position_embeddings`, which the whole sequence must fit."""
-    num_new = new_token_count(prompt_length, has_prompt_masks, max_new_tokens, max_length)
+def check_positions(prompt_length: int, num_new: int, max_positions: Optional[int]) -> None:
     if max_positions is not None and prompt_length + num_new > max_positions:
         raise ValueError(
             f"the prompt ({prompt_length} tokens) and `max_new_tokens` ({num_new}) need {prompt_length + num_new} "
             f"positions, more than the model's max_position_embeddings ({max_positions})"
         )
+
+
+def plan_generation(prompt_length: int, has_prompt_masks: bool, max_new_tokens: Optional[int],
+                    max_length: Optional[int], block_length: Optional[int], steps: Optional[int],
+                    max_positions: Optional[int] = None) -> GenerationPlan:
+    """The plan of a full-sequence model for prompts of width `prompt_length` (see `GenerationPlan`);
+    `max_positions` is the model's `max_position_embeddings`, which the whole sequence must fit."""
+    num_new = new_token_count(prompt_length, has_prompt_masks, max_new_tokens, max_length)
+    check_positions(prompt_length, num_new, max_positions)
     width = block_length or max(num_new, 1)
     starts = range(prompt_length, prompt_length + num_new, width)
     blocks = tuple((start, min(start + width, prompt_length + num_new)) for start in starts) or (
         (prompt_length, prompt_length),)
     step_counts = None if steps is None else spread_steps(steps, [end - start for start, end in blocks])
     return GenerationPlan(prompt_length, num_new, blocks, step_counts)
+
+
+def plan_block_generation(prompt_lengths: list[int], prompt_width: int, prompt_masks: list[list[int]],
+                          max_new_tokens: Optional[int], max_length: Optional[int], block_length: Optional[int],
+                          steps: Optional[int], block_size: int, max_positions: Optional[int] = None) -> GenerationPlan:
+    """The plan of a block diffusion model (blocks of `block_size` tokens counted from each row's first token), for
+    prompts of `prompt_lengths` tokens left-padded to `prompt_width`, with masks to fill at the positions
+    `prompt_masks[b]` (of the padded width).
+
+    The generation blocks are the model's blocks, so each is denoised against the exact cache of the ones before it:
+    a prompt whose length is not a multiple of the block size ends inside a block, and its last tokens join the first
+    generated block (which then holds fewer new tokens). A block of the prompt that holds masks is denoised in its
+    turn, as a generated block is, the prompt's blocks after it read its filled tokens. Rows are placed on the canvas
+    so that the blocks of every row start at the same columns: each row's last prompt block at the same block, its
+    complete blocks before it (with whole blocks of padding before a shorter prompt), its new tokens after it, and the
+    canvas padded to whole blocks. Blocks with nothing to fill are not planned (the denoiser consumes them). Each row
+    spreads `steps` over its blocks in proportion to their masks, as it would alone (so a prompt gives the same
+    tokens in any batch); a block takes as many passes as its row with most steps there."""
+    if block_length is not None and block_length != block_size:
+        raise ValueError(f"`block_length` ({block_length}) must be the block diffusion model's block size "
+                         f"({block_size}) or None: a block model generates its own blocks")
+    num_new = new_token_count(prompt_width, any(prompt_masks), max_new_tokens, max_length)
+    check_positions(prompt_width, num_new, max_positions)
+    origin = max(length // block_size for length in prompt_lengths) * block_size  # where the last prompt blocks start
+    offsets = tuple(origin + length % block_size - prompt_width for length in prompt_lengths)
+    width = -(-(prompt_width + num_new + max(offsets)) // block_size) * block_size
+    to_fill = []  # per row, per canvas block, the masks to fill
+    for offset, masks in zip(offsets, prompt_masks):
+        columns = [offset + position for position in masks]
+        columns += range(offset + prompt_width, offset + prompt_width + num_new)
+        to_fill.append([0] * (width // block_size))
+        for column in columns:
+            to_fill[-1][column // block_size] += 1
+    planned = [index for index in range(width // block_size) if any(row[index] for row in to_fill)]
+    blocks = tuple((index * block_size, (index + 1) * block_size) for index in planned)
+    if steps is None:
+        return GenerationPlan(prompt_width, num_new, blocks, None, offsets, width)
+    row_steps = tuple(row_block_steps(steps, [row[index] for index in planned]) for row in to_fill)
+    step_counts = tuple(max(column) for column in zip(*row_steps))
+    return GenerationPlan(prompt_width, num_new, blocks, step_counts, offsets, width, row_steps)
+
+
+def row_block_steps(steps: int, sizes: list[int]) -> tuple[int, ...]:
+    """A row's `steps` spread over the blocks where it has masks (`spread_steps`), none where it has none."""
+    spread = iter(spread_steps(steps, [size for size in sizes if size]))
+    return tuple(next(spread) if size else 0 for size in sizes)
