@@ -142,6 +142,10 @@ def test_tokenizer_gets_the_mask_token(tmp_path):
     assert len(tokenizer) == config["vocab_size"] == VOCAB + 1
     assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (1, 0, 2)
     assert tokenizer("w5 [MASK]")["input_ids"] == [5, VOCAB]
+    # The source's tokenizer padded on the right (a causal LM's default); the converted one pads on the left, as
+    # generate() needs, also when saved.
+    assert tiny_tokenizer().padding_side == "right" and tokenizer.padding_side == "left"
+    assert json.loads((output / "tokenizer_config.json").read_text())["padding_side"] == "left"
 
 
 # ---- mamba-ssm's MambaLMHeadModel ----------------------------------------------------------------------------------

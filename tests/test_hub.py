@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer
 from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
 
 from diffuapriel_hf import DiffuAprielForMaskedLM
@@ -67,6 +67,10 @@ def test_save_for_hub_writes_a_complete_repo(model, word_tokenizer, tmp_path):
     assert config["auto_map"] == AUTO_MAP
     for name in ("model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).is_file(), name
+    # The word tokenizer pads on the right; the saved one pads on the left, as generate() needs.
+    assert word_tokenizer(model.config).padding_side == "right"
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    assert AutoTokenizer.from_pretrained(tmp_path).padding_side == "left"
     for path in remote_code_files():
         assert (tmp_path / path.name).read_text() == path.read_text(), path.name
     card = ModelCard.load(tmp_path / "README.md")

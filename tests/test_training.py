@@ -171,6 +171,10 @@ def test_train_command_output_reloads(trained):
     assert isinstance(model, DiffuAprielForMaskedLM)
     assert isinstance(model.generation_config, DiffusionGenerationConfig)
     assert model.config.mask_token_id == tokenizer.mask_token_id and model.config.vocab_size == VOCAB_SIZE
+    # The tokenizer pads on the left, as generate() needs, in the model folder and in its checkpoints.
+    assert tokenizer.padding_side == "left"
+    for folder in (trained, trained / "checkpoint-4"):
+        assert json.loads((folder / "tokenizer_config.json").read_text())["padding_side"] == "left", folder
     with open(trained / "generation_config.json") as handle:
         assert json.load(handle)["mask_token_id"] == tokenizer.mask_token_id
     with open(trained / "eval_results.json") as handle:

@@ -35,6 +35,7 @@ import torch
 from ..modeling.configuration_diffuapriel import MAMBA, DiffuAprielConfig
 from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
 from .folders import describe, folder_entries
+from .publish import pad_on_the_left
 
 TRANSFORMERS = "transformers"
 MAMBA_SSM = "mamba-ssm"
@@ -390,7 +391,7 @@ def convert_checkpoint(
         dtype: the dtype of the converted weights (default: the source's).
         source_format: `"transformers"` or `"mamba-ssm"` to refuse any other format; None detects it.
 
-    Returns (model, tokenizer or None).
+    Returns (model, tokenizer or None); the tokenizer pads on the left, as `generate()` needs.
     """
     source = Path(source)
     if backward_init not in BACKWARD_INITS:
@@ -418,6 +419,7 @@ def convert_checkpoint(
     state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"] if tied else with_mask_row(
         state_dict["lm_head.weight"], mask_token_id, num_rows, real_vocab)
     if tokenizer is not None:
+        pad_on_the_left(tokenizer)  # a causal LM's tokenizer often pads on the right; generate() needs the left
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if getattr(tokenizer, name, None) is not None:
                 fields[name] = getattr(tokenizer, name)

@@ -25,6 +25,14 @@ AUTO_MAP = {
 }
 
 
+def pad_on_the_left(tokenizer) -> None:
+    """Make `tokenizer` pad on the left, in memory and in the tokenizer_config.json it saves: `generate()` takes
+    left-padded batches (its new tokens follow every prompt at the same positions). `save_pretrained` writes the
+    tokenizer's init kwargs, so the setting goes there too."""
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"
+
+
 def remote_code_files() -> list[Path]:
     """The files a saved model folder carries as remote code: the configuration and modeling modules and every module
     they import relatively, found the way transformers finds them."""
@@ -122,7 +130,8 @@ def save_for_hub(
     A folder that already holds files is refused unless `overwrite`: then the model (weights, configs, tokenizer files,
     remote code) is replaced as a whole and every other file is kept, an existing README.md too unless
     `overwrite_model_card`. The new folder is written beside the old one and put in its place once complete
-    (`folders.writing_folder`), so an interrupted save leaves the old folder."""
+    (`folders.writing_folder`), so an interrupted save leaves the old folder. The tokenizer is made to pad on the left
+    (`pad_on_the_left`), as `generate()` needs, in memory and in the folder."""
     folder = Path(folder)
     entries = folder_entries(folder)
     if entries and not overwrite:
@@ -135,6 +144,7 @@ def save_for_hub(
     with writing_folder(folder) as staging:
         model.save_pretrained(staging)  # safetensors, config.json, generation_config.json, the remote code
         if tokenizer is not None:
+            pad_on_the_left(tokenizer)
             tokenizer.save_pretrained(staging)
         if write_card:
             (staging / "README.md").write_text(model_card(model, repo_id, base_model), encoding="utf-8")

@@ -27,6 +27,7 @@ import yaml
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from ..hub.folders import move_into_place, staging_folder, staging_path
+from ..hub.publish import pad_on_the_left
 from ..modeling.configuration_diffuapriel import DiffuAprielConfig, preset_config
 from ..modeling.diffusion import bits_per_token, elbo_times, perplexity_bound, token_nll
 from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
@@ -183,8 +184,9 @@ def train_bpe_tokenizer(texts, vocab_size: int):
 
 
 def prepare_tokenizer(tokenizer, vocab_size: int):
-    """Give an existing tokenizer the special tokens training needs (mask, eos; pad = eos) and check that the model's
-    vocabulary holds all of its tokens."""
+    """Give an existing tokenizer the special tokens training needs (mask, eos; pad = eos), make it pad on the left
+    (the saved model's `generate()` takes left-padded batches; the collator and the model treat padding on either
+    side alike) and check that the model's vocabulary holds all of its tokens."""
     added = {}
     if tokenizer.mask_token is None:
         added["mask_token"] = MASK_TOKEN
@@ -194,6 +196,7 @@ def prepare_tokenizer(tokenizer, vocab_size: int):
         tokenizer.add_special_tokens(added)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is never attended to nor counted
+    pad_on_the_left(tokenizer)
     if len(tokenizer) > vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens{' with the added ' + ', '.join(added) if added else ''}, more "
