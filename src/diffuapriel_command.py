@@ -1,6 +1,8 @@
 """The `diffuapriel` command: `diffuapriel {train,generate,convert} ...`. Each subcommand lives in its own module of
 `diffuapriel_hf`, imported only when it runs (or its help is asked for), and exposes `add_arguments(parser)` and
-`run(args)`.
+`run(args)`. A subcommand whose help depends on an option given with it (`diffuapriel generate --model PATH --help`
+shows the generation defaults saved with that model) also exposes `help_context_parser()`, a parser of those options
+alone: the first stage of a two-stage parse, whose values are passed to `add_arguments` as keyword arguments.
 
 This dispatcher is a top-level module, outside the `diffuapriel_hf` package, because importing anything in that
 package runs its `__init__`, which imports torch and transformers to register the model with the Auto classes: here,
@@ -25,9 +27,19 @@ def main(argv=None) -> int:
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text)
         if name == chosen:
-            importlib.import_module(module_name).add_arguments(sub)
+            add_subcommand_arguments(importlib.import_module(module_name), sub, argv[1:])
     args = parser.parse_args(argv)
     return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0
+
+
+def add_subcommand_arguments(module, parser: argparse.ArgumentParser, argv: list) -> None:
+    """The subcommand's options on `parser`; with a `help_context_parser`, read its options from the subcommand's
+    `argv` first (parse_known_args: the other options and --help are left to the full parse) and pass them on."""
+    if not hasattr(module, "help_context_parser"):
+        module.add_arguments(parser)
+        return
+    context, _ = module.help_context_parser().parse_known_args(argv)
+    module.add_arguments(parser, **vars(context))
 
 
 if __name__ == "__main__":

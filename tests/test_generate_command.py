@@ -183,23 +183,31 @@ def test_unusable_model_paths_and_devices_get_one_line(argv, message, capsys, mo
 
 def test_top_k_and_top_p_ask_for_sampling():
     parser = argparse.ArgumentParser()
-    add_arguments(parser, argv=[])
+    add_arguments(parser)
     assert generation_settings(parser.parse_args(["--top-k", "5"]))["do_sample"] is True
     assert generation_settings(parser.parse_args(["--top-p", "0.9", "--temperature", "0"]))["do_sample"] is False
 
 
-def test_help_shows_the_model_saved_defaults(saved_model, tmp_path):
+@pytest.mark.parametrize("help_first", [False, True])
+def test_help_shows_the_model_saved_defaults(saved_model, tmp_path, capsys, monkeypatch, help_first):
     _, model, tokenizer = saved_model
     model.generation_config.update(steps=12, block_length=4)
     try:
         model.save_pretrained(tmp_path)
     finally:
         model.generation_config.update(steps=None, block_length=None)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, argv=["--model", str(tmp_path)])
-    text = " ".join(parser.format_help().split())
+    # The help reads --model from the arguments given to the command, wherever --help stands, not from sys.argv.
+    monkeypatch.setattr(sys, "argv", ["diffuapriel", "generate", "--help"])
+    options = ["--help", "--model", str(tmp_path)] if help_first else ["--model", str(tmp_path), "--help"]
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", *options])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
     assert "denoising steps in all (the model's: 12)" in text and "(the model's: 4)" in text
     assert "--steps must be at least the number of blocks" in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])  # the shipped model's defaults
+    assert "denoising steps in all (the model's: 32)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_the_command_help_imports_no_torch():

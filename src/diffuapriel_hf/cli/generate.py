@@ -17,27 +17,36 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..modeling.sampling import REMASKING_RULES
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 
 
-def saved_defaults(argv: list[str]) -> dict:
-    """The generation settings saved in the --model folder of `argv` (the shipped model's without --model), read
-    from its generation_config.json without loading the model; {} for a Hub id or a folder without one."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model")
-    folder = Path(pre.parse_known_args(argv)[0].model or default_model_path())
+def help_context_parser() -> argparse.ArgumentParser:
+    """The first stage of the command's two-stage parse (see `diffuapriel_command`): --model alone, so that the help
+    can show the generation defaults saved with that model."""
+    parser = argparse.ArgumentParser(prog="diffuapriel generate", add_help=False)
+    parser.add_argument("--model")
+    return parser
+
+
+def saved_defaults(model: Optional[str]) -> dict:
+    """The generation settings saved in the `model` folder (the shipped model's for None), read from its
+    generation_config.json without loading the model; {} for a Hub id or a folder without one."""
+    folder = Path(model or default_model_path())
     try:
         return json.loads((folder / "generation_config.json").read_text())
     except (OSError, ValueError):
         return {}
 
 
-def add_arguments(parser: argparse.ArgumentParser, argv: list[str] = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, model: Optional[str] = None) -> None:
+    """The command's options; their help shows the defaults saved with `model` (the --model given, read by
+    `help_context_parser`; None: the shipped model)."""
     parser.description = __doc__.split("\n\n")[0]
-    saved = saved_defaults(sys.argv[1:] if argv is None else argv)
+    saved = saved_defaults(model)
 
     def default(name: str, unset: str) -> str:
         return f"(the model's: {saved[name]})" if saved.get(name) is not None else f"(default: {unset})"
