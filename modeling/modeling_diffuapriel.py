@@ -7,6 +7,7 @@ Block (every layer): x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)), where t
   - `DiffuAprielAttention`: non-causal grouped-query attention with RoPE, through transformers' attention interface.
 """
 
+import copy
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -38,6 +39,7 @@ from .fused_ops import add_rms_norm, add_time_reversed, swiglu
 from .generation import DiffusionGenerationMixin
 from .kernel_policy import REFERENCE_POLICY, KernelPolicy, resolve_kernel_policy
 from .mamba_ops import MambaOps, is_plain_module, reverse_time
+from .pipeline_diffuapriel import CUSTOM_PIPELINES
 
 
 class DiffuAprielRMSNorm(nn.Module):
@@ -906,6 +908,15 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         from .diffusion import negative_elbo
 
         return negative_elbo(self, input_ids, attention_mask=attention_mask, num_samples=num_samples, seed=seed)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`. Where the model's code is written with it (the classes are registered
+        for the Auto classes, so config.json gets `auto_map`), config.json also names the text-generation pipeline
+        (`custom_pipelines`), whose file is written with the code (a relative import of this one): then
+        `pipeline("text-generation", model=folder, trust_remote_code=True)` generates by diffusion."""
+        if self._auto_class is not None:
+            self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 __all__ = [

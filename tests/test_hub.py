@@ -1,5 +1,6 @@
 """Hub folders: the remote code (the repository's modeling/ folder, held once), save_pretrained / save_for_hub, loading with
-trust_remote_code=True where diffuapriel_hf cannot be imported, and what loading refuses."""
+trust_remote_code=True where diffuapriel_hf cannot be imported (the model and its text-generation pipeline), and what
+loading refuses."""
 
 import json
 import os
@@ -100,18 +101,21 @@ class BlockPackage:
 
 sys.meta_path.insert(0, BlockPackage())
 import torch
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, pipeline
 
 folder, inputs, outputs = sys.argv[1:]
 model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
-if any(name.split(".")[0] == "diffuapriel_hf" for name in sys.modules):
-    raise RuntimeError("diffuapriel_hf was imported")
 ids = torch.load(inputs)
 with torch.no_grad():
     logits = model(ids).logits
 generated = model.generate(ids, max_new_tokens=6, steps=6, seed=0)
 cached = model.generate(ids, max_new_tokens=6, steps=6, block_length=3, use_block_cache=True, seed=0)
-torch.save({"logits": logits, "generated": generated, "cached": cached, "class": type(model).__module__}, outputs)
+generator = pipeline("text-generation", model=folder, trust_remote_code=True)
+piped = generator("w3 w4 w5", max_new_tokens=6, steps=6, seed=0, return_tensors=True)[0]["generated_token_ids"]
+if any(name.split(".")[0] == "diffuapriel_hf" for name in sys.modules):
+    raise RuntimeError("diffuapriel_hf was imported")
+torch.save({"logits": logits, "generated": generated, "cached": cached, "class": type(model).__module__,
+            "piped": piped, "pipeline_class": type(generator).__module__}, outputs)
 """
 
 
@@ -135,6 +139,9 @@ def test_remote_code_loads_where_the_package_cannot_be_imported(tiny_model, word
     assert torch.equal(remote["generated"], model.generate(ids, max_new_tokens=6, steps=6, seed=0))
     assert torch.equal(remote["cached"], model.generate(ids, max_new_tokens=6, steps=6, block_length=3,
                                                         use_block_cache=True, seed=0))
+    assert remote["pipeline_class"].startswith("transformers_modules.")  # the pipeline, from the folder's code too
+    prompt = word_tokenizer(model.config)("w3 w4 w5", return_tensors="pt").input_ids
+    assert remote["piped"] == model.generate(prompt, max_new_tokens=6, steps=6, seed=0)[0].tolist()
 
 
 def test_weights_of_the_wrong_shape_are_named(model, tmp_path):

@@ -1,11 +1,14 @@
 """DiffuApriel for Hugging Face Transformers. Importing this package registers the model type "diffuapriel" with
-`AutoConfig`, `AutoModel` and `AutoModelForMaskedLM`."""
+`AutoConfig`, `AutoModel` and `AutoModelForMaskedLM`. `DiffusionTextGenerationPipeline` is its text-generation
+pipeline (saved model folders name it in config.json, for `pipeline("text-generation", model=folder,
+trust_remote_code=True)`)."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .modeling.configuration_diffuapriel import DiffuAprielConfig, preset_config
 from .modeling.generation import DiffusionGenerationConfig
 from .modeling.modeling_diffuapriel import DiffuAprielForMaskedLM, DiffuAprielModel, DiffuAprielPreTrainedModel
+from .modeling.pipeline_diffuapriel import DiffusionTextGenerationPipeline
 from .modeling.presets import PRESETS
 from .training.data import DataCollatorForMaskedDiffusion
 
@@ -25,6 +28,7 @@ __all__ = [
     "DiffuAprielForMaskedLM",
     "DiffuAprielPreTrainedModel",
     "DiffusionGenerationConfig",
+    "DiffusionTextGenerationPipeline",
     "PRESETS",
     "preset_config",
 ]

@@ -107,17 +107,21 @@ as a package, and `pip install diffuapriel-hf[cuda]` the Mamba-2 kernels.
 
 ```python
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 model = AutoModelForMaskedLM.from_pretrained("{name}", trust_remote_code=True)
 prompt = tokenizer("The capital of France is", return_tensors="pt")
 output = model.generate(**prompt, max_new_tokens=64, steps=64, block_length=32, remasking="low_confidence")
 print(tokenizer.decode(output[0], skip_special_tokens=True))
+
+generator = pipeline("text-generation", model="{name}", trust_remote_code=True)
+print(generator("The capital of France is", max_new_tokens=64, steps=64, block_length=32)[0]["generated_text"])
 ```
 
 `generate` runs diffusion sampling: `steps` denoising passes over `max_new_tokens` masked positions, filled block by
-block (`block_length`); mask tokens (`tokenizer.mask_token`) left in the prompt are filled in too (infilling).
+block (`block_length`); mask tokens (`tokenizer.mask_token`) left in the prompt are filled in too (infilling). The
+repository's text-generation pipeline (`pipeline_diffuapriel.py`) calls it.
 """
 
 

@@ -51,7 +51,8 @@ FIXED_TRAINING_ARGUMENTS = dict(
 )
 EOS_TOKEN, PAD_TOKEN, MASK_TOKEN = "<|endoftext|>", "<|pad|>", "<|mask|>"
 # Configuration entries that describe a run or a library version rather than the model.
-NON_MODEL_CONFIG_KEYS = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "auto_map"}
+NON_MODEL_CONFIG_KEYS = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "auto_map",
+                         "custom_pipelines"}
 
 
 class ArgumentsFile(argparse.Action):
