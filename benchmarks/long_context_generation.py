@@ -109,24 +109,26 @@ def block_step_ms(model, length: int) -> dict:
         torch.cuda.empty_cache()
 
 
-def configurations(name: str):
-    """(cache, decoding, shapes) of one model."""
+def configurations(name: str, lengths: list[int], decodings: list[str]):
+    """(cache, decoding, shapes) of one model, at those of `lengths` that it is measured at."""
     block = name.endswith("-block")
-    lengths = LENGTHS + (BLOCK_ONLY_LENGTHS if block else [])
-    shapes = [(1, length) for length in lengths] + [(batch, length) for length, batch in BATCHED.items()]
+    lengths = [n for n in lengths if block or n not in BLOCK_ONLY_LENGTHS]
+    shapes = [(1, n) for n in lengths] + [(batch, n) for n, batch in BATCHED.items() if n in lengths]
     for cache in (["exact"] if block else ["none", "approximate"]):
-        for decoding in ("steps", "threshold"):
+        for decoding in decodings:
             if (cache, decoding) == ("none", "threshold"):
                 yield cache, decoding, [(b, n) for b, n in shapes if b == 1 and n <= NO_CACHE_THRESHOLD_MAX_LENGTH]
             else:
                 yield cache, decoding, shapes
 
 
-def run(names: list[str]) -> list[dict]:
-    rows = []
+def run(names: list[str], lengths: list[int], decodings: list[str], result: dict, out: Path) -> None:
+    """Measures every configuration of `names` into result["rows"], saving the result after each row (a run stopped
+    by a time limit keeps what it measured)."""
+    rows = result.setdefault("rows", [])
     for name in names:
         model = build(name, max_position_embeddings=max(LENGTHS + BLOCK_ONLY_LENGTHS) + NEW_TOKENS)
-        for cache, decoding, shapes in configurations(name):
+        for cache, decoding, shapes in configurations(name, lengths, decodings):
             slow_from = None  # the batch-1 length from which calls are too slow to go on
             for batch, length in shapes:
                 row = dict(model=name, cache=cache, decoding=decoding, batch=batch, prompt_length=length)
@@ -139,9 +141,9 @@ def run(names: list[str]) -> list[dict]:
                     slow_from = length
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                save(result, out, markdown=markdown(result))
         del model
         torch.cuda.empty_cache()
-    return rows
 
 
 def label(row: dict) -> str:
@@ -189,6 +191,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="path stem of the .json and .md (and .png, with matplotlib)")
     parser.add_argument("--models", nargs="+", default=BLOCK_MODELS + FULL_MODELS)
+    parser.add_argument("--lengths", nargs="+", type=int, default=LENGTHS + BLOCK_ONLY_LENGTHS,
+                        help="prompt lengths (those beyond LENGTHS are measured on block models only)")
+    parser.add_argument("--decodings", nargs="+", choices=["steps", "threshold"], default=["steps", "threshold"])
     parser.add_argument("--render", type=Path, help="rewrite the .md and .png of saved results instead of measuring")
     args = parser.parse_args()
     if args.render is not None:
@@ -199,8 +204,7 @@ def main():
     if args.out is None:
         parser.error("--out is required unless --render is given")
     result = new_result(new_tokens=NEW_TOKENS, block=BLOCK, steps_per_block=STEPS_PER_BLOCK, threshold=THRESHOLD)
-    result["rows"] = run(args.models)
-    save(result, args.out, markdown=markdown(result))
+    run(args.models, args.lengths, args.decodings, result, args.out)
 
 
 if __name__ == "__main__":

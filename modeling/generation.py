@@ -622,7 +622,8 @@ class DiffusionGenerationMixin:
         if any(stopping) and run.pad_token_id() is None:
             raise ValueError("ending rows by `stopping_criteria`/`stop_strings`/`max_time` needs a `pad_token_id`")
         model_attention = None if bool(run.attention.all()) else run.attention
-        with make_denoiser(self, config.use_block_cache, config.use_cache, model_attention) as denoiser:
+        # use_cache None (GenerationConfig's default) means True, as in transformers' own generate().
+        with make_denoiser(self, config.use_block_cache, config.use_cache is not False, model_attention) as denoiser:
             for index in range(len(plan.blocks)):
                 run.fill_block(index, denoiser)
                 run.close_block(index, stopping, streamer)

@@ -229,3 +229,14 @@ def test_cuda_steps_replay_one_graph_without_host_synchronisation(block_model, k
     ids = random_ids(model.config, 2, 9, seed=10).cuda()
     settings = dict(max_new_tokens=14, eos_token_id=None)
     assert torch.equal(model.generate(ids, **settings), model.generate(ids, use_cache=False, **settings))
+
+
+def test_the_exact_cache_is_the_default(block_model):
+    model = block_model("mamba")
+    passes = []
+    handle = model.register_forward_hook(
+        lambda module, args, kwargs, output: passes.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    model.generate(random_ids(model.config, 1, 9, seed=12), max_new_tokens=7, eos_token_id=None)
+    handle.remove()
+    # The prompt's two complete blocks in one pass, then every step on a block of four, and a pass per committed block.
+    assert passes[0] == 2 * BLOCK and set(passes[1:]) == {BLOCK}
