@@ -167,8 +167,10 @@ class BlockDiffusionCache:
     Layers use it as transformers' cache layers: attention layers call `update(key, value, layer_idx)` and attend to
     what it returns under `attention_mask()`, Mamba layers read `mamba_state(layer_idx)` and hand their new state to
     `update_mamba_state`. Keys and values are held in buffers of `max_length` positions, written at the consumed
-    length. A step reads them whole under a mask, so that the shapes of the steps never change; a consuming pass (run
-    eagerly) reads the consumed ones only.
+    length (a device tensor, `length_tensor`, so that a graph of a consuming pass writes where the cache stands when
+    it is replayed). A step reads them whole under a mask, so that the shapes of the steps never change; a consuming
+    pass reads the consumed ones only, or, with `static_reads` (a consuming pass replayed from a graph), all of them as
+    a step does.
     """
 
     def __init__(self, config, batch_size: int, max_length: int, device=None, dtype: torch.dtype = torch.float32):
@@ -179,6 +181,8 @@ class BlockDiffusionCache:
                              f"({config.block_size})")
         self.block_size, self.max_length = config.block_size, max_length
         self.length = 0  # positions consumed, the same for every row: whole blocks
+        self.length_tensor = torch.zeros((), dtype=torch.long, device=device)  # the same, on the device
+        self.static_reads = False
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) real tokens consumed
         self.key_padding = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # True: a kept key
         self.mamba_states, self.keys_values = {}, {}
@@ -210,17 +214,19 @@ class BlockDiffusionCache:
             raise ValueError(f"the BlockDiffusionCache holds {self.max_length} positions: {self.length} are consumed, "
                              f"{width} more do not fit")
         self.consuming, self.pass_mask = consume, padding_mask
-        self.visible = self.length if consume else self.max_length
+        self.visible = self.length if consume and not self.static_reads else self.max_length
+        self.write_index = self.length_tensor + torch.arange(width, device=padding_mask.device) if consume else None
         # Positions count real tokens only, as in a pass over the whole sequence.
         self.pass_positions = (self.positions[:, None] + padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def end_pass(self) -> None:
         if self.consuming:
             width = self.pass_mask.shape[1]
-            self.key_padding[:, self.length : self.length + width] = self.pass_mask
+            self.key_padding.index_copy_(1, self.write_index, self.pass_mask)
             self.positions += self.pass_mask.sum(-1)
+            self.length_tensor += width
             self.length += width
-        self.consuming, self.pass_mask, self.pass_positions = False, None, None
+        self.consuming, self.pass_mask, self.pass_positions, self.write_index = False, None, None, None
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, W, V + W) for the V kept keys the pass reads (`update`), additive (0 or the dtype's minimum, as every attention implementation takes it):
@@ -245,9 +251,8 @@ class BlockDiffusionCache:
         keys = torch.cat([kept_keys[:, :, : self.visible], key_states], dim=2)
         values = torch.cat([kept_values[:, :, : self.visible], value_states], dim=2)
         if self.consuming:
-            end = self.length + key_states.shape[2]
-            kept_keys[:, :, self.length : end] = key_states
-            kept_values[:, :, self.length : end] = value_states
+            kept_keys.index_copy_(2, self.write_index, key_states)
+            kept_values.index_copy_(2, self.write_index, value_states)
         return keys, values
 
     def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +267,7 @@ class BlockDiffusionCache:
     def reset(self) -> None:
         """Empty, as built: for a new generation of the same shapes (its tensors stay where they are)."""
         self.length = 0
-        for tensor in [self.positions, self.key_padding, *self.tensors()]:
+        for tensor in [self.length_tensor, self.positions, self.key_padding, *self.tensors()]:
             tensor.zero_()
 
     def tensors(self) -> list[torch.Tensor]:

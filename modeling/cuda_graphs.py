@@ -20,7 +20,9 @@ block copies its recording into the tensors that graph reads.
 A block diffusion model's steps against its exact cache (`cache.BlockDiffusionCache`) have one shape for every block
 of a generation and read the cache's tensors, which the eager passes that consume blocks update in place:
 `GraphedDenoiser.cached_step` captures the step once per cache, and `block_diffusion_cache` keeps that cache for the
-next generation of the same shapes, emptied, so that its graph is replayed again.
+next generation of the same shapes, emptied, so that its graph is replayed again. The pass that consumes a committed
+block into the cache has one shape too, and writes where the cache's device-side length says: `cached_consume`
+replays it from a second graph.
 """
 
 import contextlib
@@ -53,6 +55,8 @@ class GraphedDenoiser:
         self._fixed_parameters_key = None  # set within `parameters_fixed`
         self._block_cache = None  # the BlockDiffusionCache that `cached_step`'s graph reads
         self._block_cache_layout = None
+        self._consume = None  # (key, CUDAGraph, static inputs) of `cached_consume`
+        self._consume_warmed = None  # the key whose pass ran eagerly once, before its capture
 
     @property
     def model(self) -> torch.nn.Module:
@@ -161,7 +165,45 @@ class GraphedDenoiser:
             self.graph, self.key = (graph, static_inputs, static_logits), key
         return self._replay(input_ids, padding_mask).clone()
 
+    def cached_consume(self, input_ids: torch.Tensor, padding_mask: torch.Tensor, cache: BlockDiffusionCache) -> None:
+        """`model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache, use_cache=True)`: consume
+        one committed block into the cache, replayed from a CUDA graph of the pass (its keys read whole, as a step
+        reads them: `cache.static_reads`). The first such pass of a cache runs eagerly, so that what a capture cannot
+        do (autotuning, workspaces) is done; the second is captured without running (so the cache's host-side length
+        is put back after it) and replayed; later ones are replayed."""
+        cache.static_reads = True
+        try:
+            if self._runs_eagerly(input_ids):
+                self.model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+                return
+            key = (tuple(input_ids.shape), input_ids.device, self._parameters_key(), id(cache))
+            if self._consume is None or self._consume[0] != key:
+                if self._consume_warmed != key:
+                    self.model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache,
+                               use_cache=True, logits_to_keep=1)
+                    self._consume_warmed = key
+                    return
+                self._consume = (key, *self._capture_consume(input_ids, padding_mask, cache))
+            _, graph, static_inputs = self._consume
+            for static, given in zip(static_inputs, (input_ids, padding_mask)):
+                static.copy_(given)
+            graph.replay()
+            cache.length += input_ids.shape[1]  # the replay moved the device side of the cache
+        finally:
+            cache.static_reads = False
+
+    def _capture_consume(self, input_ids, padding_mask, cache):
+        static_inputs = (input_ids.clone(), padding_mask.clone())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.model(input_ids=static_inputs[0], attention_mask=static_inputs[1], past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+        cache.length -= input_ids.shape[1]  # recorded, not run: only the host side moved
+        return graph, static_inputs
+
     def _drop_graph(self):
+        self._consume = self._consume_warmed = None
         self.key = self.graph = self._static_context = self._recording_of = None
 
     def _replay(self, *inputs: torch.Tensor) -> torch.Tensor:

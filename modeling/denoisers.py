@@ -111,8 +111,8 @@ PREFILL_CHUNK = 4096
 class ExactCacheDenoiser:
     """A block diffusion model's exact cache (`cache.BlockDiffusionCache`): the blocks before the current one are
     consumed once (the prompt's in one prefill pass at the first step, each generated block by `finish_block`), and
-    every step runs the current block alone against the cache (from a CUDA graph with `graphs`, the same graph for
-    every block). The canvas's blocks are the model's (`plan_block_generation`); the logits are those of the window
+    every step runs the current block alone against the cache (with `graphs`, from a CUDA graph, the same for every
+    block, and so are the passes that consume the committed blocks). The canvas's blocks are the model's (`plan_block_generation`); the logits are those of the window
     asked for, which ends where its block ends."""
 
     def __init__(self, model: torch.nn.Module, attention_mask: Optional[torch.Tensor], graphs: bool):
@@ -164,7 +164,11 @@ class ExactCacheDenoiser:
         return logits[:, self.window.start - self.block.start :]
 
     def finish_block(self, sequences: torch.Tensor) -> None:
-        self.consume(sequences, self.block.stop)
+        """The committed block moves the cache past it (on CUDA from a graph of the pass)."""
+        if self.graphs and self.cache is not None and self.cache.length == self.block.start:
+            graphed_denoiser(self.model).cached_consume(sequences[:, self.block], self.padding(sequences, self.block),
+                                                        self.cache)
+        self.consume(sequences, self.block.stop)  # (nothing left to consume after the graph's pass)
         self.block = self.window = None
 
 

@@ -202,10 +202,12 @@ def test_the_block_plan_places_rows_on_common_blocks():
 @torch.no_grad()
 def test_cuda_steps_replay_one_graph_without_host_synchronisation(block_model, kind):
     model = block_model(kind, sharpen=30.0).cuda()
-    canvas = random_ids(model.config, 2, 16, seed=9).cuda()
+    canvas = random_ids(model.config, 2, 28, seed=9).cuda()
     eager = denoisers.ExactCacheDenoiser(model, None, graphs=False)
     graphed = denoisers.ExactCacheDenoiser(model, None, graphs=True)
-    for block in (slice(8, 12), slice(12, 16)):
+    # Committed blocks are consumed eagerly (the first), captured (the second), then replayed: the steps after them
+    # check what the graphs left in the cache.
+    for block in (slice(8, 12), slice(12, 16), slice(16, 20), slice(20, 24), slice(24, 28)):
         for denoiser in (eager, graphed):
             denoiser.start_block(block)
         for step in range(3):
@@ -225,7 +227,8 @@ def test_cuda_steps_replay_one_graph_without_host_synchronisation(block_model, k
         for denoiser in (eager, graphed):
             denoiser.finish_block(canvas)
     cache = graphed.cache
-    assert cache is denoisers.graphed_denoiser(model).block_diffusion_cache(2, 16)  # kept for the next generation
+    assert cache.length == eager.cache.length == 28 and denoisers.graphed_denoiser(model)._consume is not None
+    assert cache is denoisers.graphed_denoiser(model).block_diffusion_cache(2, 28)  # kept for the next generation
     ids = random_ids(model.config, 2, 9, seed=10).cuda()
     settings = dict(max_new_tokens=14, eos_token_id=None)
     assert torch.equal(model.generate(ids, **settings), model.generate(ids, use_cache=False, **settings))
