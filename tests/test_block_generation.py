@@ -174,6 +174,18 @@ def test_block_generation_options_and_refusals(block_model):
     assert torch.equal(stopped[:, :15], free[:, :15]) and stopped[:, 15:].eq(0).all()
     history = model.generate(ids, output_history=True, return_dict_in_generate=True, **settings).history
     assert all(state.shape == (1, 19) for state in history) and torch.equal(history[-1], free)
+    pieces = []
+
+    class Recorder:
+        def put(self, tokens):
+            pieces.append(tokens)
+
+        def end(self):
+            pass
+
+    assert torch.equal(model.generate(ids, streamer=Recorder(), **settings), free)
+    # The prompt, then each block's new tokens: two join the prompt's last two in its block, then blocks of four.
+    assert [p.shape[1] for p in pieces] == [6, 2, 4, 4, 3] and torch.equal(torch.cat(pieces, dim=1), free)
     copies = model.generate(ids, num_return_sequences=2, **settings)
     assert copies.shape == (2, 19) and torch.equal(copies[0], free[0])
     with pytest.raises(ValueError, match="block_length"):
