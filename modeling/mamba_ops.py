@@ -40,14 +40,16 @@ def segment_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def mamba_chunk_scan_combined_reference(
-    x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+    x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None, dt_softplus=False,
     dt_limit=(0.0, float("inf")), return_final_states=False,
 ):
     """Chunked SSD ("SSD minimal"): y_t = sum_{s<=t} C_t^T (prod_{s<r<=t} exp(dt_r A)) B_s dt_s x_s + D x_t.
 
     x: (b, l, h, p), dt: (b, l, h), A: (h,), B and C: (b, l, g, n), D: (h,) or (h, p), z: (b, l, h, p),
-    initial_states: (b, h, p, n). Returns y (b, l, h, p) in x's dtype, and the final state (b, h, p, n) in float32
-    when asked. Work and memory are linear in l: the quadratic part is confined to chunks of `chunk_size`.
+    initial_states: (b, h, p, n), seq_idx: (b, l) int, the document of each position of rows that pack several
+    (non-decreasing along a row): the sum then runs over the positions s of t's own document only, and the initial
+    state enters the first document only. Returns y (b, l, h, p) in x's dtype, and the final state (b, h, p, n) in
+    float32 when asked. Work and memory are linear in l: the quadratic part is confined to chunks of `chunk_size`.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups = B.shape[2]
@@ -74,20 +76,30 @@ def mamba_chunk_scan_combined_reference(
     x_dt, B, C = chunked(x_dt), chunked(B), chunked(C)  # (b, c, q, h, ·)
     A_dt = (chunked(dt) * A.float()).permute(0, 3, 1, 2)  # (b, h, c, q)
     A_cumsum = torch.cumsum(A_dt, dim=-1)
+    # Documents (a padded position belongs to the last one): what the masks below keep within one.
+    docs = None if seq_idx is None else chunked(F.pad(seq_idx[:, None].float(), (0, pad), mode="replicate")[:, 0])
 
     # 1. Within each chunk: the quadratic (attention-like) form.
     decay_within = torch.exp(segment_sum(A_dt))  # (b, h, c, q, q)
+    if docs is not None:
+        decay_within = decay_within * (docs[..., :, None] == docs[..., None, :])[:, None]
     scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay_within
     y = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt)
 
-    # 2. The state each chunk adds, as seen at its end.
+    # 2. The state each chunk adds, as seen at its end (from the positions of the document it ends in).
     decay_to_end = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (b, h, c, q)
+    if docs is not None:
+        decay_to_end = decay_to_end * (docs == docs[..., -1:])[:, None]
     B_decayed = B * decay_to_end.permute(0, 2, 3, 1)[..., None]  # (b, c, q, h, n)
     chunk_states = torch.einsum("bclhn,bclhp->bchpn", B_decayed, x_dt)
 
     # 3. Carry the state across chunks: a recurrence with one step per chunk (not per token). Written as one product
-    #    instead, it would need a (chunks x chunks) decay matrix, and memory would grow quadratically with length.
+    #    instead, it would need a (chunks x chunks) decay matrix, and memory would grow quadratically with length. A
+    #    chunk that ends in another document than the one before it starts from nothing.
     chunk_decay = torch.exp(A_cumsum[..., -1])  # (b, h, c): the decay over each whole chunk
+    if docs is not None:
+        ended_before = torch.cat([docs[:, :1, 0], docs[:, :-1, -1]], dim=1)  # (b, c): the document entering each
+        chunk_decay = chunk_decay * (ended_before == docs[..., -1])[:, None]
     state = torch.zeros_like(chunk_states[:, 0]) if initial_states is None else initial_states.float()  # (b, h, p, n)
     entering = []
     for chunk in range(nchunks):
@@ -95,9 +107,12 @@ def mamba_chunk_scan_combined_reference(
         state = state * chunk_decay[:, :, chunk, None, None] + chunk_states[:, chunk]
     states, final_state = torch.stack(entering, dim=1), state  # (b, c, h, p, n), (b, h, p, n)
 
-    # 4. What the state entering each chunk contributes to its outputs.
+    # 4. What the state entering each chunk contributes to its outputs (in the document it belongs to).
     y_from_state = torch.einsum("bclhn,bchpn->bclhp", C, states)
-    y = y + y_from_state * torch.exp(A_cumsum).permute(0, 2, 3, 1)[..., None]
+    decay_from_start = torch.exp(A_cumsum).permute(0, 2, 3, 1)  # (b, c, q, h)
+    if docs is not None:
+        decay_from_start = decay_from_start * (docs == ended_before[..., None])[..., None]
+    y = y + y_from_state * decay_from_start[..., None]
 
     y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
     if D is not None:
@@ -109,13 +124,22 @@ def mamba_chunk_scan_combined_reference(
     return (y, final_state) if return_final_states else y
 
 
-def causal_conv1d_reference(x, weight, bias=None, activation=None):
-    """Depthwise causal convolution. x: (b, d, l), weight: (d, w), bias: (d,) -> (b, d, l) in x's dtype."""
+def causal_conv1d_reference(x, weight, bias=None, seq_idx=None, activation=None):
+    """Depthwise causal convolution. x: (b, d, l), weight: (d, w), bias: (d,) -> (b, d, l) in x's dtype. seq_idx:
+    (b, l) int, the document of each position of rows that pack several: an output reads its own document's inputs
+    only (zeros before the document's start, as before a sequence's)."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     seqlen, width = x.shape[-1], weight.shape[-1]
-    out = F.conv1d(x.float(), weight.float()[:, None, :], None if bias is None else bias.float(),
-                   padding=width - 1, groups=x.shape[1])[..., :seqlen]
+    if seq_idx is None:
+        out = F.conv1d(x.float(), weight.float()[:, None, :], None if bias is None else bias.float(),
+                       padding=width - 1, groups=x.shape[1])[..., :seqlen]
+    else:  # tap k reads the input k positions back where it lies in the same document
+        out = torch.zeros_like(x, dtype=torch.float32) if bias is None else bias.float()[:, None].expand_as(x).clone()
+        for back in range(width):
+            shifted = F.pad(x.float(), (back, 0))[..., :seqlen]
+            same = seq_idx == F.pad(seq_idx, (back, 0), value=-1)[..., :seqlen]  # (b, l)
+            out = out + weight.float()[:, width - 1 - back, None] * shifted * same[:, None]
     if activation is not None:
         out = F.silu(out)
     return out.to(x.dtype)
@@ -177,14 +201,21 @@ def _causal_conv1d_via_kernel(kernel):
 
     The kernel reads x (b, d, l) in place either channels-first (l contiguous) or channels-last (d contiguous, as the
     transpose of a (b, l, d) row slice is); channels-last needs d and the row stride to be multiples of 8, so any
-    other channels-last view is copied to channels-first. Its output has x's layout and dtype; the weight and bias may
-    be float32 under a bfloat16 input (autocast)."""
+    other channels-last view is copied to channels-first. Documents packed in a row (`seq_idx`) need channels-last:
+    another layout is copied to it, and channels that it cannot take (d not a multiple of 8) take the reference. Its
+    output has x's layout and dtype; the weight and bias may be float32 under a bfloat16 input (autocast)."""
 
-    def causal_conv1d(x, weight, bias=None, activation=None):
-        if not 2 <= weight.shape[-1] <= 4 or activation not in (None, "silu", "swish"):
-            return causal_conv1d_reference(x, weight, bias, activation)
+    def causal_conv1d(x, weight, bias=None, seq_idx=None, activation=None):
+        if (not 2 <= weight.shape[-1] <= 4 or activation not in (None, "silu", "swish")
+                or (seq_idx is not None and x.shape[1] % 8)):
+            return causal_conv1d_reference(x, weight, bias, seq_idx, activation)
         channels_last = x.stride(1) == 1 and x.stride(2) > 1
-        if channels_last and (x.shape[1] % 8 or x.stride(2) % 8 or x.stride(0) % 8):
+        misaligned = channels_last and (x.shape[1] % 8 or x.stride(2) % 8 or x.stride(0) % 8)
+        if seq_idx is not None:
+            if not channels_last or misaligned:
+                x = x.transpose(1, 2).contiguous().transpose(1, 2)
+            return kernel(x, weight, bias, seq_idx.to(torch.int32).contiguous(), activation=activation)
+        if misaligned:
             x = x.contiguous()
         return kernel(x, weight, bias, activation=activation)
 
@@ -208,12 +239,14 @@ def is_plain_module(module: nn.Module, cls: type) -> bool:
 def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_is_faster):
     """The SSD on CUDA: our `ssd_triton.ssd_forward` (one pass, the state carried in registers) for inference where
     `single_pass_is_faster(batch, nheads, seqlen, device)`; mamba-ssm's `mamba_chunk_scan_combined` elsewhere, when a
-    gradient is needed, or when more than y is asked for (z, initial or final states)."""
+    gradient is needed, or when more than y is asked for (z, initial or final states, documents packed in a row)."""
 
-    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
                    dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
         kwargs = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, dt_softplus=dt_softplus,
                       dt_limit=dt_limit, return_final_states=return_final_states)
+        if seq_idx is not None:
+            return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, seq_idx=seq_idx.to(torch.int32), **kwargs)
         if (needs_gradient(x, dt, A, B, C, D, dt_bias) or z is not None or initial_states is not None
                 or return_final_states or not single_pass_is_faster(x.shape[0], x.shape[2], x.shape[1], x.device)):
             return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **kwargs)

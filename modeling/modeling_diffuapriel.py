@@ -124,7 +124,7 @@ class Mamba2Mixer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps,
         initial_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None, state_at: Optional[int] = None,
-        block_states: Optional[int] = None,
+        block_states: Optional[int] = None, seq_idx: Optional[torch.Tensor] = None,
     ):
         """hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
         `initial_state` continues a sequence whose earlier part left that state: (the convolution's inputs at the
@@ -133,7 +133,8 @@ class Mamba2Mixer(nn.Module):
         continues from (at L, the state this part leaves). Only the scan is split there, so the output is the same.
         With `block_states` (a block size), also returns the state entering every block of that size, as
         (conv inputs (B, n, d_conv - 1, C), SSM states (B, n, H, P, N)): what each block of a block diffusion
-        model's noised stream starts from (`block_diffusion.py`)."""
+        model's noised stream starts from (`block_diffusion.py`). `seq_idx` (B, L) int, the document of each position
+        of rows that pack several: the convolution and the scan restart at every document's first position."""
         batch, seqlen, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         gate, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, H], dim=-1)
@@ -143,15 +144,17 @@ class Mamba2Mixer(nn.Module):
         if initial_state is not None:  # the convolution also reads the last inputs of the earlier part
             conv_state, ssm_state = initial_state
             xBC = torch.cat([conv_state.to(xBC.dtype), xBC], dim=1)
-        conv_out = self.convolution(xBC, ops)[:, xBC.shape[1] - seqlen :]  # (B, L, C)
+        conv_out = self.convolution(xBC, ops, seq_idx)[:, xBC.shape[1] - seqlen :]  # (B, L, C)
         x, B, C = conv_out.split([self.intermediate_size, G * N, G * N], dim=-1)
         # dt = clamp(softplus(dt + dt_bias)), (B, L, H): inside the SSD call (no extra launches), or here when the
         # padding must then be zeroed (no decay and no input at padding).
         dt_args = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+        if seq_idx is not None:
+            dt_args["seq_idx"] = seq_idx
         if padding_mask is not None or block_states is not None:
             dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
             dt = dt if padding_mask is None else dt * padding_mask[..., None]
-            dt_args = {}
+            dt_args = {} if seq_idx is None else dict(seq_idx=seq_idx)
 
         def scan(positions: slice, entering_state, return_state: bool):  # y (B, l, H, P) [, the state it leaves]
             length = x[:, positions].shape[1]
@@ -205,14 +208,18 @@ class Mamba2Mixer(nn.Module):
         )
         return conv_inputs, entering
 
-    def convolution(self, xBC: torch.Tensor, ops: MambaOps) -> torch.Tensor:
-        """act(causal depthwise conv1d(xBC)), (B, L, C) -> (B, L, C): the kernel reads the weight of a plain
-        `conv1d`; one wrapped by an offloading hook or an adapter is called, so that its weight is loaded or adapted."""
+    def convolution(self, xBC: torch.Tensor, ops: MambaOps, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """act(causal depthwise conv1d(xBC)), (B, L, C) -> (B, L, C), restarting at each document of `seq_idx`: the
+        kernel reads the weight of a plain `conv1d`; one wrapped by an offloading hook or an adapter is called, so that
+        its weight is loaded or adapted (and cannot then restart inside a row)."""
         inputs = xBC.transpose(1, 2)  # (B, C, L), a view: causal-conv1d reads this channels-last layout in place
         if is_plain_module(self.conv1d, nn.Conv1d):
             output = ops.causal_conv1d(
-                inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation
+                inputs, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx, activation=self.activation
             )
+        elif seq_idx is not None:
+            raise ValueError("rows packing several documents (seq_idx) need a plain conv1d: this one is wrapped (an "
+                             "adapter or an offloading hook), whose forward cannot restart at a document's start")
         else:  # padded on both sides by d_conv - 1: the first L outputs are the causal ones
             output = ACT2FN[self.activation](self.conv1d(inputs)[..., : inputs.shape[-1]])
         return output.transpose(1, 2)
@@ -249,12 +256,14 @@ class BidirectionalMamba2Mixer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
         block_context: Optional[BlockContext] = None, two_stream: bool = False,
-        past_key_values: Optional[BlockDiffusionCache] = None, kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
+        past_key_values: Optional[BlockDiffusionCache] = None, seq_idx: Optional[torch.Tensor] = None,
+        kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
     ) -> MixerOutput:
-        # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding. The
-        # attention mixer's arguments (attention_mask, position_embeddings) are in kwargs, unused here.
+        # hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding; seq_idx:
+        # (B, L) the documents of packed rows, or None. The attention mixer's arguments (attention_mask,
+        # position_embeddings) are in kwargs, unused here.
         left_to_right, right_to_left = self.direction_outputs(
-            hidden_states, padding_mask, block_context, two_stream, kernels, past_key_values
+            hidden_states, padding_mask, block_context, two_stream, kernels, past_key_values, seq_idx
         )
         return MixerOutput(left_to_right, time_reversed=right_to_left, scale=self.direction_scale)
 
@@ -262,6 +271,7 @@ class BidirectionalMamba2Mixer(nn.Module):
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
         block_context: Optional[BlockContext] = None, two_stream: bool = False,
         kernels: KernelPolicy = REFERENCE_POLICY, cache: Optional[BlockDiffusionCache] = None,
+        seq_idx: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The left-to-right output (B, L, D), and the right-to-left output in its own reading order, still reversed
         in time (None without a second direction): their sum, scaled by `direction_scale`, is the mixer's output,
@@ -269,14 +279,16 @@ class BidirectionalMamba2Mixer(nn.Module):
         ops = kernels.mamba
         if self.config.block_size is not None:
             return self.block_direction_outputs(hidden_states, padding_mask, ops, two_stream, cache)
-        inputs = [(self.left_to_right, hidden_states, padding_mask)]
+        inputs = [(self.left_to_right, hidden_states, padding_mask, seq_idx)]
         if self.right_to_left is not None:
             reversed_mask = None if padding_mask is None else reverse_time(padding_mask)
-            inputs.append((self.right_to_left, reverse_time(hidden_states), reversed_mask))
+            # Documents numbered in the reversed reading order, so that they still count up along it.
+            reversed_documents = None if seq_idx is None else seq_idx.max() - reverse_time(seq_idx)
+            inputs.append((self.right_to_left, reverse_time(hidden_states), reversed_mask, reversed_documents))
         outputs, entering_states = [], []
-        for index, (direction, inputs_in_reading_order, mask) in enumerate(inputs):
+        for index, (direction, inputs_in_reading_order, mask, documents) in enumerate(inputs):
             if block_context is None:
-                outputs.append(direction(inputs_in_reading_order, mask, ops))
+                outputs.append(direction(inputs_in_reading_order, mask, ops, seq_idx=documents))
             elif block_context.recorded:  # the window alone, continuing from the state recorded where it enters
                 state = block_context.mamba_state(self.layer_idx, index)
                 outputs.append(direction(inputs_in_reading_order, mask, ops, initial_state=state))
@@ -399,11 +411,12 @@ class DiffuAprielAttention(nn.Module):
 
     def forward(
         self, hidden_states, position_embeddings, attention_mask=None, block_context=None, padding_mask=None,
-        two_stream=False, past_key_values=None, kernels=None, **kwargs,
+        two_stream=False, past_key_values=None, seq_idx=None, kernels=None, **kwargs,
     ) -> MixerOutput:
         # hidden_states: (B, L, D); attention_mask: the keys' padding (or block structure) as transformers' attention
-        # interface takes it. padding_mask, two_stream and kernels are the Mamba mixer's arguments (attention_mask
-        # carries the padding and the blocks here), unused: the implementation is the config's `attn_implementation`.
+        # interface takes it. padding_mask, two_stream, seq_idx and kernels are the Mamba mixer's arguments
+        # (attention_mask carries the padding, the blocks and the documents here), unused: the implementation is the
+        # config's `attn_implementation`.
         batch, seqlen, _ = hidden_states.shape
         # Head counts spelled out, not -1: an empty batch has no size to infer them from.
         query = self.q_proj(hidden_states).view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
@@ -472,13 +485,13 @@ class DiffuAprielBlock(GradientCheckpointingLayer):
 
     def forward(
         self, hidden_states, padding_mask=None, attention_mask=None, position_embeddings=None, block_context=None,
-        two_stream=False, past_key_values=None, kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
+        two_stream=False, past_key_values=None, seq_idx=None, kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
     ):
         residual = hidden_states
         mixed = self.mixer(
             self.input_layernorm(hidden_states, kernels), padding_mask=padding_mask, attention_mask=attention_mask,
             position_embeddings=position_embeddings, block_context=block_context, two_stream=two_stream,
-            past_key_values=past_key_values, kernels=kernels, **kwargs,
+            past_key_values=past_key_values, seq_idx=seq_idx, kernels=kernels, **kwargs,
         )
         if self.mlp is None:
             return residual + mixed.combined(kernels), mixed.attention_weights
@@ -637,6 +650,39 @@ def _check_caches(config, hidden_states, attention_mask, block_context, two_stre
                          "and a clean sequence of the same length, and no block_context")
 
 
+def _packed_documents(config, hidden_states, position_ids, seq_idx, other_mode) -> Optional[tuple]:
+    """(position_ids, seq_idx) of rows that pack several documents, each (B, L) and derived from the other when only
+    one is given (a document starts where its positions restart at 0), or None when neither is given."""
+    if position_ids is None and seq_idx is None:
+        return None
+    shape = tuple(hidden_states.shape[:2])
+    for name, value in (("position_ids", position_ids), ("seq_idx", seq_idx)):
+        if value is not None and (tuple(value.shape) != shape or value.dtype not in INTEGER_DTYPES):
+            raise ValueError(f"{name} must be an integer tensor of the inputs' shape {shape}, got "
+                             f"{value.dtype} {tuple(value.shape)}")
+    if config.block_size is not None or other_mode:
+        raise ValueError("packed rows (position_ids / seq_idx) are for full-sequence models, without block_context, "
+                         "past_key_values or two_stream: a block diffusion model's blocks count from a row's start")
+    if seq_idx is None:
+        starts = position_ids == 0
+        starts[:, 0] = True
+        seq_idx = starts.int().cumsum(-1) - 1
+    if position_ids is None:
+        index = torch.arange(shape[1], device=seq_idx.device).expand(shape)
+        starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)
+        position_ids = index - torch.cummax(torch.where(starts, index, 0), dim=-1).values
+    return position_ids.long(), seq_idx.int()
+
+
+def _document_attention_bias(config, inputs_embeds, key_padding, seq_idx):
+    """The attention mask of packed rows: a query sees the keys of its own document (and no padding)."""
+    return create_bidirectional_mask(
+        config=config, inputs_embeds=inputs_embeds, attention_mask=key_padding,
+        and_mask_function=lambda batch_idx, head_idx, q_idx, kv_idx: seq_idx[batch_idx, q_idx] == seq_idx[batch_idx,
+                                                                                                           kv_idx],
+    )
+
+
 def _position_ids(padding_mask, batch: int, length: int, streams: int, device) -> torch.Tensor:
     """(B, streams * length) positions counting real tokens only, so that a left-padded sequence sees the positions it
     has alone; each stream of a two-stream pass counts from 0."""
@@ -691,21 +737,23 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         two_stream: bool = False,
         past_key_values: Optional[BlockDiffusionCache] = None,
         use_cache: bool = False,
+        position_ids: Optional[torch.LongTensor] = None,
+        seq_idx: Optional[torch.Tensor] = None,
         kernels: Optional[KernelPolicy] = None,
         **kwargs,
     ) -> BaseModelOutput:
         r"""
-        block_context: a `BlockContext`. Not recorded yet: the inputs are the whole sequence, and the pass records
-            what its positions outside the context's window contribute to each layer. Recorded: the inputs are the
-            window's tokens alone, with the recorded padding and positions (so `attention_mask` must be None).
+        block_context: a `BlockContext`. Not recorded: the whole sequence, whose pass records what lies outside the
+            window. Recorded: the window's tokens alone, with the recorded padding and positions (no attention_mask).
         two_stream: block diffusion training (a model with `config.block_size`): the inputs are a noised sequence
             followed by its clean one, (B, 2L), and `attention_mask` (B, 2L) the padding of both; each noised block
             reads itself and the clean blocks before it (`block_diffusion.py`).
         past_key_values: a block diffusion model's `BlockDiffusionCache`: the inputs are whole blocks that follow the
             tokens it consumed, read against it; `attention_mask` their padding. `use_cache=True` consumes them (the
             cache moves past them); otherwise the cache is read and left as it was.
-        kwargs: `output_hidden_states` (the embeddings and each layer's output, the last one normed) and
-            `output_attentions` (one map per attention layer whose implementation returns one: eager), collected by
+        position_ids, seq_idx: (B, L), rows packing several documents: positions restarting at 0 in each (as from
+            `DataCollatorWithFlattening`), documents' indices; either gives the other. No document reads another.
+        kwargs: `output_hidden_states` and `output_attentions` (one map per attention layer, eager), collected by
             transformers' `capture_outputs`; `return_dict`; the rest goes to the attention implementation.
         kernels: the `KernelPolicy` of this pass (default: `resolve_kernel_policy` for the config and the device).
         """
@@ -715,7 +763,8 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         kernels = kernels or resolve_kernel_policy(self.config, hidden_states.device)
         if past_key_values is not None:
             past_key_values.begin_pass(_padding_mask(hidden_states, attention_mask, None, keep_ones=True), use_cache)
-        layer_inputs = self._layer_inputs(hidden_states, attention_mask, block_context, two_stream, past_key_values)
+        layer_inputs = self._layer_inputs(hidden_states, attention_mask, block_context, two_stream, past_key_values,
+                                          (position_ids, seq_idx))
         for layer in self.layers:
             hidden_states, _ = layer(hidden_states, **layer_inputs, kernels=kernels, **kwargs)
         if block_context is not None:
@@ -724,20 +773,25 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
             past_key_values.end_pass()
         return BaseModelOutput(last_hidden_state=self.norm(hidden_states, kernels))
 
-    def _layer_inputs(self, hidden_states, attention_mask, block_context, two_stream, cache) -> dict:
+    def _layer_inputs(self, hidden_states, attention_mask, block_context, two_stream, cache, packing) -> dict:
         """What every block takes besides the hidden states: the padding (B, L) bool, True at real tokens, or None
-        when nothing is padded; with attention layers, the rotary embeddings and the keys' padding in the attention
-        implementation's form. A pass recording a `BlockContext` records the padding and the window's positions."""
+        when nothing is padded; the documents of packed rows (`seq_idx`); with attention layers, the rotary
+        embeddings and the keys' padding (and documents) in the attention implementation's form. A pass recording a
+        `BlockContext` records the padding and the window's positions. packing: the (position_ids, seq_idx) given."""
         batch, seqlen = hidden_states.shape[:2]
+        other_mode = block_context is not None or cache is not None or two_stream
+        documents = _packed_documents(self.config, hidden_states, *packing, other_mode)
         window_pass = block_context is not None and block_context.recorded
         padding_mask = cache.pass_mask if cache is not None else _padding_mask(hidden_states, attention_mask,
                                                                                 block_context)
         inputs = dict(padding_mask=padding_mask, block_context=block_context, two_stream=two_stream,
-                      past_key_values=cache)
+                      past_key_values=cache, seq_idx=None if documents is None else documents[1])
         position_ids = None
         if self.rotary_emb is not None:
             # Positions count real tokens only, so a left-padded sequence sees the positions it has alone.
-            if window_pass:
+            if documents is not None:
+                position_ids = documents[0]
+            elif window_pass:
                 position_ids = block_context.window_position_ids
             elif cache is not None:
                 position_ids = cache.pass_positions
@@ -745,8 +799,13 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
                 position_ids = _position_ids(padding_mask, batch, seqlen // 2 if two_stream else seqlen,
                                              2 if two_stream else 1, hidden_states.device)
             inputs["position_embeddings"] = self.rotary_emb(position_ids, hidden_states.dtype)
-            inputs["attention_mask"] = (cache.attention_mask(hidden_states.dtype) if cache is not None else
-                                        self._attention_bias(hidden_states, padding_mask, block_context, two_stream))
+            if cache is not None:
+                inputs["attention_mask"] = cache.attention_mask(hidden_states.dtype)
+            elif documents is not None:
+                inputs["attention_mask"] = _document_attention_bias(self.config, hidden_states, padding_mask,
+                                                                    documents[1])
+            else:
+                inputs["attention_mask"] = self._attention_bias(hidden_states, padding_mask, block_context, two_stream)
         if block_context is not None and not window_pass:
             block_context.record_sequence(batch, seqlen, padding_mask, position_ids)
         return inputs

@@ -92,9 +92,9 @@ def test_conv_and_norm_references():
     x, w, bias = torch.randn(2, 6, 9), torch.randn(6, 4), torch.randn(6)
     conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
     conv.weight.data, conv.bias.data = w[:, None], bias
-    torch.testing.assert_close(causal_conv1d_reference(x, w, bias, "silu"), F.silu(conv(x)[..., :9]))
+    torch.testing.assert_close(causal_conv1d_reference(x, w, bias, activation="silu"), F.silu(conv(x)[..., :9]))
     with pytest.raises(ValueError, match="activation"):
-        causal_conv1d_reference(x, w, bias, "relu")
+        causal_conv1d_reference(x, w, bias, activation="relu")
     y, z, weight = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
     gated = y * F.silu(z)
     groups = gated.view(3, 2, 4)

@@ -58,10 +58,15 @@ class DataCollatorForMaskedDiffusion:
     function of its examples: `NoiseSeededDataset` gives training examples such seeds, which makes a run resumed from
     a checkpoint draw the noise of the uninterrupted run (whatever the dataloader workers or gradient accumulation).
     Without seeds the noise comes from torch's global RNG.
+
+    With `padding_free=True` the noised examples are packed into one row with no padding (transformers'
+    `DataCollatorWithFlattening` layout): input_ids, labels and loss_weights (1, T) for the T tokens of the batch,
+    and, instead of attention_mask, `position_ids` (restarting at 0 in each example) and `seq_idx` (each token's
+    example), with which the model keeps the examples apart in both directions. The loss is the padded batch's.
     """
 
     def __init__(self, tokenizer, sampling_eps: float = 1e-3, pad_to_multiple_of: Optional[int] = None,
-                 block_size: Optional[int] = None):
+                 block_size: Optional[int] = None, padding_free: bool = False):
         if getattr(tokenizer, "mask_token_id", None) is None:
             raise ValueError(
                 "tokenizer has no mask token: add one, e.g. tokenizer.add_special_tokens({'mask_token': '<|mask|>'}), "
@@ -77,6 +82,12 @@ class DataCollatorForMaskedDiffusion:
                                        or block_size < 1):
             raise ValueError(f"block_size must be a positive integer (the model's config.block_size) or None, got "
                              f"{block_size!r}")
+        if not isinstance(padding_free, bool):
+            raise ValueError(f"padding_free must be a bool, got {padding_free!r}")
+        if padding_free and (block_size is not None or pad_to_multiple_of is not None):
+            raise ValueError("padding_free packs the examples into one row without padding: it does not go with "
+                             "block_size (a block model's blocks count from a row's start) or pad_to_multiple_of")
+        self.padding_free = padding_free
         self.tokenizer = tokenizer
         self.mask_token_id = tokenizer.mask_token_id
         self.pad_token_id = tokenizer.pad_token_id
@@ -155,12 +166,23 @@ class DataCollatorForMaskedDiffusion:
             noised[unseeded], masked[unseeded] = noise_tokens(
                 input_ids[unseeded], t[unseeded], self.mask_token_id, noisable[unseeded]
             )
-        return {
+        batch = {
             "input_ids": noised,
             "attention_mask": attention_mask,
             "labels": input_ids.masked_fill(~masked, -100),
             "loss_weights": (loss_weight(t) if t.dim() == 2 else loss_weight(t)[:, None]) * noisable,  # (B, L)
         }
+        return packed(batch) if self.padding_free else batch
+
+
+def packed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A padded batch (B, L) as one row (1, T) of its T real tokens, with `position_ids` and `seq_idx` in place of its
+    attention_mask."""
+    real = batch.pop("attention_mask").bool()
+    rows = {name: tensor[real][None] for name, tensor in batch.items()}
+    rows["position_ids"] = (real.long().cumsum(-1) - 1)[real][None]
+    rows["seq_idx"] = torch.arange(real.shape[0], dtype=torch.int32)[:, None].expand_as(real)[real][None]
+    return rows
 
 
 def combine_seeds(seeds) -> int:
