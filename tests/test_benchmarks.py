@@ -182,3 +182,51 @@ def test_compare_commits_imports_a_commits_runtime_beside_the_installed_one(benc
     assert type(config).__module__ == "runtime_at_head.configuration_diffuapriel" and runtime.__path__ == [str(folder)]
     for name in [name for name in sys.modules if name.split(".")[0] == "runtime_at_head"]:
         del sys.modules[name]
+
+
+def test_block_quality_reads_the_training_progress_bar_not_the_tokenizers(benchmarks_on_path, tmp_path):
+    quality = load(BENCHMARKS / "block_quality.py")
+    run = quality.Run("diffuapriel-8m", 4, tmp_path, max_steps=1800)
+    run.log.write_text("tokenizing: 100%|##########| 499/499 [00:01<00:00, 310.2 examples/s]\n")
+    assert quality.progress(run) == (0, 1800)
+    run.log.write_text(run.log.read_text() + "  0%|          | 0/1800 [00:00<?, ?it/s]\r"
+                       " 12%|#         | 217/1800 [00:31<03:40,  7.18it/s]\r 12%|#  | 218/1800 [00:31<03:40,  1.01s/it]\n"
+                       "Writing model shards: 100%|##########| 1/1 [00:00<00:00, 17.84it/s]\n")
+    assert quality.progress(run) == (218, 1800)
+    (run.dir / "checkpoint-200").mkdir(parents=True)
+    assert quality.step_reached(run) == 218
+
+
+class RecordedProcess:
+    def __init__(self):
+        self.signals = []
+
+    def send_signal(self, number):
+        self.signals.append(number)
+
+
+def test_block_quality_pauses_the_other_runs_while_a_diffuapriel_run_would_miss_the_deadline(
+    benchmarks_on_path, tmp_path, monkeypatch
+):
+    quality = load(BENCHMARKS / "block_quality.py")
+    runs = [quality.Run(preset, block_size, tmp_path, max_steps=1800) for preset, block_size in quality.RUNS]
+    for run in runs:
+        run.status, run.process = "training", RecordedProcess()
+    clock, steps = [1000.0], {run.name: 0 for run in runs}
+    monkeypatch.setattr(quality.time, "time", lambda: clock[0])
+    monkeypatch.setattr(quality, "progress", lambda run: (steps[run.name], 1800))
+    priority = quality.Priority(runs, deadline=1000.0 + 450)
+    apriel, tran = runs[0], runs[2]
+
+    def half_minute(step_rate: float):
+        clock[0] += 30
+        for run in priority.first:
+            steps[run.name] += int(30 * step_rate)
+        priority.update()
+
+    half_minute(0)
+    half_minute(2)  # 1,740 steps left at 2 a second: 870 s, past the deadline
+    assert priority.paused == priority.others and tran.process.signals == [quality.signal.SIGSTOP]
+    assert apriel.process.signals == []
+    half_minute(10)  # 1,440 steps left at 10 a second: 144 s, ending 216 s before the deadline
+    assert priority.paused == [] and tran.process.signals == [quality.signal.SIGSTOP, quality.signal.SIGCONT]
