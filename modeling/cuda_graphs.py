@@ -5,9 +5,9 @@ issues about 1,000 kernels per pass, and at a few thousand tokens the GPU waits 
 `GraphedDenoiser` captures the pass once per input shape and replays it: the same kernels on the same inputs, so the
 logits are the same as eager ones, bit for bit.
 
-Only steps of at most `max_tokens` tokens (16K by default) are captured: launches matter below that, not above (on an
-H200, a 1.3B Mamba-2 step at 8K tokens took 72 ms eagerly and 56 ms from a graph, at 16K 108 ms either way), where a
-capture would only cost time and the memory of a second copy of the logits. Only unpadded inputs are captured: a
+Only steps of at most `max_tokens` tokens (by default `kernel_policy.DISPATCH_THRESHOLDS["graph_max_tokens"]`, 16K,
+with its measurements) are captured: launches matter below that, not above, where a capture would only cost time and
+the memory of a second copy of the logits. Only unpadded inputs are captured: a
 padded batch takes decisions on the host from its mask (in transformers' mask construction), which a capture cannot
 wait for, so it runs eagerly. A graph reads the parameters where they were at
 capture: it is dropped when any parameter moves (`.to()`, loading with `assign=True`) or the input shape changes, so
@@ -32,8 +32,9 @@ from typing import Optional
 import torch
 
 from .cache import BlockDiffusionCache
+from .kernel_policy import DISPATCH_THRESHOLDS
 
-GRAPH_MAX_TOKENS = 16384  # the longest step (batch x length) captured by default
+GRAPH_MAX_TOKENS = DISPATCH_THRESHOLDS["graph_max_tokens"].value  # the longest step (batch x length) captured by default
 
 
 class GraphedDenoiser:

@@ -18,7 +18,9 @@ hold no device branches. `override_kernel_policy(**fields)` replaces fields of t
 wraps: tests and benchmarks switch paths with it instead of patching module attributes. Kernels without a backward
 also refuse, call by call, any tensor that needs a gradient (`mamba_ops.needs_gradient`), whatever the policy says.
 
-Every dispatch threshold is in `DISPATCH_THRESHOLDS`, with the result file of the benchmark that set it.
+Every tuned dispatch threshold is in `DISPATCH_THRESHOLDS`, with the result file of the benchmark that set it (the
+modules that apply one read it from here). What a kernel can take is no tuned choice and stays with the kernel:
+`fused_ops.MAX_NORM_WIDTH` (the norm kernel holds a row in registers), causal-conv1d's widths 2 to 4.
 """
 
 import contextlib
@@ -64,6 +66,15 @@ DISPATCH_THRESHOLDS = {
     ),
     "ssd_min_segment_length": Threshold(
         1024, "single-pass SSD: no segment shorter than this many tokens", "benchmarks/results/ssd_kernel.json"
+    ),
+    "graph_max_tokens": Threshold(
+        16384,
+        "generate() replays denoising steps of at most this many tokens (batch x length) from a CUDA graph, and runs "
+        "longer ones eagerly, where launches no longer matter and a capture would only cost time and a second copy of "
+        "the logits: diffuapriel-1.3b on an H200 took 67.6 ms eagerly and 52.3 ms graphed at 1 x 8K tokens, 98.1 and "
+        "100.5 ms at 1 x 16K, 92.9 and 96.7 ms at 16 x 1K, 187.2 and 189.4 ms at 1 x 32K (the boundary lies between "
+        "8K and 16K tokens; 16K was kept)",
+        "benchmarks/results/throughput.json",
     ),
     "ssd_min_segments": Threshold(
         4,

@@ -1,4 +1,5 @@
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from diffuapriel_hf import DiffuAprielConfig, DiffuAprielForMaskedLM, DiffuAprielModel
 from diffuapriel_hf.modeling import kernel_policy
 from diffuapriel_hf.modeling.configuration_diffuapriel import MAMBA
+from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
 from diffuapriel_hf.modeling.fused_ops import TRITON_INSTALLED
 from diffuapriel_hf.modeling.kernel_policy import (
     DISPATCH_THRESHOLDS,
@@ -219,8 +221,15 @@ def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
     with torch.enable_grad():  # the forward-only Triton kernels stay out of grad mode
         assert not resolve_kernel_policy(config, "cuda").fused_elementwise
     assert resolve_kernel_policy(DiffuAprielConfig.from_preset("tiny", use_mamba_kernels=False), "cuda").mamba is TORCH_OPS
-    for threshold in DISPATCH_THRESHOLDS.values():
-        assert threshold.source.startswith("benchmarks/results/")
+
+
+def test_every_dispatch_threshold_cites_a_result_file_that_exists_and_is_the_one_applied(tiny_model):
+    root = Path(__file__).resolve().parent.parent
+    for name, threshold in DISPATCH_THRESHOLDS.items():
+        for source in threshold.source.split(", "):
+            assert source.startswith("benchmarks/results/") and (root / source).is_file(), (name, source)
+    # The modules that apply a threshold read it from the table.
+    assert GraphedDenoiser(tiny_model()).max_tokens == DISPATCH_THRESHOLDS["graph_max_tokens"].value
 
 
 @pytest.mark.skipif(kernel_ops() is not None, reason="mamba-ssm is installed")
