@@ -52,8 +52,8 @@ def build(runtime, preset: str, length: int, state_dict=None):
     """The preset from `runtime` in bf16 on CUDA, eval mode, SDPA attention; random (seed 0) or given weights."""
     modeling = importlib.import_module(f"{runtime.__name__}.modeling_diffuapriel")
     configuration = importlib.import_module(f"{runtime.__name__}.configuration_diffuapriel")
-    config = configuration.DiffuAprielConfig.from_preset(preset, max_position_embeddings=length)
-    config._attn_implementation = "sdpa"
+    config = configuration.DiffuAprielConfig.from_preset(preset, max_position_embeddings=length,
+                                                         attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = modeling.DiffuAprielForMaskedLM(config)

@@ -31,6 +31,7 @@ import torch
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
+from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,16 +169,32 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 / (ms / 1e3)
 
 
-def build(name: str, max_position_embeddings: int = 65536):
-    """A preset with random weights (seed 0) in bf16 on CUDA, in eval mode, with SDPA attention.
-    `max_position_embeddings` is advisory (RoPE extrapolates) but `generate()` checks it: raised to the longest length
-    a script measures."""
-    config = preset_config(name, max_position_embeddings=max_position_embeddings)
-    config._attn_implementation = "sdpa"
+def build(name: str, max_position_embeddings: int = 65536, **overrides):
+    """A preset (its fields `overrides` replaced) with random weights (seed 0) in bf16 on CUDA, in eval mode, with SDPA
+    attention. `max_position_embeddings` is advisory (RoPE extrapolates) but `generate()` checks it: raised to the
+    longest length a script measures."""
+    config = preset_config(name, max_position_embeddings=max_position_embeddings, attn_implementation="sdpa",
+                           **overrides)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = DiffuAprielForMaskedLM(config)
     return model.to(torch.bfloat16).eval()
+
+
+def sharing_weights(model, model_class=DiffuAprielForMaskedLM, mixer_class=None):
+    """A `model_class` holding `model`'s weights (the same tensors: no copy), in eval mode; with `mixer_class` (a
+    subclass of `BidirectionalMamba2Mixer`), its bidirectional Mamba mixers are of that class. A variant of the model
+    is spelled as subclasses of the library's classes and measured beside the model as built, never by patching the
+    library's methods."""
+    with torch.device("meta"):
+        twin = model_class(model.config)
+        if mixer_class is not None:
+            for layer in twin.model.layers:
+                if isinstance(layer.mixer, BidirectionalMamba2Mixer):
+                    layer.mixer = mixer_class(model.config, layer.mixer.layer_idx)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    twin.tie_weights()
+    return twin.eval()
 
 
 def main(argv=None) -> int:

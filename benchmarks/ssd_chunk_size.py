@@ -86,10 +86,7 @@ def ssd_rows(lengths) -> list[dict]:
 def model_rows(lengths) -> list[dict]:
     rows = []
     for chunk in CHUNK_SIZES:
-        model = build("diffuapriel-1.3b")
-        for mixer in model.modules():
-            if hasattr(mixer, "chunk_size"):
-                mixer.chunk_size = chunk
+        model = build("diffuapriel-1.3b", mamba_chunk_size=chunk)  # the same weights at every chunk size
         for length in lengths:
             ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
             with torch.no_grad():

@@ -10,17 +10,23 @@ It measures:
 
 - eager calls of the kernels (`launch_ssd_forward`, 1.3B mixer sizes, batch 1), the copies included, with each
   kernel's time under torch.profiler and whether the outputs are bit-identical;
-- whole diffuapriel-1.3b denoising steps replayed from CUDA graphs (batch 1, bf16, random weights), the first two.
+- whole diffuapriel-1.3b denoising steps replayed from CUDA graphs (batch 1, bf16, random weights), the first two
+  (the SSD on our single-pass kernel, as these steps take it, through `override_kernel_policy`).
 
     python benchmarks/ssd_time_steps.py --out benchmarks/results/ssd_time_steps.json
 """
 
 import argparse
+import dataclasses
+import functools
 import json
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
+from diffuapriel_hf.modeling.mamba_ops import MambaOps, kernel_ops
 
 from harness import build, graphed_step_ms, median_ms, new_result, save  # benchmarks/, beside this script
 from ssd_kernel import mixer_inputs
@@ -40,19 +46,17 @@ def kernel_times(fn) -> dict:
 def call_rows(lengths, rounds) -> dict:
     from diffuapriel_hf.modeling import ssd_triton
 
-    by_head = ssd_triton.time_steps_by_head
     rows = {}
     for length in lengths:
         x, dt, A, B, C, D, dt_bias = mixer_inputs(1, length)
         segments = ssd_triton._segments(1, x.shape[2], length, x.device)
 
         def call(variant):
-            ssd_triton.time_steps_by_head = (lambda steps: steps) if variant == "as passed" else by_head
-            steps = by_head(dt) if variant == "both by head" else dt
+            steps = ssd_triton.time_steps_by_head(dt) if variant == "both by head" else dt
             return ssd_triton.launch_ssd_forward(
                 x, steps, A, B, C, D, dt_bias, True, (0.0, float("inf")), segments=segments, chunk=ssd_triton.CHUNK,
                 block_p=64, num_warps=ssd_triton.NUM_WARPS, num_stages=ssd_triton.NUM_STAGES,
-                max_registers=ssd_triton.MAX_REGISTERS,
+                max_registers=ssd_triton.MAX_REGISTERS, states_dt_by_head=variant != "as passed",
             )
 
         with torch.no_grad():
@@ -65,25 +69,31 @@ def call_rows(lengths, rounds) -> dict:
                 row[f"{variant} kernels ms"] = kernel_times(lambda: call(variant))
         rows[f"1 x {length}"] = row
         print(f"1 x {length}", json.dumps(row, indent=1), flush=True)
-    ssd_triton.time_steps_by_head = by_head
     return rows
 
 
-def step_rows(lengths, rounds) -> dict:
-    from diffuapriel_hf.modeling import ssd_triton
+def single_pass_ops(states_dt_by_head: bool) -> MambaOps:
+    """The CUDA kernels with every SSD call on our single-pass kernel (the one these steps take; benchmarks/
+    ssd_dispatch.py measures the choice), its segment-states kernel reading dt by head or as passed."""
+    from diffuapriel_hf.modeling.ssd_triton import ssd_forward
 
+    ops = kernel_ops(single_pass=True)
+    chunk_scan = functools.partial(ssd_forward, states_dt_by_head=states_dt_by_head)
+    return dataclasses.replace(ops, name=f"{ops.name}, states dt by head: {states_dt_by_head}", chunk_scan=chunk_scan)
+
+
+def step_rows(lengths, rounds) -> dict:
     model = build("diffuapriel-1.3b")
-    by_head = ssd_triton.time_steps_by_head
+    ops = {variant: single_pass_ops(variant == "states by head") for variant in VARIANTS[:2]}
     rows = {}
     for length in lengths:
         ids = torch.randint(0, model.config.mask_token_id, (1, length), device="cuda")
         for _ in range(rounds):
             for variant in VARIANTS[:2]:
-                ssd_triton.time_steps_by_head = by_head if variant == "states by head" else (lambda dt: dt)
-                ms = graphed_step_ms(model, ids, reps=5 if length > 16384 else 15, warmup=2)
+                with override_kernel_policy(mamba=ops[variant]):
+                    ms = graphed_step_ms(model, ids, reps=5 if length > 16384 else 15, warmup=2)
                 rows.setdefault(f"1 x {length}: {variant}", []).append(ms)
                 print(f"1 x {length:6d}  {variant:10s} {ms:8.2f} ms", flush=True)
-    ssd_triton.time_steps_by_head = by_head
     return rows
 
 

@@ -15,17 +15,24 @@ from pathlib import Path
 
 import torch
 
-from harness import build, new_result, save  # benchmarks/harness.py, beside this script
+from harness import build, new_result, save, sharing_weights  # benchmarks/harness.py, beside this script
 
-from diffuapriel_hf.modeling.cuda_graphs import graphed_denoiser
-from diffuapriel_hf.modeling.denoisers import GraphDenoiser
+from diffuapriel_hf import DiffuAprielForMaskedLM
 
 VARIANTS = ["window", "every position"]
 
 
-def every_position(self, sequences):
-    """The denoising pass as it was: every position's logits, of which the sampler read the window's."""
-    return graphed_denoiser(self.model)(sequences, self.attention_mask)[:, self.positions]
+class EveryPositionLogits(DiffuAprielForMaskedLM):
+    """The denoising pass as it was: the LM head over every position, the rows `logits_to_keep` asks for read from
+    its output afterwards (generate() asks for the block being filled)."""
+
+    def forward(self, *args, logits_to_keep=0, **kwargs):
+        output = super().forward(*args, logits_to_keep=0, **kwargs)
+        if isinstance(logits_to_keep, torch.Tensor):
+            output.logits = output.logits[:, logits_to_keep]
+        elif logits_to_keep:
+            output.logits = output.logits[:, -logits_to_keep:]
+        return output
 
 
 def timed_generate(model, ids, settings) -> tuple[torch.Tensor, float, float]:
@@ -47,7 +54,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model = build("diffuapriel-1.3b", max_position_embeddings=max(args.prompt_lengths) + args.max_new_tokens)
-    windowed = GraphDenoiser.__call__
+    models = {"window": model, "every position": sharing_weights(model, EveryPositionLogits)}
     settings = dict(max_new_tokens=args.max_new_tokens, block_length=args.block_length, steps=args.steps,
                     do_sample=False)
     result = new_result(settings=settings, rows={})
@@ -57,13 +64,11 @@ def main():
         outputs = {}
         for round_ in range(args.rounds + 1):  # round 0 warms up (graph capture, autotuning)
             for variant in VARIANTS:
-                GraphDenoiser.__call__ = windowed if variant == "window" else every_position
-                outputs[variant], seconds, peak = timed_generate(model, ids, settings)
+                outputs[variant], seconds, peak = timed_generate(models[variant], ids, settings)
                 if round_:
                     row.setdefault(f"{variant} seconds", []).append(seconds)
                     row[f"{variant} peak GiB"] = peak
                 print(f"1 x {length:6d}  {variant:15s} {seconds:7.3f} s  peak {peak:6.2f} GiB", flush=True)
-        GraphDenoiser.__call__ = windowed
         row["same tokens"] = bool(torch.equal(outputs["window"], outputs["every position"]))
     save(result, args.out)
 

@@ -283,13 +283,14 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, return_final_states):
 
 def ssd_forward(
     x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
-    dt_limit=(0.0, float("inf")), return_final_states=False,
+    dt_limit=(0.0, float("inf")), return_final_states=False, states_dt_by_head=True,
 ):
     """y = SSD(x, dt, A, B, C) + D x, as `mamba_chunk_scan_combined` computes it from a zero state, without gradient.
 
     x: (b, l, h, p), dt: (b, l, h), A: (h,), B and C: (b, l, g, n), D and dt_bias: (h,) -> y (b, l, h, p) in x's
     dtype. Inputs may be strided views (the mixer's slices of one projection). `chunk_size` is accepted for the
-    common signature; the result does not depend on it, and this kernel walks the sequence in chunks of `CHUNK`."""
+    common signature; the result does not depend on it, and this kernel walks the sequence in chunks of `CHUNK`.
+    `states_dt_by_head`: see `launch_ssd_forward`."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states, return_final_states)
     batch, seqlen, nheads, headdim = x.shape
     block_p = max(16, triton.next_power_of_2(headdim))
@@ -300,7 +301,7 @@ def ssd_forward(
         block_p = 32
     return launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments=segments, chunk=CHUNK,
                               block_p=block_p, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                              max_registers=MAX_REGISTERS)
+                              max_registers=MAX_REGISTERS, states_dt_by_head=states_dt_by_head)
 
 
 def time_steps_by_head(dt: torch.Tensor) -> torch.Tensor:
@@ -313,10 +314,12 @@ def time_steps_by_head(dt: torch.Tensor) -> torch.Tensor:
 
 
 def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments, chunk, block_p, num_warps,
-                       num_stages, max_registers=None):
+                       num_stages, max_registers=None, states_dt_by_head=True):
     """The kernels with explicit tile sizes, segment count and register cap (`ssd_forward` picks them; the benchmark
     sweeps them): C B^T per chunk and group; with several segments, the state leaving each segment but the last (and
-    its total log decay); then the walk of every segment, from the state entering it, writing y."""
+    its total log decay); then the walk of every segment, from the state entering it, writing y. The segment-states
+    kernel reads `time_steps_by_head(dt)`, or with `states_dt_by_head=False` dt as passed (the same result; slower
+    from a column of in_proj's output: benchmarks/results/ssd_time_steps.json)."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     segment_length = triton.cdiv(triton.cdiv(seqlen, segments), chunk) * chunk
@@ -341,7 +344,7 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
         DOT_PRECISION=precision, CHUNK=chunk, BLOCK_N=block_n, num_warps=4,
     )
     if segments > 1:  # the last segment's leaving state: nothing enters after it
-        states_dt = time_steps_by_head(dt)
+        states_dt = time_steps_by_head(dt) if states_dt_by_head else dt
         _segment_states_kernel[grid[:2] + (segments - 1,)](
             x, states_dt, dt_bias, A, B, leaving, log_decay, seqlen, segment_length, segments, nheads,
             nheads // ngroups, headdim, dstate, *common_args(states_dt), **common_flags,

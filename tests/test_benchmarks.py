@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -230,3 +231,17 @@ def test_block_quality_pauses_the_other_runs_while_a_diffuapriel_run_would_miss_
     assert apriel.process.signals == []
     half_minute(10)  # 1,440 steps left at 10 a second: 144 s, ending 216 s before the deadline
     assert priority.paused == [] and tran.process.signals == [quality.signal.SIGSTOP, quality.signal.SIGCONT]
+
+
+def test_a_variant_sharing_the_models_weights_gives_generate_the_same_tokens(benchmarks_on_path, harness, tiny_model):
+    # window_logits.py's "every position" variant: a subclass of the model, holding the model's own tensors.
+    window_logits = load(BENCHMARKS / "window_logits.py")
+    model = tiny_model("hybrid")
+    twin = harness.sharing_weights(model, window_logits.EveryPositionLogits)
+    assert type(twin) is window_logits.EveryPositionLogits and not twin.training
+    assert all(a is b or a.data_ptr() == b.data_ptr() for a, b in zip(model.parameters(), twin.parameters()))
+    ids = torch.randint(3, model.config.mask_token_id, (2, 10), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([2, 5, 6])
+    assert torch.equal(twin(ids, logits_to_keep=positions).logits, model(ids, logits_to_keep=positions).logits)
+    assert torch.equal(twin.generate(ids, max_new_tokens=8, block_length=4),
+                       model.generate(ids, max_new_tokens=8, block_length=4))

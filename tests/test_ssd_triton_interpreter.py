@@ -39,7 +39,7 @@ def check_all_cases() -> dict:
     from diffuapriel_hf.modeling import ssd_triton
 
     torch.set_num_threads(1)
-    errors = {}
+    errors, states_dt_as_passed = {}, {}
     for index, (*sizes, chunk, block_p, segments) in enumerate(CASES):
         for dt_mode in DT_MODES:
             x, dt, A, B, C, D, dt_bias = ssd_inputs(*sizes, dtype=torch.float32, device="cpu")
@@ -56,6 +56,11 @@ def check_all_cases() -> dict:
                                                            dt_softplus=softplus, dt_limit=limit)
             assert y.shape == x.shape and y.dtype == x.dtype
             errors[f"{index}/{dt_mode}"] = rel_err(y, expected)
+            if segments > 1:  # the segment-states kernel reading dt as passed rather than by head: the same output
+                as_passed = ssd_triton.launch_ssd_forward(
+                    x, dt, A, B, C, D, bias, softplus, limit, segments=segments, chunk=chunk, block_p=block_p,
+                    num_warps=4, num_stages=1, states_dt_by_head=False)
+                states_dt_as_passed[f"{index}/{dt_mode}"] = bool(torch.equal(as_passed, y))
     x, dt, A, B, C, D, dt_bias = ssd_inputs(1, 16, 2, 16, 1, 16, dtype=torch.float32, device="cpu")
     refusals = {}
     for name, call in {
@@ -69,7 +74,7 @@ def check_all_cases() -> dict:
             call()
         except ValueError as error:
             refusals[name] = str(error)
-    return dict(errors=errors, refusals=refusals)
+    return dict(errors=errors, states_dt_as_passed=states_dt_as_passed, refusals=refusals)
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +100,8 @@ def test_ssd_forward_refuses_what_it_does_not_compute(interpreted):
         assert "starts from a zero state" in refusals[name]
     assert "dt must be" in refusals["short dt"]
     assert "share one floating dtype" in refusals["float64 B"]
+
+
+def test_segment_states_read_dt_as_passed_give_the_same_output(interpreted):
+    segmented = [f"{case}/{dt_mode}" for case, (*_, segments) in enumerate(CASES) if segments > 1 for dt_mode in DT_MODES]
+    assert segmented and all(interpreted["states_dt_as_passed"][key] for key in segmented)
