@@ -820,22 +820,24 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
             return _block_attention_bias(self.config, hidden_states, key_padding, two_stream)
         if key_padding is None:
             return None
-        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_padding)
+        # transformers drops a mask of ones for SDPA by reading it: only where that costs no synchronisation.
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_padding,
+                                         allow_is_bidirectional_skip=_costs_no_sync(key_padding))
 
 
 def _padding_mask(hidden_states, attention_mask, block_context, keep_ones: bool = False) -> Optional[torch.Tensor]:
     """(B, L) bool, True at real tokens, or None when nothing is padded (in a window pass, the recorded padding). A mask
-    of ones is read once to skip the padding path, a device synchronisation on CUDA: pass attention_mask=None when
-    nothing is padded (generate does) for a pass that never waits for the device. `keep_ones`: always a mask (ones
-    when attention_mask is None), never read."""
+    of ones is recognised, and the padding path skipped, only where reading it costs no device synchronisation (a CPU
+    mask); a mask on a device is kept and the padding path taken, which gives the same result without waiting for the
+    device. Pass attention_mask=None when nothing is padded (generate does) for the unpadded path everywhere.
+    `keep_ones`: always a mask (ones when attention_mask is None), never read."""
     if block_context is not None and block_context.recorded:
         return block_context.window_padding_mask()
     if attention_mask is None:
         return hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool) if keep_ones else None
-    padding_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
-    if keep_ones:
-        return padding_mask
-    return None if values_readable(padding_mask) and bool(padding_mask.all()) else padding_mask
+    if not keep_ones and _costs_no_sync(attention_mask) and bool(attention_mask.all()):
+        return None
+    return attention_mask.to(device=hidden_states.device, dtype=torch.bool)
 
 
 def _kept_positions(hidden_states: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:

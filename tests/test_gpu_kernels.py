@@ -449,21 +449,26 @@ def test_generate_captures_anew_after_the_parameters_move(use_block_cache):
 @pytest.mark.parametrize("layer_types", [[MAMBA, MAMBA], [MAMBA, ATTENTION]], ids=["mamba", "hybrid"])
 def test_an_eager_forward_never_waits_for_the_device(layer_types):
     """The forward checks values only of CPU tensors (the API boundaries check device tensors: generate, the collator,
-    the loss), so an eager CUDA pass without padding, whole or with logits_to_keep positions, never synchronises."""
+    the loss), so an eager CUDA pass without padding, whole or with logits_to_keep positions, never synchronises; nor
+    does one given a mask of ones on CUDA, which is kept (the padding path, the same logits) rather than read."""
     torch.manual_seed(0)
     config = preset_config("tiny", num_hidden_layers=2, layer_types=layer_types, **SIZES)
     model = DiffuAprielForMaskedLM(config).cuda().eval()
     ids = torch.randint(3, config.mask_token_id, (2, 301), device="cuda")
     keep = torch.arange(100, 164, device="cuda")
+    ones = torch.ones_like(ids)
     with torch.no_grad():
         expected = model(ids).logits  # the first passes compile and tune the Triton kernels, which synchronises
         model(ids, logits_to_keep=keep)
+        model(ids, attention_mask=ones)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             whole = model(ids).logits
             kept = model(ids, logits_to_keep=keep).logits
+            with_ones = model(ids, attention_mask=ones).logits
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(whole, expected, rtol=0, atol=0)
     torch.testing.assert_close(kept, expected[:, keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_ones, expected, rtol=1e-4, atol=1e-4)

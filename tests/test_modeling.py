@@ -7,7 +7,7 @@ from transformers import AutoModel, AutoModelForMaskedLM
 from transformers.modeling_outputs import MaskedLMOutput
 
 from diffuapriel_hf import DiffuAprielConfig, DiffuAprielForMaskedLM, DiffuAprielModel
-from diffuapriel_hf.modeling import kernel_policy
+from diffuapriel_hf.modeling import kernel_policy, modeling_diffuapriel
 from diffuapriel_hf.modeling.configuration_diffuapriel import MAMBA
 from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser
 from diffuapriel_hf.modeling.fused_ops import TRITON_INSTALLED
@@ -18,6 +18,7 @@ from diffuapriel_hf.modeling.kernel_policy import (
     resolve_kernel_policy,
 )
 from diffuapriel_hf.modeling.mamba_ops import TORCH_OPS, MambaOps, kernel_ops
+from diffuapriel_hf.modeling.modeling_diffuapriel import _padding_mask
 
 
 @pytest.fixture
@@ -173,6 +174,22 @@ def test_an_empty_batch_gives_empty_outputs(tiny_model, stack, implementation):
             out = model(ids, attention_mask=mask, output_hidden_states=True)
             assert out.logits.shape == (0, 5, model.config.vocab_size)
             assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("kind", ["mamba", "hybrid"])
+def test_a_mask_of_ones_is_read_only_where_reading_costs_no_synchronisation(kind, tiny_model, monkeypatch):
+    """On the CPU a mask of ones is read and the unpadded path taken; where reading it would synchronise (a mask on
+    CUDA), it is kept and the padding path taken, with the same logits. The second case is forced here by counting
+    every read as one that synchronises (tests/test_gpu_kernels.py runs it on CUDA under sync debug mode)."""
+    model = tiny_model(kind)
+    ids = random_ids(model.config, 2, 13)
+    ones = torch.ones_like(ids)
+    hidden_states = model.model.embed_tokens(ids)
+    assert _padding_mask(hidden_states, ones, None) is None
+    expected = model(ids).logits
+    monkeypatch.setattr(modeling_diffuapriel, "_costs_no_sync", lambda tensor: False)
+    assert torch.equal(_padding_mask(hidden_states, ones, None), ones.bool())
+    torch.testing.assert_close(model(ids, attention_mask=ones).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_are_clear_errors(tiny_model):
