@@ -14,7 +14,7 @@ A result written by another tool (Trainer's train_results.json) is stamped in pl
 
 On a copy of the repository without its git folder (a GPU machine sent the working tree alone), the commit comes
 from the environment variable DIFFUAPRIEL_COMMIT, which the command that copied the tree sets (the stamp then says
-that whether the tree differed from that commit is unknown).
+that whether the tree differed from that commit is unknown); when set, it wins over any git folder around the copy.
 """
 
 import argparse
@@ -47,7 +47,11 @@ def _git(*args: str) -> str:
 
 
 def source_revision() -> dict:
-    """The commit checked out and whether tracked files differ from it (results aside: a run rewrites them)."""
+    """The commit checked out and whether tracked files differ from it (results aside: a run rewrites them); the
+    commit named by DIFFUAPRIEL_COMMIT when it is set (a tree copied out of its repository may sit inside another
+    checkout, whose git would answer for it)."""
+    if COMMIT_VARIABLE in os.environ:
+        return dict(commit=os.environ[COMMIT_VARIABLE], dirty=None, commit_from=COMMIT_VARIABLE)
     try:
         commit = _git("rev-parse", "HEAD")
         changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")

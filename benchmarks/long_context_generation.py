@@ -147,7 +147,8 @@ def run(names: list[str], lengths: list[int], decodings: list[str], result: dict
 
 
 def label(row: dict) -> str:
-    return f"{row['model']} ({row['cache']} cache)" if row["cache"] != "none" else f"{row['model']} (no cache)"
+    cache = f"{row['cache']} cache" if row["cache"] != "none" else "no cache"
+    return f"{row['model']} ({cache}{', run ' + str(row['run']) if 'run' in row else ''})"
 
 
 def markdown(result: dict) -> str:

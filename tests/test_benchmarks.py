@@ -245,3 +245,9 @@ def test_a_variant_sharing_the_models_weights_gives_generate_the_same_tokens(ben
     assert torch.equal(twin(ids, logits_to_keep=positions).logits, model(ids, logits_to_keep=positions).logits)
     assert torch.equal(twin.generate(ids, max_new_tokens=8, block_length=4),
                        model.generate(ids, max_new_tokens=8, block_length=4))
+
+
+def test_the_commit_variable_wins_over_a_git_checkout_around_the_copy(harness, monkeypatch):
+    # A GPU machine's copy of the tree may lie inside another checkout, whose git would name the wrong commit.
+    monkeypatch.setenv(harness.COMMIT_VARIABLE, "0123abcd")
+    assert harness.source_revision() == dict(commit="0123abcd", dirty=None, commit_from=harness.COMMIT_VARIABLE)
