@@ -10,7 +10,9 @@ block_length is its block size, and packed as OUT/NAME.tar.gz; OUT/block_quality
     python benchmarks/block_quality.py train OUT [--runs DIR] [--stop_training_after SECONDS]
 
 At --stop_training_after the trainings still running get SIGTERM: the train command stops at a step boundary with a
-checkpoint, and the same command resumes them later (while --runs is kept). --smoke runs the whole pipeline on the
+checkpoint, and the same command resumes them later (while --runs is kept). --only picks runs: on an H100 the four
+side by side did not fit one 10-minute call (results/block_quality_partial.md: block-32 DiffuApriel about 3.5 steps
+a second after some 140 s of kernel compilation, block 4 about 0.7, the DiffuTran runs about 6). --smoke runs the whole pipeline on the
 CPU with tiny sizes. Then, on the CPU, the share of completions that parse (after the eight function headers of
 tests/test_default_model.py and after every one-line top-level function header of the held-out modules):
 
@@ -207,9 +209,9 @@ def supervise(runs: list[Run], out: Path, files: list[str], args, report) -> Non
 
 class Priority:
     """The DiffuApriel trainings (the shipped model's kind: what the issue's decision rests on) come first: while one of
-    them, at the rate it went over the last half minute, would end after the deadline, the other trainings are
-    paused (SIGSTOP), leaving it the GPU; they go on (SIGCONT) once the DiffuApriel ones would end 30 s before it, or
-    have ended."""
+    them, at the rate it went over the last half minute, would end after the deadline but within twice the time left,
+    the other trainings are paused (SIGSTOP), leaving it the GPU; they go on (SIGCONT) once the DiffuApriel ones would
+    end 30 s before it, or have ended, or could not end in time anyway."""
 
     SAMPLE_EVERY, MARGIN = 30.0, 30.0
 
@@ -231,7 +233,11 @@ class Priority:
         self.sampled = time.time()
         for run in self.first:
             self.samples.setdefault(run.name, []).append((time.time(), *progress(run)))
+        now = time.time()
         ends = [self.projected_end(run) for run in self.first if run.status == "training"]
+        # A run that needs more than twice the time left would miss the deadline even with the GPU to itself (pausing
+        # the others at most doubles its share): pausing them for it would only cost their results.
+        ends = [end for end in ends if end is None or end - now < 2 * (self.deadline - now)]
         late = any(end is not None and end > self.deadline for end in ends)
         in_time = all(end is not None and end < self.deadline - self.MARGIN for end in ends)
         running_others = [run for run in self.others if run.status == "training"]
@@ -281,23 +287,24 @@ def log_tails(runs: list[Run], lines: int = 20) -> str:
     return "\n".join(f"===== {run.name} =====\n{tail(run)}" for run in runs if run.log.exists())
 
 
-def background_evaluations(runs_dir: Path, smoke: bool) -> list[subprocess.Popen]:
+def background_evaluations(runs: list[Run], runs_dir: Path, smoke: bool) -> list[subprocess.Popen]:
     """The shipped model scored on this machine (the reference the runs are read against), and a first evaluation of
-    a random block model of each block size, so that Triton compiles the float32 kernels of the block passes while the
-    trainings run rather than after them."""
+    a random block DiffuApriel of each block size trained, so that Triton compiles the float32 kernels of the block
+    passes while the trainings run rather than after them."""
     processes, quick = [], SMOKE_EVALUATION if smoke else ["--files", "1", "--num_samples", "1"]
     if not (runs_dir / "shipped-heldout.json").exists():
         processes.append(subprocess.Popen([sys.executable, str(EVALUATE), str(SHIPPED), "--output",
                                            str(runs_dir / "shipped-heldout.json")] + (quick if smoke else [])))
     folders = []
-    for block_size in sorted({block_size for _, block_size in RUNS}):
+    for block_size in sorted({run.block_size for run in runs if run.preset.startswith("diffuapriel")}):
         folder = runs_dir / f"kernel-warm-up-block{block_size}"
         config = DiffuAprielConfig.from_pretrained(SHIPPED, block_size=block_size)
         DiffuAprielForMaskedLM(config).save_pretrained(folder)
         AutoTokenizer.from_pretrained(SHIPPED).save_pretrained(folder)
         folders.append(str(folder))
-    processes.append(subprocess.Popen([sys.executable, str(EVALUATE), *folders, "--output",
-                                       str(runs_dir / "kernel-warm-up.json"), *quick], stdout=subprocess.DEVNULL))
+    if folders:
+        processes.append(subprocess.Popen([sys.executable, str(EVALUATE), *folders, "--output",
+                                           str(runs_dir / "kernel-warm-up.json"), *quick], stdout=subprocess.DEVNULL))
     return processes
 
 
@@ -307,9 +314,10 @@ def train(args) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     files = [str(path) for path in stdlib_files("train")][: SMOKE_TRAIN_FILES if args.smoke else None]
     recipe = training_options(args)
-    runs = [Run(preset, block_size, runs_dir, recipe["max_steps"]) for preset, block_size in RUNS]
+    runs = [Run(preset, block_size, runs_dir, recipe["max_steps"]) for preset, block_size in RUNS
+            if args.only is None or run_name(preset, block_size) in args.only]
     shipped_heldout = runs_dir / "shipped-heldout.json"
-    evaluations = background_evaluations(runs_dir, args.smoke)
+    evaluations = background_evaluations(runs, runs_dir, args.smoke)
 
     def report():  # written as the runs move on, so that a call cut short still brings back what was done
         save(summary(runs, shipped_heldout, recipe), out / "block_quality")
@@ -377,6 +385,8 @@ def main(argv=None) -> int:
                           help="the folder of the training runs, kept between calls to resume them")
     training.add_argument("--stop_training_after", type=float, default=450,
                           help="seconds after which the trainings still running stop with a checkpoint")
+    training.add_argument("--only", nargs="+", choices=[run_name(*run) for run in RUNS],
+                          help="these runs only (default: all four)")
     training.add_argument("--max_steps", type=int,
                           help="optimizer steps instead of the recipe's 1,800 (or --smoke's 2): to check the pipeline")
     training.add_argument("--smoke", action="store_true", help="the whole pipeline with tiny sizes, on the CPU")

@@ -217,19 +217,24 @@ def test_block_quality_pauses_the_other_runs_while_a_diffuapriel_run_would_miss_
     monkeypatch.setattr(quality.time, "time", lambda: clock[0])
     monkeypatch.setattr(quality, "progress", lambda run: (steps[run.name], 1800))
     priority = quality.Priority(runs, deadline=1000.0 + 450)
-    apriel, tran = runs[0], runs[2]
+    apriel4, apriel32, tran = runs[0], runs[1], runs[2]
 
-    def half_minute(step_rate: float):
+    def half_minute(rates: dict):  # steps a second of the DiffuApriel runs
         clock[0] += 30
         for run in priority.first:
-            steps[run.name] += int(30 * step_rate)
+            steps[run.name] += int(30 * rates[run])
         priority.update()
 
-    half_minute(0)
-    half_minute(2)  # 1,740 steps left at 2 a second: 870 s, past the deadline
+    half_minute({apriel4: 0, apriel32: 0})
+    # block 4: 1,785 steps left at 0.5 a second, 3,570 s: hopeless, whatever the others do; block 32: 1,710 left at
+    # 3 a second, 570 s, past the deadline (390 s away) but within twice the time left: the others make room for it.
+    half_minute({apriel4: 0.5, apriel32: 3})
     assert priority.paused == priority.others and tran.process.signals == [quality.signal.SIGSTOP]
-    assert apriel.process.signals == []
-    half_minute(10)  # 1,440 steps left at 10 a second: 144 s, ending 216 s before the deadline
+    assert apriel32.process.signals == []
+    half_minute({apriel4: 0.5, apriel32: 10})  # 1,410 left at 10 a second: ends 219 s before the deadline
+    assert priority.paused == [] and tran.process.signals == [quality.signal.SIGSTOP, quality.signal.SIGCONT]
+    apriel32.status = "scored"
+    half_minute({apriel4: 0.5, apriel32: 0})  # only the hopeless run is left: nothing is paused for it
     assert priority.paused == [] and tran.process.signals == [quality.signal.SIGSTOP, quality.signal.SIGCONT]
 
 
