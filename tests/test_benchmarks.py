@@ -247,7 +247,10 @@ def test_a_variant_sharing_the_models_weights_gives_generate_the_same_tokens(ben
     assert all(a is b or a.data_ptr() == b.data_ptr() for a, b in zip(model.parameters(), twin.parameters()))
     ids = torch.randint(3, model.config.mask_token_id, (2, 10), generator=torch.Generator().manual_seed(0))
     positions = torch.tensor([2, 5, 6])
-    assert torch.equal(twin(ids, logits_to_keep=positions).logits, model(ids, logits_to_keep=positions).logits)
+    # Every position's logits then a selection, against the selected rows' product: equal up to the matrix product's
+    # summation order, which depends on the number of rows and threads.
+    torch.testing.assert_close(twin(ids, logits_to_keep=positions).logits, model(ids, logits_to_keep=positions).logits,
+                               rtol=1e-6, atol=1e-6)
     assert torch.equal(twin.generate(ids, max_new_tokens=8, block_length=4),
                        model.generate(ids, max_new_tokens=8, block_length=4))
 
