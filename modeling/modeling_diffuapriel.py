@@ -8,6 +8,7 @@ Block (every layer): x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)), where t
 """
 
 import copy
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -566,12 +567,36 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
         return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
     def _init_weights(self, module):
-        super()._init_weights(module)
+        """Mamba-2's initialisation, as mamba-ssm and transformers' `Mamba2` give it, over transformers' defaults
+        (normal(0, initializer_range) for the other projections and the embeddings, norms at one, biases at zero).
+        Every draw goes through transformers' `initialization` functions, which leave a weight loaded by
+        `from_pretrained` untouched, and a second call draws again rather than scaling what is there (the same
+        distribution: idempotent).
+
+        Each weight is drawn where it is held: transformers calls this only on modules that hold parameters of their
+        own in a model defined outside it (the MLP and the attention hold none)."""
+        if isinstance(module, nn.Conv1d):  # every convolution is a Mamba mixer's
+            # PyTorch's Conv1d initialisation (kaiming-uniform, a = sqrt(5): uniform within 1/sqrt(d_conv), 14x the
+            # spread of normal(0, 0.02) at d_conv = 4), as mamba-ssm and transformers' `Mamba2` start it; the bias at
+            # zero as transformers' (mamba-ssm keeps PyTorch's uniform bias).
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and self._is_residual_projection(module):
+            # PyTorch's Linear initialisation (kaiming-uniform, a = sqrt(5): uniform within 1/sqrt(fan_in)) divided by
+            # sqrt(the stack's residual branches), as mamba-ssm's `rescale_prenorm_residual` (GPT-2's scheme) does for
+            # its `out_proj` and `fc2`, so that the residual stream's variance at init does not grow with depth. Drawn
+            # at the scaled bound in one call: no in-place scaling that a second call would repeat.
+            bound = 1 / math.sqrt(module.in_features * residual_branches(self.config))
+            init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
         if isinstance(module, (DiffuAprielRMSNorm, MambaRMSNormGated)):
             init.ones_(module.weight)
         elif isinstance(module, Mamba2Mixer):
-            # Mamba-2's initialisation: A = -[1..H], D = 1, dt log-uniform in [dt_min, dt_max] (stored as
-            # softplus^-1(dt) in dt_bias).
+            # A = -[1..H], D = 1, dt log-uniform in [dt_min, dt_max] (stored as softplus^-1(dt) in dt_bias).
             config = self.config
             init.copy_(module.A_log, torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))
             init.ones_(module.D)
@@ -580,6 +605,30 @@ class DiffuAprielPreTrainedModel(PreTrainedModel):
             dt = torch.exp(torch.rand(module.num_heads) * (log_max - log_min) + log_min)
             dt = dt.clamp(min=config.mamba_dt_init_floor)
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+    def _is_residual_projection(self, linear: nn.Linear) -> bool:
+        """Whether `linear` writes into the residual stream: a Mamba direction's `out_proj`, an attention mixer's
+        `o_proj`, an MLP's `down_proj`."""
+        return linear.out_features == self.config.hidden_size and any(
+            getattr(parent, name) is linear
+            for parent in self.modules()
+            for kind, name in RESIDUAL_PROJECTIONS
+            if isinstance(parent, kind)
+        )
+
+
+# The projections that write into the residual stream, by the module that holds them.
+RESIDUAL_PROJECTIONS = ((Mamba2Mixer, "out_proj"), (DiffuAprielAttention, "o_proj"), (DiffuAprielMLP, "down_proj"))
+
+
+def residual_branches(config: DiffuAprielConfig) -> int:
+    """How many branches add into the residual stream over the whole stack (mamba-ssm's n_residuals_per_layer x
+    n_layer, counted per layer): each Mamba direction whose output is summed (two in a bidirectional mixer with
+    `bidirectional_strategy="add"`; one when unidirectional, or averaged: the mean of two has at most one branch's
+    variance), one attention mixer, and the MLP where there is one."""
+    mlp = 1 if config.intermediate_size > 0 else 0
+    summed_directions = 2 if config.bidirectional and config.bidirectional_strategy == "add" else 1
+    return sum((summed_directions if kind == MAMBA else 1) + mlp for kind in config.layer_types)
 
 
 def _costs_no_sync(tensor: torch.Tensor) -> bool:
@@ -992,4 +1041,5 @@ __all__ = [
     "Mamba2Mixer",
     "MambaRMSNormGated",
     "MixerOutput",
+    "residual_branches",
 ]
