@@ -1019,6 +1019,22 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
 
         return negative_elbo(self, input_ids, attention_mask=attention_mask, num_samples=num_samples, seed=seed)
 
+    @torch.no_grad()
+    def compute_conditional_elbo(self, input_ids, prompt_mask, attention_mask=None, num_samples: Optional[int] = None,
+                                 seed: int = 0, estimator: Optional[str] = None):
+        """The negative ELBO of each row's continuation (its real tokens outside `prompt_mask`) given its prompt, which
+        is never noised: a `ConditionalNegativeELBO` of `nats`, `bits` and `num_tokens`, each (B,). `estimator`:
+        "count_stratified" (the default), "time_stratified" or "time_grid", over `num_samples` passes (default 16)
+        and masks drawn from `seed` row by row, so a row scores the same alone as in a padded batch (see
+        `diffuapriel_hf.modeling.likelihood`)."""
+        from .likelihood import DEFAULT_ESTIMATOR, DEFAULT_NUM_SAMPLES, conditional_negative_elbo
+
+        return conditional_negative_elbo(
+            self, input_ids, prompt_mask, attention_mask=attention_mask,
+            num_samples=DEFAULT_NUM_SAMPLES if num_samples is None else num_samples, seed=seed,
+            estimator=DEFAULT_ESTIMATOR if estimator is None else estimator,
+        )
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`. Where the model's code is written with it (the classes are registered
         for the Auto classes, so config.json gets `auto_map`), config.json also names the text-generation pipeline
