@@ -18,8 +18,10 @@ Three estimators of the same bound, each with `num_samples` forward passes and a
   scored tokens are masked, at random, and each counts n / m. A single scored token is then scored exactly, -log p of
   it masked beside the clean prompt, with no variance at all. On a block model each block's scored tokens draw their
   own counts.
-`benchmarks/results/conditional_elbo_variance.md` measures the three on the shipped model: the default is the one
-with the least variance there.
+`benchmarks/results/conditional_elbo_variance.md` measures the three on the shipped model: with 16 samples the count
+estimator's estimate of a line of held-out code moves 6.1% (relative standard deviation over seeds) against 13.0% on
+the time grid and 15.4% with stratified times (32 tokens: 5.7%, 6.2%, 11.9%; one token: 0, 58%, 35%), so it is the
+default, with 16 samples.
 
 Every row draws from its own generator seeded with `seed`, over its own real tokens in order, so a row scores the
 same alone as in any batch, whatever the padding (and candidates of equal length share their masks, which makes their
@@ -45,7 +47,8 @@ __all__ = [
 ]
 
 ESTIMATORS = ("time_grid", "time_stratified", "count_stratified")
-# Set by benchmarks/results/conditional_elbo_variance.md: the estimator with the least variance on the shipped model.
+# Set by benchmarks/results/conditional_elbo_variance.md: the estimator with the least variance on the shipped model, at
+# a number of samples where it moves about 6% from seed to seed on a line of code.
 DEFAULT_ESTIMATOR = "count_stratified"
 DEFAULT_NUM_SAMPLES = 16
 
@@ -179,7 +182,8 @@ def greedy_reproduces(
 ) -> torch.Tensor:
     """(B,) bool: whether greedy decoding of the masked scored tokens, one token per step with the most confident
     first (low-confidence remasking; block by block on a block model), gives exactly those tokens. A row stops at its
-    first step whose most confident token is not the scored one, so a wrong continuation costs one pass."""
+    first step whose most confident token is not the scored one, so a wrong continuation costs one pass; each pass runs
+    the rows still decoding only."""
     mask_token_id = model.config.mask_token_id
     block_size = getattr(model.config, "block_size", None)
     pending = scored_mask(input_ids, prompt_mask, attention_mask, block_size).to(input_ids.device)  # (B, L)
@@ -189,22 +193,23 @@ def greedy_reproduces(
     was_training = model.training
     model.eval()
     try:
-        while bool((pending.any(-1) & reproduces).any()):
-            logits = model(input_ids=canvas, attention_mask=attention_mask).logits.float()  # (B, L, V)
+        while True:
+            rows = (pending.any(-1) & reproduces).nonzero().flatten()  # the rows still decoding, alone in the pass
+            if not len(rows):
+                break
+            logits = model(input_ids=canvas[rows], attention_mask=None if attention_mask is None else
+                           attention_mask[rows]).logits.float()  # (R, L, V)
             logits[..., mask_token_id] = float("-inf")
-            confidence, prediction = logits.softmax(-1).max(-1)  # (B, L) each
-            candidates = pending
+            confidence, prediction = logits.softmax(-1).max(-1)  # (R, L) each
+            candidates = pending[rows]
             if block_size is not None:  # the first block that still holds masks
-                first = torch.where(pending, positions, input_ids.shape[1]).amin(-1, keepdim=True) // block_size
-                candidates = pending & (positions // block_size == first)
-            chosen = torch.where(candidates, confidence, -1.0).argmax(-1)  # (B,)
-            active = pending.any(-1) & reproduces
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            right = prediction[rows, chosen] == input_ids[rows, chosen]
-            reproduces &= right | ~active
-            commit = active & right
-            canvas[rows[commit], chosen[commit]] = input_ids[rows[commit], chosen[commit]]
-            pending[rows[commit], chosen[commit]] = False
+                first = torch.where(candidates, positions, input_ids.shape[1]).amin(-1, keepdim=True) // block_size
+                candidates = candidates & (positions // block_size == first)
+            chosen = torch.where(candidates, confidence, -1.0).argmax(-1)  # (R,)
+            right = prediction.gather(1, chosen[:, None])[:, 0] == input_ids[rows, chosen]
+            reproduces[rows[~right]] = False
+            canvas[rows[right], chosen[right]] = input_ids[rows[right], chosen[right]]
+            pending[rows[right], chosen[right]] = False
     finally:
         model.train(was_training)
     return reproduces

@@ -1,8 +1,10 @@
-"""The `diffuapriel` command: `diffuapriel {train,generate,convert} ...`. Each subcommand lives in its own module of
+"""The `diffuapriel` command: `diffuapriel {train,generate,convert,eval} ...`. Each subcommand lives in its own module of
 `diffuapriel_hf`, imported only when it runs (or its help is asked for), and exposes `add_arguments(parser)` and
-`run(args)`. A subcommand whose help depends on an option given with it (`diffuapriel generate --model PATH --help`
-shows the generation defaults saved with that model) also exposes `help_context_parser()`, a parser of those options
-alone: the first stage of a two-stage parse, whose values are passed to `add_arguments` as keyword arguments.
+`run(args)`; one that sets `PASSES_ON_UNKNOWN_OPTIONS` (`diffuapriel eval`, whose other options are lm-eval's) gets
+the options it does not declare as `args.passed_on`, the others refuse them. A subcommand whose help depends on an
+option given with it (`diffuapriel generate --model PATH --help` shows the generation defaults saved with that model)
+also exposes `help_context_parser()`, a parser of those options alone: the first stage of a two-stage parse, whose
+values are passed to `add_arguments` as keyword arguments.
 
 This dispatcher is a top-level module, outside the `diffuapriel_hf` package, because importing anything in that
 package runs its `__init__`, which imports torch and transformers to register the model with the Auto classes: here,
@@ -16,6 +18,7 @@ SUBCOMMANDS = {
     "train": ("diffuapriel_hf.training.train", "train a model with transformers' Trainer"),
     "generate": ("diffuapriel_hf.cli.generate", "generate or infill text with a model"),
     "convert": ("diffuapriel_hf.hub.convert", "convert a Mamba-2 language model into DiffuApriel"),
+    "eval": ("diffuapriel_hf.evaluation.command", "evaluate a model with lm-evaluation-harness (lm-eval's options)"),
 }
 
 
@@ -28,8 +31,13 @@ def main(argv=None) -> int:
         sub = subparsers.add_parser(name, help=help_text)
         if name == chosen:
             add_subcommand_arguments(importlib.import_module(module_name), sub, argv[1:])
-    args = parser.parse_args(argv)
-    return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0
+    args, unknown = parser.parse_known_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    if getattr(module, "PASSES_ON_UNKNOWN_OPTIONS", False):
+        args.passed_on = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return module.run(args) or 0
 
 
 def add_subcommand_arguments(module, parser: argparse.ArgumentParser, argv: list) -> None:

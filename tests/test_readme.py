@@ -8,6 +8,8 @@ Stated exceptions and reductions, each applied by name below (SKIPPED, REDUCED):
 - `diffuapriel train ...`: the same command on the `tiny` preset, a 320-token vocabulary, 32-token sequences, two
   optimizer steps, four standard-library files as `data/*.txt`, in float32 (no --bf16 on the CPU).
 - `diffuapriel convert path/to/mamba2-checkpoint ...`: on a tiny random transformers Mamba-2 checkpoint saved there.
+- `diffuapriel eval ...`: lm-eval's tasks download their data; the local tasks of tests/eval_tasks instead, two
+  documents each, two samples per likelihood.
 """
 
 import os
@@ -29,11 +31,15 @@ SKIPPED = {
     "python3 -m pytest": "this suite itself",
     "accelerate launch": "needs several GPUs",
 }
+EVAL_TASKS = Path(__file__).parent / "eval_tasks"
 REDUCED = {  # flag -> the value it takes here (None: dropped)
     "diffuapriel train": {"--preset": "tiny", "--vocab_size": "320", "--seq_len": "32", "--bf16": None},
+    "diffuapriel eval": {"--tasks": "stdlib_next_line,stdlib_perplexity,stdlib_complete_line"},
 }
 REDUCED_EXTRA = {"diffuapriel train": ["--max_steps", "2", "--per_device_train_batch_size", "4",
-                                       "--eval_fraction", "0.2", "--elbo_samples", "1"]}
+                                       "--eval_fraction", "0.2", "--elbo_samples", "1"],
+                 "diffuapriel eval": ["--include_path", str(EVAL_TASKS), "--limit", "2", "--model_args",
+                                      "num_samples=2"]}
 
 
 def python_blocks() -> list[str]:

@@ -337,7 +337,7 @@ def test_every_trainer_option_is_an_option(tmp_path, monkeypatch, capsys):
     assert (args.optim, args.max_grad_norm, args.adam_beta2, args.lr_scheduler_type) == (
         "adafactor", 0.5, 0.95, "constant")
     assert args.learning_rate == 3e-3 and args.save_total_limit == 2 and args.eval_strategy == "no"  # ours kept
-    assert args.remove_unused_columns is False and args.label_names == ["labels", "loss_weights"]
+    assert args.remove_unused_columns is False
     monkeypatch.setattr(Trainer, "train", lambda *a, **k: pytest.fail("training started"))
     assert_refused(capsys, "--dataloader_persistent_workers", tmp_path / "out2", "--dataloader_persistent_workers")
 

@@ -11,6 +11,7 @@ from .modeling.modeling_diffuapriel import DiffuAprielForMaskedLM, DiffuAprielMo
 from .modeling.pipeline_diffuapriel import DiffusionTextGenerationPipeline
 from .modeling.presets import PRESETS
 from .training.data import DataCollatorForMaskedDiffusion
+from .training.evaluation import ELBOEvaluationSet, ELBOMetricsCallback
 
 AutoConfig.register(DiffuAprielConfig.model_type, DiffuAprielConfig, exist_ok=True)
 AutoModel.register(DiffuAprielConfig, DiffuAprielModel, exist_ok=True)
@@ -29,6 +30,8 @@ __all__ = [
     "DiffuAprielPreTrainedModel",
     "DiffusionGenerationConfig",
     "DiffusionTextGenerationPipeline",
+    "ELBOEvaluationSet",
+    "ELBOMetricsCallback",
     "PRESETS",
     "preset_config",
 ]

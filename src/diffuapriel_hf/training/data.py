@@ -53,6 +53,10 @@ class DataCollatorForMaskedDiffusion:
         labels          (B, L) the clean token where masked, -100 elsewhere
         loss_weights    (B, L) 1/t at every real non-prompt token (masked or not), 0 elsewhere
 
+    Examples that carry `labels` and `loss_weights` are already noised (`training.evaluation.ELBOEvaluationSet`): they
+    are padded (labels with -100, weights with 0), or packed with `padding_free`, and nothing is drawn, so an evaluation
+    over them is repeatable.
+
     An example may fix its masks with an int `noise_seed` and its time with a float `t`. When every example of a batch
     has a seed, the batch's times come from a generator seeded with all of them, so the batch's noise is a pure
     function of its examples: `NoiseSeededDataset` gives training examples such seeds, which makes a run resumed from
@@ -96,10 +100,10 @@ class DataCollatorForMaskedDiffusion:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.block_size = block_size
 
-    def _pad(self, rows: list, length: int, value) -> torch.Tensor:
-        padded = torch.full((len(rows), length), value, dtype=torch.long)
+    def _pad(self, rows: list, length: int, value, dtype=torch.long) -> torch.Tensor:
+        padded = torch.full((len(rows), length), value, dtype=dtype)
         for i, row in enumerate(rows):
-            row = torch.as_tensor(row, dtype=torch.long)
+            row = torch.as_tensor(row, dtype=dtype)
             if self.padding_side == "left":
                 padded[i, length - len(row):] = row
             else:
@@ -148,9 +152,27 @@ class DataCollatorForMaskedDiffusion:
                     raise ValueError(f"example {i} has t={example['t']}, outside (0, 1]")
         return t
 
+    def _padded_noised(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """A batch of examples noised beforehand, padded as they are."""
+        if not all("labels" in example and "loss_weights" in example for example in examples):
+            raise ValueError("some examples carry loss_weights (noised beforehand) and others do not, or lack their "
+                             "labels: a batch is either noised here or noised beforehand, with labels and loss_weights")
+        length = max(len(example["input_ids"]) for example in examples)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": self._pad([e["input_ids"] for e in examples], length, self.pad_token_id),
+                 "attention_mask": self._pad([e.get("attention_mask", [1] * len(e["input_ids"])) for e in examples],
+                                             length, 0),
+                 "labels": self._pad([e["labels"] for e in examples], length, -100),
+                 "loss_weights": self._pad([e["loss_weights"] for e in examples], length, 0.0, torch.float32)}
+        return batch
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("examples is empty")
+        if any("loss_weights" in example for example in examples):
+            batch = self._padded_noised(examples)
+            return packed(batch) if self.padding_free else batch
         input_ids, attention_mask, noisable = self._padded(examples)  # (B, L) each
         seeds = [example.get("noise_seed") for example in examples]
         t = self._times(examples, seeds, input_ids.shape[1])  # (B,) or (B, L)

@@ -1,17 +1,21 @@
-"""Held-out evaluation of a masked diffusion LM on raw text: the negative ELBO as bits per token, and for code, the
+"""Held-out evaluation of a masked diffusion LM: the negative ELBO as bits per token, of raw text
+(`text_bits_per_token`) and during `Trainer` evaluation (`ELBOEvaluationSet`, `ELBOMetricsCallback`), and for code, the
 share of generated completions that parse as Python."""
 
 import ast
+import math
 import warnings
 from typing import Iterable
 
 import torch
+from transformers import TrainerCallback
 
 from .data import document_stream
-from ..modeling.diffusion import bits_per_token, negative_elbo
+from ..modeling.diffusion import bits_per_token, elbo_times, loss_weight, negative_elbo, noise_tokens
 
 __all__ = [
-    "CODE_PROMPTS", "complete_lines", "completion_parse_rate", "parses", "text_bits_per_token", "token_sequences",
+    "CODE_PROMPTS", "ELBOEvaluationSet", "ELBOMetricsCallback", "complete_lines", "completion_parse_rate", "parses",
+    "text_bits_per_token", "token_sequences",
 ]
 
 # Function headers after which a code model's completions are checked to parse (tests/test_default_model.py).
@@ -98,3 +102,59 @@ def completion_parse_rate(model, tokenizer, prompts: Iterable[str], **generate_k
         raise ValueError("no prompts to complete")
     parsed = sum(parses(complete_lines(text)) for text in texts)
     return dict(parsed=parsed, prompts=len(texts), parse_rate=parsed / len(texts), texts=texts)
+
+
+class ELBOEvaluationSet(torch.utils.data.Dataset):
+    """A `Trainer` evaluation set whose `eval_loss` is the negative ELBO per token, the same at every evaluation of the
+    same weights: each sequence once per time of the fixed grid `elbo_times(num_samples)`, noised beforehand with the
+    masks `negative_elbo` draws for it alone (seed `seed + i` for the i-th sequence), as examples of `input_ids`,
+    `attention_mask`, `labels` and `loss_weights` (1/t at every token). `DataCollatorForMaskedDiffusion` pads such
+    examples without drawing anything, and every column is an argument of the model's forward, so `Trainer`'s default
+    `remove_unused_columns=True` and `label_names` keep them. The sequences share one length: then every example counts
+    the same tokens and the mean of the batches' losses is exactly the mean over tokens. `ELBOMetricsCallback` adds
+    the loss in bits per token and the perplexity bound. On a block model the labels make the model read each block
+    beside the clean blocks before it: the block-factorised bound."""
+
+    def __init__(self, sequences, mask_token_id: int, num_samples: int = 8, seed: int = 0):
+        sequences = [list(sequence) for sequence in sequences]
+        if not sequences or len({len(sequence) for sequence in sequences}) != 1 or not sequences[0]:
+            raise ValueError("sequences must be non-empty and of one length, so that every example counts the same "
+                             "tokens (cut held-out text into sequences of one length, as `diffuapriel train` does)")
+        times = elbo_times(num_samples).tolist()
+        self.examples = []
+        for index, sequence in enumerate(sequences):
+            ids = torch.tensor([sequence])
+            generator = torch.Generator().manual_seed(seed + index)
+            for t in times:  # negative_elbo's draws for this sequence alone
+                noised, masked = noise_tokens(ids, torch.full((1,), t), mask_token_id, generator=generator)
+                self.examples.append({
+                    "input_ids": noised[0].tolist(), "attention_mask": [1] * len(sequence),
+                    "labels": ids.masked_fill(~masked, -100)[0].tolist(),
+                    "loss_weights": [float(loss_weight(t))] * len(sequence),
+                })
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+
+class ELBOMetricsCallback(TrainerCallback):
+    """Adds to every evaluation's metrics, for each `<prefix>_loss` (nats per token: the negative ELBO per token on an
+    `ELBOEvaluationSet`), `<prefix>_bits_per_token` and `<prefix>_perplexity_bound`, in the metrics `evaluate()`
+    returns and in the log entry of that evaluation (`trainer.state.log_history`, which checkpoints save)."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics:
+            return
+        added = {}
+        for key, loss in metrics.items():
+            if key.endswith("_loss") and isinstance(loss, (int, float)):
+                prefix = key[: -len("_loss")]
+                added[f"{prefix}_bits_per_token"] = loss / math.log(2)
+                added[f"{prefix}_perplexity_bound"] = math.exp(loss)
+        metrics.update(added)
+        if state.log_history and all(state.log_history[-1].get(key) == metrics[key] for key in metrics
+                                     if key.endswith("_loss")):
+            state.log_history[-1].update(added)

@@ -19,7 +19,6 @@ import math
 import os
 import signal
 import sys
-from functools import partial
 from typing import Optional
 
 import torch
@@ -29,11 +28,11 @@ from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArgum
 from ..hub.folders import move_into_place, staging_folder, staging_path
 from ..hub.publish import pad_on_the_left
 from ..modeling.configuration_diffuapriel import DiffuAprielConfig, preset_config
-from ..modeling.diffusion import bits_per_token, elbo_times, perplexity_bound, token_nll
 from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
 from ..modeling.presets import PRESETS
 from .checkpoints import StopOnSignal, check_output_dir, missing_checkpoint_files, resolve_checkpoint
 from .data import DataCollatorForMaskedDiffusion, NoiseSeededDataset, document_stream
+from .evaluation import ELBOEvaluationSet, ELBOMetricsCallback
 
 PROG = "diffuapriel train"
 # Our defaults where TrainingArguments' own suit pre-training a diffusion LM less (any of them can be given).
@@ -42,10 +41,8 @@ TRAINING_DEFAULTS = dict(
     eval_steps=500, save_steps=500, save_total_limit=2, report_to="none",
 )
 FIXED_TRAINING_ARGUMENTS = dict(
-    # The collator reads the `t` / `noise_seed` columns, which forward does not take.
+    # The collator reads the training examples' `noise_seed` column, which forward does not take.
     remove_unused_columns=False,
-    # Both go to `elbo_terms`; the loss itself is computed by the model from the batch.
-    label_names=["labels", "loss_weights"],
     # Every parameter takes part in every forward pass.
     ddp_find_unused_parameters=False,
 )
@@ -215,30 +212,6 @@ def chunk_documents(batch: dict, tokenizer, seq_len: int) -> dict:
     return {"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
 
 
-def elbo_eval_examples(sequences: list[list[int]], num_samples: int) -> list[dict]:
-    """Each held-out sequence once per time of the ELBO grid, with its own fixed noise seed: the evaluation set whose
-    loss-weighted negative log-likelihood, summed and divided by the counted tokens, is the negative ELBO per token."""
-    times = elbo_times(num_samples).tolist()
-    return [
-        {"input_ids": ids, "t": t, "noise_seed": i * num_samples + k}
-        for i, ids in enumerate(sequences) for k, t in enumerate(times)
-    ]
-
-
-def elbo_terms(logits: torch.Tensor, labels: tuple, mask_token_id: int) -> torch.Tensor:
-    """`preprocess_logits_for_metrics`: one batch's logits (B, L, V) reduced to (B, 2), each sequence's loss-weighted
-    nats and its counted tokens (labels is the pair (labels, loss_weights): `label_names` names both)."""
-    labels, loss_weights = labels
-    nats = (token_nll(logits, labels, mask_token_id) * loss_weights.float()).sum(-1)  # (B,)
-    return torch.stack([nats, (loss_weights > 0).sum(-1).float()], dim=-1)
-
-
-def elbo_metrics(prediction) -> dict:
-    """`compute_metrics` over the gathered `elbo_terms` of the whole evaluation set."""
-    nats, tokens = prediction.predictions[:, 0].sum(), prediction.predictions[:, 1].sum()
-    return {"bits_per_token": bits_per_token(nats, tokens), "perplexity_bound": perplexity_bound(nats, tokens)}
-
-
 def check_resume_config(config: DiffuAprielConfig, checkpoint: str) -> None:
     saved = DiffuAprielConfig.from_pretrained(checkpoint).to_dict()
     ours = config.to_dict()
@@ -353,10 +326,8 @@ def split_sequences(corpus, tokenizer, args):
     train_dataset = NoiseSeededDataset(sequences.select(range(len(sequences) - num_eval)), args.seed)
     if not num_eval:
         return train_dataset, None
-    from datasets import Dataset
-
     held_out = sequences.select(range(len(sequences) - num_eval, len(sequences)))["input_ids"]
-    return train_dataset, Dataset.from_list(elbo_eval_examples(held_out, args.elbo_samples))
+    return train_dataset, ELBOEvaluationSet(held_out, tokenizer.mask_token_id, num_samples=args.elbo_samples)
 
 
 def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
@@ -386,14 +357,10 @@ def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
         model = DiffuAprielForMaskedLM(config)
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_dataset,
-        eval_dataset=eval_dataset, callbacks=[stop],
+        eval_dataset=eval_dataset, callbacks=[stop, ELBOMetricsCallback()],
         data_collator=DataCollatorForMaskedDiffusion(tokenizer, sampling_eps=config.sampling_eps,
                                                      block_size=config.block_size),
         processing_class=tokenizer,
-        compute_metrics=elbo_metrics if eval_dataset is not None else None,
-        preprocess_logits_for_metrics=(
-            partial(elbo_terms, mask_token_id=config.mask_token_id) if eval_dataset is not None else None
-        ),
     )
     return trainer, checkpoint
 
