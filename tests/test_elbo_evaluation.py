@@ -73,3 +73,14 @@ def test_the_set_needs_sequences_of_one_length():
         ELBOEvaluationSet([[5, 6, 7], [5, 6]], mask_token_id=95)
     with pytest.raises(ValueError, match="one length"):
         ELBOEvaluationSet([], mask_token_id=95)
+
+
+def test_packed_noised_examples_give_the_padded_batchs_loss(tiny_model, word_tokenizer):
+    model = tiny_model("hybrid")
+    tokenizer = word_tokenizer(model.config)
+    examples = list(ELBOEvaluationSet(held_out(model.config, count=3, length=8), tokenizer.mask_token_id,
+                                      num_samples=2))
+    with torch.no_grad():
+        padded = model(**DataCollatorForMaskedDiffusion(tokenizer)(examples)).loss
+        packed = model(**DataCollatorForMaskedDiffusion(tokenizer, padding_free=True)(examples)).loss
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
