@@ -1,0 +1,59 @@
+"""benchmarks/training_throughput.py on the CPU: its --smoke run measures every model, length and checkpointing mode
+and the Trainer comparison, and writes the stamped table; a deadline stops it cleanly with what it has; `report`
+copies a run's results."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def script(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports harness from beside it
+    spec = importlib.util.spec_from_file_location("training_throughput", BENCHMARKS / "training_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_measures_every_model_length_and_mode_and_reports(script, tmp_path):
+    script.main(["run", str(tmp_path / "run"), "--smoke"])
+    result = json.loads((tmp_path / "run" / "training_throughput.json").read_text())
+    lengths = script.SMOKE["lengths"]
+    assert list(result["models"]) == list(script.SMOKE_MODELS) and result["environment"]["commit"]
+    for name, entry in result["models"].items():
+        rows = {(row["checkpointing"], row["length"]): row for row in entry["rows"]}
+        assert sorted(rows) == sorted((mode, length) for mode in (False, True) for length in lengths)
+        for row in rows.values():
+            assert row["batch"] * row["length"] == script.SMOKE["tokens_per_step"]
+            assert len(row["step_seconds"]) == script.SMOKE["reps"] and row["step_ms"] > 0
+            assert row["tokens_per_s"] == pytest.approx(row["tokens"] / (row["step_ms"] / 1e3))
+            assert row["mfu"] is None and 0 < row["mfu_of_ceiling"]  # no datasheet peak for a CPU
+        trainer = entry["trainer"]
+        assert len(trainer["trainer_step_seconds"]) == script.SMOKE["trainer_steps"] - 1
+        assert trainer["trainer_step_ms"] > 0 and trainer["bare_with_mask_ms"] > 0
+    table = (tmp_path / "run" / "training_throughput.md").read_text()
+    assert "| tiny-attention | off | 2 x 32 |" in table and "1.00x" in table  # the baseline against itself
+    assert "## Trainer against the bare step" in table and "tiny Trainer step" in table
+    assert "Measured " in table.splitlines()[-1]  # the harness's stamp
+
+    script.main(["report", str(tmp_path / "run" / "training_throughput.json"), "--to", str(tmp_path / "copy")])
+    assert json.loads((tmp_path / "copy.json").read_text()) == result
+    assert (tmp_path / "copy.md").read_text() == table
+
+
+def test_deadline_skips_what_would_end_after_it_and_saves(script, tmp_path):
+    script.main(["run", str(tmp_path), "--smoke", "--deadline", "0"])
+    result = json.loads((tmp_path / "training_throughput.json").read_text())
+    assert all(entry == dict(status="skipped: deadline", rows=[]) for entry in result["models"].values())
+    assert "| tiny | | | skipped: deadline |" in (tmp_path / "training_throughput.md").read_text()
+
+
+def test_lengths_must_divide_the_tokens_of_a_step(script, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["run", str(tmp_path), "--lengths", "1024", "3000", "--tokens_per_step", "32768"])
+    assert "every length must divide --tokens_per_step" in capsys.readouterr().err
