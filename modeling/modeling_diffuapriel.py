@@ -106,6 +106,7 @@ class Mamba2Mixer(nn.Module):
         self.n_groups = config.mamba_n_groups
         self.ssm_state_size = config.mamba_d_state
         self.chunk_size = config.mamba_chunk_size
+        self.block_size = config.block_size
         self.dt_limit = tuple(config.mamba_dt_limit)
         self.activation = config.hidden_act
         self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
@@ -138,6 +139,7 @@ class Mamba2Mixer(nn.Module):
         of rows that pack several: the convolution and the scan restart at every document's first position."""
         batch, seqlen, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
+        chunk_size = self.chunk_size_for(seqlen)
         gate, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, H], dim=-1)
         if padding_mask is not None:
             xBC = xBC * padding_mask[..., None].to(xBC.dtype)  # the convolution sees zeros at padding
@@ -162,7 +164,7 @@ class Mamba2Mixer(nn.Module):
             return ops.chunk_scan(
                 x[:, positions].reshape(batch, length, H, P), dt[:, positions], -torch.exp(self.A_log.float()),
                 B[:, positions].reshape(batch, length, G, N), C[:, positions].reshape(batch, length, G, N),
-                self.chunk_size, D=self.D.float(), initial_states=entering_state, return_final_states=return_state,
+                chunk_size, D=self.D.float(), initial_states=entering_state, return_final_states=return_state,
                 **dt_args,
             )
 
@@ -185,6 +187,17 @@ class Mamba2Mixer(nn.Module):
         conv_inputs = F.pad(xBC[:, :end], (0, 0, max(width - end, 0), 0))
         return output, (conv_inputs[:, conv_inputs.shape[1] - width :], ssm_state)
 
+    def chunk_size_for(self, seqlen: int) -> int:
+        """The SSD's chunk for a pass over rows of `seqlen` tokens: `mamba_chunk_size`, or for shorter rows the smallest
+        power of two of at least 16 that holds them. A block model's passes fold every block into a row of its own,
+        and both SSDs work in whole chunks (the reference pads each row to one, mamba-ssm's kernels tile one), so rows
+        of 4 tokens in chunks of 256 cost the work of 256 tokens each. The chunk does not change the result, only the
+        order of a sum: 16 is the least tile of mamba-ssm's matrix products. A full-sequence model keeps its chunk for
+        every length (its outputs, bit for bit, are what tests and saved generations pin)."""
+        if self.block_size is None or seqlen >= self.chunk_size:
+            return self.chunk_size
+        return min(self.chunk_size, max(16, 1 << (seqlen - 1).bit_length()))
+
     def states_entering_blocks(self, xBC, x, dt, B, C, initial_state, ops, block_size: int):
         """The (conv inputs, SSM state) entering every block of `block_size` tokens of this pass, as `forward`'s
         `block_states` returns them. xBC: the convolution's inputs (B, w + L, C) when an initial state was given, else
@@ -199,8 +212,8 @@ class Mamba2Mixer(nn.Module):
         A, dt = -torch.exp(self.A_log.float()), fold_blocks(dt, block_size)  # dt: (B * n, block, H)
         x, B, C = (fold_blocks(t, block_size) for t in (x, B, C))
         _, local = ops.chunk_scan(
-            x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), self.chunk_size,
-            return_final_states=True,
+            x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
+            self.chunk_size_for(block_size), return_final_states=True,
         )  # local: (B * n, H, P, N)
         log_decay = dt.sum(1) * A  # (B * n, H)
         entering = states_entering_blocks(

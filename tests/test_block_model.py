@@ -7,7 +7,7 @@ from transformers import Trainer, TrainingArguments
 
 from diffuapriel_hf import DataCollatorForMaskedDiffusion, preset_config
 from diffuapriel_hf.modeling.diffusion import elbo_times, masked_diffusion_loss, noise_tokens
-from diffuapriel_hf.modeling.mamba_ops import kernel_ops
+from diffuapriel_hf.modeling.mamba_ops import kernel_ops, mamba_chunk_scan_combined_reference
 from diffuapriel_hf.modeling.cache import BlockContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,6 +140,27 @@ def test_refused_with_flash_attention_and_the_approximate_cache(block_model):
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2.*cannot run a block diffusion model"):
         model(ids)
+
+
+def test_short_rows_are_scanned_in_a_short_chunk_with_the_same_result(block_model, tiny_model):
+    """A block model folds each block into a row of its own: its SSD takes the least power-of-two chunk (16 at least)
+    that holds such a row instead of padding every row to a whole `mamba_chunk_size`; the scan's result is the same.
+    A full-sequence model keeps its chunk."""
+    mixer = block_model("mamba", mamba_chunk_size=256).model.layers[0].mixer.left_to_right
+    assert [mixer.chunk_size_for(n) for n in (4, 16, 17, 200, 256, 1000)] == [16, 16, 32, 256, 256, 256]
+    full_sequence = tiny_model("mamba", mamba_chunk_size=256).model.layers[0].mixer.left_to_right
+    assert full_sequence.chunk_size_for(4) == 256
+    generator = torch.Generator().manual_seed(0)
+    rows, length, heads, head_dim, state = 6, BLOCK, 2, 4, 8
+    x = torch.randn(rows, length, heads, head_dim, generator=generator)
+    dt = torch.rand(rows, length, heads, generator=generator)
+    A = -torch.rand(heads, generator=generator)
+    B, C = (torch.randn(rows, length, 1, state, generator=generator) for _ in range(2))
+    initial = torch.randn(rows, heads, head_dim, state, generator=generator)
+    scans = [mamba_chunk_scan_combined_reference(x, dt, A, B, C, chunk, initial_states=initial,
+                                                 return_final_states=True) for chunk in (16, 256)]
+    for short, whole in zip(*scans):
+        torch.testing.assert_close(short, whole, rtol=1e-6, atol=1e-6)
 
 
 def test_block_size_must_be_a_positive_integer():
