@@ -341,16 +341,6 @@ def heldout_headers() -> list[str]:
             for line in path.read_text(encoding="utf-8").splitlines() if HEADER.match(line)]
 
 
-def load_for_generation(folder: str, keep_chunk_size: bool):
-    """The model in float32 on the CPU. A block model's SSD chunks are cut to its block size unless `keep_chunk_size`:
-    the same function (the chunk length only splits the scan), but the reference SSD pads every scan to whole chunks,
-    so 128-token chunks over 4-token blocks cost most of a CPU generation step."""
-    config = DiffuAprielForMaskedLM.config_class.from_pretrained(folder)
-    chunks = {} if keep_chunk_size or config.block_size is None else dict(
-        mamba_chunk_size=min(config.mamba_chunk_size, config.block_size))
-    return DiffuAprielForMaskedLM.from_pretrained(folder, dtype=torch.float32, **chunks).eval()
-
-
 def parse(args) -> int:
     """The share of completions that parse, for each model, after the test's eight headers and the held-out ones,
     greedy as `diffuapriel generate` is by default, with the model's generation config (--block_length overrides its
@@ -360,7 +350,8 @@ def parse(args) -> int:
         del prompt_sets["heldout_headers"]
     result = new_result(prompt_sets={name: len(prompts) for name, prompts in prompt_sets.items()}, models={})
     for folder in args.models:
-        model = load_for_generation(folder, args.keep_chunk_size)
+        # float32 on the CPU; a block model scans its block rows in short chunks itself (Mamba2Mixer.chunk_size_for)
+        model = DiffuAprielForMaskedLM.from_pretrained(folder, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         settings = dict(seed=0, **({} if args.block_length is None else dict(block_length=args.block_length)))
         row = dict(block_size=model.config.block_size, mamba_chunk_size=model.config.mamba_chunk_size,
@@ -393,8 +384,6 @@ def main(argv=None) -> int:
     parsing = commands.add_parser("parse", help="the share of completions that parse (CPU)")
     parsing.add_argument("models", nargs="+", help="model folders")
     parsing.add_argument("--block_length", type=int, help="override the models' generation block length")
-    parsing.add_argument("--keep_chunk_size", action="store_true",
-                         help="keep a block model's SSD chunk size (slower on the CPU; the same completions)")
     parsing.add_argument("--test_prompts_only", action="store_true", help="only the test's eight headers")
     parsing.add_argument("--output", required=True)
     args = parser.parse_args(argv)
