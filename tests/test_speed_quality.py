@@ -1,0 +1,116 @@
+"""Speed against quality (benchmarks/speed_quality.py): accuracy under parallelism as d3LLM defines it, the held-out
+code items, and the script end to end on one short item per task (`--smoke`)."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from diffuapriel_hf.evaluation.parallelism import accuracy_under_parallelism, parallelism_weight
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "speed_quality.py"
+
+
+def test_one_point_scores_its_rectangle():
+    assert accuracy_under_parallelism([1.0], [60.0]) == 60.0
+    assert accuracy_under_parallelism([2.5], [40.0], best_accuracy=80.0) == 100.0  # the first point is not weighted
+
+
+def test_points_at_the_best_accuracy_add_whole_trapezoids():
+    assert accuracy_under_parallelism([1.0, 2.0, 4.0], [80.0, 80.0, 78.0]) == pytest.approx(
+        80 + 80 + 2 * (80 + 78 * math.exp(-3 * (1 - 78 / 80))) / 2)
+
+
+def test_accuracy_below_the_best_is_discounted_and_order_does_not_matter():
+    weight = math.exp(-3 * (1 - 60 / 90))
+    assert parallelism_weight(60.0, 90.0) == pytest.approx(weight)
+    assert parallelism_weight(95.0, 90.0) == 1.0
+    expected = 1 * 62 + (3 - 1) * (62 * math.exp(-3 * (1 - 62 / 90)) + 60 * weight) / 2
+    assert accuracy_under_parallelism([3.0, 1.0], [60.0, 62.0], best_accuracy=90.0) == pytest.approx(expected)
+
+
+def test_points_far_below_the_least_parallel_one_earn_nothing():
+    # 74 is more than 5 points below 80: the faster point is left out.
+    assert accuracy_under_parallelism([1.0, 6.0], [80.0, 74.0]) == 80.0
+    assert accuracy_under_parallelism([1.0, 6.0], [80.0, 76.0]) > 80.0
+    assert accuracy_under_parallelism([1.0, 2.0], [0.0, 0.0]) == 0.0  # nothing right anywhere
+
+
+@pytest.mark.parametrize("parallelism, accuracy, best, message", [
+    ([1.0], [50.0, 60.0], None, "one length"),
+    ([], [], None, "non-empty"),
+    ([0.0], [50.0], None, "positive"),
+    ([1.0], [150.0], None, "percent"),
+    ([1.0, 2.0], [50.0, 60.0], 55.0, "best_accuracy"),
+])
+def test_bad_curves_are_refused_by_name(parallelism, accuracy, best, message):
+    with pytest.raises(ValueError, match=message):
+        accuracy_under_parallelism(parallelism, accuracy, best_accuracy=best)
+
+
+@pytest.fixture
+def speed_quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import speed_quality
+
+    return speed_quality
+
+
+def test_spans_are_a_functions_body_and_its_middle_line(speed_quality):
+    source = textwrap.dedent('''\
+        import os
+
+        class A:
+            def method(self, x):
+                """Doc."""
+                y = x + 1
+                if y:
+                    y = 2
+                return y
+
+            def one_liner(self): return 1
+        ''')
+    (node, spans, (start, end)), = speed_quality.function_spans(source)
+    assert node.name == "method"
+    assert source[slice(*spans["body"])] == "        y = x + 1\n        if y:\n            y = 2\n        return y"
+    assert spans["continuation"] == spans["body"]
+    assert source[slice(*spans["line"])] == "        return y"  # the middle one of the one-line statements
+    assert source[start:end].startswith("    def method") and source[start:end].endswith("return y")
+
+
+def test_items_reproduce_held_out_code_and_score_their_original(speed_quality):
+    from transformers import AutoTokenizer
+    from diffuapriel_hf.cli.generate import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    items = speed_quality.code_items(tokenizer, "line", 3, (3, 12), 32, 8)
+    assert len({item.module for item in items}) == 3  # one from each of the first modules in turn
+    for item in items:
+        assert item.prompt_ids.count(tokenizer.mask_token_id) == item.target_tokens
+        assert speed_quality.scores(item, item.target) == dict(exact=True, parses=True)
+        assert speed_quality.scores(item, item.target + " +")["parses"] is False
+
+
+def test_the_script_runs_on_a_small_sample(tmp_path):
+    out = tmp_path / "speed_quality"
+    subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], check=True, cwd=ROOT,
+                   capture_output=True, text=True)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [row["setting"] for row in result["rows"]] == [
+        "one token per step", "half the steps", "threshold 0.9", "threshold 0.5", "threshold 0.2",
+        "block cache, one token per step", "block cache, threshold 0.5"]
+    one_step, half = result["rows"][:2]
+    assert one_step["tokens_per_forward"] == 1.0 and half["tokens_per_forward"] > 1.5
+    assert one_step["aup_parses"] == pytest.approx(one_step["accuracy_parses"])  # one point: its rectangle
+    assert all(sum(task["items"] for task in row["tasks"].values()) == 3 for row in result["rows"])
+    assert "No trained block diffusion checkpoint" in out.with_suffix(".md").read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert out.with_suffix(".png").stat().st_size > 0
