@@ -6,16 +6,16 @@ with the tokens around it as context (`--left_tokens` before; for the fills also
 - line: one line of a function's body masked (the middle statement of the body written on one line);
 - body: the function's whole body masked (after its docstring);
 - continuation: the function's header (and docstring) as the prompt, as many new tokens as its body has.
-Scores: exact match (the generated text is the original) and parsing (the function with the generated code parses as
-Python, dedented; a continuation may drop its last, possibly cut, line). Doctests are not run: that would execute
-generated code, and the shipped model's bodies rarely parse anyway.
+Scores: exact match (the generated text is the original), the span's tokens generated right (position by position) and
+parsing (the function with the generated code parses as Python, dedented; a continuation may drop its last, possibly
+cut, line). Doctests are not run: that would execute generated code, which needs a sandbox of its own.
 
 Decoding settings (greedy, low-confidence remasking): one token per step; half the steps; Fast-dLLM's confidence
 threshold at several values; the approximate block cache of the full-sequence model (one token per step, and with a
 threshold); with --block_model, a trained block diffusion model with its exact cache (one token per step). The
 continuation runs in blocks of `--block_length`; a fill is one block of its masks. For each setting: tokens per forward
-pass (generated tokens over forward passes, all items), the wall seconds of its `generate()` calls, the share of exact
-and parsing outputs (each task's rate, and their mean over the tasks: the accuracy), and AUP
+pass (generated tokens over forward passes, all items), the wall seconds of its `generate()` calls, the three scores
+(each task's rate, and their mean over the tasks: the accuracy of that kind), and AUP
 (`diffuapriel_hf.evaluation.parallelism.accuracy_under_parallelism`) of the setting's curve: its family's one token per
 step point (no cache, block cache, block model), then its own point; y_max the best accuracy of all rows.
 
@@ -43,22 +43,28 @@ from harness import new_result, save  # benchmarks/harness.py, beside this scrip
 
 TASKS = ("line", "body", "continuation")
 NO_CACHE, BLOCK_CACHE, BLOCK_MODEL = "no cache", "block cache", "block model"
+# Each kind of accuracy and the per-task rate it averages.
+KINDS = {"exact": "exact_rate", "tokens": "token_rate", "parses": "parse_rate"}
 
 
 @dataclass(frozen=True)
 class CodeItem:
     """One task on one function. prompt_ids: the context with masks where the span was (fills), or the context up to
-    the span (continuation); target: the span's original text (`target_tokens` tokens); before / after: the
-    function's text before and after the span, which the generated text is put between to parse it."""
+    the span (continuation); target: the span's original text, target_ids its tokens; before / after: the function's
+    text before and after the span, which the generated text is put between to parse it."""
 
     task: str
     module: str
     function: str
     prompt_ids: tuple[int, ...]
     target: str
-    target_tokens: int
+    target_ids: tuple[int, ...]
     before: str
     after: str
+
+    @property
+    def target_tokens(self) -> int:
+        return len(self.target_ids)
 
 
 def line_starts(source: str) -> list[int]:
@@ -122,9 +128,10 @@ def module_items(source: str, module: str, tokenizer, task: str, token_range: tu
         else:
             prompt = left + [tokenizer.mask_token_id] * (i1 - i0) + ids[i1 : i1 + right_tokens]
             after = source[offsets[i1 - 1][1] : function_end]
-        item = CodeItem(task, module, node.name, tuple(prompt), target, i1 - i0,
+        item = CodeItem(task, module, node.name, tuple(prompt), target, tuple(ids[i0:i1]),
                         source[function_start : offsets[i0][0]], after)
-        if scores(item, target) == dict(exact=True, parses=True):  # the original scores (not a tab-indented body)
+        if scores(item, target, item.target_ids) == dict(exact=True, parses=True, tokens_right=i1 - i0):
+            # (the original scores in full: not, say, a body indented by tabs)
             items.append(item)
     return items
 
@@ -148,11 +155,13 @@ def code_items(tokenizer, task: str, count: int, token_range: tuple[int, int], l
     return chosen
 
 
-def scores(item: CodeItem, generated: str) -> dict:
-    """Exact match and parsing of one output: the function (dedented) with the generated text in the span."""
+def scores(item: CodeItem, generated: str, generated_ids) -> dict:
+    """One output's exact match, whether the function (dedented) with the generated text in the span parses, and
+    how many of the span's tokens it has right, position by position."""
     function = item.before + generated + item.after
     candidates = [function] + ([complete_lines(function)] if item.task == "continuation" else [])
-    return dict(exact=generated == item.target, parses=any(parses(textwrap.dedent(c)) for c in candidates))
+    return dict(exact=generated == item.target, parses=any(parses(textwrap.dedent(c)) for c in candidates),
+                tokens_right=sum(int(a) == b for a, b in zip(generated_ids, item.target_ids)))
 
 
 def decoding_settings(thresholds, cache_threshold: float, block_model: bool) -> list[tuple[str, str, object]]:
@@ -170,8 +179,8 @@ def decoding_settings(thresholds, cache_threshold: float, block_model: bool) -> 
     return settings
 
 
-def decode(model, tokenizer, item: CodeItem, arguments: dict, block_length) -> tuple[str, int, float]:
-    """One item decoded with one setting: the generated text, the forward passes and the wall seconds it took."""
+def decode(model, item: CodeItem, mask_token_id: int, arguments: dict, block_length) -> tuple[list, int, float]:
+    """One item decoded with one setting: the generated tokens, the forward passes and the wall seconds it took."""
     if item.task == "continuation":
         lengths = dict(max_new_tokens=item.target_tokens, block_length=block_length)
     else:
@@ -183,17 +192,18 @@ def decode(model, tokenizer, item: CodeItem, arguments: dict, block_length) -> t
     if item.task == "continuation":
         new = out.sequences[0, ids.shape[1] :]
     else:
-        new = out.sequences[0, ids[0] == tokenizer.mask_token_id]
-    return tokenizer.decode(new, clean_up_tokenization_spaces=False), out.num_forward_passes, seconds
+        new = out.sequences[0, ids[0] == mask_token_id]
+    return new.tolist(), out.num_forward_passes, seconds
 
 
 def new_row(name: str, family: str) -> dict:
     return dict(setting=name, family=family, tokens=0, forward_passes=0, seconds=0.0,
-                tasks={task: dict(items=0, exact=0, parses=0) for task in TASKS}, outputs=[])
+                tasks={task: dict(items=0, exact=0, parses=0, tokens=0, tokens_right=0) for task in TASKS}, outputs=[])
 
 
-def tally(row: dict, item: CodeItem, generated: str, passes: int, seconds: float) -> None:
-    score = scores(item, generated)
+def tally(row: dict, item: CodeItem, tokenizer, generated_ids: list, passes: int, seconds: float) -> None:
+    generated = tokenizer.decode(generated_ids, clean_up_tokenization_spaces=False)
+    score = scores(item, generated, generated_ids)
     row["tokens"] += item.target_tokens
     row["forward_passes"] += passes
     row["seconds"] += seconds
@@ -201,22 +211,25 @@ def tally(row: dict, item: CodeItem, generated: str, passes: int, seconds: float
     task["items"] += 1
     task["exact"] += score["exact"]
     task["parses"] += score["parses"]
+    task["tokens"] += item.target_tokens
+    task["tokens_right"] += score["tokens_right"]
     row["outputs"].append(generated)
 
 
 def summarise(row: dict) -> None:
     """Rates per task, and the accuracy: their mean over the tasks, in percent."""
     for task in row["tasks"].values():
-        task.update(exact_rate=task["exact"] / task["items"], parse_rate=task["parses"] / task["items"])
+        task.update(exact_rate=task["exact"] / task["items"], parse_rate=task["parses"] / task["items"],
+                    token_rate=task["tokens_right"] / task["tokens"])
     row["tokens_per_forward"] = row["tokens"] / row["forward_passes"]
-    for kind, rate in (("exact", "exact_rate"), ("parses", "parse_rate")):
+    for kind, rate in KINDS.items():
         row[f"accuracy_{kind}"] = 100 * sum(task[rate] for task in row["tasks"].values()) / len(row["tasks"])
 
 
 def add_aup(rows: list[dict], thresholds) -> dict:
     """Each row's AUP (exact match and parsing accuracy) over its family's one token per step point and its own; and
     the AUP of the whole threshold curve (no cache: one token per step, then every threshold)."""
-    best = {kind: max(row[f"accuracy_{kind}"] for row in rows) for kind in ("exact", "parses")}
+    best = {kind: max(row[f"accuracy_{kind}"] for row in rows) for kind in KINDS}
     first_of_family = {}
     for row in rows:
         first_of_family.setdefault(row["family"], row)
@@ -238,23 +251,29 @@ def markdown(result: dict) -> str:
         "",
         f"Held-out standard-library functions ({counts} items; {result['left_tokens']} tokens of context before, "
         f"{result['right_tokens']} after a fill); greedy, low-confidence remasking; continuations in blocks of "
-        f"{result['block_length']}. Exact: the generated text is the original; parses: the function with it parses. "
-        "Accuracy: the mean over the three tasks, in percent. AUP (d3LLM's accuracy under parallelism, alpha 3, "
-        "points more than 5 points below the family's one token per step dropped) over the setting's family's one "
-        "token per step point and its own.",
+        f"{result['block_length']}. Exact: the generated text is the original; tokens right: the span's tokens "
+        "generated right, position by position; parses: the function with the generated text parses. Each accuracy is "
+        "the mean of the three tasks' rates, in percent. AUP: d3LLM's accuracy under parallelism (alpha 3; a point "
+        "more than 5 points below the least parallel one is dropped) over the curve of the setting's family's one "
+        "token per step point and its own; y_max the best accuracy of all rows. Wall s: the `generate()` calls of "
+        "every item, on a shared machine.",
         "",
-        "| setting | tokens / forward | wall s | line exact | line parses | body exact | body parses "
-        "| continuation exact | continuation parses | accuracy exact | accuracy parses | AUP exact | AUP parses |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | tokens / forward | wall s | exact % | tokens right % | parses % | AUP exact | AUP tokens right "
+        "| AUP parses |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        tasks = " | ".join(f"{row['tasks'][t]['exact_rate']:.0%} | {row['tasks'][t]['parse_rate']:.0%}" for t in TASKS)
-        lines.append(f"| {row['setting']} | {row['tokens_per_forward']:.2f} | {row['seconds']:.1f} | {tasks} | "
-                     f"{row['accuracy_exact']:.1f} | {row['accuracy_parses']:.1f} | {row['aup_exact']:.1f} | "
-                     f"{row['aup_parses']:.1f} |")
+        lines.append(f"| {row['setting']} | {row['tokens_per_forward']:.2f} | {row['seconds']:.1f} | "
+                     + " | ".join(f"{row[f'accuracy_{kind}']:.1f}" for kind in KINDS) + " | "
+                     + " | ".join(f"{row[f'aup_{kind}']:.1f}" for kind in KINDS) + " |")
+    lines += ["", "Each task (exact / tokens right / parses, %):", "",
+              "| setting | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+    for row in result["rows"]:
+        rates = [" / ".join(f"{100 * row['tasks'][task][rate]:.0f}" for rate in KINDS.values()) for task in TASKS]
+        lines.append(f"| {row['setting']} | " + " | ".join(rates) + " |")
     curve = result["threshold_curve_aup"]
-    lines += ["", f"AUP of the threshold curve (one token per step, then every threshold, no cache): "
-              f"{curve['exact']:.1f} on exact match, {curve['parses']:.1f} on parsing.", "", *result["notes"]]
+    lines += ["", "AUP of the threshold curve (one token per step, then every threshold, no cache): "
+              + ", ".join(f"{curve[kind]:.1f} ({kind})" for kind in KINDS) + ".", "", *result["notes"]]
     return "\n".join(lines)
 
 
@@ -264,16 +283,17 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for axis, x_key, x_label in ((axes[0], "tokens_per_forward", "tokens per forward pass"),
-                                 (axes[1], "seconds", "wall seconds (all items)")):
-        for kind, marker in (("exact", "o"), ("parses", "s")):
+                                 (axes[1], "seconds", "wall seconds, all items (shared CPU core)")):
+        for kind, marker in (("parses", "s"), ("tokens", "o"), ("exact", "^")):
             xs = [row[x_key] for row in result["rows"]]
             ys = [row[f"accuracy_{kind}"] for row in result["rows"]]
-            axis.scatter(xs, ys, marker=marker, label=f"accuracy ({kind})")
-            for row, x, y in zip(result["rows"], xs, ys):
-                axis.annotate(row["setting"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        axis.set(xlabel=x_label, ylabel="accuracy, % (mean over tasks)")
+            axis.scatter(xs, ys, marker=marker, label=f"accuracy: {kind}")
+            if kind == "parses":
+                for row, x, y in zip(result["rows"], xs, ys):
+                    axis.annotate(row["setting"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set(xlabel=x_label, ylabel="accuracy, % (mean over the three tasks)")
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
     device = result["environment"]["device"]
@@ -287,13 +307,13 @@ def main():
     parser.add_argument("--out", type=Path, required=True, help="path stem of the .json, .md and .png")
     parser.add_argument("--model", default=None, help="model folder (default: the package's default model)")
     parser.add_argument("--block_model", default=None, help="a trained block diffusion model's folder, same tokenizer")
-    parser.add_argument("--items", type=int, default=16, help="items per task")
+    parser.add_argument("--items", type=int, default=20, help="items per task")
     parser.add_argument("--left_tokens", type=int, default=96)
     parser.add_argument("--right_tokens", type=int, default=24)
     parser.add_argument("--line_tokens", type=int, nargs=2, default=[3, 12], help="a line's tokens, min and max")
     parser.add_argument("--body_tokens", type=int, nargs=2, default=[6, 20], help="a body's tokens, min and max")
     parser.add_argument("--block_length", type=int, default=8, help="continuations' block length")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.5, 0.2])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.5, 0.3, 0.1])
     parser.add_argument("--cache_threshold", type=float, default=0.5)
     parser.add_argument("--smoke", action="store_true", help="one short item per task, short contexts (tests)")
     args = parser.parse_args()
@@ -316,14 +336,16 @@ def main():
     else:
         result["notes"].append("No trained block diffusion checkpoint was available: the block model's exact cache "
                                "has no row (run again with --block_model FOLDER once one is trained).")
-    result["notes"].append("Doctests not run: they would execute generated code.")
+    result["notes"].append("Doctests not run: they would execute generated code, which needs a sandbox.")
     settings = decoding_settings(args.thresholds, args.cache_threshold, args.block_model is not None)
     result["rows"] = [new_row(name, family) for name, family, _ in settings]
     # Item after item, every setting in turn: a shared machine's load weighs on every setting alike.
     for number, item in enumerate(items):
         for row, (name, family, arguments) in zip(result["rows"], settings):
             block_length = None if family == BLOCK_MODEL else args.block_length
-            tally(row, item, *decode(models[family], tokenizer, item, arguments(item.target_tokens), block_length))
+            arguments_here = arguments(item.target_tokens)
+            tally(row, item, tokenizer,
+                  *decode(models[family], item, tokenizer.mask_token_id, arguments_here, block_length))
         print(f"item {number + 1} of {len(items)} ({item.task}, {item.module}.{item.function})", flush=True)
     for row in result["rows"]:
         summarise(row)

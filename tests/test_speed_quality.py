@@ -92,8 +92,10 @@ def test_items_reproduce_held_out_code_and_score_their_original(speed_quality):
     assert len({item.module for item in items}) == 3  # one from each of the first modules in turn
     for item in items:
         assert item.prompt_ids.count(tokenizer.mask_token_id) == item.target_tokens
-        assert speed_quality.scores(item, item.target) == dict(exact=True, parses=True)
-        assert speed_quality.scores(item, item.target + " +")["parses"] is False
+        assert speed_quality.scores(item, item.target, item.target_ids) == dict(
+            exact=True, parses=True, tokens_right=item.target_tokens)
+        wrong = speed_quality.scores(item, item.target + " +", (tokenizer.mask_token_id, *item.target_ids[1:]))
+        assert wrong == dict(exact=False, parses=False, tokens_right=item.target_tokens - 1)
 
 
 def test_the_script_runs_on_a_small_sample(tmp_path):
@@ -102,11 +104,12 @@ def test_the_script_runs_on_a_small_sample(tmp_path):
                    capture_output=True, text=True)
     result = json.loads(out.with_suffix(".json").read_text())
     assert [row["setting"] for row in result["rows"]] == [
-        "one token per step", "half the steps", "threshold 0.9", "threshold 0.5", "threshold 0.2",
+        "one token per step", "half the steps", "threshold 0.9", "threshold 0.5", "threshold 0.3", "threshold 0.1",
         "block cache, one token per step", "block cache, threshold 0.5"]
     one_step, half = result["rows"][:2]
     assert one_step["tokens_per_forward"] == 1.0 and half["tokens_per_forward"] > 1.5
-    assert one_step["aup_parses"] == pytest.approx(one_step["accuracy_parses"])  # one point: its rectangle
+    for kind in ("exact", "tokens", "parses"):  # one point: its rectangle
+        assert one_step[f"aup_{kind}"] == pytest.approx(one_step[f"accuracy_{kind}"])
     assert all(sum(task["items"] for task in row["tasks"].values()) == 3 for row in result["rows"])
     assert "No trained block diffusion checkpoint" in out.with_suffix(".md").read_text()
     try:
