@@ -284,18 +284,19 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    markers = {"parses": "s", "tokens": "o", "exact": "^"}
     for axis, x_key, x_label in ((axes[0], "tokens_per_forward", "tokens per forward pass"),
                                  (axes[1], "seconds", "wall seconds, all items (shared CPU core)")):
-        for kind, marker in (("parses", "s"), ("tokens", "o"), ("exact", "^")):
-            xs = [row[x_key] for row in result["rows"]]
-            ys = [row[f"accuracy_{kind}"] for row in result["rows"]]
-            axis.scatter(xs, ys, marker=marker, label=f"accuracy: {kind}")
-            if kind == "parses":
-                for row, x, y in zip(result["rows"], xs, ys):
-                    axis.annotate(row["setting"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for index, row in enumerate(result["rows"]):  # a colour a setting, a marker a kind of accuracy
+            for kind, marker in markers.items():
+                axis.scatter(row[x_key], row[f"accuracy_{kind}"], marker=marker, color=f"C{index}", alpha=0.8,
+                             label=row["setting"] if kind == "parses" else None)
         axis.set(xlabel=x_label, ylabel="accuracy, % (mean over the three tasks)")
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
+    axes[0].legend(fontsize=8, title="setting", title_fontsize=8)
+    kinds = [plt.Line2D([], [], color="grey", marker=m, linestyle="", label=f"accuracy: {k}")
+             for k, m in markers.items()]
+    axes[1].legend(handles=kinds, fontsize=8)
     device = result["environment"]["device"]
     figure.suptitle(f"Decoding settings of {result['model']}: speed against quality ({device})", fontsize=10)
     figure.tight_layout()
