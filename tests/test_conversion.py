@@ -91,6 +91,18 @@ def test_mask_token_row_is_the_mean_of_the_real_tokens(tmp_path):
     torch.testing.assert_close(head[VOCAB], source.lm_head.weight.mean(0))
 
 
+def test_a_mask_token_the_source_already_had_keeps_its_trained_rows(tmp_path):
+    source = random_mamba2()
+    source.save_pretrained(tmp_path / "source")
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"mask_token": "w7"})  # one of the source's 50 trained tokens
+    with pytest.warns(UserWarning, match=r"mask token 'w7' \(id 7\) is one of the source's tokens: its trained"):
+        model, tokenizer = convert_checkpoint(tmp_path / "source", tokenizer=tokenizer)
+    assert model.config.mask_token_id == tokenizer.mask_token_id == 7 and model.config.vocab_size == VOCAB
+    torch.testing.assert_close(model.model.embed_tokens.weight, source.backbone.embeddings.weight)
+    torch.testing.assert_close(model.lm_head.weight, source.lm_head.weight)
+
+
 def test_backward_direction_copied_or_fresh(tmp_path):
     source = random_mamba2()
     source.save_pretrained(tmp_path / "source")

@@ -70,3 +70,11 @@ def test_cited_benchmark_results_exist():
     assert cited
     missing = {name: str(where) for name, where in cited.items() if not list(ROOT.glob(name + "*"))}
     assert not missing, f"cited result files that do not exist (moved to benchmarks/results/archive/?): {missing}"
+
+
+def test_the_license_the_package_declares_is_in_the_repository():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'license = {text = "Apache-2.0"}' in pyproject
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text and "APPENDIX: How to apply the Apache License" in license_text

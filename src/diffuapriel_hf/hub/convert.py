@@ -13,7 +13,8 @@ plus a field mapping of the configuration (`TRANSFORMERS_CONFIG_FIELDS`, `MAMBA_
 - the mask token is added: a new row of the embedding (and of the head when it is not tied), set to the mean of the
   rows of the real tokens; a source whose embedding is padded past its vocabulary (mamba-ssm pads to a multiple of
   `pad_vocab_size_multiple`) gives the mask token the first padding row instead. A tokenizer, when there is one, gets
-  the mask token as a special token with that same id;
+  the mask token as a special token with that same id. A tokenizer that already has a mask token among the source's
+  real tokens keeps it, and the token keeps its trained rows (`add_mask_token` says so in its result);
 - the backward direction (`mixer.right_to_left`) starts as a copy of the forward one, or fresh (`--backward-init`);
 - an MLP is added only when asked (`--intermediate-size`), with a zero output projection so that the converted model
   still computes what the source computed.
@@ -27,6 +28,7 @@ Checkpoints are read with `torch.load(weights_only=True)` (or safetensors): a pi
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -313,27 +315,31 @@ def add_mask_token(num_rows: int, real_vocab: int, tokenizer=None, mask_token: s
     """Choose the mask token's id and give the tokenizer (when there is one) the mask token.
 
     The id is the tokenizer's mask token when it has one, else the id the tokenizer gives the newly added token, else
-    `real_vocab` (the first id past the real tokens). Returns (mask_token_id, number of embedding rows needed)."""
-    if tokenizer is not None:
-        if tokenizer.mask_token is None:
-            tokenizer.add_special_tokens({"mask_token": mask_token})
-        mask_token_id = tokenizer.mask_token_id
-        needed = max(num_rows, mask_token_id + 1)
-        if needed > num_rows + 1 or len(tokenizer) > needed:
-            raise ValueError(
-                f"the tokenizer has {len(tokenizer)} tokens (mask token {tokenizer.mask_token!r} = {mask_token_id}) "
-                f"but the model's embedding has {num_rows} rows: the tokenizer does not belong to this model"
-            )
-    else:
-        mask_token_id = real_vocab
-    return mask_token_id, max(num_rows, mask_token_id + 1)
+    `real_vocab` (the first id past the real tokens). Returns (mask_token_id, number of embedding rows needed, whether
+    the mask token is one of the source's real tokens, whose trained rows are then kept)."""
+    if tokenizer is None:
+        return real_vocab, max(num_rows, real_vocab + 1), False
+    had_mask_token = tokenizer.mask_token is not None
+    if not had_mask_token:
+        tokenizer.add_special_tokens({"mask_token": mask_token})
+    mask_token_id = tokenizer.mask_token_id
+    needed = max(num_rows, mask_token_id + 1)
+    if needed > num_rows + 1 or len(tokenizer) > needed:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens (mask token {tokenizer.mask_token!r} = {mask_token_id}) "
+            f"but the model's embedding has {num_rows} rows: the tokenizer does not belong to this model"
+        )
+    return mask_token_id, needed, had_mask_token and mask_token_id < real_vocab
 
 
-def with_mask_row(matrix: torch.Tensor, mask_token_id: int, num_rows: int, real_vocab: int) -> torch.Tensor:
-    """(V, D) -> (num_rows, D), the mask token's row set to the mean of the real tokens' rows."""
+def with_mask_row(matrix: torch.Tensor, mask_token_id: int, num_rows: int, real_vocab: int,
+                  keep_trained_row: bool = False) -> torch.Tensor:
+    """(V, D) -> (num_rows, D), the mask token's row set to the mean of the real tokens' rows, or left as the source
+    trained it (`keep_trained_row`: the source's tokenizer already had the mask token)."""
     grown = torch.cat([matrix, matrix.new_zeros(num_rows - matrix.shape[0], matrix.shape[1])])  # (num_rows, D)
-    real_rows = [i for i in range(min(real_vocab, matrix.shape[0])) if i != mask_token_id]
-    grown[mask_token_id] = matrix[real_rows].float().mean(0).to(matrix.dtype)
+    if not keep_trained_row:
+        real_rows = [i for i in range(min(real_vocab, matrix.shape[0])) if i != mask_token_id]
+        grown[mask_token_id] = matrix[real_rows].float().mean(0).to(matrix.dtype)
     return grown
 
 
@@ -413,11 +419,14 @@ def convert_checkpoint(
 
         tokenizer = AutoTokenizer.from_pretrained(source if tokenizer is None else tokenizer)
     embedding = state_dict["model.embed_tokens.weight"]
-    mask_token_id, num_rows = add_mask_token(embedding.shape[0], real_vocab, tokenizer, mask_token)
-    state_dict["model.embed_tokens.weight"] = with_mask_row(embedding, mask_token_id, num_rows, real_vocab)
+    mask_token_id, num_rows, trained = add_mask_token(embedding.shape[0], real_vocab, tokenizer, mask_token)
+    if trained:
+        warnings.warn(f"the tokenizer's mask token {tokenizer.mask_token!r} (id {mask_token_id}) is one of the "
+                      "source's tokens: its trained embedding and head rows are kept", stacklevel=2)
+    state_dict["model.embed_tokens.weight"] = with_mask_row(embedding, mask_token_id, num_rows, real_vocab, trained)
     tied = fields["tie_word_embeddings"]
     state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"] if tied else with_mask_row(
-        state_dict["lm_head.weight"], mask_token_id, num_rows, real_vocab)
+        state_dict["lm_head.weight"], mask_token_id, num_rows, real_vocab, trained)
     if tokenizer is not None:
         pad_on_the_left(tokenizer)  # a causal LM's tokenizer often pads on the right; generate() needs the left
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
