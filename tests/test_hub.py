@@ -5,18 +5,21 @@ loading refuses."""
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
 
-from diffuapriel_hf import DiffuAprielForMaskedLM
+from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf.hub import AUTO_MAP, remote_code_files, save_for_hub
+from diffuapriel_hf.hub.publish import evaluation_results, model_card, remote_code_requirements
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,10 +78,68 @@ def test_save_for_hub_writes_a_complete_repo(model, word_tokenizer, tmp_path):
     for path in remote_code_files():
         assert (tmp_path / path.name).read_text() == path.read_text(), path.name
     card = ModelCard.load(tmp_path / "README.md")
-    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "fill-mask"
+    # config.json names the repository's text-generation pipeline, so the card's pipeline is text-generation.
+    assert config["custom_pipelines"]["text-generation"]["impl"] == "pipeline_diffuapriel.DiffusionTextGenerationPipeline"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.license == "apache-2.0"
     assert {"diffuapriel", "masked-diffusion", "mamba2", "custom_code"} <= set(card.data.tags)
     assert f"{model.num_parameters():,}" in card.text and "2: 2 bidirectional Mamba-2" in card.text
     assert 'from_pretrained("someone/diffuapriel-tiny", trust_remote_code=True)' in card.text
+    assert 'pipeline("text-generation", model="someone/diffuapriel-tiny", trust_remote_code=True)' in card.text
+    for heading in ("## Intended use", "## Limitations", "## Citation"):
+        assert heading in card.text, heading
+    assert "[arXiv 2511.15927](https://arxiv.org/abs/2511.15927)" in card.text
+    assert "eprint        = {2511.15927}" in card.text and "archivePrefix = {arXiv}" in card.text
+    assert "## Training procedure" not in card.text and "## Evaluation results" not in card.text  # none given
+    assert card.data.eval_results is None and card.data.datasets is None
+
+
+def test_the_card_names_the_packages_the_remote_code_imports():
+    # What loading with trust_remote_code=True needs: every distribution that the remote code imports outside the
+    # try blocks of optional kernels, at the versions this package declares, and nothing that pip cannot resolve.
+    requirements = remote_code_requirements()
+    imported = {name for path in remote_code_files() for name in get_imports(path)} - set(sys.stdlib_module_names)
+    assert imported == {"torch", "transformers", "safetensors", "huggingface_hub"}
+    names = [re.split(r"[<>=!~]", requirement)[0] for requirement in requirements]
+    assert sorted(names) == sorted(imported)
+    assert "transformers<6,>=5.17" in requirements or "transformers>=5.17,<6" in requirements
+    card = model_card(DiffuAprielForMaskedLM(preset_config("tiny")))
+    assert "pip install " + " ".join(f"'{r}'" for r in requirements) in card.text
+    assert "pip install diffuapriel-hf" not in card.text
+
+
+def test_card_metadata_model_index_and_sections(model, tmp_path):
+    trainer_metrics = tmp_path / "eval_results.json"  # as diffuapriel train writes it
+    trainer_metrics.write_text(json.dumps({"epoch": 1.0, "eval_loss": 3.95, "eval_bits_per_token": 5.70,
+                                           "eval_perplexity_bound": 51.9, "eval_runtime": 2.0}))
+    lm_eval = tmp_path / "results.json"  # as lm-evaluation-harness writes it (diffuapriel eval --output_path)
+    lm_eval.write_text(json.dumps({"results": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.31,
+                                                            "acc_stderr,none": 0.01, "acc_norm,none": 0.29}}}))
+    results = evaluation_results(trainer_metrics, dataset_name="Python standard library") + evaluation_results(lm_eval)
+    card = model_card(model, "someone/diffuapriel-tiny", base_model="state-spaces/mamba2-130m",
+                      datasets=["codeparrot/github-code"], language=["en", "code"], eval_results=results,
+                      training_procedure="Four minutes of `diffuapriel train` on two CPU cores.",
+                      limitations=["It writes Python-looking code, not correct programs."],
+                      example_prompt="class Point:")
+    reloaded = ModelCard(str(card))  # the metadata survives its YAML
+    assert reloaded.data.license == "apache-2.0" and reloaded.data.datasets == ["codeparrot/github-code"]
+    assert reloaded.data.language == ["en", "code"] and reloaded.data.base_model == "state-spaces/mamba2-130m"
+    index = reloaded.data.to_dict()["model-index"][0]
+    assert index["name"] == "diffuapriel-tiny"
+    values = {(result.dataset_name, result.metric_type): result.metric_value for result in reloaded.data.eval_results}
+    assert values == {("Python standard library", "bits_per_token"): 5.70,
+                      ("Python standard library", "perplexity_bound"): 51.9,
+                      ("arc_easy", "acc"): 0.31, ("arc_easy", "acc_norm"): 0.29}
+    text = reloaded.text
+    assert "## Training procedure\n\nFour minutes of `diffuapriel train` on two CPU cores." in text
+    assert "| text-generation | Python standard library (eval) | bits per token (negative ELBO) | 5.7 |" in text
+    assert "- It writes Python-looking code, not correct programs." in text
+    assert 'tokenizer("class Point:", return_tensors="pt")' in text
+    assert "Converted from [`state-spaces/mamba2-130m`]" in text and "(codeparrot/github-code)" in text
+    unknown = tmp_path / "other.json"
+    unknown.write_text(json.dumps({"eval_loss": 3.95}))
+    with pytest.raises(ValueError, match="holds neither lm-evaluation-harness results .* its keys: \\['eval_loss'\\]"):
+        evaluation_results(unknown)
 
 
 def test_model_card_example_runs(model, word_tokenizer, tmp_path, capsys):
@@ -87,6 +148,67 @@ def test_model_card_example_runs(model, word_tokenizer, tmp_path, capsys):
     assert "model.generate(" in example
     exec(example, {})
     assert capsys.readouterr().out.strip()  # the decoded generation
+
+
+class HubRecorder:
+    """Stands in for the Hub behind `huggingface_hub.HfApi` (no network): records each repo created and, for each upload
+    (`upload_folder`, or `create_commit`, which transformers' `push_to_hub` calls), the repo and the bytes of every file
+    it would send, read when the call is made (push_to_hub uploads from a temporary folder)."""
+
+    def __init__(self, monkeypatch):
+        self.created, self.uploads = [], []
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # anything else that calls out fails
+        monkeypatch.setattr(HfApi, "create_repo", self.create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", self.upload_folder)
+        monkeypatch.setattr(HfApi, "create_commit", self.create_commit)
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kwargs):
+        self.created.append((repo_id, private, exist_ok))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+        self.uploads.append((repo_id, files))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        self.uploads.append((repo_id, files))
+
+
+def assert_complete_model_upload(files: dict):
+    """Weights, config.json with auto_map and the pipeline, generation config, every remote code file unchanged."""
+    config = json.loads(files["config.json"])
+    assert {"AutoConfig", "AutoModelForMaskedLM"} <= set(config["auto_map"]) and "text-generation" in config[
+        "custom_pipelines"]
+    assert "model.safetensors" in files and "generation_config.json" in files
+    for path in remote_code_files():
+        assert files[path.name] == path.read_bytes(), path.name
+
+
+def test_save_for_hub_pushes_the_complete_folder(model, word_tokenizer, tmp_path, monkeypatch):
+    hub = HubRecorder(monkeypatch)
+    with pytest.raises(ValueError, match="push=True needs repo_id"):
+        save_for_hub(model, tmp_path / "no-repo", push=True)
+    save_for_hub(model, tmp_path / "repo", tokenizer=word_tokenizer(model.config), repo_id="someone/tiny", push=True,
+                 private=True)
+    assert hub.created == [("someone/tiny", True, True)]
+    (repo_id, files), = hub.uploads
+    assert repo_id == "someone/tiny"
+    assert files == {path.name: path.read_bytes() for path in (tmp_path / "repo").iterdir()}  # the whole folder
+    assert_complete_model_upload(files)
+    assert {"tokenizer.json", "tokenizer_config.json", "README.md"} <= set(files)
+    assert ModelCard(files["README.md"].decode()).data.pipeline_tag == "text-generation"
+
+
+def test_model_and_tokenizer_push_to_hub_upload_the_model_and_its_code(model, word_tokenizer, monkeypatch):
+    hub = HubRecorder(monkeypatch)
+    model.push_to_hub("someone/tiny")
+    word_tokenizer(model.config).push_to_hub("someone/tiny")
+    assert [repo_id for repo_id, _ in hub.uploads] == ["someone/tiny", "someone/tiny"]
+    (_, model_files), (_, tokenizer_files) = hub.uploads
+    assert_complete_model_upload(model_files)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(tokenizer_files)
 
 
 LOAD_WITHOUT_PACKAGE = r"""

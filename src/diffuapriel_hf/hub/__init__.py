@@ -1,5 +1,5 @@
 """Conversion from other checkpoint formats and publishing on the Hugging Face Hub."""
 
-from .publish import AUTO_MAP, model_card, remote_code_files, save_for_hub
+from .publish import AUTO_MAP, evaluation_results, model_card, push_folder, remote_code_files, save_for_hub
 
-__all__ = ["AUTO_MAP", "model_card", "remote_code_files", "save_for_hub"]
+__all__ = ["AUTO_MAP", "evaluation_results", "model_card", "push_folder", "remote_code_files", "save_for_hub"]
