@@ -1,5 +1,10 @@
-"""Fixtures shared by the test modules: tiny models of the three stacks (all Mamba, hybrid, all attention) and a
-word-level tokenizer over the tiny preset's vocabulary."""
+"""Fixtures shared by the test modules: tiny models of the three stacks (all Mamba, hybrid, all attention), a
+word-level tokenizer over the tiny preset's vocabulary, and a Python process in which diffuapriel_hf cannot be
+imported."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,3 +89,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Run first in a process that must not import diffuapriel_hf: any import of it fails.
+BLOCK_PACKAGE = r"""
+import sys
+
+
+class BlockPackage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "diffuapriel_hf":
+            raise ImportError("diffuapriel_hf is blocked in this process")
+
+
+sys.meta_path.insert(0, BlockPackage())
+"""
+
+
+def run_without_package(script: str, *args, modules_cache) -> subprocess.CompletedProcess:
+    """Run `script` (with `args` as sys.argv[1:]) in a fresh interpreter where diffuapriel_hf cannot be imported,
+    offline, with no standard input (a trust prompt fails at once), transformers' remote code modules cached under
+    `modules_cache`; the script fails if it imported diffuapriel_hf anyway."""
+    check = '\nif any(n.split(".")[0] == "diffuapriel_hf" for n in sys.modules):\n    raise RuntimeError("imported")\n'
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(modules_cache), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", BLOCK_PACKAGE + script + check, *map(str, args)], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def without_package():
+    """`run_without_package(script, *args, modules_cache)`: a script run where diffuapriel_hf cannot be imported."""
+    return run_without_package

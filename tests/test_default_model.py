@@ -13,6 +13,8 @@ from diffuapriel_hf import DiffuAprielForMaskedLM
 from diffuapriel_hf.cli import main
 from diffuapriel_hf.training.evaluation import CODE_PROMPTS, completion_parse_rate, text_bits_per_token
 from diffuapriel_hf.cli.generate import default_model_path
+from diffuapriel_hf.hub import AUTO_MAP, remote_code_files
+from diffuapriel_hf.modeling.pipeline_diffuapriel import CUSTOM_PIPELINES
 from diffuapriel_hf.training.stdlib_corpus import HELD_OUT_MODULES, stdlib_files
 
 RECORD = json.loads((Path(__file__).parents[1] / "benchmarks" / "default_model" / "results.json").read_text())
@@ -77,3 +79,42 @@ def test_stop_strings_end_the_generation_after_the_block_that_holds_them(shipped
     assert torch.equal(out.sequences[0, : prompt_length + 9], free[0, : prompt_length + 9])
     assert out.sequences[0, prompt_length + 9 :].eq(model.generation_config.pad_token_id).all()
     assert out.num_forward_passes == 16  # checked when the second block is committed: two blocks of eight steps
+
+
+def test_the_shipped_folder_carries_its_remote_code():
+    # Links to the runtime's files in modeling/ (held once): a wheel copies them in, a checkout reads them through.
+    folder = Path(default_model_path())
+    assert sorted(path.name for path in folder.glob("*.py")) == sorted(path.name for path in remote_code_files())
+    for path in remote_code_files():
+        assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP and config["custom_pipelines"] == CUSTOM_PIPELINES
+
+
+LOAD_SHIPPED_WITHOUT_PACKAGE = r"""
+import json
+
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+folder = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+ids = tokenizer("def add(a, b):", return_tensors="pt").input_ids
+generated = model.generate(ids, max_new_tokens=8, steps=8, seed=0)[0].tolist()
+generator = pipeline("text-generation", model=folder, trust_remote_code=True, dtype=torch.float32)
+piped = generator("def add(a, b):", max_new_tokens=8, steps=8, seed=0, return_tensors=True)[0]["generated_token_ids"]
+print(json.dumps({"class": type(model).__module__, "generated": generated, "piped": piped}))
+"""
+
+
+@pytest.mark.slow
+def test_the_shipped_folder_loads_where_the_package_cannot_be_imported(shipped, tmp_path, without_package):
+    result = without_package(LOAD_SHIPPED_WITHOUT_PACKAGE, default_model_path(), modules_cache=tmp_path / "modules")
+    assert result.returncode == 0, result.stderr[-4000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["class"].startswith("transformers_modules.")
+    model, tokenizer = shipped
+    expected = model.generate(tokenizer("def add(a, b):", return_tensors="pt").input_ids, max_new_tokens=8, steps=8,
+                              seed=0)[0].tolist()
+    assert remote["generated"] == expected and remote["piped"] == expected

@@ -1,0 +1,1 @@
+../../../modeling/block_diffusion.py

@@ -1,0 +1,1 @@
+../../../modeling/fused_ops.py

@@ -1,0 +1,1 @@
+../../../modeling/kernel_policy.py

@@ -1,0 +1,1 @@
+../../../modeling/mamba_ops.py

@@ -1,0 +1,1 @@
+../../../modeling/sampling.py

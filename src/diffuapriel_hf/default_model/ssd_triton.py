@@ -1,0 +1,1 @@
+../../../modeling/ssd_triton.py
