@@ -1,14 +1,17 @@
 """Conversion of Mamba-2 language models (transformers' Mamba2ForCausalLM, mamba-ssm's MambaLMHeadModel) into
 DiffuApriel: parity of the logits, the mask token, the backward direction, the MLP, and what is refused."""
 
+import hashlib
 import inspect
 import json
 import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,6 +161,48 @@ def test_tokenizer_gets_the_mask_token(tmp_path):
     # generate() needs, also when saved.
     assert tiny_tokenizer().padding_side == "right" and tokenizer.padding_side == "left"
     assert json.loads((output / "tokenizer_config.json").read_text())["padding_side"] == "left"
+
+
+def lay_out_as_the_hub_cache(cache, repo_id: str, folder, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Put `folder`'s files into `cache` as huggingface_hub's cache holds a downloaded repo: the files as blobs named by
+    their hash, a snapshot of links to them under the revision, and refs/main naming the revision."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for path in sorted(folder.iterdir()):
+        blob = hashlib.sha256(path.read_bytes()).hexdigest()
+        (repo / "blobs" / blob).write_bytes(path.read_bytes())
+        (repo / "snapshots" / revision / path.name).symlink_to(Path("..", "..", "blobs", blob))
+
+
+def test_a_hub_id_is_fetched_through_huggingface_hub(tmp_path):
+    # `diffuapriel convert owner/name OUT` offline, against a Hub cache holding the repo: snapshot_download finds it.
+    source = random_mamba2()
+    source.save_pretrained(tmp_path / "source")
+    tiny_tokenizer().save_pretrained(tmp_path / "source")
+    lay_out_as_the_hub_cache(tmp_path / "hub", "someone/mamba2-tiny", tmp_path / "source")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "diffuapriel_command", "convert"]
+    result = subprocess.run(command + ["someone/mamba2-tiny", str(tmp_path / "out"), "--no-bidirectional"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    converted = DiffuAprielForMaskedLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    torch.testing.assert_close(logits(converted, ids)[..., :VOCAB], logits(source, ids), rtol=1e-4, atol=1e-4)
+    assert "base_model: someone/mamba2-tiny" in (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_a_source_that_is_neither_a_folder_nor_a_fetchable_repo_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for missing, message in (("someone/absent", "someone/absent is not a folder, and the Hub repo someone/absent "
+                                                "could not be fetched: "),
+                             ("no//such", "no//such is neither a folder nor a Hub repo id (owner/name)")):
+        assert cli_main(["convert", missing, str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err.startswith(f"diffuapriel convert: error: {message}")
 
 
 # ---- mamba-ssm's MambaLMHeadModel ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Convert a Mamba-2 language model into DiffuApriel (`diffuapriel convert SOURCE OUTPUT`).
 
-Two source formats are read:
+Two source formats are read, from a folder or from a Hub repo id (fetched by `resolve_source` with huggingface_hub):
 
 | format         | folder                                                             | detected by                 |
 |----------------|--------------------------------------------------------------------|-----------------------------|
@@ -150,6 +150,32 @@ def rename_state_dict(state_dict: dict, key_map, source_name: str) -> dict:
                 f"keys like {[source for source, _ in key_map]}"
             )
     return renamed
+
+
+# What a conversion reads from a Hub repo: the configs, the weights in either format, the tokenizer's files.
+SOURCE_FILE_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.txt", "*.model"]
+
+
+def resolve_source(source: Union[str, Path]) -> Path:
+    """The folder of `source`: a local folder as it is; anything else is taken as a Hub repo id (`owner/name`) and
+    fetched with `huggingface_hub.snapshot_download` (its configs, weights and tokenizer files, into the Hub cache, or
+    from it when offline)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(source))
+    except HFValidationError:
+        raise FileNotFoundError(f"{source} is neither a folder nor a Hub repo id (owner/name)") from None
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=SOURCE_FILE_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+        raise FileNotFoundError(
+            f"{source} is not a folder, and the Hub repo {source} could not be fetched: {str(error).splitlines()[0]}"
+        ) from error
 
 
 def read_config(source: Union[str, Path]) -> dict:
@@ -385,7 +411,8 @@ def convert_checkpoint(
     """Convert a Mamba-2 language model folder into a `DiffuAprielForMaskedLM`.
 
     Args:
-        source: a transformers `Mamba2ForCausalLM` folder or a mamba-ssm `MambaLMHeadModel` folder.
+        source: a transformers `Mamba2ForCausalLM` or mamba-ssm `MambaLMHeadModel` folder, or the Hub id of one
+            (`resolve_source`).
         bidirectional: add the right-to-left direction (False keeps a causal Mamba-2 LM, for checking parity).
         backward_init: `"copy"` starts the right-to-left direction as the left-to-right one, `"fresh"` initialises it
             anew.
@@ -399,9 +426,9 @@ def convert_checkpoint(
 
     Returns (model, tokenizer or None); the tokenizer pads on the left, as `generate()` needs.
     """
-    source = Path(source)
     if backward_init not in BACKWARD_INITS:
         raise ValueError(f"backward_init must be one of {BACKWARD_INITS}, got {backward_init!r}")
+    source = resolve_source(source)
     source_format, fields, real_vocab = read_source_config(source, source_format)
     state_dict = read_source_weights(source, source_format, fields)
     source_mlp = fields["intermediate_size"]
@@ -456,9 +483,10 @@ def convert_checkpoint(
 def convert(
     source, output, repo_id: Optional[str] = None, base_model: Optional[str] = None, overwrite: bool = False, **kwargs
 ) -> Path:
-    """Convert `source` (see `convert_checkpoint`) and write a complete Hub folder to `output`; `repo_id` (where it
-    will be published) and `base_model` (the source's Hub id) go into the model card. An `output` that holds files is
-    refused before anything is read unless `overwrite` (see `save_for_hub`); one that is the source always is."""
+    """Convert `source` (a folder or a Hub id, see `convert_checkpoint`) and write a complete Hub folder to `output`;
+    `repo_id` (where it will be published) and `base_model` (the source's Hub id; by default `source` when it is not a
+    folder) go into the model card. An `output` that holds files is refused before anything is read unless
+    `overwrite` (see `save_for_hub`); one that is the source always is."""
     from .publish import save_for_hub
 
     if Path(source).resolve() == Path(output).resolve():
@@ -469,6 +497,8 @@ def convert(
             f"the output folder {output} already holds files ({describe(entries)}): pass --overwrite "
             "(overwrite=True) to replace the model in it, other files kept, or name an empty folder"
         )
+    if base_model is None and not Path(source).is_dir():
+        base_model = str(source)
     model, tokenizer = convert_checkpoint(source, **kwargs)
     return save_for_hub(
         model, output, tokenizer=tokenizer, repo_id=repo_id, base_model=base_model, overwrite=overwrite
@@ -479,7 +509,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(parser):
-    parser.add_argument("source", help="a transformers Mamba2ForCausalLM folder or a mamba-ssm MambaLMHeadModel folder")
+    parser.add_argument("source", help="a transformers Mamba2ForCausalLM or mamba-ssm MambaLMHeadModel folder, or its Hub "
+                                       "id (owner/name, fetched with huggingface_hub)")
     parser.add_argument("output", help="the folder to write the DiffuApriel model to")
     parser.add_argument("--no-bidirectional", dest="bidirectional", action="store_false",
                         help="keep a causal (left-to-right only) model: reproduces the source's logits")
@@ -495,7 +526,8 @@ def add_arguments(parser):
     parser.add_argument("--source-format", choices=SOURCE_FORMATS, default=None,
                         help="refuse a source of any other format (default: detect it)")
     parser.add_argument("--repo-id", default=None, help="Hub repo the output will be published to (for the model card)")
-    parser.add_argument("--base-model", default=None, help="Hub id of the source model (for the model card)")
+    parser.add_argument("--base-model", default=None,
+                        help="Hub id of the source model (for the model card; default: SOURCE when it is a Hub id)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model in an output folder that holds one (its other files are kept)")
 
