@@ -540,6 +540,16 @@ class DiffusionGenerationMixin:
         except OSError:
             logger.info("No generation_config.json: using the generation config built from the model config.")
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """Refused: transformers' token-by-token `GenerationMixin.generate` calls this for each new token, and
+        `generate()` here denoises a whole canvas instead. The method exists because PEFT's
+        `task_type="CAUSAL_LM"` wrapper reads it when it wraps the model (and calls it only from that token-by-token
+        loop, which never runs here): with it, that wrapper trains, saves, merges and calls this `generate()`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} generates by diffusion, not token by token: call model.generate(), which prepares "
+            "no per-token inputs"
+        )
+
     def _resolve_generation_config(self, generation_config, kwargs) -> DiffusionGenerationConfig:
         """The call's settings: the generation config (the model's by default) updated by `kwargs`, every option
         honoured or refused by name."""
