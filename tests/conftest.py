@@ -1,13 +1,16 @@
 """Fixtures shared by the test modules: tiny models of the three stacks (all Mamba, hybrid, all attention), a
-word-level tokenizer over the tiny preset's vocabulary, and a Python process in which diffuapriel_hf cannot be
-imported."""
+word-level tokenizer over the tiny preset's vocabulary, a Python process in which diffuapriel_hf cannot be
+imported, and a stand-in for the Hub that records uploads."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+from huggingface_hub import HfApi, RepoUrl
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -120,3 +123,35 @@ def run_without_package(script: str, *args, modules_cache) -> subprocess.Complet
 def without_package():
     """`run_without_package(script, *args, modules_cache)`: a script run where diffuapriel_hf cannot be imported."""
     return run_without_package
+
+
+class HubRecorder:
+    """Stands in for the Hub behind `huggingface_hub.HfApi` (no network): records each repo created and, for each upload
+    (`upload_folder`, or `create_commit`, which transformers' `push_to_hub` calls), the repo and the bytes of every file
+    it would send, read when the call is made (push_to_hub uploads from a temporary folder)."""
+
+    def __init__(self, monkeypatch):
+        self.created, self.uploads = [], []
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # anything else that calls out fails
+        monkeypatch.setattr(HfApi, "create_repo", self.create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", self.upload_folder)
+        monkeypatch.setattr(HfApi, "create_commit", self.create_commit)
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kwargs):
+        self.created.append((repo_id, private, exist_ok))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+        self.uploads.append((repo_id, files))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        self.uploads.append((repo_id, files))
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A `HubRecorder`: the Hub's create_repo and uploads recorded, nothing sent, huggingface_hub offline."""
+    return HubRecorder(monkeypatch)

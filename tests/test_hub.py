@@ -8,10 +8,9 @@ import re
 import sys
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, RepoUrl
+from huggingface_hub import ModelCard
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
 
@@ -150,32 +149,6 @@ def test_model_card_example_runs(model, word_tokenizer, tmp_path, capsys):
     assert capsys.readouterr().out.strip()  # the decoded generation
 
 
-class HubRecorder:
-    """Stands in for the Hub behind `huggingface_hub.HfApi` (no network): records each repo created and, for each upload
-    (`upload_folder`, or `create_commit`, which transformers' `push_to_hub` calls), the repo and the bytes of every file
-    it would send, read when the call is made (push_to_hub uploads from a temporary folder)."""
-
-    def __init__(self, monkeypatch):
-        self.created, self.uploads = [], []
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # anything else that calls out fails
-        monkeypatch.setattr(HfApi, "create_repo", self.create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", self.upload_folder)
-        monkeypatch.setattr(HfApi, "create_commit", self.create_commit)
-
-    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kwargs):
-        self.created.append((repo_id, private, exist_ok))
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        folder = Path(folder_path)
-        files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
-        self.uploads.append((repo_id, files))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
-        self.uploads.append((repo_id, files))
-
-
 def assert_complete_model_upload(files: dict):
     """Weights, config.json with auto_map and the pipeline, generation config, every remote code file unchanged."""
     config = json.loads(files["config.json"])
@@ -186,8 +159,7 @@ def assert_complete_model_upload(files: dict):
         assert files[path.name] == path.read_bytes(), path.name
 
 
-def test_save_for_hub_pushes_the_complete_folder(model, word_tokenizer, tmp_path, monkeypatch):
-    hub = HubRecorder(monkeypatch)
+def test_save_for_hub_pushes_the_complete_folder(model, word_tokenizer, tmp_path, hub):
     with pytest.raises(ValueError, match="push=True needs repo_id"):
         save_for_hub(model, tmp_path / "no-repo", push=True)
     save_for_hub(model, tmp_path / "repo", tokenizer=word_tokenizer(model.config), repo_id="someone/tiny", push=True,
@@ -201,8 +173,7 @@ def test_save_for_hub_pushes_the_complete_folder(model, word_tokenizer, tmp_path
     assert ModelCard(files["README.md"].decode()).data.pipeline_tag == "text-generation"
 
 
-def test_model_and_tokenizer_push_to_hub_upload_the_model_and_its_code(model, word_tokenizer, monkeypatch):
-    hub = HubRecorder(monkeypatch)
+def test_model_and_tokenizer_push_to_hub_upload_the_model_and_its_code(model, word_tokenizer, hub):
     model.push_to_hub("someone/tiny")
     word_tokenizer(model.config).push_to_hub("someone/tiny")
     assert [repo_id for repo_id, _ in hub.uploads] == ["someone/tiny", "someone/tiny"]

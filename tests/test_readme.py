@@ -93,11 +93,14 @@ def test_the_readme_has_its_examples():
     assert len(python_blocks()) >= 2 and any(c.startswith("diffuapriel generate") for c in shell_commands())
 
 
-def test_python_blocks_run_in_order(tmp_path, monkeypatch):
+def test_python_blocks_run_in_order(tmp_path, monkeypatch, hub):
     monkeypatch.chdir(tmp_path)
     namespace = {}
     for block in python_blocks():
         exec(compile(block, str(README), "exec"), namespace)
+    # The Hub is the recorder (conftest.py): each push the README makes is an upload of what it names.
+    pushed = re.findall(r'(?:push_to_hub\(|repo_id=)"([^"]+)"', "".join(python_blocks()))
+    assert pushed and [repo_id for repo_id, _ in hub.uploads] == pushed
 
 
 @pytest.mark.parametrize("command", shell_commands())
