@@ -104,7 +104,8 @@ ids = tokenizer("def add(a, b):", return_tensors="pt").input_ids
 generated = model.generate(ids, max_new_tokens=8, steps=8, seed=0)[0].tolist()
 generator = pipeline("text-generation", model=folder, trust_remote_code=True, dtype=torch.float32)
 piped = generator("def add(a, b):", max_new_tokens=8, steps=8, seed=0, return_tensors=True)[0]["generated_token_ids"]
-print(json.dumps({"class": type(model).__module__, "generated": generated, "piped": piped}))
+print(json.dumps({"class": type(model).__module__, "tokenizer_class": type(tokenizer).__module__,
+                  "generated": generated, "piped": piped}))
 """
 
 
@@ -114,6 +115,7 @@ def test_the_shipped_folder_loads_where_the_package_cannot_be_imported(shipped, 
     assert result.returncode == 0, result.stderr[-4000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     assert remote["class"].startswith("transformers_modules.")
+    assert remote["tokenizer_class"].startswith("transformers.")  # transformers' own: the tokenizer runs no code
     model, tokenizer = shipped
     expected = model.generate(tokenizer("def add(a, b):", return_tensors="pt").input_ids, max_new_tokens=8, steps=8,
                               seed=0)[0].tolist()

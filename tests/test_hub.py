@@ -72,7 +72,10 @@ def test_save_for_hub_writes_a_complete_repo(model, word_tokenizer, tmp_path):
         assert (tmp_path / name).is_file(), name
     # The word tokenizer pads on the right; the saved one pads on the left, as generate() needs.
     assert word_tokenizer(model.config).padding_side == "right"
-    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tokenizer_config["padding_side"] == "left"
+    # The tokenizer needs no code of its own: no auto_map, a class of transformers' own.
+    assert "auto_map" not in tokenizer_config and tokenizer_config["tokenizer_class"] == "TokenizersBackend"
     assert AutoTokenizer.from_pretrained(tmp_path).padding_side == "left"
     for path in remote_code_files():
         assert (tmp_path / path.name).read_text() == path.read_text(), path.name
