@@ -177,6 +177,26 @@ def lay_out_as_the_hub_cache(cache, repo_id: str, folder, revision: str = "01234
         (repo / "snapshots" / revision / path.name).symlink_to(Path("..", "..", "blobs", blob))
 
 
+def test_transformers_checkpoints_are_read_by_transformers(tmp_path):
+    # Sharded safetensors, as save_pretrained writes a large model, convert as a single file does.
+    source = random_mamba2()
+    source.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    model, _ = convert_checkpoint(tmp_path / "sharded", bidirectional=False)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    torch.testing.assert_close(logits(model, ids)[..., :VOCAB], logits(source, ids), rtol=1e-4, atol=1e-4)
+    # A weight missing from the checkpoint is named, not initialised afresh.
+    from safetensors.torch import load_file, save_file
+
+    source.save_pretrained(tmp_path / "partial")
+    weights = load_file(tmp_path / "partial" / "model.safetensors")
+    del weights["backbone.layers.1.mixer.D"]
+    save_file(weights, tmp_path / "partial" / "model.safetensors", metadata={"format": "pt"})
+    missing = r"do not match its config\.json: .*missing_keys.*backbone\.layers\.1\.mixer\.D"
+    with pytest.raises(ValueError, match=missing):
+        convert_checkpoint(tmp_path / "partial")
+
+
 def test_a_hub_id_is_fetched_through_huggingface_hub(tmp_path):
     # `diffuapriel convert owner/name OUT` offline, against a Hub cache holding the repo: snapshot_download finds it.
     source = random_mamba2()

@@ -81,7 +81,8 @@ def test_save_for_hub_writes_a_complete_repo(model, word_tokenizer, tmp_path):
         assert (tmp_path / path.name).read_text() == path.read_text(), path.name
     card = ModelCard.load(tmp_path / "README.md")
     # config.json names the repository's text-generation pipeline, so the card's pipeline is text-generation.
-    assert config["custom_pipelines"]["text-generation"]["impl"] == "pipeline_diffuapriel.DiffusionTextGenerationPipeline"
+    pipeline_class = "pipeline_diffuapriel.DiffusionTextGenerationPipeline"
+    assert config["custom_pipelines"]["text-generation"]["impl"] == pipeline_class
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert card.data.license == "apache-2.0"
     assert {"diffuapriel", "masked-diffusion", "mamba2", "custom_code"} <= set(card.data.tags)

@@ -54,7 +54,8 @@ def test_each_task_type_trains_saves_reloads_and_merges(tiny_model, word_tokeniz
     args = TrainingArguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
                              report_to=[], save_strategy="no", use_cpu=True)
     before = {name: p.clone() for name, p in model.named_parameters() if p.requires_grad}
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorForMaskedDiffusion(tokenizer)).train()
+    collator = DataCollatorForMaskedDiffusion(tokenizer)
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
     after = dict(model.named_parameters())
     assert before and all(name.count("lora_") for name in before)  # only the adapters train
     assert all(not torch.equal(before[name], after[name]) for name in before if "lora_B" in name)

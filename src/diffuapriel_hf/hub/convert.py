@@ -22,7 +22,9 @@ plus a field mapping of the configuration (`TRANSFORMERS_CONFIG_FIELDS`, `MAMBA_
 With `bidirectional=False` and no MLP the converted model reproduces the source's logits on the source vocabulary
 (in float32: the sources' `residual_in_fp32`, a float32 residual stream under bf16/fp16, has no counterpart here, so
 half-precision logits differ by rounding).
-Checkpoints are read with `torch.load(weights_only=True)` (or safetensors): a pickle that would run code is refused.
+A transformers checkpoint is read by transformers itself (`Mamba2ForCausalLM.from_pretrained`: safetensors or pickles,
+sharded or not); a mamba-ssm one with safetensors or `torch.load(weights_only=True)`. Either way a pickle that would
+run code is refused.
 """
 
 import json
@@ -386,9 +388,23 @@ def read_source_config(source: Path, source_format: Optional[str] = None) -> tup
     return detected, fields, real_vocab
 
 
+def read_transformers_weights(source: Path) -> dict:
+    """The weights of a transformers `Mamba2ForCausalLM` folder as transformers loads them (in the checkpoint's dtype,
+    pickles with weights_only=True); a checkpoint that lacks a weight, holds one the model does not have or one of
+    another shape is refused, naming them, rather than completed with fresh weights."""
+    from transformers import Mamba2ForCausalLM
+
+    model, loading = Mamba2ForCausalLM.from_pretrained(source, dtype="auto", output_loading_info=True)
+    problems = {kind: found for kind, found in loading.items() if found}
+    if problems:
+        raise ValueError(f"the weights of {source} do not match its config.json: {problems}")
+    return model.state_dict()
+
+
 def read_source_weights(source: Path, source_format: str, fields: dict) -> dict:
     """The source's weights under our names (the head included when tied), checked against its config."""
-    state_dict = rename_state_dict(read_state_dict(source), KEY_MAPS[source_format], source_format)
+    weights = read_transformers_weights(source) if source_format == TRANSFORMERS else read_state_dict(source)
+    state_dict = rename_state_dict(weights, KEY_MAPS[source_format], source_format)
     if fields["tie_word_embeddings"]:
         head = state_dict.get("lm_head.weight")
         if head is not None and not torch.equal(head, state_dict["model.embed_tokens.weight"]):
@@ -509,8 +525,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(parser):
-    parser.add_argument("source", help="a transformers Mamba2ForCausalLM or mamba-ssm MambaLMHeadModel folder, or its Hub "
-                                       "id (owner/name, fetched with huggingface_hub)")
+    parser.add_argument("source", help="a transformers Mamba2ForCausalLM or mamba-ssm MambaLMHeadModel folder, or its "
+                                       "Hub id (owner/name, fetched with huggingface_hub)")
     parser.add_argument("output", help="the folder to write the DiffuApriel model to")
     parser.add_argument("--no-bidirectional", dest="bidirectional", action="store_false",
                         help="keep a causal (left-to-right only) model: reproduces the source's logits")
