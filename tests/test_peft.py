@@ -155,7 +155,6 @@ def test_bitsandbytes_loading_runs_every_quantised_layer_and_trains_lora(tiny_mo
     assert quantized.generate(ids[:, :20], max_new_tokens=8, steps=4, seed=0).shape == (2, 28)
 
     # QLoRA: adapters over the quantised layers train, and change the logits.
-    quantized = peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
     torch.manual_seed(1)
     adapted = peft.get_peft_model(quantized, peft.LoraConfig(r=4, target_modules=LORA_TARGETS[:-1],
                                                              init_lora_weights=False))
