@@ -139,10 +139,13 @@ def test_train_never_replaces_a_model_or_deletes_checkpoints_unless_told(tmp_pat
     assert snapshot(output) == before
 
     (output / "notes.txt").write_text("keep me")
+    assert "## Training procedure" in (output / "README.md").read_text()  # the card the run wrote
+    (output / "README.md").write_text("a hand-written card")
     assert train_command(output, "--max_steps", "2", "--eval_fraction", "0", "--seed", "1",
                          "--overwrite_output_dir") == 0
     after = snapshot(output)
     assert after["model.safetensors"] != before["model.safetensors"] and after["notes.txt"]
+    assert (output / "README.md").read_text() == "a hand-written card"
     assert leftovers(output) == []
 
 

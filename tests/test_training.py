@@ -11,6 +11,7 @@ import sysconfig
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -188,6 +189,14 @@ def test_train_command_output_reloads(trained):
     assert during[-1]["step"] == 4 and during[-1]["eval_bits_per_token"] == metrics["eval_bits_per_token"]
     with open(trained / "train_results.json") as handle:
         assert json.load(handle)["train_tokens_per_second"] > 0
+    # The model card: the run's procedure, and the held-out ELBO as model-index.
+    card = ModelCard.load(trained / "README.md")
+    assert card.data.pipeline_tag == "text-generation" and card.data.license == "apache-2.0"
+    assert {(r.metric_type, r.metric_value) for r in card.data.eval_results} == {
+        ("bits_per_token", metrics["eval_bits_per_token"]), ("perplexity_bound", metrics["eval_perplexity_bound"])}
+    assert "trained from random weights (preset `tiny`)" in card.text and f"sequences of {SEQ_LEN} tokens" in card.text
+    assert "4 optimizer steps of 8 sequences in 1 process(es)" in card.text
+    assert f"{model.num_parameters():,}" in card.text
     ids = tokenizer("import os\n", return_tensors="pt")["input_ids"]
     nelbo = model.compute_elbo(ids, num_samples=2)
     assert nelbo.shape == (1,) and torch.isfinite(nelbo).all()

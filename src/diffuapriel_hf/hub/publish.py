@@ -160,6 +160,16 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def elbo_evaluation_results(metrics: dict, dataset_name: str = "held-out text") -> list[EvalResult]:
+    """The held-out ELBO among an evaluation's metrics (`eval_bits_per_token`, `eval_perplexity_bound`, as
+    `diffuapriel train`'s Trainer reports them) as evaluation results; [] where there are none."""
+    return [
+        EvalResult(task_type="text-generation", dataset_type="text", dataset_name=dataset_name, dataset_split="eval",
+                   metric_type=key.removeprefix("eval_"), metric_name=name, metric_value=metrics[key])
+        for key, name in TRAINER_METRICS.items() if _number(metrics.get(key))
+    ]
+
+
 def evaluation_results(path: Union[str, Path], dataset_name: str = "held-out text") -> list[EvalResult]:
     """The evaluation results of a results file, for the model card's model-index: lm-evaluation-harness's JSON
     (`diffuapriel eval --output_path`: `results`, task -> "metric,filter" -> value; standard errors left out), or the
@@ -174,11 +184,7 @@ def evaluation_results(path: Union[str, Path], dataset_name: str = "held-out tex
             for task, metrics in data["results"].items() for key, value in metrics.items()
             if _number(value) and "_stderr" not in key
         ]
-    results = [
-        EvalResult(task_type="text-generation", dataset_type="text", dataset_name=dataset_name, dataset_split="eval",
-                   metric_type=key.removeprefix("eval_"), metric_name=name, metric_value=data[key])
-        for key, name in TRAINER_METRICS.items() if _number(data.get(key))
-    ]
+    results = elbo_evaluation_results(data, dataset_name)
     if not results:
         raise ValueError(
             f"{path} holds neither lm-evaluation-harness results (a 'results' mapping) nor diffuapriel train's "

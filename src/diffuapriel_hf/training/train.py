@@ -6,7 +6,8 @@ tokenized, joined with the eos token and cut into sequences of `--seq_len` token
 here (byte-level BPE with `tokenizers`, sized to the model's vocabulary) or an existing one given a mask token. A
 held-out share of the sequences is evaluated as the negative ELBO in bits per token on a fixed grid of diffusion
 times with fixed masks, so evaluations are comparable across steps and runs. The output folder holds the config,
-safetensors weights, tokenizer, generation config and the train/eval metrics (tokens per second included).
+safetensors weights, tokenizer, generation config, the train/eval metrics (tokens per second included) and a model
+card (README.md: the training procedure and the held-out ELBO as model-index) unless it has a README.md already.
 
 Distribution is `accelerate`'s, through `Trainer`: the same command runs under `accelerate launch` on several GPUs
 with DDP or FSDP (see benchmarks/training_throughput.md).
@@ -25,8 +26,8 @@ import torch
 import yaml
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from ..hub.folders import move_into_place, staging_folder, staging_path
-from ..hub.publish import pad_on_the_left
+from ..hub.folders import folder_entries, move_into_place, staging_folder, staging_path
+from ..hub.publish import elbo_evaluation_results, model_card, pad_on_the_left
 from ..modeling.configuration_diffuapriel import DiffuAprielConfig, preset_config
 from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
 from ..modeling.presets import PRESETS
@@ -35,6 +36,7 @@ from .data import DataCollatorForMaskedDiffusion, NoiseSeededDataset, document_s
 from .evaluation import ELBOEvaluationSet, ELBOMetricsCallback
 
 PROG = "diffuapriel train"
+HELD_OUT_TEXT = "a held-out share of the training text"  # what the model card names the ELBO evaluation's data
 # Our defaults where TrainingArguments' own suit pre-training a diffusion LM less (any of them can be given).
 TRAINING_DEFAULTS = dict(
     learning_rate=3e-4, weight_decay=0.1, lr_scheduler_type="cosine", logging_steps=10, logging_first_step=True,
@@ -365,15 +367,50 @@ def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
     return trainer, checkpoint
 
 
-def save_final_model(trainer: Trainer, output_dir: str) -> None:
+def _option_name(option) -> str:
+    return str(getattr(option, "value", option))  # TrainingArguments holds some options as enums
+
+
+def training_procedure(trainer: Trainer, args) -> str:
+    """The model card's account of a finished run: where it started, the data, the objective, the optimisation."""
+    if args.model_name_or_path:
+        start = f"fine-tuned from `{args.model_name_or_path}`"
+    else:
+        start = "trained from random weights (" + (f"preset `{args.preset}`" if args.preset else
+                                                   f"config `{args.config}`") + ")"
+    data = f"{len(args.train_files)} text files" if args.train_files else f"the dataset `{args.dataset}`"
+    run, block_size = trainer.args, getattr(trainer.model.config, "block_size", None)
+    objective = (f"BD3-LM's block diffusion objective (blocks of {block_size} tokens)" if block_size else
+                 "the masked diffusion (MDLM) objective")
+    batch = run.per_device_train_batch_size * run.gradient_accumulation_steps * run.world_size
+    precision = "bf16" if run.bf16 else "fp16" if run.fp16 else "fp32"
+    return (f"`diffuapriel train` (transformers' `Trainer`), {start}, on {data} cut into sequences of {args.seq_len} "
+            f"tokens, with {objective}: {trainer.state.global_step} optimizer steps of {batch} sequences in "
+            f"{run.world_size} process(es), {_option_name(run.optim)} at learning rate {run.learning_rate:g} "
+            f"({_option_name(run.lr_scheduler_type)} schedule), weight decay {run.weight_decay:g}, {precision}.")
+
+
+def write_model_card(folder, **card_fields) -> None:
+    """README.md in a saved model folder: the model card of the model it holds (built on the meta device from its
+    config.json, so that the parameters are counted whole however training sharded them)."""
+    config = DiffuAprielConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = DiffuAprielForMaskedLM(config)
+    model_card(model, **card_fields).save(os.path.join(folder, "README.md"))
+
+
+def save_final_model(trainer: Trainer, output_dir: str, card_fields: Optional[dict] = None) -> None:
     """The model, its config, generation_config.json and the tokenizer, written beside --output_dir and moved into it
-    once complete (its checkpoints and metrics are kept)."""
+    once complete (its checkpoints and metrics are kept), with a model card (`card_fields` for `model_card`) unless
+    the folder has a README.md of its own already."""
     staging = staging_path(output_dir)
     if trainer.args.should_save:
         staging_folder(output_dir)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))  # every process takes part (FSDP gathers the weights); the main one writes
     if trainer.args.should_save:
+        if card_fields is not None and "README.md" not in folder_entries(output_dir):
+            write_model_card(staging, **card_fields)
         move_into_place(staging, output_dir)
 
 
@@ -391,11 +428,15 @@ def train_and_save(trainer: Trainer, checkpoint: Optional[str], args, stop: Stop
     metrics["world_size"] = trainer.args.world_size
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
+    eval_metrics = {}
     if trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-    save_final_model(trainer, args.output_dir)
+    card_fields = dict(repo_id=trainer.args.hub_model_id or args.output_dir,  # where the card says to load it from
+                       training_procedure=training_procedure(trainer, args),
+                       eval_results=elbo_evaluation_results(eval_metrics, HELD_OUT_TEXT))
+    save_final_model(trainer, args.output_dir, card_fields)
     return 0
 
 
