@@ -14,7 +14,8 @@ counts the noised tokens only, as the others', so it says what a training token 
 Then the same model through `transformers.Trainer` with the train command's collator and training defaults for a
 few steps at one length (`--trainer_length`): the time between successive steps' ends (data loading, collation,
 gradient clipping, the scheduler and logging included), against the bare step on the collator's whole batch (its
-attention mask included, as Trainer passes it) and the bare step without the mask.
+attention mask included, as Trainer passes it) and the bare step without the mask. At that length also the bare step
+with the loss from the logits of every position (`skip_logits=False`) against the default, the labelled positions'.
 Each model's kernels are compiled by a step of one short sequence before anything is timed. A length that runs out
 of memory is recorded and the run goes on, as it does past a model that fails (its error recorded); `--deadline`
 (seconds from the start) skips what would end after it, and the results so far are saved after every model. The
@@ -115,12 +116,13 @@ def random_examples(config, count: int, length: int, seed: int) -> list[dict]:
     return [{"input_ids": row.tolist(), "noise_seed": seed * 100_000 + i} for i, row in enumerate(ids)]
 
 
-def training_batch(config, batch: int, length: int, device, keep_attention_mask: bool = False) -> dict:
-    """A collated batch on `device`; without its attention mask of ones unless `keep_attention_mask`."""
+def training_batch(config, batch: int, length: int, device, keep_attention_mask: bool = False, **options) -> dict:
+    """A collated batch on `device`, without its attention mask of ones unless `keep_attention_mask`, and `options`
+    (other arguments of forward)."""
     collated = collator_for(config)(random_examples(config, batch, length, seed=length))
     if not keep_attention_mask:
         del collated["attention_mask"]
-    return {name: tensor.to(device) for name, tensor in collated.items()}
+    return {**{name: tensor.to(device) for name, tensor in collated.items()}, **options}
 
 
 def train_step(model, optimizer, batch) -> None:
@@ -169,16 +171,17 @@ def peak_memory_gib(device: torch.device):
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
-def measure_length(model, optimizer, length: int, run: dict, device) -> dict:
-    """One row: the bare step at `length` (run["tokens_per_step"] // length sequences), or why it has no time."""
+def measure_length(model, optimizer, length: int, run: dict, device, **options) -> dict:
+    """One row: the bare step at `length` (run["tokens_per_step"] // length sequences; `options` passed to forward),
+    or why it has no time."""
     batch_size = run["tokens_per_step"] // length
     row = dict(batch=batch_size, length=length, tokens=batch_size * length)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     out_of_memory = None
-    try:  # the batch lives in the callee's frame, freed once the handler ends
-        seconds = timed_steps(model, optimizer, training_batch(model.config, batch_size, length, device), run["reps"],
-                              device)
+    try:  # the traceback holds the batch and the step's tensors until the handler ends
+        batch = training_batch(model.config, batch_size, length, device, **options)
+        seconds = timed_steps(model, optimizer, batch, run["reps"], device)
     except torch.OutOfMemoryError as error:
         out_of_memory = str(error).splitlines()[0][:200]
     if out_of_memory is not None:
@@ -293,6 +296,17 @@ def bare_steps_with_mask(model, batch_size: int, length: int, reps: int, device)
     return seconds
 
 
+def every_position_logits(model, run: dict, device) -> dict:
+    """The bare step at run["trainer_length"] with the loss from the logits of every position (`skip_logits=False`),
+    against the rows' default, the labelled positions' alone."""
+    set_checkpointing(model, False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    row = measure_length(model, optimizer, run["trainer_length"], run, device, skip_logits=False)
+    del optimizer
+    free_memory(device)
+    return row
+
+
 def warm_up(model, run: dict, device) -> float:
     """One training step of a single shortest sequence, so that the kernels compile before anything is timed (the
     optimizer is thrown away). Returns its seconds."""
@@ -320,6 +334,8 @@ def measure_model(name: str, spec, run: dict, device, clock: Clock) -> dict:
         entry["trainer"] = dict(length=trainer_length, status="skipped: deadline")
     else:
         entry["trainer"] = trainer_comparison(model, name, run, device)
+    if trainer_length in step and clock.allows(1.5 * (run["reps"] + 1) * step[trainer_length]):
+        entry["every_position_logits"] = every_position_logits(model, run, device)
     entry["rows"] += measure_lengths(model, name, True, run, device, clock)
     del model
     free_memory(device)
@@ -409,6 +425,25 @@ def trainer_table(result: dict) -> list[str]:
     return lines
 
 
+def logits_table(result: dict) -> list[str]:
+    lines = ["| model | batch x length | step ms, labelled positions | step ms, every position | speed-up | "
+             "peak GiB, labelled positions | peak GiB, every position |", "|---|---|---|---|---|---|---|"]
+    for name, entry in result["models"].items():
+        every = entry.get("every_position_logits")
+        if every is None:
+            continue
+        labelled = measured(result, name)[result["trainer_length"]]
+        shape = f"{every['batch']} x {every['length']}"
+        if "status" in every:
+            lines.append(f"| {name} | {shape} | {labelled['step_ms']:.1f} | {every['status']} | | | |")
+            continue
+        memory = [row["peak_memory_gib"] for row in (labelled, every)]
+        memory = ["-" if value is None else f"{value:.1f}" for value in memory]
+        lines.append(f"| {name} | {shape} | {labelled['step_ms']:.1f} | {every['step_ms']:.1f} | "
+                     f"{every['step_ms'] / labelled['step_ms']:.2f}x | {memory[0]} | {memory[1]} |")
+    return lines
+
+
 def targets(result: dict) -> list[str]:
     """The issue's targets checked against this run: ahead of DiffuTran in tokens per second from 4K tokens a sequence
     and at least 2x at 16K, 40% of the datasheet peak from 4K on, Trainer within 10% of the bare step."""
@@ -468,6 +503,14 @@ def markdown(result: dict) -> str:
         f"ones takes the padding path on CUDA).",
         "",
         *trainer_table(result),
+        "",
+        "## The loss from the labelled positions' logits against every position's",
+        "",
+        "The bare step as above (whose loss takes the logits of the labelled positions alone, the default of a "
+        "training step) against the same step with `skip_logits=False` (the LM head and the float32 cross-entropy "
+        "over every position, the path before it), at the Trainer comparison's length.",
+        "",
+        *logits_table(result),
         "",
         "## Targets",
         "",

@@ -66,9 +66,10 @@ def noise_tokens(
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """-log p(label) at each labelled position, with the mask token's logit excluded (SUBS parameterisation: a clean
-    token is never [MASK]). logits: (B, L, V); labels: (B, L), -100 where nothing is predicted. Returns (B, L)
-    float32, 0 at unlabelled positions."""
-    logits = logits.float().clone()
+    token is never [MASK]). logits: (..., V); labels: (...), -100 where nothing is predicted. Returns (...) float32, 0
+    at unlabelled positions."""
+    # One float32 copy to write the mask token's -inf into: the cast's own where the logits are not float32 already.
+    logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
     logits[..., mask_token_id] = float("-inf")
     # `ignore_index` gives 0 at unlabelled positions without forming their -log p: a placeholder target there could be
     # the mask token itself (mask_token_id 0), whose -log p is inf, and inf * 0 is NaN.
@@ -86,20 +87,41 @@ def values_readable(tensor: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def check_label_shape(labels: torch.Tensor, shape) -> None:
+    if labels.shape != shape:
+        raise ValueError(f"labels must have shape {tuple(shape)}, got {tuple(labels.shape)}")
+
+
+def labelled_positions(labels: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the positions that have a label (labels != -100), in row-major order: the only positions
+    whose logits a training step needs. labels (B, L) must have `shape` (that of the hidden states). Reads the labels'
+    values: a host synchronisation on CUDA."""
+    check_label_shape(labels, shape)
+    return (labels != -100).nonzero(as_tuple=True)
+
+
 def masked_diffusion_loss(
-    logits: torch.Tensor, labels: torch.Tensor, loss_weights: Optional[torch.Tensor], mask_token_id: Optional[int]
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_weights: Optional[torch.Tensor],
+    mask_token_id: Optional[int],
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The MDLM objective, normalised per counted token.
 
-    logits: (B, L, V); labels: (B, L), -100 where nothing is predicted; loss_weights: (B, L), the weight 1/t of every
-    position that counts (masked or not), 0 elsewhere. Returns sum(weight * CE over labelled positions) / number of
-    counted positions. Without weights: the mean cross-entropy over the labelled positions. The mask token's logit
+    logits: (B, L, V), or with `positions` (the `labelled_positions` of labels) (N, V) the logits of those N positions
+    alone, in their order; labels: (B, L), -100 where nothing is predicted; loss_weights: (B, L), the weight 1/t of
+    every position that counts (masked or not), 0 elsewhere. Returns sum(weight * CE over labelled positions) / number
+    of counted positions. Without weights: the mean cross-entropy over the labelled positions. The mask token's logit
     is excluded (SUBS parameterisation: a clean token is never [MASK]).
     """
     if mask_token_id is None:
         raise ValueError("the config has no mask_token_id: set config.mask_token_id to compute the diffusion loss")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    if positions is None:
+        check_label_shape(labels, logits.shape[:2])
+    elif logits.shape[:-1] != positions[0].shape:
+        raise ValueError(f"logits must hold one row for each of the {positions[0].numel()} labelled positions, got "
+                         f"{tuple(logits.shape)}")
     if labels.dtype not in INTEGER_DTYPES:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     vocab_size = logits.shape[-1]
@@ -111,15 +133,16 @@ def masked_diffusion_loss(
             f"labels must be -100 (not predicted) or a token id in [0, {vocab_size}) other than the mask token "
             f"{mask_token_id}"
         )
-    nll = token_nll(logits, labels, mask_token_id)  # (B, L)
+    nll = token_nll(logits, labels if positions is None else labels[positions], mask_token_id)  # (B, L) or (N,)
     if loss_weights is None:
-        return nll.sum() / (labels != -100).sum().clamp(min=1)
+        return nll.sum() / labelled.sum().clamp(min=1)
     if loss_weights.shape != labels.shape:
         raise ValueError(
             f"loss_weights must have the shape of labels {tuple(labels.shape)}, got {tuple(loss_weights.shape)}"
         )
     counted = (loss_weights > 0).sum().clamp(min=1)
-    return (nll * loss_weights.float()).sum() / counted
+    weights = loss_weights if positions is None else loss_weights[positions]
+    return (nll * weights.float()).sum() / counted
 
 
 def elbo_times(num_samples: int) -> torch.Tensor:

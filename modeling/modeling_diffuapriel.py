@@ -35,7 +35,7 @@ from .block_diffusion import (
 )
 from .cache import BlockContext, BlockDiffusionCache
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
-from .diffusion import INTEGER_DTYPES, masked_diffusion_loss, values_readable
+from .diffusion import INTEGER_DTYPES, labelled_positions, masked_diffusion_loss, values_readable
 from .fused_ops import add_rms_norm, add_time_reversed, swiglu
 from .generation import DiffusionGenerationMixin
 from .kernel_policy import REFERENCE_POLICY, KernelPolicy, resolve_kernel_policy
@@ -922,7 +922,7 @@ def _kept_positions(hidden_states: torch.Tensor, logits_to_keep: Union[int, torc
 
 
 def vocab_logits(hidden_states: torch.Tensor, weight: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
-    """The LM head, hidden_states (B, L, D) @ weight (V, D)^T -> (B, L, V). The vocabulary is padded to a multiple
+    """The LM head, hidden_states (..., D) @ weight (V, D)^T -> (..., V). The vocabulary is padded to a multiple
     of `vocab_multiple` for the product (`KernelPolicy.vocab_multiple`: 8 on CUDA) and the padding sliced off (a
     strided view): rows of an odd width such as GPT-2's 50,258 are not 16-byte aligned, which sends cuBLAS to a kernel
     2.4x slower (24.4 vs 10.4 ms for 32K tokens on an H200); the values are the same."""
@@ -985,6 +985,7 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         loss_weights: Optional[torch.Tensor] = None,
         block_context: Optional[BlockContext] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        skip_logits: Optional[bool] = None,
         **kwargs,
     ) -> MaskedLMOutput:
         r"""
@@ -997,9 +998,19 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
             int k for the last k, or a 1-D tensor of positions (logits (B, K, V) in its order). `generate` keeps
             those of the block being filled: the LM head is then a few rows, not the whole sequence's (at 64K tokens
             of a 1.3B model, 5% of a step, and its 6.6 GB of logits).
+        skip_logits: compute the loss from the labelled positions' logits alone and return no logits (None), as
+            Liger-Kernel's `skip_logits` does: a training step needs the loss only, and the logits of every position
+            (B, L, V), in float32 for the cross-entropy, are most of its LM head's memory and time. None (default):
+            when `labels` are given to a model in training mode with gradients enabled (a `Trainer` step; its
+            evaluation runs in eval mode and gets the logits). The loss and its gradients are those of the full
+            logits; finding the labelled positions reads the labels (a host synchronisation on CUDA).
         """
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("the loss needs the logits of every position: pass labels with logits_to_keep=0")
+        if skip_logits is None:
+            skip_logits = labels is not None and self.training and torch.is_grad_enabled()
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True returns the loss alone: it needs labels")
         two_stream = self.config.block_size is not None and labels is not None
         if two_stream:  # BD3-LM: the noised blocks read the clean ones before them
             input_ids, attention_mask = _two_streams(input_ids, attention_mask, labels)
@@ -1013,16 +1024,24 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         if two_stream:  # the logits of the noised stream
             hidden_states = hidden_states[:, : hidden_states.shape[1] // 2]
         hidden_states = _kept_positions(hidden_states, logits_to_keep)
-        if is_plain_module(self.lm_head, nn.Linear) and self.lm_head.bias is None:
-            logits = vocab_logits(hidden_states, self.lm_head.weight, kernels.vocab_multiple)
-        else:  # an offloaded or adapted head: called, so that its hook or adapter acts
-            logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = masked_diffusion_loss(logits, labels, loss_weights, self.config.mask_token_id)
+        mask_token_id = self.config.mask_token_id
+        if skip_logits:  # the head over the N labelled positions alone: (N, D) -> (N, V)
+            positions = labelled_positions(labels, hidden_states.shape[:2])
+            loss = masked_diffusion_loss(self._head(hidden_states[positions], kernels), labels, loss_weights,
+                                         mask_token_id, positions)
+            logits = None
+        else:
+            logits = self._head(hidden_states, kernels)
+            loss = None if labels is None else masked_diffusion_loss(logits, labels, loss_weights, mask_token_id)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+    def _head(self, hidden_states: torch.Tensor, kernels: KernelPolicy) -> torch.Tensor:
+        """The LM head over hidden_states (..., D) -> (..., V)."""
+        if is_plain_module(self.lm_head, nn.Linear) and self.lm_head.bias is None:
+            return vocab_logits(hidden_states, self.lm_head.weight, kernels.vocab_multiple)
+        return self.lm_head(hidden_states)  # an offloaded or adapted head: called, so that its hook or adapter acts
 
     @torch.no_grad()
     def compute_elbo(self, input_ids, attention_mask=None, num_samples: int = 16, seed: int = 0):

@@ -36,9 +36,12 @@ def test_smoke_run_measures_every_model_length_and_mode_and_reports(script, tmp_
         trainer = entry["trainer"]
         assert len(trainer["trainer_step_seconds"]) == script.SMOKE["trainer_steps"] - 1
         assert trainer["trainer_step_ms"] > 0 and trainer["bare_with_mask_ms"] > 0
+        every = entry["every_position_logits"]
+        assert every["length"] == script.SMOKE["trainer_length"] and every["step_ms"] > 0
     table = (tmp_path / "run" / "training_throughput.md").read_text()
     assert "| tiny-attention | off | 2 x 32 |" in table and "1.00x" in table  # the baseline against itself
     assert "## Trainer against the bare step" in table and "tiny Trainer step" in table
+    assert "## The loss from the labelled positions' logits" in table
     assert "Measured " in table.splitlines()[-1]  # the harness's stamp
 
     script.main(["report", str(tmp_path / "run" / "training_throughput.json"), "--to", str(tmp_path / "copy")])
