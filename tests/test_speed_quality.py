@@ -83,6 +83,32 @@ def test_spans_are_a_functions_body_and_its_middle_line(speed_quality):
     assert source[start:end].startswith("    def method") and source[start:end].endswith("return y")
 
 
+def test_functions_with_doctest_examples_are_found_by_their_qualified_names(speed_quality):
+    source = textwrap.dedent('''\
+        def top(x):
+            """
+            >>> top(1)
+            1
+            """
+            return x
+
+        def plain(x):
+            """No examples."""
+            return x
+
+        class A:
+            def method(self):
+                """>>> A().method()"""
+
+            def helper(self):
+                def nested():
+                    """>>> nested()"""
+        ''')
+    assert speed_quality.doctest_functions(source) == {1: "top", 13: "A.method"}  # a nested function is not replaceable
+    assert speed_quality.import_name(Path("json/decoder.py")) == "json.decoder"
+    assert speed_quality.import_name(Path("json/__init__.py")) == "json"
+
+
 def test_items_reproduce_held_out_code_and_score_their_original(speed_quality):
     from transformers import AutoTokenizer
     from diffuapriel_hf.cli.generate import default_model_path
@@ -112,6 +138,12 @@ def test_the_script_runs_on_a_small_sample(tmp_path):
         assert one_step[f"aup_{kind}"] == pytest.approx(one_step[f"accuracy_{kind}"])
     assert all(sum(task["items"] for task in row["tasks"].values()) == 3 for row in result["rows"])
     assert "No trained block diffusion checkpoint" in out.with_suffix(".md").read_text()
+    assert result["doctest_pool"]["originals_passing"] >= len({i["qualname"] for i in result["doctest_item_list"]}) > 0
+    for row in result["rows"]:  # each doctest item scored once a setting
+        assert len(row["doctests"]["statuses"]) == row["doctests"]["items"] == len(result["doctest_item_list"])
+        assert row["accuracy_doctests"] == pytest.approx(100 * row["doctests"]["passed"] / row["doctests"]["items"])
+    assert one_step["aup_doctests"] == pytest.approx(one_step["accuracy_doctests"])
+    assert "| doctests % |" in out.with_suffix(".md").read_text()
     try:
         import matplotlib  # noqa: F401
     except ImportError:
