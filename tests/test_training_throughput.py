@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -47,6 +48,33 @@ def test_smoke_run_measures_every_model_length_and_mode_and_reports(script, tmp_
     script.main(["report", str(tmp_path / "run" / "training_throughput.json"), "--to", str(tmp_path / "copy")])
     assert json.loads((tmp_path / "copy.json").read_text()) == result
     assert (tmp_path / "copy.md").read_text() == table
+    assert "- tiny, checkpointing tokens/s against tiny-attention: 16: " in table  # targets in both modes
+
+    script.main(["report", str(tmp_path / "run" / "training_throughput.json"), "--to", str(tmp_path / "noted"),
+                 "--note", "the first rows ran beside other work on the GPU"])
+    assert json.loads((tmp_path / "noted.json").read_text())["notes"] == ["the first rows ran beside other work on "
+                                                                          "the GPU"]
+    assert "## Notes\n\n- the first rows ran beside other work on the GPU\n" in (tmp_path / "noted.md").read_text()
+
+
+def test_a_step_out_of_memory_is_retried_with_half_the_sequences(script, monkeypatch):
+    """A length whose step does not fit is measured with half the batch, then half again, down to one sequence."""
+    fits = 2
+
+    def steps_that_fit(model, optimizer, batch, reps, device):
+        if batch["input_ids"].shape[0] > fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [0.01] * reps
+
+    monkeypatch.setattr(script, "timed_steps", steps_that_fit)
+    model = script.build_model(script.SMOKE_MODELS["tiny"], torch.float32, torch.device("cpu"), 32)
+    optimizer = torch.optim.AdamW(model.parameters())
+    run = dict(tokens_per_step=256, reps=2, peak_bf16_flops=None, matmul_ceiling_flops=1e12)
+    row = script.measure_length(model, optimizer, 32, run, torch.device("cpu"))
+    assert (row["batch"], row["tokens"], row["step_ms"]) == (2, 64, 10.0) and "status" not in row
+    fits = 0
+    row = script.measure_length(model, optimizer, 32, run, torch.device("cpu"))
+    assert row["status"] == "out of memory" and row["batch"] == 1 and "Tried to allocate" in row["error"]
 
 
 def test_deadline_skips_what_would_end_after_it_and_saves(script, tmp_path):
