@@ -17,8 +17,9 @@ of them pass. Few functions of the sample have such doctests, so this score also
 
 Decoding settings (greedy, low-confidence remasking): one token per step; half the steps; Fast-dLLM's confidence
 threshold at several values; the approximate block cache of the full-sequence model (one token per step, and with a
-threshold); with --block_model, a trained block diffusion model with its exact cache (one token per step). The
-continuation runs in blocks of `--block_length`; a fill is one block of its masks. For each setting: tokens per forward
+threshold); with --block_model, a trained block diffusion model with its exact cache (one token per step, and with
+the same threshold). The continuation runs in blocks of `--block_length` (the block model: in its own blocks); a fill
+is one block of its masks (the block model denoises the prompt's blocks that hold masks in turn). For each setting: tokens per forward
 pass (generated tokens over forward passes, all items), the wall seconds of its `generate()` calls, the three scores
 (each task's rate, and their mean over the tasks: the accuracy of that kind), the doctest pass rate with the tokens per
 forward pass of the doctest items, and AUP (`diffuapriel_hf.evaluation.parallelism.accuracy_under_parallelism`) of the
@@ -260,7 +261,9 @@ def decoding_settings(thresholds, cache_threshold: float, block_model: bool) -> 
                  (f"block cache, threshold {cache_threshold}", BLOCK_CACHE,
                   lambda n: dict(steps=None, use_block_cache=True, confidence_threshold=cache_threshold))]
     if block_model:
-        settings.append(("block model, exact cache, one token per step", BLOCK_MODEL, lambda n: dict(steps=None)))
+        settings += [("block model, exact cache, one token per step", BLOCK_MODEL, lambda n: dict(steps=None)),
+                     (f"block model, exact cache, threshold {cache_threshold}", BLOCK_MODEL,
+                      lambda n: dict(steps=None, confidence_threshold=cache_threshold))]
     return settings
 
 

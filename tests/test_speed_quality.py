@@ -9,7 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
+from diffuapriel_hf import DiffuAprielForMaskedLM
+from diffuapriel_hf.cli.generate import default_model_path
 from diffuapriel_hf.evaluation.parallelism import accuracy_under_parallelism, parallelism_weight
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,9 +114,6 @@ def test_functions_with_doctest_examples_are_found_by_their_qualified_names(spee
 
 
 def test_items_reproduce_held_out_code_and_score_their_original(speed_quality):
-    from transformers import AutoTokenizer
-    from diffuapriel_hf.cli.generate import default_model_path
-
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     items = speed_quality.code_items(tokenizer, "line", 3, (3, 12), 32, 8)
     assert len({item.module for item in items}) == 3  # one from each of the first modules in turn
@@ -125,19 +126,28 @@ def test_items_reproduce_held_out_code_and_score_their_original(speed_quality):
 
 
 def test_the_script_runs_on_a_small_sample(tmp_path):
+    """The smoke run with a block model (the shipped weights with blocks of 8: the exact cache's rows, not its
+    quality)."""
+    block_model = tmp_path / "block-model"
+    DiffuAprielForMaskedLM.from_pretrained(default_model_path(), dtype=torch.float32, block_size=8).save_pretrained(
+        block_model)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(block_model)
     out = tmp_path / "speed_quality"
-    subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], check=True, cwd=ROOT,
-                   capture_output=True, text=True)
+    subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--block_model", str(block_model)],
+                   check=True, cwd=ROOT, capture_output=True, text=True)
     result = json.loads(out.with_suffix(".json").read_text())
     assert [row["setting"] for row in result["rows"]] == [
         "one token per step", "half the steps", "threshold 0.9", "threshold 0.5", "threshold 0.3", "threshold 0.1",
-        "block cache, one token per step", "block cache, threshold 0.5"]
+        "block cache, one token per step", "block cache, threshold 0.5", "block model, exact cache, one token per step",
+        "block model, exact cache, threshold 0.5"]
+    block_one_step = result["rows"][-2]
+    assert block_one_step["tokens_per_forward"] == 1.0 and block_one_step["aup_parses"] == pytest.approx(
+        block_one_step["accuracy_parses"])  # the first point of its family
     one_step, half = result["rows"][:2]
     assert one_step["tokens_per_forward"] == 1.0 and half["tokens_per_forward"] > 1.5
     for kind in ("exact", "tokens", "parses"):  # one point: its rectangle
         assert one_step[f"aup_{kind}"] == pytest.approx(one_step[f"accuracy_{kind}"])
     assert all(sum(task["items"] for task in row["tasks"].values()) == 3 for row in result["rows"])
-    assert "No trained block diffusion checkpoint" in out.with_suffix(".md").read_text()
     assert result["doctest_pool"]["originals_passing"] >= len({i["qualname"] for i in result["doctest_item_list"]}) > 0
     for row in result["rows"]:  # each doctest item scored once a setting
         assert len(row["doctests"]["statuses"]) == row["doctests"]["items"] == len(result["doctest_item_list"])
