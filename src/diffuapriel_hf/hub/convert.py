@@ -27,6 +27,7 @@ sharded or not); a mamba-ssm one with safetensors or `torch.load(weights_only=Tr
 run code is refused.
 """
 
+import argparse
 import json
 import re
 import sys
@@ -35,11 +36,16 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, Mamba2Config, Mamba2ForCausalLM
 
 from ..modeling.configuration_diffuapriel import MAMBA, DiffuAprielConfig
 from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
 from .folders import describe, folder_entries
-from .publish import pad_on_the_left
+from .publish import pad_on_the_left, save_for_hub
 
 TRANSFORMERS = "transformers"
 MAMBA_SSM = "mamba-ssm"
@@ -164,10 +170,6 @@ def resolve_source(source: Union[str, Path]) -> Path:
     from it when offline)."""
     if Path(source).is_dir():
         return Path(source)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(str(source))
     except HFValidationError:
@@ -296,8 +298,6 @@ def load_checkpoint_file(path: Union[str, Path]) -> dict:
     refuses, without running it, anything but tensors and plain containers."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(path)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -378,8 +378,6 @@ def read_source_config(source: Path, source_format: Optional[str] = None) -> tup
     if source_format is not None and detected != source_format:
         raise ValueError(f"{source} is a {detected} checkpoint, but a {source_format} checkpoint was expected")
     if detected == TRANSFORMERS:
-        from transformers import Mamba2Config
-
         fields = config_fields_from_transformers(Mamba2Config.from_pretrained(source).to_dict())
         real_vocab = fields["vocab_size"]
     else:
@@ -392,8 +390,6 @@ def read_transformers_weights(source: Path) -> dict:
     """The weights of a transformers `Mamba2ForCausalLM` folder as transformers loads them (in the checkpoint's dtype,
     pickles with weights_only=True); a checkpoint that lacks a weight, holds one the model does not have or one of
     another shape is refused, naming them, rather than completed with fresh weights."""
-    from transformers import Mamba2ForCausalLM
-
     model, loading = Mamba2ForCausalLM.from_pretrained(source, dtype="auto", output_loading_info=True)
     problems = {kind: found for kind, found in loading.items() if found}
     if problems:
@@ -447,6 +443,29 @@ def convert_checkpoint(
     source = resolve_source(source)
     source_format, fields, real_vocab = read_source_config(source, source_format)
     state_dict = read_source_weights(source, source_format, fields)
+    new_mlp = add_mlp_width(fields, intermediate_size)
+    if isinstance(tokenizer, (str, Path)) or (tokenizer is None and _has_tokenizer(source)):
+        tokenizer = AutoTokenizer.from_pretrained(source if tokenizer is None else tokenizer)
+    mask_token_id, num_rows = give_mask_token(state_dict, fields, real_vocab, tokenizer, mask_token)
+    if tokenizer is not None:
+        pad_on_the_left(tokenizer)  # a causal LM's tokenizer often pads on the right; generate() needs the left
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, name, None) is not None:
+                fields[name] = getattr(tokenizer, name)
+    config = DiffuAprielConfig(
+        **{**fields, "vocab_size": num_rows}, mask_token_id=mask_token_id, bidirectional=bidirectional
+    )
+    if bidirectional and backward_init == "copy":
+        for key in [k for k in state_dict if ".mixer.left_to_right." in k]:
+            state_dict[key.replace(".mixer.left_to_right.", ".mixer.right_to_left.")] = state_dict[key].clone()
+    model = load_converted(config, state_dict, new_mlp)
+    model.to(dtype or state_dict["model.embed_tokens.weight"].dtype)
+    return model.eval(), tokenizer
+
+
+def add_mlp_width(fields: dict, intermediate_size: Optional[int]) -> bool:
+    """Sets the MLP width of a source without one to `intermediate_size`; returns whether an MLP is added. A width
+    that differs from the source's own MLP is refused: that MLP is converted as it is."""
     source_mlp = fields["intermediate_size"]
     if intermediate_size is not None and source_mlp and intermediate_size != source_mlp:
         raise ValueError(
@@ -456,35 +475,30 @@ def convert_checkpoint(
     new_mlp = not source_mlp and bool(intermediate_size)
     if new_mlp:
         fields["intermediate_size"] = intermediate_size
+    return new_mlp
 
-    if isinstance(tokenizer, (str, Path)) or (tokenizer is None and _has_tokenizer(source)):
-        from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source if tokenizer is None else tokenizer)
+def give_mask_token(state_dict: dict, fields: dict, real_vocab: int, tokenizer, mask_token: str) -> tuple[int, int]:
+    """The mask token's id and the converted vocabulary's rows; the embedding and (untied) head in `state_dict` get
+    the mask token's row, or keep it where the source had already trained that token (with a warning)."""
     embedding = state_dict["model.embed_tokens.weight"]
     mask_token_id, num_rows, trained = add_mask_token(embedding.shape[0], real_vocab, tokenizer, mask_token)
     if trained:
         warnings.warn(f"the tokenizer's mask token {tokenizer.mask_token!r} (id {mask_token_id}) is one of the "
-                      "source's tokens: its trained embedding and head rows are kept", stacklevel=2)
+                      "source's tokens: its trained embedding and head rows are kept", stacklevel=3)
     state_dict["model.embed_tokens.weight"] = with_mask_row(embedding, mask_token_id, num_rows, real_vocab, trained)
     tied = fields["tie_word_embeddings"]
     state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"] if tied else with_mask_row(
         state_dict["lm_head.weight"], mask_token_id, num_rows, real_vocab, trained)
-    if tokenizer is not None:
-        pad_on_the_left(tokenizer)  # a causal LM's tokenizer often pads on the right; generate() needs the left
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            if getattr(tokenizer, name, None) is not None:
-                fields[name] = getattr(tokenizer, name)
-    config = DiffuAprielConfig(
-        **{**fields, "vocab_size": num_rows}, mask_token_id=mask_token_id, bidirectional=bidirectional
-    )
+    return mask_token_id, num_rows
 
-    if bidirectional and backward_init == "copy":
-        for key in [k for k in state_dict if ".mixer.left_to_right." in k]:
-            state_dict[key.replace(".mixer.left_to_right.", ".mixer.right_to_left.")] = state_dict[key].clone()
-    model = DiffuAprielForMaskedLM(config)  # fresh weights for what the source does not have
+
+def load_converted(config: DiffuAprielConfig, state_dict: dict, new_mlp: bool) -> "DiffuAprielForMaskedLM":
+    """A model of `config` holding the converted weights; fresh weights only where the source has none (a fresh
+    right-to-left direction, an added MLP, whose output projection starts at zero so that it adds nothing)."""
+    model = DiffuAprielForMaskedLM(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    left_fresh = lambda key: (bidirectional and ".mixer.right_to_left." in key) or (  # noqa: E731
+    left_fresh = lambda key: (config.bidirectional and ".mixer.right_to_left." in key) or (  # noqa: E731
         new_mlp and (".mlp." in key or ".post_mixer_layernorm." in key))
     if unexpected or not all(left_fresh(key) for key in missing):
         raise RuntimeError(f"conversion bug: keys not loaded {unexpected}, keys left fresh {missing}")
@@ -492,8 +506,7 @@ def convert_checkpoint(
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.mlp.down_proj.weight.zero_()  # the new MLP adds nothing until it is trained
-    model.to(dtype or state_dict["model.embed_tokens.weight"].dtype)
-    return model.eval(), tokenizer
+    return model
 
 
 def convert(
@@ -503,8 +516,6 @@ def convert(
     `repo_id` (where it will be published) and `base_model` (the source's Hub id; by default `source` when it is not a
     folder) go into the model card. An `output` that holds files is refused before anything is read unless
     `overwrite` (see `save_for_hub`); one that is the source always is."""
-    from .publish import save_for_hub
-
     if Path(source).resolve() == Path(output).resolve():
         raise ValueError(f"the output folder {output} is the source folder: name another folder to write to")
     entries = folder_entries(output)
@@ -565,8 +576,6 @@ def run(args, prog: str = "diffuapriel convert"):
 
 def script_main(source_format: str, description: str, argv=None) -> int:
     """The command of a conversion script under `conversion/`: `diffuapriel convert` pinned to one source format."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(source_format=source_format)
