@@ -35,10 +35,11 @@ from .block_diffusion import (
 )
 from .cache import BlockContext, BlockDiffusionCache
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
-from .diffusion import INTEGER_DTYPES, labelled_positions, masked_diffusion_loss, values_readable
+from .diffusion import INTEGER_DTYPES, labelled_positions, masked_diffusion_loss, negative_elbo, values_readable
 from .fused_ops import add_rms_norm, add_time_reversed, swiglu
 from .generation import DiffusionGenerationMixin
 from .kernel_policy import REFERENCE_POLICY, KernelPolicy, resolve_kernel_policy
+from .likelihood import DEFAULT_ESTIMATOR, DEFAULT_NUM_SAMPLES, conditional_negative_elbo
 from .mamba_ops import MambaOps, is_plain_module, reverse_time
 from .pipeline_diffuapriel import CUSTOM_PIPELINES
 
@@ -1047,8 +1048,6 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
     def compute_elbo(self, input_ids, attention_mask=None, num_samples: int = 16, seed: int = 0):
         """The negative ELBO of each sequence in nats (B,), over a fixed grid of `num_samples` diffusion times and a
         fixed masking seed, so that two calls agree exactly (see `diffuapriel_hf.modeling.diffusion.negative_elbo`)."""
-        from .diffusion import negative_elbo
-
         return negative_elbo(self, input_ids, attention_mask=attention_mask, num_samples=num_samples, seed=seed)
 
     @torch.no_grad()
@@ -1059,8 +1058,6 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         "count_stratified" (the default), "time_stratified" or "time_grid", over `num_samples` passes (default 16)
         and masks drawn from `seed` row by row, so a row scores the same alone as in a padded batch (see
         `diffuapriel_hf.modeling.likelihood`)."""
-        from .likelihood import DEFAULT_ESTIMATOR, DEFAULT_NUM_SAMPLES, conditional_negative_elbo
-
         return conditional_negative_elbo(
             self, input_ids, prompt_mask, attention_mask=attention_mask,
             num_samples=DEFAULT_NUM_SAMPLES if num_samples is None else num_samples, seed=seed,
