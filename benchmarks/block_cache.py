@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
+from diffuapriel_hf import DiffuAprielForMaskedLM, default_model_path, preset_config
 from diffuapriel_hf.modeling.cuda_graphs import graphed_denoiser
-from diffuapriel_hf.cli.generate import default_model_path
 from diffuapriel_hf.training.stdlib_corpus import stdlib_files
 from harness import new_result, save  # benchmarks/harness.py, beside this script
 

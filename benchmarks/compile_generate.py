@@ -26,8 +26,7 @@ import torch
 from transformers import AutoTokenizer
 
 from block_cache import prompts, timed_generate  # benchmarks/block_cache.py, beside this script
-from diffuapriel_hf import DiffuAprielForMaskedLM
-from diffuapriel_hf.cli.generate import default_model_path
+from diffuapriel_hf import DiffuAprielForMaskedLM, default_model_path
 from harness import new_result, save  # benchmarks/harness.py, beside this script
 
 

@@ -18,8 +18,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from diffuapriel_hf import DiffuAprielForMaskedLM
-from diffuapriel_hf.cli.generate import default_model_path
+from diffuapriel_hf import DiffuAprielForMaskedLM, default_model_path
 from diffuapriel_hf.modeling.likelihood import ESTIMATORS
 from diffuapriel_hf.training.stdlib_corpus import stdlib_files
 from harness import new_result, save  # benchmarks/harness.py, beside this script

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-from diffuapriel_hf import DataCollatorForMaskedDiffusion, DiffuAprielForMaskedLM, preset_config
-from diffuapriel_hf.cli.generate import default_model_path
+from diffuapriel_hf import DataCollatorForMaskedDiffusion, DiffuAprielForMaskedLM, default_model_path, preset_config
 from diffuapriel_hf.modeling.modeling_diffuapriel import RESIDUAL_PROJECTIONS
 from diffuapriel_hf.training.data import document_stream
 from diffuapriel_hf.training.evaluation import text_bits_per_token

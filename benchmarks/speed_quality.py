@@ -43,8 +43,7 @@ from typing import Optional
 import torch
 from transformers import AutoTokenizer
 
-from diffuapriel_hf import DiffuAprielForMaskedLM
-from diffuapriel_hf.cli.generate import default_model_path
+from diffuapriel_hf import DiffuAprielForMaskedLM, default_model_path
 from diffuapriel_hf.evaluation.doctests import DoctestOutcome, run_function_doctests
 from diffuapriel_hf.evaluation.parallelism import accuracy_under_parallelism
 from diffuapriel_hf.training.evaluation import complete_lines, parses

@@ -34,6 +34,8 @@ import torch
 from .cache import BlockDiffusionCache
 from .kernel_policy import DISPATCH_THRESHOLDS
 
+__all__ = ["GRAPH_MAX_TOKENS", "GraphedDenoiser", "graphed_denoiser", "release_graphs"]
+
 GRAPH_MAX_TOKENS = DISPATCH_THRESHOLDS["graph_max_tokens"].value  # the longest step (batch x length) captured by default
 
 

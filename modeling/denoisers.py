@@ -23,6 +23,8 @@ import torch
 from .cache import BlockContext, BlockDiffusionCache
 from .cuda_graphs import graphed_denoiser
 
+__all__ = ["BlockCacheDenoiser", "EagerDenoiser", "ExactCacheDenoiser", "GraphDenoiser", "make_denoiser"]
+
 
 class EagerDenoiser:
     """Plain forward passes over the whole sequence, computing the logits of the window only."""

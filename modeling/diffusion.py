@@ -14,6 +14,22 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "INTEGER_DTYPES",
+    "bits_per_token",
+    "elbo_times",
+    "labelled_positions",
+    "loss_weight",
+    "mask_probability",
+    "masked_diffusion_loss",
+    "negative_elbo",
+    "noise_tokens",
+    "perplexity_bound",
+    "sample_times",
+    "token_nll",
+    "values_readable",
+]
+
 
 def sample_times(
     batch_size: int, sampling_eps: float = 1e-3, generator: Optional[torch.Generator] = None

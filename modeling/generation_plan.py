@@ -8,6 +8,16 @@ from typing import Optional
 
 from transformers import GenerationConfig
 
+__all__ = [
+    "HONOURED_OPTIONS",
+    "GenerationPlan",
+    "check_sampling_values",
+    "check_token_ids",
+    "plan_block_generation",
+    "plan_generation",
+    "refused_options",
+]
+
 # GenerationConfig's fields that diffusion sampling honours (the rest are refused by name when set): lengths, the
 # sampling options, applied through transformers' logits processors, special tokens, stopping, the output.
 HONOURED_OPTIONS = frozenset({

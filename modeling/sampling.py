@@ -31,6 +31,20 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+__all__ = [
+    "REMASKING_RULES",
+    "CandidateSampler",
+    "ancestral_reveal_probability",
+    "choose_commits",
+    "confidence_scores",
+    "num_tokens_to_commit",
+    "pad_after_eos",
+    "propose_tokens",
+    "row_generators",
+    "sample_categorical",
+    "select_top",
+]
+
 REMASKING_RULES = ("low_confidence", "margin", "entropy", "random", "ancestral")
 # Processors that read the scores only, never the tokens before a candidate: one call serves every candidate.
 POSITION_FREE = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper,

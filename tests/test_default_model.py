@@ -9,10 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from diffuapriel_hf import DiffuAprielForMaskedLM
+from diffuapriel_hf import DiffuAprielForMaskedLM, default_model_path
 from diffuapriel_hf.cli import main
 from diffuapriel_hf.training.evaluation import CODE_PROMPTS, completion_parse_rate, text_bits_per_token
-from diffuapriel_hf.cli.generate import default_model_path
 from diffuapriel_hf.hub import AUTO_MAP, remote_code_files
 from diffuapriel_hf.modeling.pipeline_diffuapriel import CUSTOM_PIPELINES
 from diffuapriel_hf.training.stdlib_corpus import HELD_OUT_MODULES, stdlib_files

@@ -164,7 +164,7 @@ def test_the_shipped_models_perplexity_beats_a_uniform_model(shipped_model_resul
     documents = [sample["doc"]["text"] for sample in samples["stdlib_perplexity"]]
     from transformers import AutoTokenizer
 
-    from diffuapriel_hf.cli.generate import default_model_path
+    from diffuapriel_hf import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     tokens = sum(len(tokenizer(text).input_ids) for text in documents)
@@ -177,7 +177,7 @@ def test_generations_stop_at_the_newline_within_the_task_length(shipped_model_re
     results, samples = shipped_model_results
     from transformers import AutoTokenizer
 
-    from diffuapriel_hf.cli.generate import default_model_path
+    from diffuapriel_hf import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     texts = [sample["resps"][0][0] for sample in samples["stdlib_complete_line"]]

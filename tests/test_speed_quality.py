@@ -12,8 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from diffuapriel_hf import DiffuAprielForMaskedLM
-from diffuapriel_hf.cli.generate import default_model_path
+from diffuapriel_hf import DiffuAprielForMaskedLM, default_model_path
 from diffuapriel_hf.evaluation.parallelism import accuracy_under_parallelism, parallelism_weight
 
 ROOT = Path(__file__).resolve().parent.parent

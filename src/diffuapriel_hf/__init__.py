@@ -10,6 +10,7 @@ from .modeling.generation import DiffusionGenerationConfig
 from .modeling.modeling_diffuapriel import DiffuAprielForMaskedLM, DiffuAprielModel, DiffuAprielPreTrainedModel
 from .modeling.pipeline_diffuapriel import DiffusionTextGenerationPipeline
 from .modeling.presets import PRESETS
+from .shipped import default_model_path
 from .training.data import DataCollatorForMaskedDiffusion
 from .training.evaluation import ELBOEvaluationSet, ELBOMetricsCallback
 
@@ -33,5 +34,6 @@ __all__ = [
     "ELBOEvaluationSet",
     "ELBOMetricsCallback",
     "PRESETS",
+    "default_model_path",
     "preset_config",
 ]

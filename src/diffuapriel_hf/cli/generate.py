@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..modeling.sampling import REMASKING_RULES
+from ..shipped import default_model_path
+
+__all__ = ["add_arguments", "generation_settings", "infill_ids", "run"]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 
@@ -111,14 +114,6 @@ def fail_with_flags(message: str):
     for name, flag in FLAGS.items():
         message = message.replace(f"`{name}`", f"`{flag}`")
     fail(message)
-
-
-def default_model_path() -> str:
-    """The model shipped inside the package: an 8M-parameter DiffuApriel trained on the Python standard library
-    (benchmarks/default_model/README.md)."""
-    from importlib.resources import files
-
-    return str(files("diffuapriel_hf") / "default_model")
 
 
 def model_location(args) -> str:

@@ -4,3 +4,5 @@ lm-eval's own command line with it, `parallelism.py` accuracy under parallelism 
 score of a decoding setting, `doctests.py` a function's doctests run against a completion of it in a fenced
 subprocess. This package imports nothing from lm-eval itself, so that `import diffuapriel_hf` works
 without it."""
+
+__all__ = []

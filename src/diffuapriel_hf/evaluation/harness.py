@@ -31,18 +31,13 @@ from transformers import AutoTokenizer
 
 from ..modeling.likelihood import conditional_negative_elbo, greedy_reproduces
 from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
+from ..shipped import default_model_path
 
 __all__ = ["DiffuAprielLM", "fit"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What lm-eval's command line passes to every model; `max_batch_size` only matters to batch_size="auto".
 HARNESS_ARGUMENTS = ("max_batch_size",)
-
-
-def default_model_folder() -> str:
-    from ..cli.generate import default_model_path
-
-    return str(default_model_path())
 
 
 def fit(context: list, continuation: list, max_length: int) -> tuple[list, list]:
@@ -87,7 +82,7 @@ class DiffuAprielLM(TemplateLM):
             self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self._device = torch.device(device)
-        pretrained = pretrained or default_model_folder()
+        pretrained = pretrained or default_model_path()
         self.model = DiffuAprielForMaskedLM.from_pretrained(pretrained, dtype=DTYPES[dtype]).to(self._device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         self.max_length = int(max_length or self.model.config.max_position_embeddings or 2048)

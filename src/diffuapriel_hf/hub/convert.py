@@ -47,6 +47,17 @@ from ..modeling.modeling_diffuapriel import DiffuAprielForMaskedLM
 from .folders import describe, folder_entries
 from .publish import pad_on_the_left, save_for_hub
 
+__all__ = [
+    "MAMBA_SSM",
+    "TRANSFORMERS",
+    "add_arguments",
+    "convert",
+    "convert_checkpoint",
+    "read_state_dict",
+    "run",
+    "script_main",
+]
+
 TRANSFORMERS = "transformers"
 MAMBA_SSM = "mamba-ssm"
 SOURCE_FORMATS = (TRANSFORMERS, MAMBA_SSM)

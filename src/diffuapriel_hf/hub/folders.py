@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
+__all__ = ["describe", "folder_entries", "move_into_place", "staging_folder", "staging_path", "writing_folder"]
+
 # The files `save_pretrained` of a model, its generation config and its tokenizer write.
 MODEL_FILE_PATTERNS = (
     "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",

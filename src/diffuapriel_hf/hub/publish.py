@@ -28,6 +28,18 @@ from transformers.dynamic_module_utils import get_imports, get_relative_import_f
 from ..modeling import configuration_diffuapriel, modeling_diffuapriel
 from .folders import describe, folder_entries, writing_folder
 
+__all__ = [
+    "AUTO_MAP",
+    "elbo_evaluation_results",
+    "evaluation_results",
+    "model_card",
+    "pad_on_the_left",
+    "push_folder",
+    "remote_code_files",
+    "remote_code_requirements",
+    "save_for_hub",
+]
+
 AUTO_MAP = {
     "AutoConfig": "configuration_diffuapriel.DiffuAprielConfig",
     "AutoModel": "modeling_diffuapriel.DiffuAprielModel",

@@ -16,6 +16,8 @@ from transformers import TrainerCallback
 
 from ..hub.folders import describe, folder_entries
 
+__all__ = ["StopOnSignal", "check_output_dir", "missing_checkpoint_files", "resolve_checkpoint"]
+
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\Z")
 # A Trainer checkpoint is complete once trainer_state.json is there: Trainer writes it last.
 CHECKPOINT_FILES = ("config.json", "trainer_state.json")

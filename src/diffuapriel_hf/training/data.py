@@ -8,6 +8,8 @@ import torch
 from ..modeling.block_diffusion import num_blocks, sample_block_times
 from ..modeling.diffusion import loss_weight, noise_tokens, sample_times
 
+__all__ = ["DataCollatorForMaskedDiffusion", "NoiseSeededDataset", "document_stream"]
+
 
 def document_stream(tokenizer, texts, names=None) -> list[int]:
     """Tokenize the documents, end each with eos, and join them into one stream of token ids.

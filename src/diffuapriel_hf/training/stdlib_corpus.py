@@ -15,6 +15,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+__all__ = ["HELD_OUT_MODULES", "main", "stdlib_files", "stdlib_root", "top_level_module"]
+
 # Top-level modules (a module file or a package) kept out of training; all exist in Python 3.10 to 3.13.
 HELD_OUT_MODULES = (
     "bisect", "calendar", "colorsys", "csv", "difflib", "fnmatch", "fractions", "glob", "heapq", "json", "shlex",

@@ -35,6 +35,18 @@ from .checkpoints import StopOnSignal, check_output_dir, missing_checkpoint_file
 from .data import DataCollatorForMaskedDiffusion, NoiseSeededDataset, document_stream
 from .evaluation import ELBOEvaluationSet, ELBOMetricsCallback
 
+__all__ = [
+    "FIXED_TRAINING_ARGUMENTS",
+    "TRAINING_DEFAULTS",
+    "add_arguments",
+    "chunk_documents",
+    "load_corpus",
+    "main",
+    "read_text_files",
+    "run",
+    "train_bpe_tokenizer",
+]
+
 PROG = "diffuapriel train"
 HELD_OUT_TEXT = "a held-out share of the training text"  # what the model card names the ELBO evaluation's data
 # Our defaults where TrainingArguments' own suit pre-training a diffusion LM less (any of them can be given).
