@@ -260,21 +260,24 @@ def decoding_settings(thresholds, cache_threshold: float, block_model: bool) -> 
                  (f"block cache, threshold {cache_threshold}", BLOCK_CACHE,
                   lambda n: dict(steps=None, use_block_cache=True, confidence_threshold=cache_threshold))]
     if block_model:
-        settings += [("block model, exact cache, one token per step", BLOCK_MODEL, lambda n: dict(steps=None)),
+        # A block model generates in its own blocks, whatever block length its saved generation config holds.
+        settings += [("block model, exact cache, one token per step", BLOCK_MODEL,
+                      lambda n: dict(steps=None, block_length=None)),
                      (f"block model, exact cache, threshold {cache_threshold}", BLOCK_MODEL,
-                      lambda n: dict(steps=None, confidence_threshold=cache_threshold))]
+                      lambda n: dict(steps=None, block_length=None, confidence_threshold=cache_threshold))]
     return settings
 
 
 def decode(model, item: CodeItem, mask_token_id: int, arguments: dict, block_length) -> tuple[list, int, float]:
-    """One item decoded with one setting: the generated tokens, the forward passes and the wall seconds it took."""
+    """One item decoded with one setting (its `arguments` win over the task's lengths): the generated tokens, the
+    forward passes and the wall seconds it took."""
     if item.task == "continuation":
         lengths = dict(max_new_tokens=item.target_tokens, block_length=block_length)
     else:
         lengths = dict(max_new_tokens=None)  # infilling only
     ids = torch.tensor([item.prompt_ids])
     start = time.perf_counter()
-    out = model.generate(ids, do_sample=False, return_dict_in_generate=True, **lengths, **arguments)
+    out = model.generate(ids, do_sample=False, return_dict_in_generate=True, **{**lengths, **arguments})
     seconds = time.perf_counter() - start
     if item.task == "continuation":
         new = out.sequences[0, ids.shape[1] :]
@@ -536,9 +539,8 @@ def main():
     # items are the sample's with doctests, then the pool's, in the order of doctest_item_list.
     for number, item in enumerate(sample + pool):
         for row, (name, family, arguments) in zip(result["rows"], settings):
-            block_length = None if family == BLOCK_MODEL else args.block_length
             generated_ids, passes, seconds = decode(models[family], item, tokenizer.mask_token_id,
-                                                    arguments(item.target_tokens), block_length)
+                                                    arguments(item.target_tokens), args.block_length)
             generated = tokenizer.decode(generated_ids, clean_up_tokenization_spaces=False)
             if item in sample:
                 tally(row, item, generated, generated_ids, passes, seconds)

@@ -4,6 +4,7 @@ of the Python standard library's own source files)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 from argparse import Namespace
 import sys
@@ -313,13 +314,20 @@ def test_fine_tuning_starts_from_the_models_weights_and_tokenizer(trained, tmp_p
 
 
 def test_a_full_sequence_model_fine_tunes_into_a_block_model(trained, tmp_path):
+    # A full-sequence model whose saved generation config sets its own generation blocks, as the shipped model does.
+    source = tmp_path / "source"
+    shutil.copytree(trained, source, ignore=shutil.ignore_patterns("checkpoint-*"))
+    DiffusionGenerationConfig.from_pretrained(source, block_length=4).save_pretrained(source)
     output = tmp_path / "block"
     assert train_command(output, "--max_steps", "2", "--eval_fraction", "0", "--block_size", "8",
-                         model=("--model_name_or_path", str(trained))) == 0
+                         model=("--model_name_or_path", str(source))) == 0
     model = DiffuAprielForMaskedLM.from_pretrained(output)
     assert model.config.block_size == 8 and DiffuAprielForMaskedLM.from_pretrained(trained).config.block_size is None
     assert any(not torch.equal(load_file(output / "model.safetensors")[name], tensor)
                for name, tensor in load_file(trained / "model.safetensors").items())
+    # Its generation takes the block model's own blocks: the source's block length is not kept.
+    assert model.generation_config.block_length is None
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10).shape == (1, 13)
 
 
 def test_fine_tuning_misuse_is_refused_by_name(trained, no_training, tmp_path, capsys):

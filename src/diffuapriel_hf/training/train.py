@@ -367,6 +367,10 @@ def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
     set_seed(args.seed)  # the initial weights
     if args.model_name_or_path:
         model = DiffuAprielForMaskedLM.from_pretrained(args.model_name_or_path, config=config, dtype=torch.float32)
+        if config.block_size is not None and model.generation_config.block_length not in (None, config.block_size):
+            # A full-sequence model's generation blocks do not apply to the block model it becomes, whose generate()
+            # refuses any other block length: it generates in its own blocks.
+            model.generation_config.block_length = None
     else:
         model = DiffuAprielForMaskedLM(config)
     trainer = Trainer(
