@@ -217,24 +217,26 @@ def test_block_quality_pauses_the_other_runs_while_a_diffuapriel_run_would_miss_
     monkeypatch.setattr(quality.time, "time", lambda: clock[0])
     monkeypatch.setattr(quality, "progress", lambda run: (steps[run.name], 1800))
     priority = quality.Priority(runs, deadline=1000.0 + 450)
-    apriel4, apriel32, tran = runs[0], runs[1], runs[2]
+    by_name = {run.name: run for run in runs}
+    apriel4, apriel16, apriel32 = (by_name[quality.run_name("diffuapriel-8m", size)] for size in (4, 16, 32))
+    tran = by_name[quality.run_name("diffutran-8m", 4)]
 
-    def half_minute(rates: dict):  # steps a second of the DiffuApriel runs
+    def half_minute(rate4: float, rate: float):  # steps a second of the block-4 DiffuApriel run and of the others
         clock[0] += 30
         for run in priority.first:
-            steps[run.name] += int(30 * rates[run])
+            steps[run.name] += int(30 * (rate4 if run is apriel4 else rate))
         priority.update()
 
-    half_minute({apriel4: 0, apriel32: 0})
-    # block 4: 1,785 steps left at 0.5 a second, 3,570 s: hopeless, whatever the others do; block 32: 1,710 left at
-    # 3 a second, 570 s, past the deadline (390 s away) but within twice the time left: the others make room for it.
-    half_minute({apriel4: 0.5, apriel32: 3})
+    half_minute(0, 0)
+    # block 4: 1,785 steps left at 0.5 a second, 3,570 s: hopeless, whatever the others do; blocks 16 and 32: 1,710
+    # left at 3 a second, 570 s, past the deadline (390 s away) but within twice the time left: the others make room.
+    half_minute(0.5, 3)
     assert priority.paused == priority.others and tran.process.signals == [quality.signal.SIGSTOP]
     assert apriel32.process.signals == []
-    half_minute({apriel4: 0.5, apriel32: 10})  # 1,410 left at 10 a second: ends 219 s before the deadline
+    half_minute(0.5, 10)  # 1,410 left at 10 a second: ends 219 s before the deadline
     assert priority.paused == [] and tran.process.signals == [quality.signal.SIGSTOP, quality.signal.SIGCONT]
-    apriel32.status = "scored"
-    half_minute({apriel4: 0.5, apriel32: 0})  # only the hopeless run is left: nothing is paused for it
+    apriel16.status = apriel32.status = "scored"
+    half_minute(0.5, 0)  # only the hopeless run is left: nothing is paused for it
     assert priority.paused == [] and tran.process.signals == [quality.signal.SIGSTOP, quality.signal.SIGCONT]
 
 
