@@ -150,34 +150,8 @@ class Mamba2Mixer(nn.Module):
             xBC = torch.cat([conv_state.to(xBC.dtype), xBC], dim=1)
         conv_out = self.convolution(xBC, ops, seq_idx)[:, xBC.shape[1] - seqlen :]  # (B, L, C)
         x, B, C = conv_out.split([self.intermediate_size, G * N, G * N], dim=-1)
-        # dt = clamp(softplus(dt + dt_bias)), (B, L, H): inside the SSD call (no extra launches), or here when the
-        # padding must then be zeroed (no decay and no input at padding).
-        dt_args = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
-        if seq_idx is not None:
-            dt_args["seq_idx"] = seq_idx
-        if padding_mask is not None or block_states is not None:
-            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
-            dt = dt if padding_mask is None else dt * padding_mask[..., None]
-            dt_args = {} if seq_idx is None else dict(seq_idx=seq_idx)
-
-        def scan(positions: slice, entering_state, return_state: bool):  # y (B, l, H, P) [, the state it leaves]
-            length = x[:, positions].shape[1]
-            return ops.chunk_scan(
-                x[:, positions].reshape(batch, length, H, P), dt[:, positions], -torch.exp(self.A_log.float()),
-                B[:, positions].reshape(batch, length, G, N), C[:, positions].reshape(batch, length, G, N),
-                chunk_size, D=self.D.float(), initial_states=entering_state, return_final_states=return_state,
-                **dt_args,
-            )
-
-        if state_at is None or state_at == 0:
-            y = scan(slice(None), ssm_state, False)
-            if state_at == 0 and ssm_state is None:
-                ssm_state = torch.zeros(batch, H, P, N, device=x.device, dtype=torch.float32)
-        elif state_at == seqlen:
-            y, ssm_state = scan(slice(None), ssm_state, True)
-        else:
-            before, ssm_state = scan(slice(None, state_at), ssm_state, True)
-            y = torch.cat([before, scan(slice(state_at, None), ssm_state, False)], dim=1)
+        dt, dt_args = self.time_steps(dt, padding_mask, seq_idx, softplus_here=block_states is not None)
+        y, ssm_state = self.scan(x, dt, B, C, ssm_state, state_at, ops, chunk_size, dt_args)  # y: (B, L, H, P)
         output = self.out_proj(self.norm(y.reshape(batch, seqlen, self.intermediate_size), gate, ops))
         if block_states is not None:
             return output, self.states_entering_blocks(xBC, x, dt, B, C, initial_state, ops, block_states)
@@ -187,6 +161,45 @@ class Mamba2Mixer(nn.Module):
         width, end = self.conv1d.kernel_size[0] - 1, xBC.shape[1] - seqlen + state_at
         conv_inputs = F.pad(xBC[:, :end], (0, 0, max(width - end, 0), 0))
         return output, (conv_inputs[:, conv_inputs.shape[1] - width :], ssm_state)
+
+    def time_steps(self, dt: torch.Tensor, padding_mask: Optional[torch.Tensor], seq_idx: Optional[torch.Tensor],
+                   softplus_here: bool) -> tuple[torch.Tensor, dict]:
+        """dt (B, L, H) and the SSD call's dt arguments. dt = clamp(softplus(dt + dt_bias)) is computed inside the SSD
+        call (no extra launches), or here when the padding must then be zeroed (no decay and no input at padding) or
+        the caller needs it (`softplus_here`: the states entering blocks)."""
+        if padding_mask is None and not softplus_here:
+            dt_args = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+        else:
+            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+            dt = dt if padding_mask is None else dt * padding_mask[..., None]
+            dt_args = {}
+        return dt, dt_args if seq_idx is None else dict(dt_args, seq_idx=seq_idx)
+
+    def scan(self, x, dt, B, C, ssm_state, state_at: Optional[int], ops: MambaOps, chunk_size: int, dt_args: dict):
+        """The SSD over x (B, L, H * P), B and C (B, L, G * N) from `ssm_state` (or zeros): (y (B, L, H, P), the state
+        before position `state_at`, or `ssm_state` as given when `state_at` is None). Split at `state_at` only where
+        it is inside the sequence: the output is the same."""
+        batch, seqlen = x.shape[:2]
+        H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
+
+        def part(positions: slice, entering_state, return_state: bool):  # y (B, l, H, P) [, the state it leaves]
+            length = x[:, positions].shape[1]
+            return ops.chunk_scan(
+                x[:, positions].reshape(batch, length, H, P), dt[:, positions], -torch.exp(self.A_log.float()),
+                B[:, positions].reshape(batch, length, G, N), C[:, positions].reshape(batch, length, G, N),
+                chunk_size, D=self.D.float(), initial_states=entering_state, return_final_states=return_state,
+                **dt_args,
+            )
+
+        if state_at is None or state_at == 0:
+            if state_at == 0 and ssm_state is None:
+                return part(slice(None), None, False), torch.zeros(batch, H, P, N, device=x.device,
+                                                                   dtype=torch.float32)
+            return part(slice(None), ssm_state, False), ssm_state
+        if state_at == seqlen:
+            return part(slice(None), ssm_state, True)
+        before, ssm_state = part(slice(None, state_at), ssm_state, True)
+        return torch.cat([before, part(slice(state_at, None), ssm_state, False)], dim=1), ssm_state
 
     def chunk_size_for(self, seqlen: int) -> int:
         """The SSD's chunk for a pass over rows of `seqlen` tokens: `mamba_chunk_size`, or for shorter rows the smallest
