@@ -344,6 +344,27 @@ def stopping_lists(config: DiffusionGenerationConfig, stopping_criteria,
     return at_tokens, at_blocks
 
 
+def random_streams(config: DiffusionGenerationConfig, sampler: CandidateSampler, seed, generator, batch_size: int,
+                   device: torch.device):
+    """Each returned row's random generator where the call draws (sampling, or the random and ancestral remasking
+    rules), else None: `batch_size` rows of `num_return_sequences` copies of each prompt."""
+    if not (sampler.sampling or config.remasking in ("random", "ancestral")):
+        return None
+    copies = config.num_return_sequences or 1
+    return row_generators(seed, generator, batch_size // copies, device, copies)
+
+
+def step_observers(batch_size: int, device: torch.device, config: DiffusionGenerationConfig, on_step, streamer):
+    """(the pass counter, the history recorder or None, every `on_step` observer of the run): the counter, the
+    history (`output_history`), the caller's `on_step`, and drafts for a streamer with `put_draft`."""
+    counter = PassCounter(batch_size, device)
+    history = HistoryRecorder() if config.output_history else None
+    observers = [counter] + [o for o in (history, on_step) if o is not None]
+    if streamer is not None and hasattr(streamer, "put_draft"):
+        observers.append(DraftSender(streamer))
+    return counter, history, observers
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The run: the canvas, block after block.
 
@@ -510,6 +531,18 @@ class DiffusionRun:
         return self.standard(done, self.prompts)
 
 
+def generation_output(config: DiffusionGenerationConfig, run: DiffusionRun, counter: PassCounter,
+                      history: Optional[HistoryRecorder]):
+    """What generate() returns: the sequences, or with `return_dict_in_generate` a `DiffusionGenerateOutput` that adds
+    the forward passes, each row's tokens per forward pass and the canvas after every step (`output_history`)."""
+    if not config.return_dict_in_generate:
+        return run.output()
+    return DiffusionGenerateOutput(
+        sequences=run.output(), num_forward_passes=counter.passes, tokens_per_forward=counter.tokens_per_forward(),
+        history=tuple(run.standard(s, run.prompts) for s in history.states) if history is not None else None,
+    )
+
+
 class DiffusionGenerationMixin:
     """`generate()` for masked diffusion LMs. Mixed into `DiffuAprielForMaskedLM` ahead of `PreTrainedModel`, which
     builds `model.generation_config` from `generation_config_class` and the model config, and saves it."""
@@ -592,22 +625,19 @@ class DiffusionGenerationMixin:
         then denoise block by block.
 
         Args:
-            input_ids: (B, P) prompts, left-padded; mask tokens in them are filled (infilling), every other token is
-                kept. None: a single prompt of the BOS token (or an empty one).
+            input_ids: (B, P) prompts, left-padded; their mask tokens are filled (infilling). None: one BOS prompt.
             attention_mask: (B, P), 0 at padding, which must be on the left. None: no padding.
             generation_config: a `DiffusionGenerationConfig` (default `self.generation_config`); `**kwargs` override
                 its fields for this call. Every standard option is honoured or refused by name.
-            streamer: receives `put(tokens)` with the prompt (its masks filled) and then each block's tokens as the
-                block is committed, then `end()` (transformers' `TextStreamer` protocol); with a `put_draft` method
-                (transformers' `TextDiffusionStreamer`), also the block being filled after every step.
-            generator, seed: make the run repeatable. An int `seed` (or a `torch.Generator`, from which one seed is
-                drawn) seeds every prompt alike: a prompt gives the same tokens alone or in any batch. A list of
-                seeds (one per prompt) or of generators (one per returned row) gives rows their own streams. With
-                `num_return_sequences`, each copy of a prompt has its own stream. The global RNG is never touched.
-            logits_processor: transformers `LogitsProcessor`s applied to every candidate's scores after the config's
-                own (a candidate is processed as an autoregressive next token at its position would be).
-            stopping_criteria: transformers `StoppingCriteria`, checked each time a block is committed, as are
-                `max_time` and `stop_strings` (which need `tokenizer`): a row they end is padded after that block.
+            streamer: `put(tokens)` with the prompt and then each committed block, then `end()` (transformers'
+                `TextStreamer`); with `put_draft` (`TextDiffusionStreamer`), also the block after every step.
+            generator, seed: repeatability without the global RNG. An int `seed` (or a `torch.Generator`, from which
+                one is drawn) seeds every prompt alike, so a prompt gives the same tokens alone or in any batch; a
+                list (seeds per prompt, generators per returned row) gives rows their own streams, as do copies of
+                `num_return_sequences`.
+            logits_processor: transformers `LogitsProcessor`s applied to every candidate's scores after the config's.
+            stopping_criteria: transformers `StoppingCriteria`, checked when a block is committed, as are `max_time`
+                and `stop_strings` (which need `tokenizer`): a row they end is padded after that block.
             on_step: called with a `StepReport` after every denoising step.
 
         Returns:
@@ -619,15 +649,8 @@ class DiffusionGenerationMixin:
         plan = plan_for(self.config, config, input_ids, attention_mask)
         sampler = candidate_sampler(config, plan.prompt_length, logits_processor)
         stopping = stopping_lists(config, stopping_criteria, tokenizer)
-        generators = None
-        if sampler.sampling or config.remasking in ("random", "ancestral"):
-            copies = config.num_return_sequences or 1
-            generators = row_generators(seed, generator, input_ids.shape[0] // copies, self.device, copies)
-        counter = PassCounter(input_ids.shape[0], self.device)
-        history = HistoryRecorder() if config.output_history else None
-        observers = [counter] + [o for o in (history, on_step) if o is not None]
-        if streamer is not None and hasattr(streamer, "put_draft"):
-            observers.append(DraftSender(streamer))
+        generators = random_streams(config, sampler, seed, generator, input_ids.shape[0], self.device)
+        counter, history, observers = step_observers(input_ids.shape[0], self.device, config, on_step, streamer)
         run = DiffusionRun(plan, input_ids, attention_mask, config, sampler, generators, observers)
         if any(stopping) and run.pad_token_id() is None:
             raise ValueError("ending rows by `stopping_criteria`/`stop_strings`/`max_time` needs a `pad_token_id`")
@@ -641,12 +664,7 @@ class DiffusionGenerationMixin:
                     break
         if streamer is not None:
             streamer.end()
-        if not config.return_dict_in_generate:
-            return run.output()
-        return DiffusionGenerateOutput(
-            sequences=run.output(), num_forward_passes=counter.passes, tokens_per_forward=counter.tokens_per_forward(),
-            history=tuple(run.standard(s, run.prompts) for s in history.states) if history is not None else None,
-        )
+        return generation_output(config, run, counter, history)
 
 
 __all__ = ["DiffusionGenerationConfig", "DiffusionGenerationMixin", "DiffusionGenerateOutput", "StepReport"]
