@@ -22,6 +22,7 @@ of memory is recorded and the run goes on, as it does past a model that fails (i
 models run in order of importance (DiffuApriel and its baseline first, the block variants last).
 
     python benchmarks/training_throughput.py run OUT_DIR                     # GPU: OUT_DIR/training_throughput.*
+    python benchmarks/training_throughput.py run OUT_DIR --checkpointing off # one mode (with the Trainer comparison)
     python benchmarks/training_throughput.py run OUT_DIR --smoke             # CPU, tiny models and lengths
     python benchmarks/training_throughput.py report OUT_DIR/training_throughput.json
         # its .md and .png rendered again, and all three copied into benchmarks/results/
@@ -325,11 +326,13 @@ def warm_up(model, run: dict, device) -> float:
 
 
 def measure_model(name: str, spec, run: dict, device, clock: Clock) -> dict:
-    """Every row of one model: its lengths without and with gradient checkpointing, and the Trainer comparison."""
+    """Every row of one model: its lengths without and with gradient checkpointing (run["checkpointing"]: both, or
+    one mode), and the Trainer comparison."""
     model = build_model(spec, getattr(torch, run["dtype"]), device, max(run["lengths"]))
     entry = dict(parameters=model.num_parameters(), baseline=spec[2], block_size=model.config.block_size,
                  warm_up_seconds=warm_up(model, run, device), rows=[])
-    entry["rows"] += measure_lengths(model, name, False, run, device, clock)
+    if run["checkpointing"] != "on":
+        entry["rows"] += measure_lengths(model, name, False, run, device, clock)
     timed = {row["length"]: row for row in entry["rows"] if "step_ms" in row}
     step = {length: row["step_ms"] / 1e3 for length, row in timed.items()}
     trainer_length = run["trainer_length"]
@@ -342,7 +345,8 @@ def measure_model(name: str, spec, run: dict, device, clock: Clock) -> dict:
         entry["trainer"] = trainer_comparison(model, name, timed[trainer_length]["batch"], run, device)
     if trainer_length in step and clock.allows(1.5 * (run["reps"] + 1) * step[trainer_length]):
         entry["every_position_logits"] = every_position_logits(model, run, device)
-    entry["rows"] += measure_lengths(model, name, True, run, device, clock)
+    if run["checkpointing"] != "off":
+        entry["rows"] += measure_lengths(model, name, True, run, device, clock)
     del model
     free_memory(device)
     return entry
@@ -356,6 +360,7 @@ def run_benchmark(args) -> dict:
     result = new_result(
         dtype=args.dtype, lengths=args.lengths, tokens_per_step=args.tokens_per_step, reps=args.reps,
         trainer_length=args.trainer_length, trainer_steps=args.trainer_steps, deadline_seconds=args.deadline,
+        checkpointing=args.checkpointing,
         peak_bf16_flops=peak_bf16(name) if device.type == "cuda" else None,
         matmul_ceiling_flops=ceiling_flops(device, getattr(torch, args.dtype)), models={},
     )
@@ -598,6 +603,8 @@ def main(argv=None) -> None:
     running.add_argument("--trainer_steps", type=int, default=6, help="Trainer steps (their intervals are timed)")
     running.add_argument("--deadline", type=float, default=450,
                          help="seconds from the start after which nothing new starts; the results are then saved")
+    running.add_argument("--checkpointing", choices=["both", "off", "on"], default="both",
+                         help="the gradient checkpointing modes measured (the Trainer and logits comparisons need off)")
     running.add_argument("--device", default="cuda")
     running.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     reporting = commands.add_parser("report", help="copy a run's results into benchmarks/results/")

@@ -77,6 +77,14 @@ def test_a_step_out_of_memory_is_retried_with_half_the_sequences(script, monkeyp
     assert row["status"] == "out of memory" and row["batch"] == 1 and "Tried to allocate" in row["error"]
 
 
+def test_one_checkpointing_mode_measures_that_mode_alone(script, tmp_path):
+    script.main(["run", str(tmp_path), "--smoke", "--models", "tiny", "--checkpointing", "off"])
+    result = json.loads((tmp_path / "training_throughput.json").read_text())
+    entry = result["models"]["tiny"]
+    assert result["checkpointing"] == "off" and {row["checkpointing"] for row in entry["rows"]} == {False}
+    assert entry["trainer"]["trainer_step_ms"] > 0  # the Trainer comparison takes the rows without checkpointing
+
+
 def test_deadline_skips_what_would_end_after_it_and_saves(script, tmp_path):
     script.main(["run", str(tmp_path), "--smoke", "--deadline", "0"])
     result = json.loads((tmp_path / "training_throughput.json").read_text())
