@@ -36,6 +36,7 @@ import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -174,10 +175,11 @@ def peak_memory_gib(device: torch.device):
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
-def measure_length(model, optimizer, length: int, run: dict, device, **options) -> dict:
-    """One row: the bare step at `length` (run["tokens_per_step"] // length sequences, halved while a step runs out
-    of memory, down to one; `options` passed to forward), or why it has no time."""
-    batch_size = run["tokens_per_step"] // length
+def measure_length(model, optimizer, length: int, run: dict, device, batch_size: Optional[int] = None,
+                   **options) -> dict:
+    """One row: the bare step at `length` (`batch_size` sequences, by default run["tokens_per_step"] // length,
+    halved while a step runs out of memory, down to one; `options` passed to forward), or why it has no time."""
+    batch_size = batch_size or run["tokens_per_step"] // length
     while True:
         row = dict(batch=batch_size, length=length, tokens=batch_size * length)
         if device.type == "cuda":
@@ -302,12 +304,12 @@ def bare_steps_with_mask(model, batch_size: int, length: int, reps: int, device)
     return seconds
 
 
-def every_position_logits(model, run: dict, device) -> dict:
+def every_position_logits(model, batch_size: int, run: dict, device) -> dict:
     """The bare step at run["trainer_length"] with the loss from the logits of every position (`skip_logits=False`),
-    against the rows' default, the labelled positions' alone."""
+    from the `batch_size` of the rows' default (the labelled positions' alone), against it."""
     set_checkpointing(model, False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    row = measure_length(model, optimizer, run["trainer_length"], run, device, skip_logits=False)
+    row = measure_length(model, optimizer, run["trainer_length"], run, device, batch_size, skip_logits=False)
     del optimizer
     free_memory(device)
     return row
@@ -344,7 +346,7 @@ def measure_model(name: str, spec, run: dict, device, clock: Clock) -> dict:
     else:
         entry["trainer"] = trainer_comparison(model, name, timed[trainer_length]["batch"], run, device)
     if trainer_length in step and clock.allows(1.5 * (run["reps"] + 1) * step[trainer_length]):
-        entry["every_position_logits"] = every_position_logits(model, run, device)
+        entry["every_position_logits"] = every_position_logits(model, timed[trainer_length]["batch"], run, device)
     if run["checkpointing"] != "off":
         entry["rows"] += measure_lengths(model, name, True, run, device, clock)
     del model
@@ -451,7 +453,7 @@ def logits_table(result: dict) -> list[str]:
         memory = [row["peak_memory_gib"] for row in (labelled, every)]
         memory = ["-" if value is None else f"{value:.1f}" for value in memory]
         lines.append(f"| {name} | {shape} | {labelled['step_ms']:.1f} | {every['step_ms']:.1f} | "
-                     f"{every['step_ms'] / labelled['step_ms']:.2f}x | {memory[0]} | {memory[1]} |")
+                     f"{labelled['tokens_per_s'] / every['tokens_per_s']:.2f}x | {memory[0]} | {memory[1]} |")
     return lines
 
 
