@@ -16,13 +16,12 @@ MODULES = sorted(p for p in [*PACKAGE.rglob("*.py"), *(ROOT / "modeling").rglob(
 
 
 def top_level_names(tree: ast.Module) -> set[str]:
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node in tree.body:
-            names.add(node.name)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    """The names a module defines at its top level, and those it imports anywhere (an import may sit in a `try`)."""
+    names = {(alias.asname or alias.name).split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
     for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
             node, ast.AnnAssign) else []
         names |= {target.id for target in targets if isinstance(target, ast.Name)}
