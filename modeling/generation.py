@@ -553,8 +553,9 @@ class DiffusionGenerationMixin:
         self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, **kwargs
     ):
         """Called by `from_pretrained`: load the checkpoint's `generation_config.json` as a
-        `DiffusionGenerationConfig` (or use the `generation_config` passed to `from_pretrained`); without the file,
-        keep the one built from the model config."""
+        `DiffusionGenerationConfig` (or use the `generation_config` passed to `from_pretrained`, as given); without the
+        file, keep the one built from the model config. On a block model, a saved `block_length` other than its block
+        size is dropped (set to None, with a warning)."""
         if generation_config is not None:
             self.generation_config = DiffusionGenerationConfig.from_dict(generation_config.to_dict())
             return
@@ -572,6 +573,17 @@ class DiffusionGenerationMixin:
             )
         except OSError:
             logger.info("No generation_config.json: using the generation config built from the model config.")
+            return
+        block_size, block_length = self.config.block_size, self.generation_config.block_length
+        if block_size is not None and block_length not in (None, block_size):
+            # The file comes from the full-sequence model this block model was made from (`from_pretrained(folder,
+            # block_size=...)`, or fine-tuning one into a block model): its generation blocks do not apply here, and
+            # generate() would refuse them by default, since a block model generates in its own blocks.
+            logger.warning(
+                f"generation_config.json sets block_length {block_length}, but this block diffusion model generates "
+                f"in its own blocks of {block_size} tokens: block_length set to None"
+            )
+            self.generation_config.block_length = None
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         """Refused: transformers' token-by-token `GenerationMixin.generate` calls this for each new token, and

@@ -4,7 +4,10 @@ passes."""
 
 import pytest
 import torch
+from transformers.testing_utils import CaptureLogger
 
+from diffuapriel_hf import DiffuAprielForMaskedLM
+from diffuapriel_hf.modeling import generation
 from diffuapriel_hf.modeling.cache import BlockDiffusionCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,3 +258,23 @@ def test_the_exact_cache_is_the_default(block_model):
     handle.remove()
     # The prompt's two complete blocks in one pass, then every step on a block of four, and a pass per committed block.
     assert passes[0] == 2 * BLOCK and set(passes[1:]) == {BLOCK}
+
+
+def test_a_full_sequence_folder_loaded_as_a_block_model_generates_its_own_blocks(tiny_model, tmp_path):
+    # As the shipped full-sequence model does, the folder's generation config sets the length, steps and generation
+    # blocks (block_length), which a block model refuses.
+    full = tiny_model("mamba")
+    full.generation_config.update(max_new_tokens=12, steps=12, block_length=4)
+    full.save_pretrained(tmp_path / "full")
+    with CaptureLogger(generation.logger) as captured:
+        model = DiffuAprielForMaskedLM.from_pretrained(tmp_path / "full", block_size=8)
+    assert torch.equal(model.generate(), model.generate(block_length=None))
+    assert model.config.block_size == 8 and model.generation_config.block_length is None
+    assert "block_length 4" in captured.out
+
+
+def test_a_block_folders_own_block_length_is_kept(tiny_model, tmp_path):
+    block = tiny_model("mamba", block_size=8)
+    block.generation_config.block_length = 8
+    block.save_pretrained(tmp_path / "block")
+    assert DiffuAprielForMaskedLM.from_pretrained(tmp_path / "block").generation_config.block_length == 8

@@ -366,11 +366,8 @@ def prepare(args, stop: StopOnSignal) -> tuple[Trainer, Optional[str]]:
     train_dataset, eval_dataset = split_sequences(corpus, tokenizer, args)
     set_seed(args.seed)  # the initial weights
     if args.model_name_or_path:
+        # On a full-sequence model made a block model (--block_size), from_pretrained drops the saved block_length.
         model = DiffuAprielForMaskedLM.from_pretrained(args.model_name_or_path, config=config, dtype=torch.float32)
-        if config.block_size is not None and model.generation_config.block_length not in (None, config.block_size):
-            # A full-sequence model's generation blocks do not apply to the block model it becomes, whose generate()
-            # refuses any other block length: it generates in its own blocks.
-            model.generation_config.block_length = None
     else:
         model = DiffuAprielForMaskedLM(config)
     trainer = Trainer(
