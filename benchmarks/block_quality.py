@@ -19,6 +19,10 @@ of tests/test_default_model.py and after every one-line top-level function heade
 in float32 on the CPU or on --device:
 
     python benchmarks/block_quality.py parse MODEL_DIR [MODEL_DIR ...] --output FILE [--block_length N] [--device D]
+
+and the table of both, with the shipped model's score from the train run (benchmarks/results/block_quality.*):
+
+    python benchmarks/block_quality.py table OUT/block_quality.json --parse PARSE.json [...] [--note TEXT]
 """
 
 import argparse
@@ -377,6 +381,54 @@ def parse(args) -> int:
     return 0
 
 
+def model_key(folder: str) -> str:
+    """The run a parse result's model folder belongs to (NAME-bf16 -> NAME); the shipped model is "shipped"."""
+    name = Path(folder).name
+    return "shipped" if Path(folder).resolve() == SHIPPED.resolve() or name == SHIPPED.name else name.removesuffix("-bf16")
+
+
+def table_rows(result: dict) -> list[str]:
+    """The Markdown rows: each full-sequence model above its block variants, with the held-out bound, the parse
+    shares and the training time."""
+    runs, parsed = result["runs"], result["parse"]
+    shipped = next(iter(result["shipped_heldout"].values()), {})
+    rows = [dict(name="shipped", preset="diffuapriel-8m", block_size=None, bits=shipped.get("bits_per_token"))]
+    rows += [dict(name=name, preset=run["preset"], block_size=run["block_size"],
+                  bits=(run["heldout_float32"] or {}).get("bits_per_token"), seconds=run["training_wall_s"])
+             for name, run in runs.items()]
+    rows.sort(key=lambda row: (row["preset"], row["block_size"] or 0))
+    lines = []
+    for row in rows:
+        parse = parsed.get(row["name"], {})
+        shares = [f"{parse[key]['parsed']}/{parse[key]['prompts']}" if key in parse else "" for key in
+                  ("test_prompts", "heldout_headers")]
+        both = [parse[key] for key in ("test_prompts", "heldout_headers") if key in parse]
+        total = sum(part["parsed"] for part in both) / sum(part["prompts"] for part in both) if both else None
+        label = f"`{row['preset']}`" + (" (shipped)" if row["name"] == "shipped" else "")
+        lines.append("| " + " | ".join([
+            label, "full sequence" if row["block_size"] is None else f"blocks of {row['block_size']}",
+            "" if row["bits"] is None else f"{row['bits']:.3f}", *shares,
+            "" if total is None else f"{100 * total:.1f}%",
+            "trained before" if row["name"] == "shipped" else f"{row['seconds']:.0f} s"]) + " |")
+    return lines
+
+
+def table(args) -> int:
+    """One result (the training run's JSON with the parse results under "parse", keyed by run) and its table."""
+    result = json.loads(Path(args.result).read_text())
+    result["parse"], result["parse_environments"] = {}, []
+    for path in args.parse:
+        parse_result = json.loads(Path(path).read_text())
+        result["parse_environments"].append(parse_result["environment"])
+        for folder, row in parse_result["models"].items():
+            result["parse"][model_key(folder)] = row
+    header = ["| model | blocks | held-out bits/token (negative ELBO bound) | parse, test headers | parse, held-out "
+              "headers | parse, all | training (side by side) |", "|---|---|---|---|---|---|---|"]
+    markdown = "\n".join([f"# Block diffusion quality (issue 18)", "", *header, *table_rows(result), "", *args.note])
+    save(result, args.to, markdown)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -397,8 +449,14 @@ def main(argv=None) -> int:
     parsing.add_argument("--test_prompts_only", action="store_true", help="only the test's eight headers")
     parsing.add_argument("--device", default="cpu", help="where the models generate, in float32 (default: cpu)")
     parsing.add_argument("--output", required=True)
+    tabling = commands.add_parser("table", help="the train run's and the parse runs' results as one table (CPU)")
+    tabling.add_argument("result", help="the train run's block_quality.json")
+    tabling.add_argument("--parse", nargs="+", default=[], help="parse results")
+    tabling.add_argument("--note", action="append", default=[], help="a paragraph under the table (repeatable)")
+    tabling.add_argument("--to", default=str(ROOT / "benchmarks" / "results" / "block_quality"),
+                         help="path stem of the JSON and Markdown to write")
     args = parser.parse_args(argv)
-    return train(args) if args.command == "train" else parse(args)
+    return {"train": train, "parse": parse, "table": table}[args.command](args)
 
 
 if __name__ == "__main__":

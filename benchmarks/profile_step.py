@@ -1,7 +1,10 @@
 """Where one denoising step's GPU time goes: the kernels of one forward pass of a preset (random weights, bf16,
-batch 1), timed by PyTorch's profiler and grouped by kernel name, largest first.
+batch 1), timed by PyTorch's profiler and grouped by kernel name, largest first. With --training, those of one
+training step's forward and backward instead (half the tokens masked, the MDLM loss of the model's forward; no
+optimizer), at --batch sequences.
 
     python benchmarks/profile_step.py --model diffuapriel-1.3b --length 65536 --out benchmarks/results/profile_64k.json
+    python benchmarks/profile_step.py --model diffuapriel-1.3b --length 4096 --batch 4 --training --out OUT.json
 """
 
 import argparse
@@ -14,24 +17,44 @@ from torch.profiler import ProfilerActivity, profile
 from harness import build, new_result, save  # benchmarks/harness.py, beside this script
 
 
+def inference_step(model, length: int):
+    ids = torch.randint(0, model.config.mask_token_id, (1, length), device=model.device)
+    return torch.no_grad()(lambda: model(ids))
+
+
+def training_step(model, batch: int, length: int):
+    """Forward with the MDLM loss and backward, half the tokens masked (the loss weights left at the model's
+    default)."""
+    model.train()
+    ids = torch.randint(3, model.config.mask_token_id, (batch, length), device=model.device)
+    masked = torch.rand(ids.shape, device=model.device) < 0.5
+    noised, labels = ids.masked_fill(masked, model.config.mask_token_id), ids.masked_fill(~masked, -100)
+
+    def step():
+        model(input_ids=noised, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="diffuapriel-1.3b")
     parser.add_argument("--length", type=int, default=65536)
     parser.add_argument("--top", type=int, default=25, help="kernels listed by name; the rest are summed")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--training", action="store_true", help="a training step's forward and backward")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    result = new_result(model=args.model, length=args.length)
+    result = new_result(model=args.model, length=args.length, batch=args.batch, training=args.training)
     model = build(args.model)
-    ids = torch.randint(0, model.config.mask_token_id, (1, args.length), device="cuda")
-    with torch.no_grad():
-        for _ in range(2):  # compile the Triton kernels and settle the allocator
-            model(ids)
+    step = training_step(model, args.batch, args.length) if args.training else inference_step(model, args.length)
+    for _ in range(2):  # compile the Triton kernels and settle the allocator
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(ids)
-            torch.cuda.synchronize()
     totals, counts = defaultdict(float), defaultdict(int)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:

@@ -261,3 +261,13 @@ def test_the_commit_variable_wins_over_a_git_checkout_around_the_copy(harness, m
     # A GPU machine's copy of the tree may lie inside another checkout, whose git would name the wrong commit.
     monkeypatch.setenv(harness.COMMIT_VARIABLE, "0123abcd")
     assert harness.source_revision() == dict(commit="0123abcd", dirty=None, commit_from=harness.COMMIT_VARIABLE)
+
+
+def test_profile_steps_training_step_runs_the_loss_backward_and_leaves_no_gradient(benchmarks_on_path, tiny_model):
+    profile_step = load(BENCHMARKS / "profile_step.py")
+    model = tiny_model("hybrid")
+    gradients = []  # the embedding's, as the backward computes it
+    model.get_input_embeddings().weight.register_hook(gradients.append)
+    profile_step.training_step(model, batch=2, length=12)()
+    assert model.training and len(gradients) == 1 and gradients[0].abs().sum() > 0
+    assert all(parameter.grad is None for parameter in model.parameters())
