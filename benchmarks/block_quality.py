@@ -416,7 +416,7 @@ def table_rows(result: dict) -> list[str]:
 def table(args) -> int:
     """One result (the training run's JSON with the parse results under "parse", keyed by run) and its table."""
     result = json.loads(Path(args.result).read_text())
-    result["parse"], result["parse_environments"] = {}, []
+    result["parse"], result["parse_environments"], result["notes"] = {}, [], args.note
     for path in args.parse:
         parse_result = json.loads(Path(path).read_text())
         result["parse_environments"].append(parse_result["environment"])
@@ -424,7 +424,8 @@ def table(args) -> int:
             result["parse"][model_key(folder)] = row
     header = ["| model | blocks | held-out bits/token (negative ELBO bound) | parse, test headers | parse, held-out "
               "headers | parse, all | training (side by side) |", "|---|---|---|---|---|---|---|"]
-    markdown = "\n".join([f"# Block diffusion quality (issue 18)", "", *header, *table_rows(result), "", *args.note])
+    notes = [line for note in args.note for line in (f"- {note}", "")]
+    markdown = "\n".join(["# Block diffusion quality (issue 18)", "", *header, *table_rows(result), "", *notes])
     save(result, args.to, markdown)
     return 0
 

@@ -271,3 +271,30 @@ def test_profile_steps_training_step_runs_the_loss_backward_and_leaves_no_gradie
     profile_step.training_step(model, batch=2, length=12)()
     assert model.training and len(gradients) == 1 and gradients[0].abs().sum() > 0
     assert all(parameter.grad is None for parameter in model.parameters())
+
+
+def test_block_quality_table_puts_each_full_sequence_model_above_its_block_variants(benchmarks_on_path, tmp_path):
+    quality = load(BENCHMARKS / "block_quality.py")
+    shipped = str(quality.SHIPPED)
+
+    def run(preset, block_size, bits):
+        return dict(preset=preset, block_size=block_size, training_wall_s=100.0,
+                    heldout_float32={"bits_per_token": bits})
+
+    trained = dict(environment=quality.new_result()["environment"], shipped_heldout={shipped: {"bits_per_token": 5.8}}, runs={
+        "diffutran-8m-block16": run("diffutran-8m", 16, 5.5), "diffuapriel-8m-block16": run("diffuapriel-8m", 16, 5.6),
+        "diffutran-8m": run("diffutran-8m", None, 6.2)})
+    (tmp_path / "trained.json").write_text(json.dumps(trained))
+    parsed = dict(environment={}, models={
+        shipped: dict(test_prompts=dict(parsed=4, prompts=8), heldout_headers=dict(parsed=57, prompts=118)),
+        "/tmp/runs/diffuapriel-8m-block16-bf16": dict(test_prompts=dict(parsed=3, prompts=8),
+                                                      heldout_headers=dict(parsed=42, prompts=118))})
+    (tmp_path / "parsed.json").write_text(json.dumps(parsed))
+    quality.main(["table", str(tmp_path / "trained.json"), "--parse", str(tmp_path / "parsed.json"),
+                  "--note", "a note", "--to", str(tmp_path / "table")])
+    rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| `")]
+    assert [row.split(" | ")[1] for row in rows] == ["full sequence", "blocks of 16", "full sequence", "blocks of 16"]
+    assert rows[0].startswith("| `diffuapriel-8m` (shipped) | full sequence | 5.800 | 4/8 | 57/118 | 48.4% |")
+    assert "| 5.600 | 3/8 | 42/118 | 35.7% | 100 s |" in rows[1] and "| 6.200 |  |  |  | 100 s |" in rows[2]
+    assert "- a note" in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "table.json").read_text())["parse"]["diffuapriel-8m-block16"]["test_prompts"]
