@@ -161,16 +161,17 @@ class BlockDiffusionCache:
     (B, W) with W a multiple of the block size, and its `attention_mask` (B, W) (padding only as whole blocks before a
     row's first token, or at a row's end). With `use_cache=True` the pass consumes them: each layer's state moves past
     them and their keys and values are kept (a prompt's prefill; a block once committed). Without, the pass reads the
-    cache and leaves it as it was (a denoising step): such passes always read the same tensors, updated in place, so
-    one CUDA graph serves every step of every block (`cuda_graphs.GraphedDenoiser.cached_step`).
+    cache and leaves what later passes read as it was (a denoising step): such passes always read the same tensors,
+    updated in place, so one CUDA graph serves every step of every block (`cuda_graphs.GraphedDenoiser.cached_step`).
 
     Layers use it as transformers' cache layers: attention layers call `update(key, value, layer_idx)` and attend to
     what it returns under `attention_mask()`, Mamba layers read `mamba_state(layer_idx)` and hand their new state to
-    `update_mamba_state`. Keys and values are held in buffers of `max_length` positions, written at the consumed
-    length (a device tensor, `length_tensor`, so that a graph of a consuming pass writes where the cache stands when
-    it is replayed). A step reads them whole under a mask, so that the shapes of the steps never change; a consuming
-    pass reads the consumed ones only, or, with `static_reads` (a consuming pass replayed from a graph), all of them as
-    a step does.
+    `update_mamba_state`. Keys and values are held in buffers of `max_length` positions. Every pass writes its own at
+    their positions, after the consumed ones (at `length_tensor`, a device tensor, so that a graph writes where the
+    cache stands when it is replayed), and attends to the buffer itself, a view: nothing is copied but the pass's own
+    keys and values. A step's are overwritten by the next pass; a consuming pass's stay. A step reads the buffer whole
+    under a mask, so that the shapes of the steps never change; a consuming pass reads up to its own last position,
+    or, with `static_reads` (a consuming pass replayed from a graph), the whole buffer as a step does.
     """
 
     def __init__(self, config, batch_size: int, max_length: int, device=None, dtype: torch.dtype = torch.float32):
@@ -199,7 +200,7 @@ class BlockDiffusionCache:
                 self.keys_values[layer_idx] = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
         self.consuming = False
         self.pass_mask = self.pass_positions = None
-        self.visible = max_length  # the kept keys a pass reads
+        self.visible = max_length  # the buffer positions a pass reads: the kept keys and its own
 
     # ------------------------------------------------------------------------------------------------------------------
     # A pass: begun by the model with its padding, ended once every layer ran.
@@ -210,12 +211,12 @@ class BlockDiffusionCache:
         if batch != self.positions.shape[0] or width % self.block_size:
             raise ValueError(f"a pass with a BlockDiffusionCache of batch {self.positions.shape[0]} takes whole blocks "
                              f"of {self.block_size} tokens, got inputs of shape ({batch}, {width})")
-        if consume and self.length + width > self.max_length:
+        if self.length + width > self.max_length:  # the pass's keys and values are written at their positions
             raise ValueError(f"the BlockDiffusionCache holds {self.max_length} positions: {self.length} are consumed, "
                              f"{width} more do not fit")
         self.consuming, self.pass_mask = consume, padding_mask
-        self.visible = self.length if consume and not self.static_reads else self.max_length
-        self.write_index = self.length_tensor + torch.arange(width, device=padding_mask.device) if consume else None
+        self.visible = self.length + width if consume and not self.static_reads else self.max_length
+        self.write_index = self.length_tensor + torch.arange(width, device=padding_mask.device)
         # Positions count real tokens only, as in a pass over the whole sequence.
         self.pass_positions = (self.positions[:, None] + padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -229,31 +230,30 @@ class BlockDiffusionCache:
         self.consuming, self.pass_mask, self.pass_positions, self.write_index = False, None, None, None
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """(B, 1, W, V + W) for the V kept keys the pass reads (`update`), additive (0 or the dtype's minimum, as every attention implementation takes it):
-        a query sees the kept keys and, among the pass's own, those of its block and the blocks before it."""
-        width = self.pass_mask.shape[1]
-        block = torch.arange(width, device=self.pass_mask.device) // self.block_size
-        block_causal = block[None, :] <= block[:, None]  # (W, W)
-        own = block_causal[None] & self.pass_mask[:, None, :]  # (B, W, W)
-        kept = self.key_padding[:, None, : self.visible].expand(-1, width, -1)  # (B, W, V)
-        allowed = torch.cat([kept, own], dim=-1)[:, None]
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+        """(B, 1, W, V) for the V buffer positions the pass reads (`update`), additive (0 or the dtype's minimum, as
+        every attention implementation takes it): a query sees the kept keys and, among the pass's own (written after
+        them), the real ones of its block and the blocks before it."""
+        width, device = self.pass_mask.shape[1], self.pass_mask.device
+        offset = torch.arange(self.visible, device=device) - self.length_tensor  # (V,) position in the pass
+        own = (offset >= 0) & (offset < width)
+        within = offset.clamp(0, width - 1)
+        query_block, key_block = torch.arange(width, device=device) // self.block_size, within // self.block_size
+        own_allowed = own & (key_block[None, :] <= query_block[:, None])  # (W, V)
+        allowed = self.key_padding[:, None, : self.visible] | (own_allowed[None] & self.pass_mask[:, None, within])
+        return torch.zeros(allowed[:, None].shape, dtype=dtype, device=device).masked_fill(
+            ~allowed[:, None], torch.finfo(dtype).min)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Per layer, as transformers' cache layers.
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values (B, Hkv, V + W, d) the pass's queries attend to: the V kept ones it reads (a step: the
-        buffer, whole), then the pass's own (B, Hkv, W, d), which a consuming pass also keeps."""
+        """The keys and values (B, Hkv, V, d) the pass's queries attend to: the buffer's first V positions (a step:
+        all of them), views, once the pass's own (B, Hkv, W, d) are written after the consumed ones."""
         kept_keys, kept_values = self.keys_values[layer_idx]
-        keys = torch.cat([kept_keys[:, :, : self.visible], key_states], dim=2)
-        values = torch.cat([kept_values[:, :, : self.visible], value_states], dim=2)
-        if self.consuming:
-            kept_keys.index_copy_(2, self.write_index, key_states)
-            kept_values.index_copy_(2, self.write_index, value_states)
-        return keys, values
+        kept_keys.index_copy_(2, self.write_index, key_states)
+        kept_values.index_copy_(2, self.write_index, value_states)
+        return kept_keys[:, :, : self.visible], kept_values[:, :, : self.visible]
 
     def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (conv inputs, SSM state) the left-to-right direction of Mamba layer `layer_idx` continues from."""

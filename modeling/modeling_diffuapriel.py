@@ -457,8 +457,8 @@ class DiffuAprielAttention(nn.Module):
         key = key * cos + rotate_half(key) * sin
         if block_context is not None:  # a window's queries attend to the recorded outside positions, then the window
             key, value = block_context.update(key, value, self.layer_idx)  # (B, Hkv, L, d)
-        if past_key_values is not None:  # the kept keys of earlier blocks, then the pass's own
-            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, Hkv, M + L, d)
+        if past_key_values is not None:  # the cache's buffer: the kept keys of earlier blocks, then the pass's own
+            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, Hkv, V, d)
 
         attention_interface = eager_attention_forward
         # transformers' fused implementations reshape with -1, which an empty batch cannot resolve; the eager one

@@ -46,6 +46,21 @@ def test_a_block_against_the_cache_gives_the_whole_sequence_logits(block_model, 
         assert cache.length == 20 and cache.positions.tolist() == [18, 12]
 
 
+def test_a_steps_keys_written_into_the_cache_change_no_later_pass(block_model):
+    # Steps write their keys and values after the kept ones (the buffer is read in place): a step over other tokens,
+    # wider than the block then consumed, leaves the logits of the later passes those of the whole sequence.
+    model = block_model("hybrid")
+    ids, other = random_ids(model.config, 1, 16, seed=2), random_ids(model.config, 1, 16, seed=3)
+    with torch.no_grad():
+        whole = model(ids).logits
+        cache = BlockDiffusionCache(model.config, 1, 16)
+        model(ids[:, :4], past_key_values=cache, use_cache=True)
+        model(other[:, 4:16], past_key_values=cache)  # a step over three blocks of other tokens
+        model(ids[:, 4:8], past_key_values=cache, use_cache=True)
+        step = model(ids[:, 8:12], past_key_values=cache).logits
+    torch.testing.assert_close(step, whole[:, 8:12], rtol=0, atol=1e-5)
+
+
 def test_the_cache_refuses_passes_that_do_not_fit(block_model):
     model = block_model("hybrid")
     cache = BlockDiffusionCache(model.config, 1, 8)
@@ -57,6 +72,8 @@ def test_the_cache_refuses_passes_that_do_not_fit(block_model):
     model(ids, past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="do not fit"):
         model(ids[:, :4], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="do not fit"):  # a step's keys are written at its positions too
+        model(ids[:, :4], past_key_values=cache)
     with pytest.raises(ValueError, match="block_size"):
         BlockDiffusionCache(block_model("mamba", block_size=None).config, 1, 8)
     with pytest.raises(ValueError, match="multiple of the block size"):
