@@ -126,7 +126,7 @@ def test_items_reproduce_held_out_code_and_score_their_original(speed_quality):
 
 def test_the_script_runs_on_a_small_sample(tmp_path):
     """The smoke run with a block model (the shipped weights with blocks of 16: the exact cache's rows, not its
-    quality; its generation config keeps the shipped block length 8, which the block model's rows override)."""
+    quality; loading drops the shipped generation block length 8, which the block model would refuse)."""
     block_model = tmp_path / "block-model"
     DiffuAprielForMaskedLM.from_pretrained(default_model_path(), dtype=torch.float32, block_size=16).save_pretrained(
         block_model)
