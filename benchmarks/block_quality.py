@@ -384,7 +384,8 @@ def parse(args) -> int:
 def model_key(folder: str) -> str:
     """The run a parse result's model folder belongs to (NAME-bf16 -> NAME); the shipped model is "shipped"."""
     name = Path(folder).name
-    return "shipped" if Path(folder).resolve() == SHIPPED.resolve() or name == SHIPPED.name else name.removesuffix("-bf16")
+    shipped = Path(folder).resolve() == SHIPPED.resolve() or name == SHIPPED.name
+    return "shipped" if shipped else name.removesuffix("-bf16")
 
 
 def table_rows(result: dict) -> list[str]:

@@ -281,9 +281,10 @@ def test_block_quality_table_puts_each_full_sequence_model_above_its_block_varia
         return dict(preset=preset, block_size=block_size, training_wall_s=100.0,
                     heldout_float32={"bits_per_token": bits})
 
-    trained = dict(environment=quality.new_result()["environment"], shipped_heldout={shipped: {"bits_per_token": 5.8}}, runs={
-        "diffutran-8m-block16": run("diffutran-8m", 16, 5.5), "diffuapriel-8m-block16": run("diffuapriel-8m", 16, 5.6),
-        "diffutran-8m": run("diffutran-8m", None, 6.2)})
+    runs = {"diffutran-8m-block16": run("diffutran-8m", 16, 5.5),
+            "diffuapriel-8m-block16": run("diffuapriel-8m", 16, 5.6), "diffutran-8m": run("diffutran-8m", None, 6.2)}
+    trained = dict(environment=quality.new_result()["environment"], shipped_heldout={shipped: {"bits_per_token": 5.8}},
+                   runs=runs)
     (tmp_path / "trained.json").write_text(json.dumps(trained))
     parsed = dict(environment={}, models={
         shipped: dict(test_prompts=dict(parsed=4, prompts=8), heldout_headers=dict(parsed=57, prompts=118)),
