@@ -260,7 +260,8 @@ def decoding_settings(thresholds, cache_threshold: float, block_model: bool) -> 
                  (f"block cache, threshold {cache_threshold}", BLOCK_CACHE,
                   lambda n: dict(steps=None, use_block_cache=True, confidence_threshold=cache_threshold))]
     if block_model:
-        # A block model generates in its own blocks, whatever block length its saved generation config holds.
+        # A block model generates in its own blocks: block_length=None wins over the continuations' --block_length
+        # (decode's arguments override the task's lengths), which a block model of another block size refuses.
         settings += [("block model, exact cache, one token per step", BLOCK_MODEL,
                       lambda n: dict(steps=None, block_length=None)),
                      (f"block model, exact cache, threshold {cache_threshold}", BLOCK_MODEL,
