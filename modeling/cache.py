@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .cache_attention import visible_keys
 from .configuration_diffuapriel import MAMBA
 
 
@@ -185,7 +186,8 @@ class BlockDiffusionCache:
         self.length_tensor = torch.zeros((), dtype=torch.long, device=device)  # the same, on the device
         self.static_reads = False
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) real tokens consumed
-        self.key_padding = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)  # True: a kept key
+        # True at the real tokens' keys: the kept ones, and each pass's own from its start (`cache_attention`'s rule)
+        self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.mamba_states, self.keys_values = {}, {}
         conv_dim = config.mamba_intermediate_size + 2 * config.mamba_n_groups * config.mamba_d_state
         for layer_idx, layer_type in enumerate(config.layer_types):
@@ -217,13 +219,13 @@ class BlockDiffusionCache:
         self.consuming, self.pass_mask = consume, padding_mask
         self.visible = self.length + width if consume and not self.static_reads else self.max_length
         self.write_index = self.length_tensor + torch.arange(width, device=padding_mask.device)
+        self.key_valid.index_copy_(1, self.write_index, padding_mask)
         # Positions count real tokens only, as in a pass over the whole sequence.
         self.pass_positions = (self.positions[:, None] + padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def end_pass(self) -> None:
         if self.consuming:
             width = self.pass_mask.shape[1]
-            self.key_padding.index_copy_(1, self.write_index, self.pass_mask)
             self.positions += self.pass_mask.sum(-1)
             self.length_tensor += width
             self.length += width
@@ -231,16 +233,11 @@ class BlockDiffusionCache:
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(B, 1, W, V) for the V buffer positions the pass reads (`update`), additive (0 or the dtype's minimum, as
-        every attention implementation takes it): a query sees the kept keys and, among the pass's own (written after
-        them), the real ones of its block and the blocks before it."""
-        width, device = self.pass_mask.shape[1], self.pass_mask.device
-        offset = torch.arange(self.visible, device=device) - self.length_tensor  # (V,) position in the pass
-        own = (offset >= 0) & (offset < width)
-        within = offset.clamp(0, width - 1)
-        query_block, key_block = torch.arange(width, device=device) // self.block_size, within // self.block_size
-        own_allowed = own & (key_block[None, :] <= query_block[:, None])  # (W, V)
-        allowed = self.key_padding[:, None, : self.visible] | (own_allowed[None] & self.pass_mask[:, None, within])
-        return torch.zeros(allowed[:, None].shape, dtype=dtype, device=device).masked_fill(
+        every attention implementation takes it): `cache_attention.visible_keys`, the kept keys and, among the pass's
+        own (written after them), the real ones of its block and the blocks before it."""
+        allowed = visible_keys(self.key_valid[:, : self.visible], self.length_tensor, self.pass_mask.shape[1],
+                               self.block_size)
+        return torch.zeros(allowed[:, None].shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed[:, None], torch.finfo(dtype).min)
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -267,7 +264,7 @@ class BlockDiffusionCache:
     def reset(self) -> None:
         """Empty, as built: for a new generation of the same shapes (its tensors stay where they are)."""
         self.length = 0
-        for tensor in [self.length_tensor, self.positions, self.key_padding, *self.tensors()]:
+        for tensor in [self.length_tensor, self.positions, self.key_valid, *self.tensors()]:
             tensor.zero_()
 
     def tensors(self) -> list[torch.Tensor]:

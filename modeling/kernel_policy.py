@@ -11,6 +11,8 @@ Every operation the model fuses has a PyTorch reference (runs everywhere, carrie
 | block RMSNorm                              | float32 statistics, six passes     | `F.rms_norm`, one kernel                 |
 | MLP gate and up projections                | two products                       | one product of the stacked weights       |
 | LM head                                    | the vocabulary as it is            | the vocabulary padded to a multiple of 8 |
+| attention against a `BlockDiffusionCache`  | the attention implementation under | `cache_attention` Triton kernel          |
+|                                            | the cache's mask                   | (inference, not `eager`)                 |
 
 `resolve_kernel_policy(config, device)` makes every choice once per forward, from the config (`use_mamba_kernels`),
 the device, grad mode and what is installed, into a `KernelPolicy` that the model passes to its layers; the layers
@@ -95,6 +97,8 @@ class KernelPolicy:
     fused_rms_norm: `F.rms_norm` for the block norms (where input and weight share a dtype).
     mlp_one_product_min_tokens: from how many tokens the MLP computes gate and up as one product (None: never).
     vocab_multiple: the LM head's vocabulary padded to a multiple of this for its product (1: not padded).
+    cache_attention: attention layers of passes against a block model's exact cache run `cache_attention.py`'s
+        kernel instead of the attention implementation (which `eager` keeps, for its attention maps).
     """
 
     mamba: MambaOps = TORCH_OPS
@@ -103,6 +107,7 @@ class KernelPolicy:
     fused_rms_norm: bool = False
     mlp_one_product_min_tokens: Optional[int] = None
     vocab_multiple: int = 1
+    cache_attention: bool = False
 
 
 REFERENCE_POLICY = KernelPolicy()  # PyTorch everywhere: CPU, MPS, and whatever lacks a kernel
@@ -113,7 +118,8 @@ def resolve_kernel_policy(config, device: torch.device) -> KernelPolicy:
     """The policy for a forward pass of a model with this config on this device, in the current grad mode, with the
     fields `override_kernel_policy` sets (outside `torch.compile`, which cannot read them)."""
     device = torch.device(device)
-    policy = _default_policy(device.type, bool(config.use_mamba_kernels), torch.is_grad_enabled())
+    policy = _default_policy(device.type, bool(config.use_mamba_kernels), torch.is_grad_enabled(),
+                             config._attn_implementation == "eager")
     overrides = {} if torch.compiler.is_compiling() else _overrides.get()
     return dataclasses.replace(policy, **overrides) if overrides else policy
 
@@ -133,7 +139,8 @@ def override_kernel_policy(**fields):
 
 
 @functools.lru_cache
-def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: bool) -> KernelPolicy:
+def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: bool,
+                    eager_attention: bool) -> KernelPolicy:
     if device_type != "cuda":
         return REFERENCE_POLICY
     # The Triton kernels of fused_ops have no backward: in grad mode the references run.
@@ -147,6 +154,8 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
         fused_rms_norm=True,
         mlp_one_product_min_tokens=DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value,
         vocab_multiple=DISPATCH_THRESHOLDS["lm_head_vocab_multiple"].value,
+        # No mask read and the key range split over programs: at 64K kept keys, see cache_attention.py's table.
+        cache_attention=forward_only and not eager_attention,
     )
 
 

@@ -34,6 +34,7 @@ from .block_diffusion import (
     unfold_blocks,
 )
 from .cache import BlockContext, BlockDiffusionCache
+from .cache_attention import cache_attention
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import INTEGER_DTYPES, labelled_positions, masked_diffusion_loss, negative_elbo, values_readable
 from .fused_ops import add_rms_norm, add_time_reversed, swiglu
@@ -439,12 +440,12 @@ class DiffuAprielAttention(nn.Module):
 
     def forward(
         self, hidden_states, position_embeddings, attention_mask=None, block_context=None, padding_mask=None,
-        two_stream=False, past_key_values=None, seq_idx=None, kernels=None, **kwargs,
+        two_stream=False, past_key_values=None, seq_idx=None, kernels: KernelPolicy = REFERENCE_POLICY, **kwargs,
     ) -> MixerOutput:
         # hidden_states: (B, L, D); attention_mask: the keys' padding (or block structure) as transformers' attention
-        # interface takes it. padding_mask, two_stream, seq_idx and kernels are the Mamba mixer's arguments
-        # (attention_mask carries the padding, the blocks and the documents here), unused: the implementation is the
-        # config's `attn_implementation`.
+        # interface takes it. padding_mask, two_stream and seq_idx are the Mamba mixer's arguments (attention_mask
+        # carries the padding, the blocks and the documents here), unused. The implementation is the config's
+        # `attn_implementation`, but for passes against a BlockDiffusionCache where `kernels` chooses the cache's own.
         batch, seqlen, _ = hidden_states.shape
         # Head counts spelled out, not -1: an empty batch has no size to infer them from.
         query = self.q_proj(hidden_states).view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
@@ -460,16 +461,23 @@ class DiffuAprielAttention(nn.Module):
         if past_key_values is not None:  # the cache's buffer: the kept keys of earlier blocks, then the pass's own
             key, value = past_key_values.update(key, value, self.layer_idx)  # (B, Hkv, V, d)
 
-        attention_interface = eager_attention_forward
-        # transformers' fused implementations reshape with -1, which an empty batch cannot resolve; the eager one
-        # gives its empty output.
-        if self.config._attn_implementation != "eager" and batch > 0:
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-        output, weights = attention_interface(
-            self, query, key, value, attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, is_causal=False, **kwargs,
-        )
-        output = output.reshape(batch, seqlen, self.num_heads * self.head_dim)
+        if past_key_values is not None and kernels.cache_attention:
+            # The cache's visibility rule read by the kernel itself, no mask (cache_attention.py).
+            output, weights = cache_attention(query, key, value, past_key_values.key_valid,
+                                              past_key_values.length_tensor, past_key_values.block_size,
+                                              self.scaling), None
+        else:
+            attention_interface = eager_attention_forward
+            # transformers' fused implementations reshape with -1, which an empty batch cannot resolve; the eager one
+            # gives its empty output.
+            if self.config._attn_implementation != "eager" and batch > 0:
+                attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            output, weights = attention_interface(
+                self, query, key, value, attention_mask,
+                dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, is_causal=False,
+                **kwargs,
+            )
+        output = output.reshape(batch, seqlen, self.num_heads * self.head_dim)  # (B, L, H * d)
         return MixerOutput(self.o_proj(output), attention_weights=weights)
 
 
@@ -840,7 +848,7 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         if past_key_values is not None:
             past_key_values.begin_pass(_padding_mask(hidden_states, attention_mask, None, keep_ones=True), use_cache)
         layer_inputs = self._layer_inputs(hidden_states, attention_mask, block_context, two_stream, past_key_values,
-                                          (position_ids, seq_idx))
+                                          (position_ids, seq_idx), kernels)
         for layer in self.layers:
             hidden_states, _ = layer(hidden_states, **layer_inputs, kernels=kernels, **kwargs)
         if block_context is not None:
@@ -849,7 +857,8 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
             past_key_values.end_pass()
         return BaseModelOutput(last_hidden_state=self.norm(hidden_states, kernels))
 
-    def _layer_inputs(self, hidden_states, attention_mask, block_context, two_stream, cache, packing) -> dict:
+    def _layer_inputs(self, hidden_states, attention_mask, block_context, two_stream, cache, packing,
+                      kernels: KernelPolicy) -> dict:
         """What every block takes besides the hidden states: the padding (B, L) bool, True at real tokens, or None
         when nothing is padded; the documents of packed rows (`seq_idx`); with attention layers, the rotary
         embeddings and the keys' padding (and documents) in the attention implementation's form. A pass recording a
@@ -875,8 +884,9 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
                 position_ids = _position_ids(padding_mask, batch, seqlen // 2 if two_stream else seqlen,
                                              2 if two_stream else 1, hidden_states.device)
             inputs["position_embeddings"] = self.rotary_emb(position_ids, hidden_states.dtype)
-            if cache is not None:
-                inputs["attention_mask"] = cache.attention_mask(hidden_states.dtype)
+            if cache is not None:  # (the cache's attention kernel reads the cache's rule itself)
+                inputs["attention_mask"] = None if kernels.cache_attention else cache.attention_mask(
+                    hidden_states.dtype)
             elif documents is not None:
                 inputs["attention_mask"] = _document_attention_bias(self.config, hidden_states, padding_mask,
                                                                     documents[1])

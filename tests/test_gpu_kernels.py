@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
-from diffuapriel_hf.modeling import mamba_ops
+from diffuapriel_hf.modeling import cache_attention, mamba_ops
 from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
 from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser, graphed_denoiser
 from diffuapriel_hf.modeling.cache import BlockContext
-from diffuapriel_hf.modeling.kernel_policy import DISPATCH_THRESHOLDS, resolve_kernel_policy
+from diffuapriel_hf.modeling.kernel_policy import (DISPATCH_THRESHOLDS, override_kernel_policy,
+                                                   resolve_kernel_policy)
 from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 
 pytestmark = [
@@ -472,3 +473,39 @@ def test_an_eager_forward_never_waits_for_the_device(layer_types):
     torch.testing.assert_close(whole, expected, rtol=0, atol=0)
     torch.testing.assert_close(kept, expected[:, keep], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(with_ones, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("width, kept, buffer", [(4096, 8192, 12288), (32, 65504, 65536), (32, 1024, 1280)],
+                         ids=["prefill", "step-split", "step-short"])
+def test_cache_attention_kernel_matches_its_reference_in_bf16(width, kept, buffer):
+    # diffuapriel-h-1.3b's heads in bf16, at a prefill chunk and at steps whose key range is split over programs.
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(2, width, 16, 128, device="cuda", dtype=torch.bfloat16, generator=generator).transpose(1, 2)
+    key, value = (torch.randn(2, 8, buffer, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+                  for _ in "kv")
+    valid = torch.rand(2, buffer, device="cuda", generator=generator) < 0.9
+    start = torch.tensor(kept, device="cuda")
+    out = cache_attention.cache_attention(query, key, value, valid, start, 32, 128**-0.5)
+    expected = cache_attention.cache_attention_reference(query, key, value, valid, start, 32, 128**-0.5)
+    assert rel_err(out, expected) < BF16_TOL
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("kind", [[MAMBA, ATTENTION, MAMBA], [ATTENTION] * 2], ids=["hybrid", "attention"])
+def test_block_generation_through_the_cache_attention_kernel_gives_the_implementations_tokens(kind):
+    torch.manual_seed(0)
+    config = preset_config("tiny", layer_types=kind, num_hidden_layers=len(kind), block_size=4,
+                           tie_word_embeddings=False)
+    model = DiffuAprielForMaskedLM(config).cuda().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    assert resolve_kernel_policy(config, torch.device("cuda")).cache_attention
+    ids = torch.randint(3, config.mask_token_id, (2, 10), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=14, steps=14, eos_token_id=None)
+    kernel = model.generate(ids, **settings)  # graphed steps and consuming passes
+    with override_kernel_policy(cache_attention=False):
+        assert torch.equal(model.generate(ids, **settings), kernel)
+    assert torch.equal(model.generate(ids, use_cache=False, **settings), kernel)

@@ -235,8 +235,13 @@ def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
     assert on_cuda.vocab_multiple == DISPATCH_THRESHOLDS["lm_head_vocab_multiple"].value
     assert on_cuda.mlp_one_product_min_tokens == DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value
     assert on_cuda.mamba.name == ("torch" if kernel_ops() is None else "kernels")
+    assert on_cuda.cache_attention == TRITON_INSTALLED
     with torch.enable_grad():  # the forward-only Triton kernels stay out of grad mode
         assert not resolve_kernel_policy(config, "cuda").fused_elementwise
+        assert not resolve_kernel_policy(config, "cuda").cache_attention
+    with torch.no_grad():  # eager attention keeps its maps, against the cache too
+        eager = DiffuAprielConfig.from_preset("tiny", attn_implementation="eager")
+        assert not resolve_kernel_policy(eager, "cuda").cache_attention
     assert resolve_kernel_policy(DiffuAprielConfig.from_preset("tiny", use_mamba_kernels=False), "cuda").mamba is TORCH_OPS
 
 
