@@ -2,6 +2,7 @@
 word-level tokenizer over the tiny preset's vocabulary, a Python process in which diffuapriel_hf cannot be
 imported, and a stand-in for the Hub that records uploads."""
 
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,17 @@ def build_word_tokenizer(config) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", mask_token="[MASK]"
     )
+
+
+def run_interpreted(module: str, function: str):
+    """`module.function()` (a test module beside this file) in a fresh process under Triton's interpreter
+    (TRITON_INTERPRET=1, which Triton reads when first imported): its JSON-printable result."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = f"import json, {module} as t; print(json.dumps(t.{function}()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

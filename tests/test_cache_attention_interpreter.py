@@ -3,15 +3,11 @@
 key; and block models generating through it, against the attention implementation under the cache's mask and against
 whole-sequence passes. The compiled kernel in bf16 and under CUDA graphs is tested on a GPU (`test_gpu_kernels.py`)."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, run_interpreted
 
 from diffuapriel_hf.modeling.cache_attention import cache_attention_reference, visible_keys
 from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
@@ -93,13 +89,7 @@ def check_all_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """Triton reads TRITON_INTERPRET when it is imported, so the cases run in a fresh process that sets it first."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "import json, test_cache_attention_interpreter as t; print(json.dumps(t.check_all_cases()))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted("test_cache_attention_interpreter", "check_all_cases")
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

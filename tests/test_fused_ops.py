@@ -2,13 +2,10 @@
 dispatch (references on CPU and wherever a gradient is needed). Their compiled form is tested on a GPU in
 `test_gpu_kernels.py`."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from conftest import run_interpreted
 
 from diffuapriel_hf import DiffuAprielConfig, DiffuAprielModel
 from diffuapriel_hf.modeling.fused_ops import (
@@ -55,12 +52,7 @@ def interpreted_errors() -> dict:
 
 def test_interpreted_kernels_match_their_references():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "import json, test_fused_ops as t; print(json.dumps(t.interpreted_errors()))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = run_interpreted("test_fused_ops", "interpreted_errors")
     assert len(errors) == 3 * len(SHAPES) + 3 * 2
     for name, error in errors.items():
         assert error <= 1e-5, (name, error)

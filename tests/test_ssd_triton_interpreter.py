@@ -2,15 +2,12 @@
 against the PyTorch reference: its indexing, masking and arithmetic, for several tile sizes. The compiled kernel, its
 bf16 results and its speed are tested on a GPU (`test_gpu_kernels.py`)."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_interpreted
 from test_gpu_kernels import rel_err, ssd_inputs
 
 from diffuapriel_hf.modeling.mamba_ops import mamba_chunk_scan_combined_reference
@@ -79,13 +76,7 @@ def check_all_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """Triton reads TRITON_INTERPRET when it is imported, so the cases run in a fresh process that sets it first."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "import json, test_ssd_triton_interpreter as t; print(json.dumps(t.check_all_cases()))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted("test_ssd_triton_interpreter", "check_all_cases")
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
