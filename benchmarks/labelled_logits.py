@@ -45,8 +45,7 @@ def measure(config_name: str, skip_logits: bool, batch_size: int, length: int, r
                                 padding_side="right")
     ids = torch.randint(0, config.mask_token_id, (batch_size, length), generator=torch.Generator().manual_seed(0))
     examples = [{"input_ids": row.tolist(), "noise_seed": i} for i, row in enumerate(ids)]
-    batch = DataCollatorForMaskedDiffusion(tokenizer)(examples)
-    del batch["attention_mask"]  # nothing is padded
+    batch = DataCollatorForMaskedDiffusion(tokenizer)(examples)  # nothing is padded: no attention mask
     batch = {name: tensor.to(device) for name, tensor in batch.items()}
     seconds = []
     for step in range(reps + 1):

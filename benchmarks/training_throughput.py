@@ -4,8 +4,8 @@ variants, random weights, bf16), all in one run on one GPU.
 For each model, at each sequence length (1K to 32K tokens) with a fixed number of tokens a step (the batch is
 tokens_per_step / length sequences), with and without gradient checkpointing:
 - the time of one bare training step: forward with the loss, backward, AdamW step (fused on CUDA), zero_grad, on a
-  batch from the train command's collator (`DataCollatorForMaskedDiffusion`: noised tokens, labels and loss weights)
-  passed without its attention mask of ones (the model's unpadded path); the median of `--reps` steps after a
+  batch from the train command's collator (`DataCollatorForMaskedDiffusion`: noised tokens, labels and loss weights;
+  no attention mask, as nothing is padded); the median of `--reps` steps after a
   warm-up step of the shape, each step timed with the device synchronised at its ends;
 - tokens per second; MFU = 6 x parameters x tokens / step time over the card's datasheet dense bf16 peak, and over
   a measured ceiling (an 8192^3 bf16 matrix product timed in the same run); peak memory of the timed steps.
@@ -13,8 +13,8 @@ A block model's step runs the noised and the clean stream together (twice the to
 counts the noised tokens only, as the others', so it says what a training token costs.
 Then the same model through `transformers.Trainer` with the train command's collator and training defaults for a
 few steps at one length (`--trainer_length`): the time between successive steps' ends (data loading, collation,
-gradient clipping, the scheduler and logging included), against the bare step on the collator's whole batch (its
-attention mask included, as Trainer passes it) and the bare step without the mask. At that length also the bare step
+gradient clipping, the scheduler and logging included), against the bare step, and the bare step given an attention
+mask of ones (what the collator passed before it left such masks out; on CUDA a mask takes the padding path). At that length also the bare step
 with the loss from the logits of every position (`skip_logits=False`) against the default, the labelled positions'.
 Each model's kernels are compiled by a step of one short sequence before anything is timed. A length that runs out
 of memory is recorded and the run goes on, as it does past a model that fails (its error recorded); `--deadline`
@@ -120,12 +120,12 @@ def random_examples(config, count: int, length: int, seed: int) -> list[dict]:
     return [{"input_ids": row.tolist(), "noise_seed": seed * 100_000 + i} for i, row in enumerate(ids)]
 
 
-def training_batch(config, batch: int, length: int, device, keep_attention_mask: bool = False, **options) -> dict:
-    """A collated batch on `device`, without its attention mask of ones unless `keep_attention_mask`, and `options`
-    (other arguments of forward)."""
+def training_batch(config, batch: int, length: int, device, mask_of_ones: bool = False, **options) -> dict:
+    """A collated batch on `device` (no attention mask: nothing is padded), given an attention mask of ones with
+    `mask_of_ones`, and `options` (other arguments of forward)."""
     collated = collator_for(config)(random_examples(config, batch, length, seed=length))
-    if not keep_attention_mask:
-        del collated["attention_mask"]
+    if mask_of_ones:
+        collated["attention_mask"] = torch.ones_like(collated["input_ids"])
     return {**{name: tensor.to(device) for name, tensor in collated.items()}, **options}
 
 
@@ -275,8 +275,8 @@ def trainer_step_seconds(model, batch_size: int, length: int, steps: int, device
 
 
 def trainer_comparison(model, spec_name: str, batch_size: int, run: dict, device) -> dict:
-    """Trainer's step against the bare step on the collator's whole batch (attention mask of ones included), at
-    run["trainer_length"] with the bare row's `batch_size`, no gradient checkpointing."""
+    """Trainer's step, and the bare step given an attention mask of ones, at run["trainer_length"] with the bare row's
+    `batch_size`, no gradient checkpointing."""
     length = run["trainer_length"]
     entry = dict(model=spec_name, batch=batch_size, length=length, steps=run["trainer_steps"])
     set_checkpointing(model, False)
@@ -292,13 +292,13 @@ def trainer_comparison(model, spec_name: str, batch_size: int, run: dict, device
     entry.update(bare_with_mask_seconds=masked, bare_with_mask_ms=1e3 * statistics.median(masked),
                  trainer_step_seconds=intervals, trainer_step_ms=1e3 * statistics.median(intervals))
     print(f"{spec_name:26s} Trainer {batch_size:3d} x {length:6d}  step {entry['trainer_step_ms']:9.1f} ms; bare step "
-          f"on the collator's batch with its attention mask {entry['bare_with_mask_ms']:9.1f} ms", flush=True)
+          f"with an attention mask of ones {entry['bare_with_mask_ms']:9.1f} ms", flush=True)
     return entry
 
 
 def bare_steps_with_mask(model, batch_size: int, length: int, reps: int, device) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    batch = training_batch(model.config, batch_size, length, device, keep_attention_mask=True)
+    batch = training_batch(model.config, batch_size, length, device, mask_of_ones=True)
     seconds = timed_steps(model, optimizer, batch, reps, device)
     optimizer.zero_grad(set_to_none=True)
     return seconds
@@ -421,7 +421,7 @@ def step_table(result: dict) -> list[str]:
 
 
 def trainer_table(result: dict) -> list[str]:
-    lines = ["| model | batch x length | bare step ms | bare step ms, collator's attention mask | Trainer step ms | "
+    lines = ["| model | batch x length | bare step ms | bare step ms, mask of ones | Trainer step ms | "
              "Trainer / bare | Trainer / bare with the mask |", "|---|---|---|---|---|---|---|"]
     for name, entry in result["models"].items():
         trainer = entry.get("trainer")
@@ -520,8 +520,8 @@ def markdown(result: dict) -> str:
         f"`Trainer.train()` with the train command's collator and defaults (no gradient checkpointing, the model's "
         f"{result['dtype']} weights as they are, no autocast): the median time between successive steps' ends over "
         f"{result['trainer_steps']} steps (the data loading, collation, gradient clipping, scheduler and logging "
-        f"included). Bare step with the collator's attention mask: the same batch as Trainer passes it (a mask of "
-        f"ones takes the padding path on CUDA).",
+        f"included). Bare step with a mask of ones: the batch given an attention mask of ones, which takes the "
+        f"padding path on CUDA (until the collator left out masks of ones, Trainer's batches carried one).",
         "",
         *trainer_table(result),
         "",

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from conftest import build_tiny_model
+
 from diffuapriel_hf import DataCollatorForMaskedDiffusion
 from diffuapriel_hf.modeling.diffusion import (
     bits_per_token, elbo_times, loss_weight, mask_probability, masked_diffusion_loss, negative_elbo, noise_tokens,
@@ -250,3 +252,22 @@ def test_seeded_examples_make_the_noise_a_function_of_the_examples():
     # The times are still stratified over the batch.
     t = 1 / collator(epoch0)["loss_weights"][:, 0]
     assert sorted(((t - 1e-3) / (1 - 1e-3) * 4).floor().long().tolist()) == [0, 1, 2, 3]
+
+
+def test_the_collator_leaves_out_a_mask_of_ones_and_the_loss_is_the_same():
+    # On CUDA the model cannot tell a mask of ones from padding without waiting for the device: unpadded batches carry
+    # none, and the loss is that of the batch with a mask of ones.
+    collator = DataCollatorForMaskedDiffusion(TinyTokenizer(), sampling_eps=1e-3)
+    examples = [{"input_ids": list(range(3, 19)), "noise_seed": i} for i in range(3)]
+    batch = collator(examples)
+    assert set(batch) == {"input_ids", "labels", "loss_weights"}
+    noised = collator([{**examples[0], "labels": batch["labels"][0].tolist(),
+                        "loss_weights": batch["loss_weights"][0].tolist()}])
+    assert "attention_mask" not in noised
+    padded = collator(examples + [{"input_ids": list(range(3, 10)), "noise_seed": 3}])
+    assert padded["attention_mask"].sum().item() == 3 * 16 + 7
+    model = build_tiny_model("hybrid", 2)
+    with torch.no_grad():
+        loss = model(**batch).loss
+        with_mask = model(**batch, attention_mask=torch.ones_like(batch["input_ids"])).loss
+    torch.testing.assert_close(loss, with_mask)
