@@ -33,7 +33,7 @@ from diffuapriel_hf.modeling.denoisers import ExactCacheDenoiser
 
 BLOCK_MODELS = ["diffuapriel-1.3b-block", "diffuapriel-h-1.3b-block", "diffutran-1.3b-block"]
 FULL_MODELS = ["diffuapriel-1.3b", "diffuapriel-h-1.3b"]
-LENGTHS = [1024, 4096, 16384, 65536]
+LENGTHS = [1024, 4096, 8192, 16384, 65536]  # 8K: where the issue wants block DiffuApriel ahead of block DiffuTran
 BLOCK_ONLY_LENGTHS = [131072, 262144]
 BATCHED = {1024: 16, 4096: 16}  # prompt length -> batch size of the batched shapes
 NEW_TOKENS, BLOCK, STEPS_PER_BLOCK, THRESHOLD = 256, 32, 8, 0.9
