@@ -33,6 +33,7 @@ the best accuracy of all rows. Speed and the three scores are the sample's alone
 import argparse
 import ast
 import doctest
+import functools
 import json
 import textwrap
 import time
@@ -172,13 +173,22 @@ def module_items(source: str, module: str, tokenizer, task: str, token_range: tu
     return items
 
 
+@functools.cache
+def held_out_files() -> tuple[Path, ...]:
+    """`stdlib_files("heldout")`, listed once: each listing walks the whole standard library (seconds on a CPU), and
+    the items of every task and the doctest census read the same files."""
+    return tuple(stdlib_files("heldout"))
+
+
+@functools.cache
 def held_out_items(tokenizer, task: str, token_range: tuple[int, int], left_tokens: int,
                    right_tokens: int) -> dict[str, list[CodeItem]]:
     """Every item of `task` in the held-out modules, by module (in the order of `HELD_OUT_MODULES`), each module's
-    files and functions in their order."""
+    files and functions in their order. Cached: the sample and the doctests' pool ask for the same items where their
+    token ranges agree (callers read the lists, never change them)."""
     by_module = {module: [] for module in HELD_OUT_MODULES}
     root = stdlib_root()
-    for path in stdlib_files("heldout"):
+    for path in held_out_files():
         relative = path.relative_to(root)
         by_module[top_level_module(relative)] += module_items(
             path.read_text(encoding="utf-8"), top_level_module(relative), tokenizer, task, token_range, left_tokens,
@@ -367,7 +377,7 @@ def doctest_census(cache: dict) -> dict:
     them."""
     functions = passing = 0
     root = stdlib_root()
-    for path in stdlib_files("heldout"):
+    for path in held_out_files():
         source = path.read_text(encoding="utf-8")
         names = doctest_functions(source)
         for node, _, (start, end) in function_spans(source):
