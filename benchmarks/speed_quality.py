@@ -174,13 +174,6 @@ def module_items(source: str, module: str, tokenizer, task: str, token_range: tu
 
 
 @functools.cache
-def held_out_files() -> tuple[Path, ...]:
-    """`stdlib_files("heldout")`, listed once: each listing walks the whole standard library (seconds on a CPU), and
-    the items of every task and the doctest census read the same files."""
-    return tuple(stdlib_files("heldout"))
-
-
-@functools.cache
 def held_out_items(tokenizer, task: str, token_range: tuple[int, int], left_tokens: int,
                    right_tokens: int) -> dict[str, list[CodeItem]]:
     """Every item of `task` in the held-out modules, by module (in the order of `HELD_OUT_MODULES`), each module's
@@ -188,7 +181,7 @@ def held_out_items(tokenizer, task: str, token_range: tuple[int, int], left_toke
     token ranges agree (callers read the lists, never change them)."""
     by_module = {module: [] for module in HELD_OUT_MODULES}
     root = stdlib_root()
-    for path in held_out_files():
+    for path in stdlib_files("heldout"):
         relative = path.relative_to(root)
         by_module[top_level_module(relative)] += module_items(
             path.read_text(encoding="utf-8"), top_level_module(relative), tokenizer, task, token_range, left_tokens,
@@ -377,7 +370,7 @@ def doctest_census(cache: dict) -> dict:
     them."""
     functions = passing = 0
     root = stdlib_root()
-    for path in held_out_files():
+    for path in stdlib_files("heldout"):
         source = path.read_text(encoding="utf-8")
         names = doctest_functions(source)
         for node, _, (start, end) in function_spans(source):

@@ -11,6 +11,7 @@ named in `HELD_OUT_MODULES`, never trained on.
     python -m diffuapriel_hf.training.stdlib_corpus train 8   # the first 8 only
 """
 
+import functools
 import sys
 import sysconfig
 from pathlib import Path
@@ -38,7 +39,13 @@ def stdlib_files(split: str, root: Path | None = None) -> list[Path]:
     """The corpus files of `split` ("train" or "heldout"), sorted by path relative to the stdlib folder."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = stdlib_root() if root is None else Path(root)
+    return list(_corpus_files(split, stdlib_root() if root is None else Path(root)))
+
+
+@functools.lru_cache
+def _corpus_files(split: str, root: Path) -> tuple[Path, ...]:
+    # Kept for the process: finding the files reads all of them (to leave out those that are not UTF-8), several
+    # seconds for the whole standard library, and training, evaluation and benchmarks ask again and again.
     files = []
     for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
         relative = path.relative_to(root)
@@ -53,7 +60,7 @@ def stdlib_files(split: str, root: Path | None = None) -> list[Path]:
         files.append(path)
     if not files:
         raise ValueError(f"no standard library source files found under {root}")
-    return files
+    return tuple(files)
 
 
 def main(argv=None) -> int:
