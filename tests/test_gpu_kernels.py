@@ -500,7 +500,8 @@ def test_block_generation_through_the_cache_attention_kernel_gives_the_implement
     model = DiffuAprielForMaskedLM(config).cuda().eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)
-    assert resolve_kernel_policy(config, torch.device("cuda")).cache_attention
+    with torch.no_grad():  # (generate's grad mode: the kernel has no backward)
+        assert resolve_kernel_policy(config, torch.device("cuda")).cache_attention
     ids = torch.randint(3, config.mask_token_id, (2, 10), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
