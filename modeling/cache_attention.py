@@ -23,11 +23,16 @@ try:  # installed with mamba-ssm (and by PyTorch's CUDA wheels); without it, the
 except ImportError:
     triton = None
 
-# Tiles and warps, by the pass's width (measured by benchmarks/cache_attention.py on an H100: see its result file).
-PREFILL_TILES = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)  # passes of more than 64 queries
+# Tiles, warps and splits, measured by benchmarks/cache_attention.py on an H100 (results/cache_attention.json) at
+# diffuapriel-h-1.3b's heads: for a prefill chunk of 4,096 queries, tiles of 64 x 64 with 4 warps were the fastest of
+# five at every context (5.67 ms after 60K kept keys, against 6.46-9.13 for the others and 6.50 for SDPA under the
+# mask). For a step of 32 queries (one program a head), 16 splits were the fastest at 128K and 256K kept keys (0.54
+# and 0.90 ms, against 3.13 and 6.06 for SDPA) and 17 were slower (0.73 and 1.29): 16 x 16 programs fill the 132
+# multiprocessors twice, 17 x 16 take a third round; below 8K keys a step was fastest unsplit.
+PREFILL_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # passes of more than 64 queries
 STEP_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # a step: BLOCK_M is the width rounded up to a power of 2
-SPLIT_PROGRAMS_PER_MULTIPROCESSOR = 2  # splits of the key range until the programs fill the GPU this many times
-MIN_SPLIT_KEYS = 512  # no split of a buffer shorter than this many keys per split
+SPLIT_PROGRAMS_PER_MULTIPROCESSOR = 2  # at most this many programs a multiprocessor, in whole rounds
+MIN_SPLIT_KEYS = 4096  # no split of fewer keys than this
 
 
 def visible_keys(key_valid: torch.Tensor, start: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
@@ -60,8 +65,8 @@ def cache_attention(query, key, value, key_valid, start, block_size: int, scalin
         programs = batch * heads * triton.cdiv(width, tiles["BLOCK_M"])
         # (Triton's interpreter runs CPU tensors: one "multiprocessor".)
         multiprocessors = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 1
-        wanted = triton.cdiv(SPLIT_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, programs)
-        splits = max(1, min(wanted, key.shape[2] // MIN_SPLIT_KEYS))
+        fitting = SPLIT_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // programs  # no partly filled last round
+        splits = max(1, min(fitting, key.shape[2] // MIN_SPLIT_KEYS))
     return launch_cache_attention(query, key, value, key_valid, start, block_size, scaling, splits, **tiles)
 
 
