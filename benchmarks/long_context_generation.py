@@ -152,8 +152,8 @@ def label(row: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | cache | decoding | batch | prompt | new tokens/s | first block (s) | peak GiB | passes | step (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | cache | decoding | batch | prompt | new tokens/s | first block (s) | peak GiB | passes | "
+             "step (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         if "error" in row:
             measured = f"{row['error'][:60]} | | | | |"
@@ -161,7 +161,7 @@ def markdown(result: dict) -> str:
             step = f"{row['step_ms']:.2f}" if "step_ms" in row else ""
             measured = (f"{row['tokens_per_s']:,.0f} | {row['first_block_s']:.3f} | {row['peak_memory_gb']:.1f} | "
                         f"{row['forward_passes']} | {step} |")
-        lines.append(f"| {row['model']} | {row['cache']} | {row['decoding']} | {row['batch']} | "
+        lines.append(f"| {row.get('run', '')} | {row['model']} | {row['cache']} | {row['decoding']} | {row['batch']} | "
                      f"{row['prompt_length']:,} | {measured}")
     return "\n".join(lines + ["", *result.get("findings", [])])
 
@@ -177,9 +177,9 @@ def plot(result: dict, path: Path) -> None:
     for row in result["rows"]:
         if row["batch"] == 1 and row["decoding"] == "steps" and "error" not in row:
             curves.setdefault(label(row), []).append((row["prompt_length"], row["tokens_per_s"]))
-    for name, points in curves.items():
+    for index, (name, points) in enumerate(curves.items()):
         lengths, throughput = zip(*sorted(points))
-        axis.plot(lengths, throughput, marker="o", label=name)
+        axis.plot(lengths, throughput, marker="o", label=name, color=plt.cm.tab20.colors[index % 20])
     axis.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="new tokens per second",
              title=f"256 new tokens, blocks of 32, 8 steps a block, batch 1 ({result['environment']['device']})")
     axis.legend(fontsize=8)

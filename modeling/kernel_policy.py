@@ -155,7 +155,8 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
         mlp_one_product_min_tokens=DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value,
         vocab_multiple=DISPATCH_THRESHOLDS["lm_head_vocab_multiple"].value,
         # No mask built, and a step's key range split over programs: a step of diffuapriel-h-1.3b-block after a 64K
-        # prompt took 6.4 ms against 18.2 through SDPA under the mask (H100, results/long_context_generation_run3.json)
+        # prompt took 6.4 ms against 18.2 through SDPA under the mask (H100, results/long_context_generation.json,
+        # runs 3 and 1).
         cache_attention=forward_only and not eager_attention,
     )
 
