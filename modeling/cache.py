@@ -166,10 +166,12 @@ class BlockDiffusionCache:
     updated in place, so one CUDA graph serves every step of every block (`cuda_graphs.GraphedDenoiser.cached_step`).
 
     Layers use it as transformers' cache layers: attention layers call `update(key, value, layer_idx)` and attend to
-    what it returns under `attention_mask()`, Mamba layers read `mamba_state(layer_idx)` and hand their new state to
-    `update_mamba_state`. Keys and values are held in buffers of `max_length` positions. Every pass writes its own at
-    their positions, after the consumed ones (at `length_tensor`, a device tensor, so that a graph writes where the
-    cache stands when it is replayed), and attends to the buffer itself, a view: nothing is copied but the pass's own
+    what it returns under `attention_mask()` (or, as the model's `KernelPolicy` chooses on CUDA, through
+    `cache_attention.cache_attention`, which reads the same rule from `key_valid` and `length_tensor`); Mamba layers
+    read `mamba_state(layer_idx)` and hand their new state to `update_mamba_state`. Keys and values are held in buffers
+    of `max_length` positions. Every pass writes its own at their positions, after the consumed ones (at
+    `length_tensor`, a device tensor, so that a graph writes where the cache stands when it is replayed), marks which
+    of them are real in `key_valid`, and attends to the buffer itself, a view: nothing is copied but the pass's own
     keys and values. A step's are overwritten by the next pass; a consuming pass's stay. A step reads the buffer whole
     under a mask, so that the shapes of the steps never change; a consuming pass reads up to its own last position,
     or, with `static_reads` (a consuming pass replayed from a graph), the whole buffer as a step does.
