@@ -15,7 +15,6 @@ the GPU idle (flash-decoding), merging their partial results by log-sum-exp.
 """
 
 import torch
-import torch.nn.functional as F
 
 try:  # installed with mamba-ssm (and by PyTorch's CUDA wheels); without it, the reference
     import triton
