@@ -7,11 +7,13 @@ Query i sees key j where the key is valid (a real token, kept or the pass's own)
 query's: `j // block_size <= (start + i) // block_size`. Everything the rule needs is a (B, V) bool vector and a
 scalar, so no (B, W, V) mask is built, and keys past the query's block are never read.
 
-Through transformers' attention interface the same rule is an additive (B, 1, W, V) mask, and SDPA's kernels either
-read it whole (memory-efficient: at 4K queries over 64K keys, 512 MB a chunk of a prefill) or have few programs to
-spread (a step: 32 queries, one program per head, each walking every key). The kernel here reads no mask, skips the
-keys past each query tile's block, and splits a long key range over several programs when the queries alone leave
-the GPU idle (flash-decoding), merging their partial results by log-sum-exp.
+Through transformers' attention interface the same rule is an additive (B, 1, W, V) mask, built at every pass (512
+MB for a prefill chunk of 4K queries over 64K keys) and read by SDPA's memory-efficient kernel, which has few programs
+to spread over a step's keys (32 queries: one program per head, each walking every key). The kernel here reads no
+mask, skips the keys past each query tile's block, and splits a long key range over several programs when the queries
+alone leave the GPU idle (flash-decoding), merging their partial results by log-sum-exp. On an H100
+(benchmarks/results/cache_attention.md) a step after 64K kept keys took 0.55 ms a layer against 1.59 through SDPA;
+a prefill chunk after 60K keys 5.67 ms against 6.50, the mask's building aside.
 """
 
 import torch
