@@ -14,8 +14,9 @@ counts the noised tokens only, as the others', so it says what a training token 
 Then the same model through `transformers.Trainer` with the train command's collator and training defaults for a
 few steps at one length (`--trainer_length`): the time between successive steps' ends (data loading, collation,
 gradient clipping, the scheduler and logging included), against the bare step, and the bare step given an attention
-mask of ones (what the collator passed before it left such masks out; on CUDA a mask takes the padding path). At that length also the bare step
-with the loss from the logits of every position (`skip_logits=False`) against the default, the labelled positions'.
+mask of ones (what the collator passed before it left such masks out; on CUDA a mask takes the padding path). At that
+length also the bare step with the loss from the logits of every position (`skip_logits=False`) against the default,
+the labelled positions'.
 Each model's kernels are compiled by a step of one short sequence before anything is timed. A length that runs out
 of memory is recorded and the run goes on, as it does past a model that fails (its error recorded); `--deadline`
 (seconds from the start) skips what would end after it, and the results so far are saved after every model. The

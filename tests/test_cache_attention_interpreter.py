@@ -1,13 +1,15 @@
 """The exact cache's attention kernel (`cache_attention.py`) on the CPU, run by Triton's interpreter
-(TRITON_INTERPRET=1): the kernel against its reference over tiles, splits of the key range, grouped heads, padding and queries that see no
-key; and block models generating through it, against the attention implementation under the cache's mask and against
-whole-sequence passes. The compiled kernel in bf16 and under CUDA graphs is tested on a GPU (`test_gpu_kernels.py`)."""
+(TRITON_INTERPRET=1): the kernel against its reference over tiles, splits of the key range, grouped heads, padding and
+queries that see no key; and block models generating through it, against the attention implementation under the
+cache's mask and against whole-sequence passes. The compiled kernel in bf16 and under CUDA graphs is tested on a GPU
+(`test_gpu_kernels.py`)."""
 
 
 import pytest
 import torch
 
 from conftest import build_tiny_model, run_interpreted
+from test_block_generation import LogitsRecorder
 
 from diffuapriel_hf.modeling.cache_attention import cache_attention_reference, visible_keys
 from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
@@ -48,15 +50,12 @@ def generations(kind: str) -> dict:
     mask[1, :5] = 0
     outputs = {}
     for name, use_cache, kernel in (("kernel", True, True), ("implementation", True, False), ("whole", False, False)):
-        logits = []
-        handle = model.register_forward_hook(
-            lambda module, args, kwargs, output: None if kwargs.get("use_cache") else logits.append(output.logits),
-            with_kwargs=True)
+        recorder = LogitsRecorder(model)
         with override_kernel_policy(cache_attention=kernel):
             tokens = model.generate(ids, attention_mask=mask, use_cache=use_cache, max_new_tokens=9, steps=9,
                                     eos_token_id=None)
-        handle.remove()
-        outputs[name] = tokens, logits
+        recorder.handle.remove()
+        outputs[name] = tokens, recorder.logits
     return outputs
 
 

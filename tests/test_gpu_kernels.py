@@ -15,6 +15,8 @@ import importlib.util
 import pytest
 import torch
 
+from conftest import build_tiny_model
+
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf.modeling import cache_attention, mamba_ops
 from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
@@ -494,12 +496,8 @@ def test_cache_attention_kernel_matches_its_reference_in_bf16(width, kept, buffe
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("kind", [[MAMBA, ATTENTION, MAMBA], [ATTENTION] * 2], ids=["hybrid", "attention"])
 def test_block_generation_through_the_cache_attention_kernel_gives_the_implementations_tokens(kind):
-    torch.manual_seed(0)
-    config = preset_config("tiny", layer_types=kind, num_hidden_layers=len(kind), block_size=4,
-                           tie_word_embeddings=False)
-    model = DiffuAprielForMaskedLM(config).cuda().eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)
+    model = build_tiny_model(kind, block_size=4, sharpen=30.0).cuda()
+    config = model.config
     with torch.no_grad():  # (generate's grad mode: the kernel has no backward)
         assert resolve_kernel_policy(config, torch.device("cuda")).cache_attention
     ids = torch.randint(3, config.mask_token_id, (2, 10), device="cuda")
