@@ -1,10 +1,13 @@
 """Where one denoising step's GPU time goes: the kernels of one forward pass of a preset (random weights, bf16,
 batch 1), timed by PyTorch's profiler and grouped by kernel name, largest first. With --training, those of one
 training step's forward and backward instead (half the tokens masked, the MDLM loss of the model's forward; no
-optimizer), at --batch sequences.
+optimizer), at --batch sequences. With --cached_step, those of one step of a block model's generation: its block
+alone against an exact cache holding --length tokens (run eagerly, not from the CUDA graph generation replays, so
+that every kernel shows; the listing also counts the launches, which the graph's replay pays about 2-3 us each).
 
     python benchmarks/profile_step.py --model diffuapriel-1.3b --length 65536 --out benchmarks/results/profile_64k.json
     python benchmarks/profile_step.py --model diffuapriel-1.3b --length 4096 --batch 4 --training --out OUT.json
+    python benchmarks/profile_step.py --model diffuapriel-1.3b-block --length 8192 --cached_step --out OUT.json
 """
 
 import argparse
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from diffuapriel_hf.modeling.denoisers import ExactCacheDenoiser
 
 from harness import build, new_result, save  # benchmarks/harness.py, beside this script
 
@@ -36,6 +41,19 @@ def training_step(model, batch: int, length: int):
     return step
 
 
+def cached_step(model, batch: int, length: int):
+    """One step of block generation after `length` tokens of context: the context consumed into an exact cache
+    first (untimed), then the next block's pass against it, all masks but its first token."""
+    block = model.config.block_size
+    ids = torch.randint(0, model.config.mask_token_id, (batch, length + block), device=model.device)
+    ids[:, length + 1 :] = model.config.mask_token_id
+    denoiser = ExactCacheDenoiser(model, attention_mask=None, graphs=False)
+    denoiser.start_block(slice(length, length + block))
+    with torch.no_grad():
+        denoiser.consume(ids, length)
+    return torch.no_grad()(lambda: denoiser(ids))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="diffuapriel-1.3b")
@@ -43,12 +61,22 @@ def main():
     parser.add_argument("--top", type=int, default=25, help="kernels listed by name; the rest are summed")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--training", action="store_true", help="a training step's forward and backward")
+    parser.add_argument("--cached_step", action="store_true",
+                        help="a block model's generation step against an exact cache of --length tokens")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.training and args.cached_step:
+        parser.error("--training and --cached_step profile different passes: give one")
 
-    result = new_result(model=args.model, length=args.length, batch=args.batch, training=args.training)
-    model = build(args.model)
-    step = training_step(model, args.batch, args.length) if args.training else inference_step(model, args.length)
+    result = new_result(model=args.model, length=args.length, batch=args.batch, training=args.training,
+                        cached_step=args.cached_step)
+    model = build(args.model, max_position_embeddings=max(65536, args.length + 64))
+    if args.training:
+        step = training_step(model, args.batch, args.length)
+    elif args.cached_step:
+        step = cached_step(model, args.batch, args.length)
+    else:
+        step = inference_step(model, args.length)
     for _ in range(2):  # compile the Triton kernels and settle the allocator
         step()
     torch.cuda.synchronize()
@@ -63,10 +91,11 @@ def main():
     ranked = sorted(totals, key=totals.get, reverse=True)
     rows = [dict(kernel=name[:160], ms=totals[name], calls=counts[name]) for name in ranked[: args.top]]
     rest = sum(totals[name] for name in ranked[args.top:])
-    result.update(total_kernel_ms=sum(totals.values()), other_kernels_ms=rest, kernels=rows)
+    result.update(total_kernel_ms=sum(totals.values()), other_kernels_ms=rest, launches=sum(counts.values()),
+                  kernels=rows)
     for row in rows:
         print(f"{row['ms']:9.2f} ms {row['calls']:5d} x  {row['kernel'][:110]}")
-    print(f"{rest:9.2f} ms in other kernels; {result['total_kernel_ms']:.1f} ms in all")
+    print(f"{rest:9.2f} ms in other kernels; {result['total_kernel_ms']:.2f} ms in {result['launches']} launches")
     save(result, args.out)
 
 
