@@ -150,25 +150,27 @@ class GraphedDenoiser:
         self._block_cache_layout = layout
         return self._block_cache
 
-    def cached_step(self, input_ids: torch.Tensor, padding_mask: torch.Tensor,
+    def cached_step(self, input_ids: torch.Tensor, padding_mask: Optional[torch.Tensor],
                     cache: BlockDiffusionCache) -> torch.Tensor:
         """`model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache).logits` (B, W, V), a step
         that reads the cache without consuming, replayed from a CUDA graph captured for the cache (the steps of every
         block have the shapes of the first; the cache's tensors are updated in place between them). Passes the
-        `__call__` rules send to eager run eagerly. A fresh tensor, safe to keep."""
+        `__call__` rules send to eager run eagerly. padding_mask: (B, W) bool, or None without padding (a pass of
+        its own: the model then skips the padding path). A fresh tensor, safe to keep."""
         if self._runs_eagerly(input_ids):
             return self.model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache).logits
-        key = (tuple(input_ids.shape), input_ids.device, self._parameters_key(), id(cache))
+        key = (tuple(input_ids.shape), input_ids.device, self._parameters_key(), id(cache), padding_mask is None)
         if key != self.key:
             self._drop_graph()
-            static_inputs = (input_ids.clone(), padding_mask.clone())
+            static_inputs = (input_ids.clone(), _clone(padding_mask))
             graph, static_logits = self._capture(
                 lambda: self.model(input_ids=static_inputs[0], attention_mask=static_inputs[1],
                                    past_key_values=cache).logits, input_ids.device)
             self.graph, self.key = (graph, static_inputs, static_logits), key
         return self._replay(input_ids, padding_mask).clone()
 
-    def cached_consume(self, input_ids: torch.Tensor, padding_mask: torch.Tensor, cache: BlockDiffusionCache) -> None:
+    def cached_consume(self, input_ids: torch.Tensor, padding_mask: Optional[torch.Tensor],
+                       cache: BlockDiffusionCache) -> None:
         """`model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache, use_cache=True)`: consume
         one committed block into the cache, replayed from a CUDA graph of the pass (its keys read whole, as a step
         reads them: `cache.static_reads`). The first such pass of a cache runs eagerly, so that what a capture cannot
@@ -180,7 +182,7 @@ class GraphedDenoiser:
                 self.model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache, use_cache=True,
                            logits_to_keep=1)
                 return
-            key = (tuple(input_ids.shape), input_ids.device, self._parameters_key(), id(cache))
+            key = (tuple(input_ids.shape), input_ids.device, self._parameters_key(), id(cache), padding_mask is None)
             if self._consume is None or self._consume[0] != key:
                 if self._consume_warmed != key:
                     self.model(input_ids=input_ids, attention_mask=padding_mask, past_key_values=cache,
@@ -189,15 +191,14 @@ class GraphedDenoiser:
                     return
                 self._consume = (key, *self._capture_consume(input_ids, padding_mask, cache))
             _, graph, static_inputs = self._consume
-            for static, given in zip(static_inputs, (input_ids, padding_mask)):
-                static.copy_(given)
+            _copy_into(static_inputs, (input_ids, padding_mask))
             graph.replay()
             cache.length += input_ids.shape[1]  # the replay moved the device side of the cache
         finally:
             cache.static_reads = False
 
     def _capture_consume(self, input_ids, padding_mask, cache):
-        static_inputs = (input_ids.clone(), padding_mask.clone())
+        static_inputs = (input_ids.clone(), _clone(padding_mask))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.model(input_ids=static_inputs[0], attention_mask=static_inputs[1], past_key_values=cache,
@@ -211,8 +212,7 @@ class GraphedDenoiser:
 
     def _replay(self, *inputs: torch.Tensor) -> torch.Tensor:
         graph, static_inputs, static_logits = self.graph
-        for static, given in zip(static_inputs, inputs):
-            static.copy_(given)
+        _copy_into(static_inputs, inputs)
         graph.replay()
         return static_logits
 
@@ -229,6 +229,17 @@ class GraphedDenoiser:
         with torch.cuda.graph(graph):
             output = run()
         return graph, output
+
+
+def _clone(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.clone()
+
+
+def _copy_into(static_inputs: tuple, inputs: tuple) -> None:
+    """A replay's inputs copied into the tensors its graph reads (None where the graph was captured without one)."""
+    for static, given in zip(static_inputs, inputs):
+        if static is not None:
+            static.copy_(given)
 
 
 _denoisers: "weakref.WeakKeyDictionary[torch.nn.Module, GraphedDenoiser]" = weakref.WeakKeyDictionary()

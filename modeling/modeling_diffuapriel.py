@@ -867,8 +867,9 @@ class DiffuAprielModel(DiffuAprielPreTrainedModel):
         other_mode = block_context is not None or cache is not None or two_stream
         documents = _packed_documents(self.config, hidden_states, *packing, other_mode)
         window_pass = block_context is not None and block_context.recorded
-        padding_mask = cache.pass_mask if cache is not None else _padding_mask(hidden_states, attention_mask,
-                                                                                block_context)
+        # A cache pass keeps its padding in the cache (key_valid, positions); its layers take None where nothing is
+        # padded, as other passes do.
+        padding_mask = _padding_mask(hidden_states, attention_mask, block_context)
         inputs = dict(padding_mask=padding_mask, block_context=block_context, two_stream=two_stream,
                       past_key_values=cache, seq_idx=None if documents is None else documents[1])
         position_ids = None

@@ -264,6 +264,26 @@ def test_cuda_steps_replay_one_graph_without_host_synchronisation(block_model, k
     ids = random_ids(model.config, 2, 9, seed=10).cuda()
     settings = dict(max_new_tokens=14, eos_token_id=None)
     assert torch.equal(model.generate(ids, **settings), model.generate(ids, use_cache=False, **settings))
+    ids, mask = (t.cuda() for t in left_padded_prompts(model.config, [9, 6], seed=13))  # graphs with padding
+    cached = model.generate(ids, attention_mask=mask, **settings)
+    assert torch.equal(cached, model.generate(ids, attention_mask=mask, use_cache=False, **settings))
+
+
+def test_cache_passes_without_padding_skip_the_mamba_padding_path(block_model):
+    """A step of 32 tokens is bound by its launches, and the padding path adds some: only a padded pass takes it."""
+    model = block_model("hybrid")
+    masks = []
+    hooks = [layer.mixer.left_to_right.register_forward_pre_hook(lambda module, args: masks.append(args[1]))
+             for layer in model.model.layers if hasattr(layer.mixer, "left_to_right")]
+    ids = random_ids(model.config, 2, 9, seed=14)
+    model.generate(ids, max_new_tokens=7, eos_token_id=None)
+    assert masks and all(mask is None for mask in masks)
+    masks.clear()
+    ids, mask = left_padded_prompts(model.config, [9, 6], seed=14)
+    model.generate(ids, attention_mask=mask, max_new_tokens=7, eos_token_id=None)
+    assert not masks[0].all()  # the prompt's pass, padded (later ones are not: a mask of ones on the CPU is dropped)
+    for hook in hooks:
+        hook.remove()
 
 
 def test_the_exact_cache_is_the_default(block_model):
