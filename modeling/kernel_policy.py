@@ -69,6 +69,13 @@ DISPATCH_THRESHOLDS = {
     "ssd_min_segment_length": Threshold(
         1024, "single-pass SSD: no segment shorter than this many tokens", "benchmarks/results/ssd_kernel.json"
     ),
+    "ssd_single_pass_short_sequence": Threshold(
+        128,
+        "single-pass SSD for every sequence of at most this many tokens, however few its walks: a block model's "
+        "generation steps and committed blocks (32 tokens in the presets), where mamba-ssm's five launches outweigh "
+        "what they parallelise",
+        "benchmarks/results/ssd_dispatch_short.json",
+    ),
     "graph_max_tokens": Threshold(
         16384,
         "generate() replays denoising steps of at most this many tokens (batch x length) from a CUDA graph, and runs "

@@ -238,8 +238,9 @@ def is_plain_module(module: nn.Module, cls: type) -> bool:
 
 def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_is_faster):
     """The SSD on CUDA: our `ssd_triton.ssd_forward` (one pass, the state carried in registers) for inference where
-    `single_pass_is_faster(batch, nheads, seqlen, device)`; mamba-ssm's `mamba_chunk_scan_combined` elsewhere, when a
-    gradient is needed, or when more than y is asked for (z, initial or final states, documents packed in a row)."""
+    `single_pass_is_faster(batch, nheads, seqlen, device)`, from a zero or a given state, handing on the one it leaves
+    when asked; mamba-ssm's `mamba_chunk_scan_combined` elsewhere, when a gradient is needed, or for what ours does
+    not compute (a gate z, documents packed in a row)."""
 
     def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
                    dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
@@ -247,8 +248,8 @@ def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_
                       dt_limit=dt_limit, return_final_states=return_final_states)
         if seq_idx is not None:
             return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, seq_idx=seq_idx.to(torch.int32), **kwargs)
-        if (needs_gradient(x, dt, A, B, C, D, dt_bias) or z is not None or initial_states is not None
-                or return_final_states or not single_pass_is_faster(x.shape[0], x.shape[2], x.shape[1], x.device)):
+        if (needs_gradient(x, dt, A, B, C, D, dt_bias, initial_states) or z is not None
+                or not single_pass_is_faster(x.shape[0], x.shape[2], x.shape[1], x.device)):
             return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **kwargs)
         return ssd_forward(x, dt, A, B, C, chunk_size, **kwargs)
 

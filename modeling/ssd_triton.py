@@ -18,9 +18,10 @@ sequence: 64 heads on 132 multiprocessors), a long sequence is cut into segments
 walks each segment for its leaving state only, and the full walk starts each segment from its entering state, folded
 from the earlier segments'; short ones go to mamba-ssm (`single_pass_is_faster`).
 
-It computes the forward from a zero state only (no gradient), with the signature of `mamba_chunk_scan_combined` for
-what the mixer passes; `mamba_ops.kernel_ops` sends everything else (training, initial or final states, a gate z) to
-mamba-ssm. The products round their inputs to x's dtype and accumulate in float32, as mamba-ssm's kernels do; for
+It computes the forward (no gradient) from a zero or a given initial state, and the state leaving the sequence on
+request (what a block model's generation step continues from and hands on), with the signature of
+`mamba_chunk_scan_combined` for what the mixer passes; `mamba_ops.kernel_ops` sends everything else (training, a gate
+z, documents packed in a row) to mamba-ssm. The products round their inputs to x's dtype and accumulate in float32, as mamba-ssm's kernels do; for
 float32 inputs they are exact float32 products (no TF32).
 """
 
@@ -48,17 +49,21 @@ MAX_REGISTERS = 168
 SEGMENT_WALKS_PER_MULTIPROCESSOR = DISPATCH_THRESHOLDS["ssd_segment_walks_per_multiprocessor"].value
 MIN_SEGMENT_LENGTH = DISPATCH_THRESHOLDS["ssd_min_segment_length"].value
 MIN_SEGMENTS = DISPATCH_THRESHOLDS["ssd_min_segments"].value
+SHORT_SEQUENCE = DISPATCH_THRESHOLDS["ssd_single_pass_short_sequence"].value
 
 
 def single_pass_is_faster(batch: int, nheads: int, seqlen: int, device) -> bool:
     """Whether this kernel beats mamba-ssm's for these sizes: with at least as many (sequence, head) walks as the GPU
-    has multiprocessors, or with a sequence long enough to be cut into segments walked in parallel. With fewer, short
-    walks (batch 1 under 4K tokens at 64 heads) the GPU is underused and mamba-ssm's five parallel passes win.
+    has multiprocessors, with a sequence long enough to be cut into segments walked in parallel, or with one so short
+    (a block model's generation step) that its walks are a few chunks and mamba-ssm's five launches cost more than
+    they parallelise. Between those, short walks (batch 1 under 4K tokens at 64 heads) underuse the GPU and mamba-ssm's
+    five parallel passes win.
     Measured on an H200 (132 multiprocessors) with whole diffuapriel-1.3b denoising steps replayed from CUDA graphs,
     ours vs mamba-ssm (benchmarks/results/ssd_dispatch.json): 10.4 vs 8.6 ms at 1 x 1K, 19.3 vs 14.5 at 1 x 2K
     (mamba-ssm kept); 27.0 vs 27.9 at 1 x 4K, 51.0 vs 54.8 at 1 x 8K, 96.9 vs 104.5 at 1 x 16K, 382.6 vs 428.0 at
     1 x 64K, 94.9 vs 106.1 at 16 x 1K, 99.0 vs 105.8 at 2 x 8K, 377.7 vs 433.0 at 4 x 16K."""
-    return batch * nheads >= _multiprocessors(device) or _segments(batch, nheads, seqlen, device) > 1
+    return (seqlen <= SHORT_SEQUENCE or batch * nheads >= _multiprocessors(device)
+            or _segments(batch, nheads, seqlen, device) > 1)
 
 
 @functools.lru_cache
@@ -193,7 +198,8 @@ def _segment_states_kernel(
 
 @triton.jit
 def _ssd_forward_kernel(
-    x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, cb_ptr, y_ptr, leaving_ptr, log_decay_ptr,
+    x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, cb_ptr, y_ptr, leaving_ptr, log_decay_ptr, initial_ptr,
+    final_ptr,
     seqlen, segment_length, nsegments, nchunks, nheads, heads_per_group, headdim, dstate, dt_min, dt_max,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_l, stride_dt_h,
@@ -201,10 +207,12 @@ def _ssd_forward_kernel(
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_y_b, stride_y_l, stride_y_h, stride_y_p,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, HAS_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, RETURN_FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Program (sequence and head, channel slice, segment) starts from the state entering its segment, folded from the
-    # earlier segments' leaving states, walks tokens [segment start, segment end) and writes y. Everything is
+    # sequence's initial state (or zeros) and the earlier segments' leaving states, walks tokens [segment start,
+    # segment end) and writes y; the last segment's program also writes the state leaving the sequence. Everything is
     # computed transposed, channels by tokens: the state (P, N) is then the left operand of its product with C and
     # stays in registers, as the matrix units take a left operand from there (a right one comes from shared memory,
     # which the state would have to pass through every chunk).
@@ -228,7 +236,13 @@ def _ssd_forward_kernel(
     dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32) if HAS_DT_BIAS else 0.0
     D = tl.load(D_ptr + head).to(tl.float32) if HAS_D else 0.0
     causal = offs_t[:, None] <= offs_t[None, :]  # causal[j, i]: token j of the chunk feeds token i
-    state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    # States (batch, heads, headdim, dstate) float32: this program's slice of its (sequence, head)'s.
+    state_offsets = pid_bh * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
+    state_mask = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
+    if HAS_INITIAL:
+        state = tl.load(initial_ptr + state_offsets, mask=state_mask, other=0.0)
+    else:
+        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for earlier in range(0, segment):
         index = (batch * nsegments + earlier) * nheads + head
         state = state * tl.exp(tl.load(log_decay_ptr + index))
@@ -260,12 +274,14 @@ def _ssd_forward_kernel(
                  mask=(offs_p[:, None] < headdim) & in_seq[None, :])
 
         state = _next_state(state, x, B, dt, dA_cumsum, dA_total, DOT_PRECISION)
+    if RETURN_FINAL:
+        if segment == nsegments - 1:
+            tl.store(final_ptr + state_offsets, state, mask=state_mask)
 
 
-def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, return_final_states):
-    if z is not None or initial_states is not None or return_final_states:
-        raise ValueError("ssd_forward starts from a zero state, returns only y and does not gate it: pass z=None, "
-                         "initial_states=None and return_final_states=False (mamba_ops sends those calls to mamba-ssm)")
+def _check(x, dt, A, B, C, D, z, dt_bias, initial_states):
+    if z is not None:
+        raise ValueError("ssd_forward does not gate its output: pass z=None (mamba_ops sends those calls to mamba-ssm)")
     batch, seqlen, nheads, headdim = x.shape
     if dt.shape != (batch, seqlen, nheads) or A.shape != (nheads,):
         raise ValueError(f"dt must be {(batch, seqlen, nheads)} and A {(nheads,)}, got {tuple(dt.shape)} and "
@@ -279,19 +295,24 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, return_final_states):
         raise ValueError(f"dt_bias must have shape {(nheads,)}, got {tuple(dt_bias.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or B.dtype != x.dtype or C.dtype != x.dtype:
         raise ValueError(f"x, B and C must share one floating dtype, got {x.dtype}, {B.dtype}, {C.dtype}")
+    state_shape = (batch, nheads, headdim, B.shape[3])
+    if initial_states is not None and (initial_states.shape != state_shape or not initial_states.is_floating_point()):
+        raise ValueError(f"initial_states must be a floating tensor of shape (batch, heads, headdim, state) = "
+                         f"{state_shape}, got {initial_states.dtype} {tuple(initial_states.shape)}")
 
 
 def ssd_forward(
     x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
     dt_limit=(0.0, float("inf")), return_final_states=False, states_dt_by_head=True,
 ):
-    """y = SSD(x, dt, A, B, C) + D x, as `mamba_chunk_scan_combined` computes it from a zero state, without gradient.
+    """y = SSD(x, dt, A, B, C) + D x, as `mamba_chunk_scan_combined` computes it, without gradient.
 
     x: (b, l, h, p), dt: (b, l, h), A: (h,), B and C: (b, l, g, n), D and dt_bias: (h,) -> y (b, l, h, p) in x's
-    dtype. Inputs may be strided views (the mixer's slices of one projection). `chunk_size` is accepted for the
+    dtype; with `return_final_states`, (y, the state leaving the sequence (b, h, p, n) float32). `initial_states`
+    (b, h, p, n): the state entering the sequence (default zeros). Inputs may be strided views (the mixer's slices of one projection). `chunk_size` is accepted for the
     common signature; the result does not depend on it, and this kernel walks the sequence in chunks of `CHUNK`.
     `states_dt_by_head`: see `launch_ssd_forward`."""
-    _check(x, dt, A, B, C, D, z, dt_bias, initial_states, return_final_states)
+    _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
     batch, seqlen, nheads, headdim = x.shape
     block_p = max(16, triton.next_power_of_2(headdim))
     segments = _segments(batch, nheads, seqlen, x.device)
@@ -301,7 +322,8 @@ def ssd_forward(
         block_p = 32
     return launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments=segments, chunk=CHUNK,
                               block_p=block_p, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                              max_registers=MAX_REGISTERS, states_dt_by_head=states_dt_by_head)
+                              max_registers=MAX_REGISTERS, states_dt_by_head=states_dt_by_head,
+                              initial_states=initial_states, return_final_states=return_final_states)
 
 
 def time_steps_by_head(dt: torch.Tensor) -> torch.Tensor:
@@ -314,12 +336,14 @@ def time_steps_by_head(dt: torch.Tensor) -> torch.Tensor:
 
 
 def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments, chunk, block_p, num_warps,
-                       num_stages, max_registers=None, states_dt_by_head=True):
+                       num_stages, max_registers=None, states_dt_by_head=True, initial_states=None,
+                       return_final_states=False):
     """The kernels with explicit tile sizes, segment count and register cap (`ssd_forward` picks them; the benchmark
     sweeps them): C B^T per chunk and group; with several segments, the state leaving each segment but the last (and
-    its total log decay); then the walk of every segment, from the state entering it, writing y. The segment-states
-    kernel reads `time_steps_by_head(dt)`, or with `states_dt_by_head=False` dt as passed (the same result; slower
-    from a column of in_proj's output: benchmarks/results/ssd_time_steps.json)."""
+    its total log decay); then the walk of every segment, from the state entering it, writing y (and the state
+    leaving the last segment). The segment-states kernel reads `time_steps_by_head(dt)`, or with
+    `states_dt_by_head=False` dt as passed (the same result; slower from a column of in_proj's output:
+    benchmarks/results/ssd_time_steps.json)."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     segment_length = triton.cdiv(triton.cdiv(seqlen, segments), chunk) * chunk
@@ -331,6 +355,9 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
     leaving = torch.empty(batch, segments, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
     log_decay = torch.empty(batch, segments, nheads, device=x.device, dtype=torch.float32)
     chunk_products = torch.empty(batch, nchunks, ngroups, chunk, chunk, device=x.device, dtype=torch.float32)
+    initial = None if initial_states is None else initial_states.to(torch.float32).contiguous()
+    final = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if (
+        return_final_states) else None
 
     def common_args(dt):  # what the segment-states kernel and the walk both take, each with its own layout of dt
         return float(dt_limit[0]), float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride()
@@ -350,11 +377,11 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
             nheads // ngroups, headdim, dstate, *common_args(states_dt), **common_flags,
         )
     _ssd_forward_kernel[grid](
-        x, dt, dt_bias, A, B, C, D, chunk_products, y, leaving, log_decay, seqlen, segment_length, segments, nchunks,
-        nheads, nheads // ngroups, headdim, dstate, *common_args(dt), *C.stride(), *y.stride(), HAS_D=D is not None,
-        **common_flags,
+        x, dt, dt_bias, A, B, C, D, chunk_products, y, leaving, log_decay, initial, final, seqlen, segment_length,
+        segments, nchunks, nheads, nheads // ngroups, headdim, dstate, *common_args(dt), *C.stride(), *y.stride(),
+        HAS_D=D is not None, HAS_INITIAL=initial is not None, RETURN_FINAL=return_final_states, **common_flags,
     )
-    return y
+    return (y, final) if return_final_states else y
 
 
 __all__ = ["launch_ssd_forward", "single_pass_is_faster", "ssd_forward", "time_steps_by_head"]

@@ -121,8 +121,9 @@ def ssd_inputs(batch, length, heads, head_dim, groups, state, dtype, device="cud
 
 
 # (batch, length, heads, head_dim, groups, state): the test sizes, and the 1.3B presets' heads at batch 1 (where a
-# head's channels are split over two programs), on a sequence long enough to be cut into segments walked in parallel.
-SSD_SHAPES = [(2, 301, 8, 32, 2, 32), (1, 1000, 64, 64, 1, 128), (1, 20000, 64, 64, 1, 128)]
+# head's channels are split over two programs), on a sequence long enough to be cut into segments walked in parallel,
+# and on a block generation step's 32 tokens.
+SSD_SHAPES = [(2, 301, 8, 32, 2, 32), (1, 1000, 64, 64, 1, 128), (1, 20000, 64, 64, 1, 128), (1, 32, 64, 64, 1, 128)]
 SSD_CASES = {
     "dt_bias+softplus": lambda dt, dt_bias: (dt, dict(dt_bias=dt_bias, dt_softplus=True)),
     "dt_limit": lambda dt, dt_bias: (dt, dict(dt_bias=dt_bias, dt_softplus=True, dt_limit=(0.01, 0.1))),
@@ -132,24 +133,31 @@ SSD_CASES = {
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", SSD_SHAPES, ids=["small", "1.3b-heads", "1.3b-heads-segmented"])
+@pytest.mark.parametrize("shape", SSD_SHAPES, ids=["small", "1.3b-heads", "1.3b-heads-segmented", "1.3b-step"])
 @pytest.mark.parametrize("case", list(SSD_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_single_pass_ssd_kernel_matches_the_reference_and_mamba_ssm(shape, case, dtype):
+@pytest.mark.parametrize("states", [False, True], ids=["zero state", "given and leaving states"])
+def test_single_pass_ssd_kernel_matches_the_reference_and_mamba_ssm(shape, case, dtype, states):
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     from diffuapriel_hf.modeling.ssd_triton import ssd_forward
 
     x, dt, A, B, C, D, dt_bias = ssd_inputs(*shape, dtype=dtype)
     dt, kwargs = SSD_CASES[case](dt, dt_bias)
+    if states:
+        entering = torch.randn(x.shape[0], x.shape[2], x.shape[3], B.shape[3], device="cuda")
+        kwargs.update(initial_states=entering, return_final_states=True)
     with torch.no_grad():
         ours = ssd_forward(x, dt, A, B, C, 64, D=D, **kwargs)
         reference = mamba_ops.mamba_chunk_scan_combined_reference(x, dt, A, B, C, 64, D=D, **kwargs)
         theirs = mamba_chunk_scan_combined(x, dt, A, B, C, 64, D=D, **kwargs)
-    assert ours.dtype == dtype and ours.shape == x.shape
-    # float32: exact float32 products (no tf32), so far closer to the float32 reference than mamba-ssm's kernels.
-    assert rel_err(ours, reference) <= (1e-5 if dtype == torch.float32 else BF16_TOL)
-    assert rel_err(ours, theirs) <= (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    if not states:
+        ours, reference, theirs = (ours,), (reference,), (theirs,)
+    assert ours[0].dtype == dtype and ours[0].shape == x.shape
+    for ours_part, reference_part, theirs_part in zip(ours, reference, theirs):  # y, and the leaving state
+        # float32: exact float32 products (no tf32), so far closer to the float32 reference than mamba-ssm's kernels.
+        assert rel_err(ours_part, reference_part) <= (1e-5 if dtype == torch.float32 else BF16_TOL)
+        assert rel_err(ours_part, theirs_part) <= (FP32_TOL if dtype == torch.float32 else BF16_TOL)
 
 
 @needs_kernels
@@ -171,11 +179,18 @@ def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for
         one = [t[:1] for t in (x, dt)]
         torch.testing.assert_close(chunk_scan(*one, A, B[:1], C[:1], 64, **kwargs),
                                    mamba_chunk_scan_combined(*one, A, B[:1], C[:1], 64, **kwargs), rtol=0, atol=0)
+        # ...unless it is as short as a block model's step: ours, from a given state, handing on the one it leaves.
+        short = [t[:1, :32] for t in (x, dt, B, C)]
+        entering = torch.randn(1, heads, 32, 32, device="cuda")
+        states = dict(kwargs, initial_states=entering, return_final_states=True)
+        for got, expected in zip(chunk_scan(*short[:2], A, *short[2:], 64, **states),
+                                 ssd_forward(*short[:2], A, *short[2:], 64, **states)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
     x = x.detach().requires_grad_(True)
     y = chunk_scan(x, dt, A, B, C, 64, **kwargs)
     assert y.grad_fn is not None
     torch.testing.assert_close(y, mamba_chunk_scan_combined(x, dt, A, B, C, 64, **kwargs), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="starts from a zero state"):
+    with pytest.raises(ValueError, match="does not gate"):
         ssd_forward(x.detach(), dt, A, B, C, 64, z=x.detach(), **kwargs)
 
 

@@ -53,6 +53,17 @@ def check_all_cases() -> dict:
                                                            dt_softplus=softplus, dt_limit=limit)
             assert y.shape == x.shape and y.dtype == x.dtype
             errors[f"{index}/{dt_mode}"] = rel_err(y, expected)
+            # From a given state, handing on the one it leaves (a block model's generation step).
+            entering = torch.randn(x.shape[0], x.shape[2], x.shape[3], B.shape[3],
+                                   generator=torch.Generator().manual_seed(index))
+            y_from_state, leaving = ssd_triton.launch_ssd_forward(
+                x, dt, A, B, C, D, bias, softplus, limit, segments=segments, chunk=chunk, block_p=block_p,
+                num_warps=4, num_stages=1, initial_states=entering, return_final_states=True)
+            expected_from_state, expected_leaving = mamba_chunk_scan_combined_reference(
+                x, dt, A, B, C, 16, D=D, dt_bias=bias, dt_softplus=softplus, dt_limit=limit, initial_states=entering,
+                return_final_states=True)
+            errors[f"{index}/{dt_mode}/states"] = max(rel_err(y_from_state, expected_from_state),
+                                                      rel_err(leaving, expected_leaving))
             if segments > 1:  # the segment-states kernel reading dt as passed rather than by head: the same output
                 as_passed = ssd_triton.launch_ssd_forward(
                     x, dt, A, B, C, D, bias, softplus, limit, segments=segments, chunk=chunk, block_p=block_p,
@@ -63,7 +74,6 @@ def check_all_cases() -> dict:
     for name, call in {
         "z": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, z=x),
         "initial_states": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, initial_states=x),
-        "final state": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, return_final_states=True),
         "short dt": lambda: ssd_triton.ssd_forward(x, dt[:, :8], A, B, C, 16),
         "float64 B": lambda: ssd_triton.ssd_forward(x, dt, A, B.double(), C, 16),
     }.items():
@@ -81,14 +91,15 @@ def interpreted():
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("dt_mode", DT_MODES)
-def test_interpreted_kernel_matches_the_reference(interpreted, case, dt_mode):
-    assert interpreted["errors"][f"{case}/{dt_mode}"] <= 1e-5
+@pytest.mark.parametrize("states", ["", "/states"], ids=["zero state", "given and leaving states"])
+def test_interpreted_kernel_matches_the_reference(interpreted, case, dt_mode, states):
+    assert interpreted["errors"][f"{case}/{dt_mode}{states}"] <= 1e-5
 
 
 def test_ssd_forward_refuses_what_it_does_not_compute(interpreted):
     refusals = interpreted["refusals"]
-    for name in ("z", "initial_states", "final state"):
-        assert "starts from a zero state" in refusals[name]
+    assert "does not gate" in refusals["z"]
+    assert "initial_states must be" in refusals["initial_states"]
     assert "dt must be" in refusals["short dt"]
     assert "share one floating dtype" in refusals["float64 B"]
 
