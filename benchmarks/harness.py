@@ -155,6 +155,19 @@ def median_ms(fn, reps: int, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graphed_call_ms(call, calls: int = 10) -> float:
+    """One call's time on the GPU alone: `calls` calls captured in one CUDA graph (after an eager one, which compiles
+    and allocates), the graph's median replay divided by `calls`. Small kernels timed eagerly measure the host's
+    launches instead, as generate()'s graphed steps never pay them."""
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    return median_ms(graph.replay, reps=20, warmup=2) / calls
+
+
 def graphed_step_ms(model, ids, reps: int, warmup: int = 1) -> float:
     """Median time of one denoising step on `ids` replayed from a CUDA graph (captured here, released after)."""
     with torch.no_grad():

@@ -7,8 +7,8 @@ and with every one on mamba-ssm's `mamba_chunk_scan_combined`; all in one proces
 
 With --short, the short sequences of a block model's generation instead: single SSD calls of the 1.3B presets' heads
 (64 of 64, state 128) over 16 to 512 tokens, from a given state handing on the one they leave (the left-to-right
-direction of a step) and from zeros (the right-to-left one), ten calls replayed from one CUDA graph; and whole steps
-of diffuapriel-1.3b-block against an exact cache of 8K tokens, replayed from generate()'s graph, under each choice.
+direction of a step) and from zeros (the right-to-left one), ten calls replayed from one CUDA graph
+(`block_step.py` measures the choice inside whole steps).
 
     python benchmarks/ssd_dispatch.py --out benchmarks/results/ssd_dispatch.json
     python benchmarks/ssd_dispatch.py --short --out benchmarks/results/ssd_dispatch_short.json
@@ -19,21 +19,16 @@ from pathlib import Path
 
 import torch
 
-from diffuapriel_hf.modeling.cuda_graphs import release_graphs
-from diffuapriel_hf.modeling.denoisers import ExactCacheDenoiser
 from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops
 from diffuapriel_hf.modeling.ssd_triton import single_pass_is_faster
 
-from harness import build, graphed_step_ms, median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from harness import build, graphed_call_ms, graphed_step_ms, new_result, save  # benchmarks/harness.py, beside this script
 
 SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (1, 65536), (16, 1024), (8, 2048),
           (4, 4096), (2, 8192), (4, 16384)]
 SHORT_LENGTHS = [16, 32, 64, 128, 256, 512]
 SHORT_BATCHES = [1, 2]
-STEP_BATCHES = [1, 16]
-STEP_CONTEXT = 8192
-CALLS_PER_GRAPH = 10
 
 
 def choices() -> dict:
@@ -58,17 +53,6 @@ def whole_steps(out: Path) -> None:
         save(result, out)
 
 
-def graphed_calls_ms(call) -> float:
-    """One call's time, from a CUDA graph of CALLS_PER_GRAPH calls (after an eager one, which compiles)."""
-    call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            call()
-    return median_ms(graph.replay, reps=20, warmup=2) / CALLS_PER_GRAPH
-
-
 def short_calls(rows: list) -> None:
     """Single SSD calls of the 1.3B presets' heads over short sequences, from a given or a zero state."""
     heads, head_dim, state = 64, 64, 128
@@ -85,26 +69,10 @@ def short_calls(rows: list) -> None:
                     kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=True,
                                   initial_states=entering if from_state else None, return_final_states=from_state)
                     with torch.no_grad():
-                        ms = graphed_calls_ms(lambda: ops.chunk_scan(x, dt, A, B, C, 32, **kwargs))
+                        ms = graphed_call_ms(lambda: ops.chunk_scan(x, dt, A, B, C, 32, **kwargs))
                     rows.append(dict(kind="call", batch=batch, length=length, from_state=from_state, ssd=name, ms=ms))
                     print(f"call {batch} x {length:4d} {'from a state' if from_state else 'from zeros  '} {name:12s} "
                           f"{ms * 1e3:8.1f} us", flush=True)
-
-
-def cached_steps(rows: list) -> None:
-    """Whole steps of diffuapriel-1.3b-block after STEP_CONTEXT tokens, replayed from generate()'s CUDA graph."""
-    model = build("diffuapriel-1.3b-block")
-    block = model.config.block_size
-    for batch in STEP_BATCHES:
-        ids = torch.randint(0, model.config.mask_token_id, (batch, STEP_CONTEXT + block), device="cuda")
-        for name, ops in choices().items():
-            with override_kernel_policy(mamba=ops), torch.no_grad():
-                denoiser = ExactCacheDenoiser(model, attention_mask=None, graphs=True)
-                denoiser.start_block(slice(STEP_CONTEXT, STEP_CONTEXT + block))
-                ms = median_ms(lambda: denoiser(ids), reps=20, warmup=2)  # the first call consumes and captures
-            release_graphs(model)  # the graph holds the choice it was captured with
-            rows.append(dict(kind="cached_step", batch=batch, context=STEP_CONTEXT, ssd=name, ms=ms))
-            print(f"cached step {batch:2d} x {block} after {STEP_CONTEXT}: {name:12s} {ms:7.3f} ms", flush=True)
 
 
 def main():
@@ -116,8 +84,6 @@ def main():
         return whole_steps(args.out)
     result = new_result(rows=[])
     short_calls(result["rows"])
-    save(result, args.out)
-    cached_steps(result["rows"])
     save(result, args.out)
 
 

@@ -29,11 +29,13 @@ except ImportError:
 # five at every context (5.67 ms after 60K kept keys, against 6.46-9.13 for the others and 6.50 for SDPA under the
 # mask). For a step of 32 queries (one program a head), 16 splits were the fastest at 128K and 256K kept keys (0.54
 # and 0.90 ms, against 3.13 and 6.06 for SDPA) and 17 were slower (0.73 and 1.29): 16 x 16 programs fill the 132
-# multiprocessors twice, 17 x 16 take a third round; below 8K keys a step was fastest unsplit.
+# multiprocessors twice, 17 x 16 take a third round. Those step times were eager, and below 8K keys they measured the
+# host's launches (the split path's merge adds a few): from a CUDA graph, as generate() replays steps, a split pays
+# off from far fewer keys, so MIN_SPLIT_KEYS is 512 (results/cache_attention.json, re-measured from graphs).
 PREFILL_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # passes of more than 64 queries
 STEP_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # a step: BLOCK_M is the width rounded up to a power of 2
 SPLIT_PROGRAMS_PER_MULTIPROCESSOR = 2  # at most this many programs a multiprocessor, in whole rounds
-MIN_SPLIT_KEYS = 4096  # no split of fewer keys than this
+MIN_SPLIT_KEYS = 512  # no split of fewer keys than this
 
 
 def visible_keys(key_valid: torch.Tensor, start: torch.Tensor, width: int, block_size: int) -> torch.Tensor:

@@ -365,12 +365,17 @@ class BidirectionalMamba2Mixer(nn.Module):
             left_to_right = self.left_to_right(hidden_states, padding_mask, ops)
         if self.right_to_left is None:
             return left_to_right, None
-        rows = torch.cat([fold_blocks(stream, block_size) for stream in streams])  # (S * B * n, block, D)
-        row_masks = None if padding_mask is None else torch.cat([fold_blocks(m, block_size) for m in masks])
+        rows = _joined([fold_blocks(stream, block_size) for stream in streams])  # (S * B * n, block, D)
+        row_masks = None if padding_mask is None else _joined([fold_blocks(m, block_size) for m in masks])
         rows = self.right_to_left(reverse_time(rows), None if row_masks is None else reverse_time(row_masks), ops)
         in_time_order = [unfold_blocks(part, batch, length) for part in reverse_time(rows).chunk(len(streams))]
         # MixerOutput.combined() takes the right-to-left output reversed in time over the whole sequence.
-        return left_to_right, reverse_time(torch.cat(in_time_order, dim=1))
+        return left_to_right, reverse_time(_joined(in_time_order, dim=1))
+
+
+def _joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat, without its copy of a single part (a block model's step has one stream: a launch a layer saved)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def rotate_half(x):
