@@ -24,18 +24,18 @@ try:  # installed with mamba-ssm (and by PyTorch's CUDA wheels); without it, the
 except ImportError:
     triton = None
 
-# Tiles, warps and splits, measured by benchmarks/cache_attention.py on an H100 (results/cache_attention.json) at
-# diffuapriel-h-1.3b's heads: for a prefill chunk of 4,096 queries, tiles of 64 x 64 with 4 warps were the fastest of
-# five at every context (5.67 ms after 60K kept keys, against 6.46-9.13 for the others and 6.50 for SDPA under the
-# mask). For a step of 32 queries (one program a head), 16 splits were the fastest at 128K and 256K kept keys (0.54
-# and 0.90 ms, against 3.13 and 6.06 for SDPA) and 17 were slower (0.73 and 1.29): 16 x 16 programs fill the 132
-# multiprocessors twice, 17 x 16 take a third round. Those step times were eager, and below 8K keys they measured the
-# host's launches (the split path's merge adds a few): from a CUDA graph, as generate() replays steps, a split pays
-# off from far fewer keys, so MIN_SPLIT_KEYS is 512 (results/cache_attention.json, re-measured from graphs).
+# Tiles, warps and splits, measured by benchmarks/cache_attention.py on an H100 (results/cache_attention.json, every
+# call replayed from a CUDA graph as generate() replays steps) at diffuapriel-h-1.3b's heads: for a prefill chunk of
+# 4,096 queries, tiles of 64 x 64 with 4 warps (5.88 ms after 60K kept keys, against 6.82 for SDPA under the mask).
+# For a step of 32 queries (one program a head), split in whole rounds of programs: 16 x 16 programs fill the 132
+# multiprocessors twice (16 splits the fastest from 8K to 256K kept keys: 0.075 ms at 8K, 0.76 at 256K, against 0.197
+# and 5.9 for SDPA); fewer keys take fewer splits of at least MIN_SPLIT_KEYS each (8 at 4K: 0.054 ms), and below
+# SPLIT_FROM_KEYS none, where the merge costs more than it saves (unsplit 0.028 ms at 1K, split 0.041-0.067).
 PREFILL_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)  # passes of more than 64 queries
 STEP_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # a step: BLOCK_M is the width rounded up to a power of 2
 SPLIT_PROGRAMS_PER_MULTIPROCESSOR = 2  # at most this many programs a multiprocessor, in whole rounds
-MIN_SPLIT_KEYS = 512  # no split of fewer keys than this
+SPLIT_FROM_KEYS = 2048  # no split of a step reading fewer keys
+MIN_SPLIT_KEYS = 512  # no split part of fewer keys than this
 
 
 def visible_keys(key_valid: torch.Tensor, start: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
@@ -69,7 +69,7 @@ def cache_attention(query, key, value, key_valid, start, block_size: int, scalin
         # (Triton's interpreter runs CPU tensors: one "multiprocessor".)
         multiprocessors = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 1
         fitting = SPLIT_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // programs  # no partly filled last round
-        splits = max(1, min(fitting, key.shape[2] // MIN_SPLIT_KEYS))
+        splits = 1 if key.shape[2] < SPLIT_FROM_KEYS else max(1, min(fitting, key.shape[2] // MIN_SPLIT_KEYS))
     return launch_cache_attention(query, key, value, key_valid, start, block_size, scaling, splits, **tiles)
 
 

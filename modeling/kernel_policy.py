@@ -60,6 +60,14 @@ DISPATCH_THRESHOLDS = {
         "multiple of 128 was no faster",
         "benchmarks/results/throughput_analysis.md",
     ),
+    "lm_head_padding_min_tokens": Threshold(
+        512,
+        "the LM head pads its vocabulary (lm_head_vocab_multiple) only for products of at least this many tokens: the "
+        "padding copies the whole head's weight (206 MB for the 1.3B presets, 0.14 ms on an H100), which a block "
+        "model's 32-token step does not earn back (graphed steps after 8K tokens, unpadded against padded: 3.76 vs "
+        "3.90 ms for diffuapriel-1.3b-block, 5.11 vs 5.20 for diffutran-1.3b-block; at 16 x 32 tokens equal within 0.5%)",
+        "benchmarks/results/block_step.json",
+    ),
     "ssd_segment_walks_per_multiprocessor": Threshold(
         6,
         "single-pass SSD with fewer (sequence, head) walks than multiprocessors: each sequence cut into enough "
@@ -70,11 +78,14 @@ DISPATCH_THRESHOLDS = {
         1024, "single-pass SSD: no segment shorter than this many tokens", "benchmarks/results/ssd_kernel.json"
     ),
     "ssd_single_pass_short_sequence": Threshold(
-        128,
+        512,
         "single-pass SSD for every sequence of at most this many tokens, however few its walks: a block model's "
-        "generation steps and committed blocks (32 tokens in the presets), where mamba-ssm's five launches outweigh "
-        "what they parallelise",
-        "benchmarks/results/ssd_dispatch_short.json",
+        "generation steps and committed blocks (32 tokens in the presets). On an H100 at the 1.3B presets' heads, one "
+        "call from a state: 7.8 vs 18.7 us at 1 x 32 tokens, 16.1 vs 26.7 at 1 x 128, 48.9 vs 87.3 at 1 x 512 (ours "
+        "vs mamba-ssm's, from CUDA graphs); whole graphed steps of diffuapriel-1.3b-block after 8K tokens: 3.90 vs "
+        "4.33 ms at batch 1, 6.29 vs 10.53 at batch 16. (At 1 x 1K tokens mamba-ssm's kernels won whole steps: "
+        "ssd_min_segments.)",
+        "benchmarks/results/ssd_dispatch_short.json, benchmarks/results/block_step.json",
     ),
     "graph_max_tokens": Threshold(
         16384,
@@ -103,7 +114,8 @@ class KernelPolicy:
     fused_swiglu: the Triton kernel of the SwiGLU activation.
     fused_rms_norm: `F.rms_norm` for the block norms (where input and weight share a dtype).
     mlp_one_product_min_tokens: from how many tokens the MLP computes gate and up as one product (None: never).
-    vocab_multiple: the LM head's vocabulary padded to a multiple of this for its product (1: not padded).
+    vocab_multiple: the LM head's vocabulary padded to a multiple of this for its product (1: not padded)...
+    vocab_padding_min_tokens: ...in products of at least this many tokens.
     cache_attention: attention layers of passes against a block model's exact cache run `cache_attention.py`'s
         kernel instead of the attention implementation (which `eager` keeps, for its attention maps).
     """
@@ -114,6 +126,7 @@ class KernelPolicy:
     fused_rms_norm: bool = False
     mlp_one_product_min_tokens: Optional[int] = None
     vocab_multiple: int = 1
+    vocab_padding_min_tokens: int = 0
     cache_attention: bool = False
 
 
@@ -161,8 +174,9 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
         fused_rms_norm=True,
         mlp_one_product_min_tokens=DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value,
         vocab_multiple=DISPATCH_THRESHOLDS["lm_head_vocab_multiple"].value,
-        # No mask built, and a step's key range split over programs: a step after 64K kept keys took 0.55 ms a layer
-        # against 1.59 through SDPA under the cache's mask (H100, benchmarks/results/cache_attention.json).
+        vocab_padding_min_tokens=DISPATCH_THRESHOLDS["lm_head_padding_min_tokens"].value,
+        # No mask built, and a step's key range split over programs: a step after 64K kept keys took 0.23 ms a layer
+        # against 1.48 through SDPA under the cache's mask (H100, from CUDA graphs: results/cache_attention.json).
         cache_attention=forward_only and not eager_attention,
     )
 

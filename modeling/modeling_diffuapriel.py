@@ -953,7 +953,7 @@ def _kept_positions(hidden_states: torch.Tensor, logits_to_keep: Union[int, torc
 
 def vocab_logits(hidden_states: torch.Tensor, weight: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
     """The LM head, hidden_states (..., D) @ weight (V, D)^T -> (..., V). The vocabulary is padded to a multiple
-    of `vocab_multiple` for the product (`KernelPolicy.vocab_multiple`: 8 on CUDA) and the padding sliced off (a
+    of `vocab_multiple` for the product (`KernelPolicy.vocab_multiple`: 8 on CUDA, from 512 tokens) and the padding sliced off (a
     strided view): rows of an odd width such as GPT-2's 50,258 are not 16-byte aligned, which sends cuBLAS to a kernel
     2.4x slower (24.4 vs 10.4 ms for 32K tokens on an H200); the values are the same."""
     pad = -weight.shape[0] % vocab_multiple
@@ -1070,7 +1070,8 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
     def _head(self, hidden_states: torch.Tensor, kernels: KernelPolicy) -> torch.Tensor:
         """The LM head over hidden_states (..., D) -> (..., V)."""
         if is_plain_module(self.lm_head, nn.Linear) and self.lm_head.bias is None:
-            return vocab_logits(hidden_states, self.lm_head.weight, kernels.vocab_multiple)
+            padded = hidden_states.shape[:-1].numel() >= kernels.vocab_padding_min_tokens
+            return vocab_logits(hidden_states, self.lm_head.weight, kernels.vocab_multiple if padded else 1)
         return self.lm_head(hidden_states)  # an offloaded or adapted head: called, so that its hook or adapter acts
 
     @torch.no_grad()

@@ -233,6 +233,7 @@ def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
         on_cuda = resolve_kernel_policy(config, "cuda")  # resolving needs no GPU: it reads the device type
     assert on_cuda.fused_rms_norm and on_cuda.fused_elementwise == on_cuda.fused_swiglu == TRITON_INSTALLED
     assert on_cuda.vocab_multiple == DISPATCH_THRESHOLDS["lm_head_vocab_multiple"].value
+    assert on_cuda.vocab_padding_min_tokens == DISPATCH_THRESHOLDS["lm_head_padding_min_tokens"].value
     assert on_cuda.mlp_one_product_min_tokens == DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value
     assert on_cuda.mamba.name == ("torch" if kernel_ops() is None else "kernels")
     assert on_cuda.cache_attention == TRITON_INSTALLED
@@ -264,6 +265,19 @@ def test_missing_mamba_kernels_fall_back_to_pytorch_with_one_warning():
             with torch.set_grad_enabled(grad):
                 assert resolve_kernel_policy(config, "cuda").mamba is TORCH_OPS
     assert len([w for w in caught if "mamba-ssm" in str(w.message)]) == 1
+
+
+def test_the_lm_head_pads_its_vocabulary_only_from_the_policys_token_count(tiny_model, monkeypatch):
+    """A 32-token block step does not earn back the copy of the head that padding makes."""
+    model = tiny_model("mamba")
+    multiples = []
+    original = modeling_diffuapriel.vocab_logits
+    monkeypatch.setattr(modeling_diffuapriel, "vocab_logits",
+                        lambda hidden, weight, multiple=1: multiples.append(multiple) or original(hidden, weight, multiple))
+    with torch.no_grad(), override_kernel_policy(vocab_multiple=64, vocab_padding_min_tokens=12):
+        short, long = model(random_ids(model.config, 2, 5)).logits, model(random_ids(model.config, 2, 6)).logits
+    assert multiples == [1, 64]  # 10 tokens unpadded, 12 padded
+    assert short.shape[-1] == long.shape[-1] == model.config.vocab_size
 
 
 def test_override_kernel_policy_reaches_every_layer_and_restores_the_policy(tiny_model):
