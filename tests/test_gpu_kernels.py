@@ -169,7 +169,8 @@ def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for
     # 8 heads of 32, state 32 in 2 groups: enough sequences for one (sequence, head) walk per multiprocessor.
     heads = 8
     walks_to_fill = torch.cuda.get_device_properties(0).multi_processor_count
-    x, dt, A, B, C, D, dt_bias = ssd_inputs(-(-walks_to_fill // heads), 301, heads, 32, 2, 32, dtype=torch.bfloat16)
+    # 701 tokens: longer than the short sequences the single pass takes at any batch (ssd_single_pass_short_sequence).
+    x, dt, A, B, C, D, dt_bias = ssd_inputs(-(-walks_to_fill // heads), 701, heads, 32, 2, 32, dtype=torch.bfloat16)
     kwargs = dict(D=D, dt_bias=dt_bias, dt_softplus=True)
     chunk_scan = mamba_ops.kernel_ops().chunk_scan
     with torch.no_grad():
