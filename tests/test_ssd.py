@@ -149,10 +149,10 @@ def test_backward_direction_is_the_forward_algorithm_on_the_reversed_sequence():
         torch.testing.assert_close(bidirectional(hidden).combined(), (left_to_right + right_to_left) / 2, rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_chunk_scan_routes_to_the_single_pass_kernel_only_for_forward_only_zero_state_calls():
+def test_kernel_chunk_scan_routes_to_the_single_pass_kernel_only_for_forward_only_calls_it_computes():
     """The routing of `_chunk_scan_via_kernels`, with stand-ins for the two kernels (the real ones are compared on a
-    GPU in test_gpu_kernels.py): a gradient, a gate z, initial or final states, or the rule saying no all send the
-    call to mamba-ssm."""
+    GPU in test_gpu_kernels.py): a gradient (also one an initial state needs), a gate z, documents packed in a row
+    (seq_idx), or the rule saying no all send the call to mamba-ssm; initial and final states stay with ours."""
     calls = []
     theirs = lambda *args, **kwargs: calls.append("mamba-ssm")  # noqa: E731
     ours = lambda *args, **kwargs: calls.append("single pass")  # noqa: E731
@@ -162,8 +162,11 @@ def test_kernel_chunk_scan_routes_to_the_single_pass_kernel_only_for_forward_onl
         (False, {}, False, "mamba-ssm"),
         (True, {}, True, "mamba-ssm"),
         (True, dict(z=x), False, "mamba-ssm"),
-        (True, dict(initial_states=torch.zeros(1, 2, 4, 4)), False, "mamba-ssm"),
-        (True, dict(return_final_states=True), False, "mamba-ssm"),
+        (True, dict(seq_idx=torch.zeros(1, 8, dtype=torch.long)), False, "mamba-ssm"),
+        (True, dict(initial_states=torch.zeros(1, 2, 4, 4)), False, "single pass"),
+        (True, dict(initial_states=torch.zeros(1, 2, 4, 4, requires_grad=True)), False, "mamba-ssm"),
+        (True, dict(return_final_states=True), False, "single pass"),
+        (False, dict(initial_states=torch.zeros(1, 2, 4, 4), return_final_states=True), False, "mamba-ssm"),
     ]:
         calls.clear()
         chunk_scan = mamba_ops._chunk_scan_via_kernels(theirs, ours, lambda *sizes: rule)
