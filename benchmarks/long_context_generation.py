@@ -172,17 +172,19 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 5))
+    figure, axis = plt.subplots(figsize=(11, 5.5))
     curves = {}
     for row in result["rows"]:
         if row["batch"] == 1 and row["decoding"] == "steps" and "error" not in row:
-            curves.setdefault(label(row), []).append((row["prompt_length"], row["tokens_per_s"]))
-    for index, (name, points) in enumerate(curves.items()):
+            curves.setdefault((label(row), row["cache"]), []).append((row["prompt_length"], row["tokens_per_s"]))
+    for index, ((name, cache), points) in enumerate(curves.items()):
         lengths, throughput = zip(*sorted(points))
-        axis.plot(lengths, throughput, marker="o", label=name, color=plt.cm.tab20.colors[index % 20])
+        # Full-sequence models dashed: the block models' exact cache is what the plot compares them with.
+        axis.plot(lengths, throughput, marker="o", label=name, color=plt.cm.tab20.colors[index % 20],
+                  linestyle="-" if cache == "exact" else "--")
     axis.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="new tokens per second",
              title=f"256 new tokens, blocks of 32, 8 steps a block, batch 1 ({result['environment']['device']})")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
