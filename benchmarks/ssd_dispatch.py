@@ -23,7 +23,7 @@ from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops
 from diffuapriel_hf.modeling.ssd_triton import single_pass_is_faster
 
-from harness import build, graphed_call_ms, graphed_step_ms, new_result, save  # benchmarks/harness.py, beside this script
+from harness import build, graphed_call_ms, graphed_step_ms, new_result, save  # benchmarks/harness.py
 
 SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (1, 65536), (16, 1024), (8, 2048),
           (4, 4096), (2, 8192), (4, 16384)]

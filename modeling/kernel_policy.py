@@ -65,7 +65,8 @@ DISPATCH_THRESHOLDS = {
         "the LM head pads its vocabulary (lm_head_vocab_multiple) only for products of at least this many tokens: the "
         "padding copies the whole head's weight (206 MB for the 1.3B presets, 0.14 ms on an H100), which a block "
         "model's 32-token step does not earn back (graphed steps after 8K tokens, unpadded against padded: 3.76 vs "
-        "3.90 ms for diffuapriel-1.3b-block, 5.11 vs 5.20 for diffutran-1.3b-block; at 16 x 32 tokens equal within 0.5%)",
+        "3.90 ms for diffuapriel-1.3b-block, 5.11 vs 5.20 for diffutran-1.3b-block; at 16 x 32 tokens equal within "
+        "0.5%)",
         "benchmarks/results/block_step.json",
     ),
     "ssd_segment_walks_per_multiprocessor": Threshold(

@@ -953,9 +953,9 @@ def _kept_positions(hidden_states: torch.Tensor, logits_to_keep: Union[int, torc
 
 def vocab_logits(hidden_states: torch.Tensor, weight: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
     """The LM head, hidden_states (..., D) @ weight (V, D)^T -> (..., V). The vocabulary is padded to a multiple
-    of `vocab_multiple` for the product (`KernelPolicy.vocab_multiple`: 8 on CUDA, from 512 tokens) and the padding sliced off (a
-    strided view): rows of an odd width such as GPT-2's 50,258 are not 16-byte aligned, which sends cuBLAS to a kernel
-    2.4x slower (24.4 vs 10.4 ms for 32K tokens on an H200); the values are the same."""
+    of `vocab_multiple` for the product (`KernelPolicy.vocab_multiple`: 8 on CUDA, from 512 tokens) and the padding
+    sliced off (a strided view): rows of an odd width such as GPT-2's 50,258 are not 16-byte aligned, which sends
+    cuBLAS to a kernel 2.4x slower (24.4 vs 10.4 ms for 32K tokens on an H200); the values are the same."""
     pad = -weight.shape[0] % vocab_multiple
     if pad == 0:
         return F.linear(hidden_states, weight)

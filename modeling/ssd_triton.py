@@ -21,8 +21,8 @@ from the earlier segments'; short ones go to mamba-ssm (`single_pass_is_faster`)
 It computes the forward (no gradient) from a zero or a given initial state, and the state leaving the sequence on
 request (what a block model's generation step continues from and hands on), with the signature of
 `mamba_chunk_scan_combined` for what the mixer passes; `mamba_ops.kernel_ops` sends everything else (training, a gate
-z, documents packed in a row) to mamba-ssm. The products round their inputs to x's dtype and accumulate in float32, as mamba-ssm's kernels do; for
-float32 inputs they are exact float32 products (no TF32).
+z, documents packed in a row) to mamba-ssm. The products round their inputs to x's dtype and accumulate in float32,
+as mamba-ssm's kernels do; for float32 inputs they are exact float32 products (no TF32).
 """
 
 import functools
@@ -309,9 +309,9 @@ def ssd_forward(
 
     x: (b, l, h, p), dt: (b, l, h), A: (h,), B and C: (b, l, g, n), D and dt_bias: (h,) -> y (b, l, h, p) in x's
     dtype; with `return_final_states`, (y, the state leaving the sequence (b, h, p, n) float32). `initial_states`
-    (b, h, p, n): the state entering the sequence (default zeros). Inputs may be strided views (the mixer's slices of one projection). `chunk_size` is accepted for the
-    common signature; the result does not depend on it, and this kernel walks the sequence in chunks of `CHUNK`.
-    `states_dt_by_head`: see `launch_ssd_forward`."""
+    (b, h, p, n): the state entering the sequence (default zeros). Inputs may be strided views (the mixer's slices
+    of one projection). `chunk_size` is accepted for the common signature; the result does not depend on it, and this
+    kernel walks the sequence in chunks of `CHUNK`. `states_dt_by_head`: see `launch_ssd_forward`."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
     batch, seqlen, nheads, headdim = x.shape
     block_p = max(16, triton.next_power_of_2(headdim))

@@ -272,8 +272,8 @@ def test_the_lm_head_pads_its_vocabulary_only_from_the_policys_token_count(tiny_
     model = tiny_model("mamba")
     multiples = []
     original = modeling_diffuapriel.vocab_logits
-    monkeypatch.setattr(modeling_diffuapriel, "vocab_logits",
-                        lambda hidden, weight, multiple=1: multiples.append(multiple) or original(hidden, weight, multiple))
+    monkeypatch.setattr(modeling_diffuapriel, "vocab_logits", lambda hidden, weight, multiple=1: (
+        multiples.append(multiple) or original(hidden, weight, multiple)))
     with torch.no_grad(), override_kernel_policy(vocab_multiple=64, vocab_padding_min_tokens=12):
         short, long = model(random_ids(model.config, 2, 5)).logits, model(random_ids(model.config, 2, 6)).logits
     assert multiples == [1, 64]  # 10 tokens unpadded, 12 padded
