@@ -2,8 +2,12 @@
 replayed from a CUDA graph, after a prompt consumed into the cache), under variants of the kernel policy: the default,
 the SSD on mamba-ssm's kernels throughout (`ssd_triton.single_pass_is_faster`'s short-sequence rule off), and the LM
 head's vocabulary left unpadded (`KernelPolicy.vocab_multiple` 1). bf16, random weights, one GPU, one process.
+With --training, a training step's forward and backward instead (the two-stream loss, half the tokens masked, no
+optimizer), with the right-to-left direction reading each block as a document of the whole row (the default in
+training) and as a row of its own (`KernelPolicy.block_documents`).
 
     python benchmarks/block_step.py --out benchmarks/results/block_step
+    python benchmarks/block_step.py --training --out benchmarks/results/block_step_training
 """
 
 import argparse
@@ -21,6 +25,7 @@ from harness import build, median_ms, new_result, save  # benchmarks/harness.py,
 MODELS = ["diffuapriel-1.3b-block", "diffuapriel-h-1.3b-block", "diffutran-1.3b-block"]
 BATCHES = [1, 16]
 CONTEXT = 8192
+TRAINING_SHAPES = [(8, 1024), (2, 4096)]  # (batch, length): 8,192 noised tokens a step
 
 
 def variants(model) -> dict:
@@ -43,9 +48,29 @@ def step_ms(model, batch: int, context: int) -> float:
     return ms
 
 
+def training_variants(model) -> dict:
+    chosen = {"default": {}}
+    if MAMBA in model.config.layer_types:
+        chosen["blocks as rows"] = dict(block_documents=False)
+    return chosen
+
+
+def training_step_ms(model, batch: int, length: int) -> float:
+    """The median forward and backward of the two-stream loss (half the tokens masked), gradients dropped after."""
+    model.train()
+    ids = torch.randint(3, model.config.mask_token_id, (batch, length), device="cuda")
+    masked = torch.rand(ids.shape, device="cuda") < 0.5
+    noised, labels = ids.masked_fill(masked, model.config.mask_token_id), ids.masked_fill(~masked, -100)
+
+    def step():
+        model(input_ids=noised, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True)
+    return median_ms(step, reps=3, warmup=1)
+
+
 def markdown(result: dict) -> str:
     names = list(dict.fromkeys(name for row in result["rows"] for name in row["step_ms"]))
-    lines = ["| model | batch | context | " + " | ".join(f"{name} (ms)" for name in names) + " |",
+    lines = ["| model | batch | length | " + " | ".join(f"{name} (ms)" for name in names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     for row in result["rows"]:
         cells = [f"{row['step_ms'][name]:.3f}" if name in row["step_ms"] else "" for name in names]
@@ -58,15 +83,18 @@ def main():
     parser.add_argument("--out", required=True, help="path stem of the .json and .md")
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--context", type=int, default=CONTEXT)
+    parser.add_argument("--training", action="store_true", help="a training step's forward and backward (see above)")
     args = parser.parse_args()
-    result = new_result(context=args.context, rows=[])
+    result = new_result(context=args.context, training=args.training, rows=[])
     for name in args.models:
         model = build(name)
-        for batch in BATCHES:
-            row = dict(model=name, batch=batch, context=args.context, step_ms={})
-            for variant, fields in variants(model).items():
+        shapes = TRAINING_SHAPES if args.training else [(batch, args.context) for batch in BATCHES]
+        for batch, length in shapes:
+            row = dict(model=name, batch=batch, context=length, step_ms={})
+            for variant, fields in (training_variants if args.training else variants)(model).items():
                 with override_kernel_policy(**fields):
-                    row["step_ms"][variant] = step_ms(model, batch, args.context)
+                    timed = training_step_ms if args.training else step_ms
+                    row["step_ms"][variant] = timed(model, batch, length)
             result["rows"].append(row)
             print(row, flush=True)
             save(result, args.out, markdown=markdown(result))

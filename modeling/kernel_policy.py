@@ -119,6 +119,8 @@ class KernelPolicy:
     vocab_padding_min_tokens: ...in products of at least this many tokens.
     cache_attention: attention layers of passes against a block model's exact cache run `cache_attention.py`'s
         kernel instead of the attention implementation (which `eager` keeps, for its attention maps).
+    block_documents: a block model's right-to-left direction reads each block as a document of the whole row
+        (`BidirectionalMamba2Mixer.right_to_left_in_documents`) instead of as a row of its own.
     """
 
     mamba: MambaOps = TORCH_OPS
@@ -129,6 +131,7 @@ class KernelPolicy:
     vocab_multiple: int = 1
     vocab_padding_min_tokens: int = 0
     cache_attention: bool = False
+    block_documents: bool = False
 
 
 REFERENCE_POLICY = KernelPolicy()  # PyTorch everywhere: CPU, MPS, and whatever lacks a kernel
@@ -179,6 +182,11 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
         # No mask built, and a step's key range split over programs: a step after 64K kept keys took 0.23 ms a layer
         # against 1.48 through SDPA under the cache's mask (H100, from CUDA graphs: results/cache_attention.json).
         cache_attention=forward_only and not eager_attention,
+        # In training, rows of one block run mamba-ssm's kernels in chunks of 32 tokens; whole rows restarting at each
+        # block run them in chunks of mamba_chunk_size: a 1.3B block model's forward and backward on 2 x 4K tokens took
+        # 798 vs 976 ms (H100, results/block_step_training.json). Inference keeps rows of one block: our single-pass
+        # SSD takes them (it has no documents).
+        block_documents=grad_enabled,
     )
 
 

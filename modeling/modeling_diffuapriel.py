@@ -307,7 +307,8 @@ class BidirectionalMamba2Mixer(nn.Module):
         which the block fuses with its residual add and next norm."""
         ops = kernels.mamba
         if self.config.block_size is not None:
-            return self.block_direction_outputs(hidden_states, padding_mask, ops, two_stream, cache)
+            return self.block_direction_outputs(hidden_states, padding_mask, ops, two_stream, cache,
+                                                kernels.block_documents)
         inputs = [(self.left_to_right, hidden_states, padding_mask, seq_idx)]
         if self.right_to_left is not None:
             reversed_mask = None if padding_mask is None else reverse_time(padding_mask)
@@ -332,13 +333,14 @@ class BidirectionalMamba2Mixer(nn.Module):
 
     def block_direction_outputs(
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps, two_stream: bool,
-        cache: Optional[BlockDiffusionCache] = None,
+        cache: Optional[BlockDiffusionCache] = None, blocks_as_documents: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`direction_outputs` of a block diffusion model: left to right over the whole sequence, right to left
-        inside each block (its blocks as rows of their own). With `two_stream`, hidden_states is the noised stream
-        followed by the clean one, (B, 2L, D): the clean stream is read as a single one is, and each noised block
-        left to right from the state the clean stream enters that block with. With a `cache`, the left-to-right scan
-        continues from the cached state (and a consuming pass hands it the state it leaves)."""
+        inside each block (its blocks as rows of their own, or with `blocks_as_documents` as documents of the whole
+        row: `right_to_left_in_documents`). With `two_stream`, hidden_states is the noised stream followed by the
+        clean one, (B, 2L, D): the clean stream is read as a single one is, and each noised block left to right from
+        the state the clean stream enters that block with. With a `cache`, the left-to-right scan continues from the
+        cached state (and a consuming pass hands it the state it leaves)."""
         batch, block_size = hidden_states.shape[0], self.config.block_size
         streams = hidden_states.chunk(2, dim=1) if two_stream else (hidden_states,)
         length = streams[0].shape[1]
@@ -365,12 +367,30 @@ class BidirectionalMamba2Mixer(nn.Module):
             left_to_right = self.left_to_right(hidden_states, padding_mask, ops)
         if self.right_to_left is None:
             return left_to_right, None
+        if blocks_as_documents and is_plain_module(self.right_to_left.conv1d, nn.Conv1d):
+            return left_to_right, self.right_to_left_in_documents(streams, masks, ops)
         rows = _joined([fold_blocks(stream, block_size) for stream in streams])  # (S * B * n, block, D)
         row_masks = None if padding_mask is None else _joined([fold_blocks(m, block_size) for m in masks])
         rows = self.right_to_left(reverse_time(rows), None if row_masks is None else reverse_time(row_masks), ops)
         in_time_order = [unfold_blocks(part, batch, length) for part in reverse_time(rows).chunk(len(streams))]
         # MixerOutput.combined() takes the right-to-left output reversed in time over the whole sequence.
         return left_to_right, reverse_time(_joined(in_time_order, dim=1))
+
+    def right_to_left_in_documents(self, streams: tuple, masks: tuple, ops: MambaOps) -> torch.Tensor:
+        """The right-to-left output of a block model, each block read alone, from one pass over the streams' whole
+        rows (side by side on the batch axis) in which every block is a document of its own: the scan and the
+        convolution restart at each (mamba-ssm's seq_idx). The same output as rows of one block each, which
+        mamba-ssm's training kernels take in chunks of the block size. Returned, as `block_direction_outputs`
+        returns it, in the reading order of the whole (B, S * L) sequence reversed."""
+        batch, length = streams[0].shape[:2]
+        block_index = torch.arange(length, device=streams[0].device) // self.config.block_size
+        # Numbered along the reversed reading order, so that they count up along it.
+        documents = (block_index[-1] - block_index.flip(0)).repeat(len(streams) * batch, 1)  # (S * B, L)
+        rows = reverse_time(_joined(list(streams)))  # (S * B, L, D), each row reversed
+        row_masks = None if masks[0] is None else reverse_time(_joined(list(masks)))
+        output = self.right_to_left(rows, row_masks, ops, seq_idx=documents)
+        # The time order [stream 0, stream 1] reversed is [stream 1 reversed, stream 0 reversed].
+        return _joined(list(output.chunk(len(streams))[::-1]), dim=1)
 
 
 def _joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:

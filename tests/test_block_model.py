@@ -7,6 +7,7 @@ from transformers import Trainer, TrainingArguments
 
 from diffuapriel_hf import DataCollatorForMaskedDiffusion, preset_config
 from diffuapriel_hf.modeling.diffusion import elbo_times, masked_diffusion_loss, noise_tokens
+from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops, mamba_chunk_scan_combined_reference
 from diffuapriel_hf.modeling.cache import BlockContext
 
@@ -85,12 +86,15 @@ def loss_block_by_block(model, noised, clean, labels, loss_weights, attention_ma
 
 
 @pytest.mark.parametrize("length,padded", [(12, False), (10, False), (10, True)])
-def test_two_stream_loss_and_gradients_equal_the_block_by_block_definition(block_model, stack, length, padded):
+@pytest.mark.parametrize("block_documents", [False, True], ids=["blocks as rows", "blocks as documents"])
+def test_two_stream_loss_and_gradients_equal_the_block_by_block_definition(block_model, stack, length, padded,
+                                                                           block_documents):
     model = block_model(stack)
     noised, clean, labels, loss_weights, attention_mask = noised_batch(
         model.config, length, padded, torch.Generator().manual_seed(3)
     )
-    loss = model(noised, attention_mask=attention_mask, labels=labels, loss_weights=loss_weights).loss
+    with override_kernel_policy(block_documents=block_documents):  # how the right-to-left direction reads blocks
+        loss = model(noised, attention_mask=attention_mask, labels=labels, loss_weights=loss_weights).loss
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     expected = loss_block_by_block(model, noised, clean, labels, loss_weights, attention_mask)
     expected_grads = torch.autograd.grad(expected, list(model.parameters()), allow_unused=True)
