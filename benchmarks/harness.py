@@ -82,10 +82,20 @@ def library_versions() -> dict:
     return versions
 
 
+def mamba_deterministic() -> bool:
+    """Whether mamba-ssm runs deterministically, as it decides (`mamba_ssm.utils.determinism`): MAMBA_DETERMINISTIC
+    starting with 1, or unset and torch's deterministic algorithms on. Its kernels then take fixed launch settings
+    instead of autotuning, which changes timings (a 1.3B training step's kernels: 435 vs 373 ms,
+    results/profile_train_4k_deterministic.json)."""
+    value = os.environ.get("MAMBA_DETERMINISTIC")
+    return value[0] == "1" if value else torch.are_deterministic_algorithms_enabled()
+
+
 def environment() -> dict:
-    """The stamp of a result: when, which commit, on what, with which libraries."""
+    """The stamp of a result: when, which commit, on what, with which libraries, mamba-ssm deterministic or not."""
     return dict(time_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), **source_revision(),
-                device=device_name(), cuda=torch.version.cuda, versions=library_versions())
+                device=device_name(), cuda=torch.version.cuda, versions=library_versions(),
+                mamba_deterministic=mamba_deterministic())
 
 
 def new_result(**fields) -> dict:
@@ -99,7 +109,9 @@ def stamp_line(result: dict) -> str:
     dirty = {True: " with uncommitted changes", False: "", None: " (uncommitted changes unknown)"}[env["dirty"]]
     versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items() if version is not None)
     cuda = f", CUDA {env['cuda']}" if env["cuda"] else ""
-    return f"Measured {env['time_utc']} at commit {env['commit'][:12]}{dirty} on {env['device']}{cuda}; {versions}."
+    deterministic = "; mamba-ssm deterministic (fixed launch settings)" if env.get("mamba_deterministic") else ""
+    return (f"Measured {env['time_utc']} at commit {env['commit'][:12]}{dirty} on {env['device']}{cuda}; "
+            f"{versions}{deterministic}.")
 
 
 def output_paths(out) -> tuple[Path, Path]:

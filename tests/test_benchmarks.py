@@ -74,6 +74,16 @@ def test_stamp_names_commit_device_and_versions(harness):
         assert stamp["commit"] == head.strip() and isinstance(stamp["dirty"], bool)
 
 
+def test_stamp_says_whether_mamba_ssm_ran_deterministically(harness, monkeypatch):
+    monkeypatch.setenv("MAMBA_DETERMINISTIC", "1")
+    stamp = harness.environment()
+    assert stamp["mamba_deterministic"] is True
+    assert harness.stamp_line(dict(environment=stamp)).endswith("; mamba-ssm deterministic (fixed launch settings).")
+    monkeypatch.setenv("MAMBA_DETERMINISTIC", "0")
+    stamp = harness.environment()
+    assert stamp["mamba_deterministic"] is False and "deterministic" not in harness.stamp_line(dict(environment=stamp))
+
+
 def test_stamp_outside_a_git_checkout_reads_the_commit_variable(harness, tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "ROOT", tmp_path)  # no repository there
     monkeypatch.delenv(harness.COMMIT_VARIABLE, raising=False)
