@@ -21,6 +21,7 @@ from diffuapriel_hf.modeling.mamba_ops import kernel_ops
 from diffuapriel_hf.modeling.presets import MAMBA
 
 from harness import build, median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from profile_step import training_step
 
 MODELS = ["diffuapriel-1.3b-block", "diffuapriel-h-1.3b-block", "diffutran-1.3b-block"]
 BATCHES = [1, 16]
@@ -57,15 +58,7 @@ def training_variants(model) -> dict:
 
 def training_step_ms(model, batch: int, length: int) -> float:
     """The median forward and backward of the two-stream loss (half the tokens masked), gradients dropped after."""
-    model.train()
-    ids = torch.randint(3, model.config.mask_token_id, (batch, length), device="cuda")
-    masked = torch.rand(ids.shape, device="cuda") < 0.5
-    noised, labels = ids.masked_fill(masked, model.config.mask_token_id), ids.masked_fill(~masked, -100)
-
-    def step():
-        model(input_ids=noised, labels=labels).loss.backward()
-        model.zero_grad(set_to_none=True)
-    return median_ms(step, reps=3, warmup=1)
+    return median_ms(training_step(model, batch, length), reps=3, warmup=1)
 
 
 def markdown(result: dict) -> str:

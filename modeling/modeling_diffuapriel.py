@@ -383,7 +383,8 @@ class BidirectionalMamba2Mixer(nn.Module):
         mamba-ssm's training kernels take in chunks of the block size. Returned, as `block_direction_outputs`
         returns it, in the reading order of the whole (B, S * L) sequence reversed."""
         batch, length = streams[0].shape[:2]
-        block_index = torch.arange(length, device=streams[0].device) // self.config.block_size
+        # int32, as the kernels read documents.
+        block_index = torch.arange(length, device=streams[0].device, dtype=torch.int32) // self.config.block_size
         # Numbered along the reversed reading order, so that they count up along it.
         documents = (block_index[-1] - block_index.flip(0)).repeat(len(streams) * batch, 1)  # (S * B, L)
         rows = reverse_time(_joined(list(streams)))  # (S * B, L, D), each row reversed
