@@ -16,14 +16,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .mamba_ops import segment_sum
-
 __all__ = [
     "block_attention_mask",
     "fold_blocks",
     "num_blocks",
     "sample_block_times",
-    "states_entering_blocks",
     "two_stream_attention_mask",
     "unfold_blocks",
 ]
@@ -65,28 +62,6 @@ def fold_blocks(x: torch.Tensor, block_size: int, value=0) -> torch.Tensor:
 def unfold_blocks(x: torch.Tensor, batch_size: int, length: int) -> torch.Tensor:
     """The inverse of `fold_blocks`: (B * n, block_size, ...) -> (B, length, ...), the last block's padding dropped."""
     return x.reshape(batch_size, -1, *x.shape[2:])[:, :length]
-
-
-def states_entering_blocks(
-    block_states: torch.Tensor, block_log_decay: torch.Tensor, initial_state: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """The SSM state entering each block of a left-to-right scan, from what each block does on its own.
-
-    block_states: (B, n, H, P, N), the state each block leaves when it starts from zero; block_log_decay: (B, n, H),
-    the sum of dt * A over each block (the state entering block b is multiplied by its exp on the way through);
-    initial_state: (B, H, P, N), the state entering the first block (zero when None). Returns (B, n, H, P, N)
-    float32: h_0 = initial, h_{b+1} = exp(block_log_decay_b) h_b + block_states_b, as one product over the blocks'
-    decay matrix (the SSD's own inter-chunk pass, blocks in place of chunks)."""
-    states = block_states.float()
-    if initial_state is not None:  # the initial state enters as a block of its own, before the first
-        states = torch.cat([initial_state.float()[:, None], states], dim=1)
-        block_log_decay = F.pad(block_log_decay, (0, 0, 1, 0))
-    # decay[b, h, i, j] = exp(sum of the log decays of blocks j+1..i): how state left by block j reaches block i+1.
-    decay = torch.exp(segment_sum(block_log_decay.float().transpose(1, 2)))  # (B, H, n, n)
-    leaving = torch.einsum("bhij,bjhpn->bihpn", decay, states)  # the state after each block
-    if initial_state is not None:
-        return leaving[:, :-1]
-    return F.pad(leaving[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0))  # nothing enters the first block
 
 
 def sample_block_times(

@@ -33,6 +33,7 @@ TRITON_INSTALLED = triton is not None
 
 BLOCK = 4096  # elements per program of the elementwise kernels
 MAX_NORM_WIDTH = 8192  # the norm kernel holds one row in registers
+BACKWARD_PROGRAMS = 1024  # the norm's backward: at most this many programs, each summing its rows' weight gradient
 
 
 def add_time_reversed_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -56,9 +57,10 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _fused(*tensors: torch.Tensor, column_slices: bool = False) -> bool:
-    """Whether a kernel applies: tensors of one shape and dtype, none needing a gradient, each contiguous (with
-    `column_slices`, also a column slice of a contiguous tensor, with the others' row stride)."""
+def _fused(*tensors: torch.Tensor, column_slices: bool = False, differentiable: bool = False) -> bool:
+    """Whether a kernel applies: tensors of one shape and dtype, none needing a gradient unless the kernel has a
+    backward (`differentiable`), each contiguous (with `column_slices`, also a column slice of a contiguous tensor,
+    with the others' row stride)."""
     first = tensors[0]
     if column_slices:
         rows = _row_stride(first)
@@ -68,7 +70,7 @@ def _fused(*tensors: torch.Tensor, column_slices: bool = False) -> bool:
     return (
         laid_out
         and all(t.shape == first.shape and t.dtype == first.dtype for t in tensors)
-        and not needs_gradient(*tensors)
+        and (differentiable or not needs_gradient(*tensors))
     )
 
 
@@ -95,14 +97,38 @@ def add_time_reversed(a: torch.Tensor, b: torch.Tensor, use_kernel: bool = False
 
 def add_rms_norm(residual, update, norm, time_reversed=None, scale=1.0, use_kernel=False, norm_kwargs=None):
     """`add_rms_norm_reference` as one kernel where `use_kernel` and `_fused` (norm's weight included, of the same
-    dtype, rows of at most MAX_NORM_WIDTH), else the reference. `norm` is an RMSNorm module: its `weight` and
-    `variance_epsilon`, read directly only where it is plain (`is_plain_module`); a hooked one (offloaded) is called
-    by the reference, with `norm_kwargs`."""
+    dtype, rows of at most MAX_NORM_WIDTH), else the reference; where a gradient is needed, as `AddRMSNorm`, whose
+    backward is one kernel too. `norm` is an RMSNorm module: its `weight` and `variance_epsilon`, read directly only
+    where it is plain (`is_plain_module`); a hooked one (offloaded) is called by the reference, with `norm_kwargs`."""
     tensors = [residual, update] + ([] if time_reversed is None else [time_reversed])
-    if (not use_kernel or residual.dim() != 3 or residual.shape[-1] > MAX_NORM_WIDTH or not _fused(*tensors)
-            or not is_plain_module(norm, type(norm)) or not _fused(norm.weight) or norm.weight.dtype != residual.dtype):
+    if (not use_kernel or residual.dim() != 3 or residual.shape[-1] > MAX_NORM_WIDTH
+            or not _fused(*tensors, differentiable=True) or not is_plain_module(norm, type(norm))
+            or not _fused(norm.weight, differentiable=True) or norm.weight.dtype != residual.dtype):
         return add_rms_norm_reference(residual, update, norm, time_reversed, scale, norm_kwargs)
+    if needs_gradient(*tensors, norm.weight):
+        return AddRMSNorm.apply(residual, update, time_reversed, norm.weight, norm.variance_epsilon, scale)
     return launch_add_rms_norm(residual, update, norm.weight, norm.variance_epsilon, time_reversed, scale)
+
+
+class AddRMSNorm(torch.autograd.Function):
+    """`add_rms_norm_reference` for training: the forward kernel, which also keeps each row's 1 / rms, and a backward
+    kernel that gives the gradients of the residual, the update and the time-reversed update (written reversed) in one
+    pass, with the weight's gradient summed from each program's partial sum."""
+
+    @staticmethod
+    def forward(ctx, residual, update, time_reversed, weight, eps, scale):
+        hidden, normed, rstd = launch_add_rms_norm(residual, update, weight, eps, time_reversed, scale, keep_rstd=True)
+        ctx.save_for_backward(hidden, weight, rstd)
+        ctx.scale, ctx.mirrored = scale, time_reversed is not None
+        return hidden, normed
+
+    @staticmethod
+    def backward(ctx, d_hidden, d_normed):
+        hidden, weight, rstd = ctx.saved_tensors
+        d_residual, d_update, d_mirrored, d_weight = launch_add_rms_norm_backward(
+            hidden, weight, rstd, d_hidden.contiguous(), d_normed.contiguous(), ctx.scale, ctx.mirrored
+        )
+        return d_residual, d_update, d_mirrored, d_weight, None, None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, use_kernel: bool = False) -> torch.Tensor:
@@ -121,17 +147,39 @@ def launch_add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def launch_add_rms_norm(residual, update, weight, eps, time_reversed=None, scale=1.0):
-    """The kernel of `add_rms_norm`, without the checks: one program per row (token)."""
+def launch_add_rms_norm(residual, update, weight, eps, time_reversed=None, scale=1.0, keep_rstd=False):
+    """The kernel of `add_rms_norm`, without the checks: one program per row (token). With `keep_rstd`, also returns
+    each row's 1 / rms (float32, (B * L,)), which the backward reads."""
     hidden, normed = torch.empty_like(residual), torch.empty_like(residual)
-    width = residual.shape[-1]
+    rows, width = residual.shape[0] * residual.shape[1], residual.shape[-1]
+    rstd = torch.empty(rows if keep_rstd else 1, device=residual.device, dtype=torch.float32)
     block = triton.next_power_of_2(width)
     mirrored = update if time_reversed is None else time_reversed  # not read without HAS_MIRRORED
-    _add_rms_norm_kernel[(residual.shape[0] * residual.shape[1],)](
-        residual, update, mirrored, weight, hidden, normed, residual.shape[1], width, eps, scale,
-        HAS_MIRRORED=time_reversed is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+    _add_rms_norm_kernel[(rows,)](
+        residual, update, mirrored, weight, hidden, normed, rstd, residual.shape[1], width, eps, scale,
+        HAS_MIRRORED=time_reversed is not None, KEEP_RSTD=keep_rstd, BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8),
     )
-    return hidden, normed
+    return (hidden, normed, rstd) if keep_rstd else (hidden, normed)
+
+
+def launch_add_rms_norm_backward(hidden, weight, rstd, d_hidden, d_normed, scale, mirrored: bool):
+    """The backward kernel of `AddRMSNorm`: (d_residual, d_update, d_time_reversed or None, d_weight) from the
+    forward's hidden (B, L, W), weight, rstd and the gradients of its two outputs (contiguous). Programs take
+    `rows_per_program` consecutive rows each and write their partial sums of the weight's gradient, summed here."""
+    rows, width = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
+    rows_per_program = triton.cdiv(rows, BACKWARD_PROGRAMS)
+    programs = triton.cdiv(rows, rows_per_program)
+    d_residual, d_update = torch.empty_like(hidden), torch.empty_like(hidden)
+    d_mirrored = torch.empty_like(hidden) if mirrored else None
+    d_weight_parts = torch.empty(programs, width, device=hidden.device, dtype=torch.float32)
+    block = triton.next_power_of_2(width)
+    _add_rms_norm_backward_kernel[(programs,)](
+        hidden, weight, rstd, d_hidden, d_normed, d_residual, d_update, d_update if d_mirrored is None else d_mirrored,
+        d_weight_parts, rows, hidden.shape[1], width, scale, rows_per_program, HAS_MIRRORED=mirrored, BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8),
+    )
+    return d_residual, d_update, d_mirrored, d_weight_parts.sum(0).to(weight.dtype)
 
 
 def launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -144,12 +192,14 @@ def launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "AddRMSNorm",
     "TRITON_INSTALLED",
     "add_rms_norm",
     "add_rms_norm_reference",
     "add_time_reversed",
     "add_time_reversed_reference",
     "launch_add_rms_norm",
+    "launch_add_rms_norm_backward",
     "launch_add_time_reversed",
     "launch_swiglu",
     "swiglu",
@@ -170,11 +220,13 @@ if triton is not None:
         tl.store(out_ptr + offsets, a + b, mask=inside)
 
     @triton.jit
-    def _add_rms_norm_kernel(residual_ptr, update_ptr, mirrored_ptr, weight_ptr, hidden_ptr, normed_ptr, seqlen,
-                             width, eps, scale, HAS_MIRRORED: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rms_norm_kernel(residual_ptr, update_ptr, mirrored_ptr, weight_ptr, hidden_ptr, normed_ptr, rstd_ptr,
+                             seqlen, width, eps, scale, HAS_MIRRORED: tl.constexpr, KEEP_RSTD: tl.constexpr,
+                             BLOCK: tl.constexpr):
         # Row r = n * seqlen + t of contiguous (N, seqlen, width) tensors:
         # hidden[r] = residual[r] + scale * (update[r] + mirrored[n * seqlen + seqlen - 1 - t]),
-        # normed[r] = hidden[r] / rms(hidden[r]) * weight, the norm of hidden as stored (rounded), as the reference.
+        # normed[r] = hidden[r] / rms(hidden[r]) * weight, the norm of hidden as stored (rounded), as the reference;
+        # rstd[r] = 1 / rms(hidden[r]) with KEEP_RSTD.
         row = tl.program_id(0).to(tl.int64)
         columns = tl.arange(0, BLOCK)
         inside = columns < width
@@ -187,9 +239,44 @@ if triton is not None:
         tl.store(hidden_ptr + row * width + columns, hidden, mask=inside)
         hidden = hidden.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(hidden * hidden, axis=0) / width + eps)
+        if KEEP_RSTD:
+            tl.store(rstd_ptr + row, rstd)
         weight = tl.load(weight_ptr + columns, mask=inside, other=0.0).to(tl.float32)
         tl.store(normed_ptr + row * width + columns, (hidden * rstd * weight).to(normed_ptr.dtype.element_ty),
                  mask=inside)
+
+    @triton.jit
+    def _add_rms_norm_backward_kernel(hidden_ptr, weight_ptr, rstd_ptr, d_hidden_ptr, d_normed_ptr, d_residual_ptr,
+                                      d_update_ptr, d_mirrored_ptr, d_weight_parts_ptr, rows, seqlen, width, scale,
+                                      rows_per_program, HAS_MIRRORED: tl.constexpr, BLOCK: tl.constexpr):
+        # For each row r of this program, with x = hidden[r] * rstd[r] and g = d_normed[r] * weight:
+        # d_residual[r] = d_hidden[r] + rstd[r] * (g - x * mean(g * x)), the gradient of hidden as a whole;
+        # d_update[r] = scale * d_residual[r], also written to row r's mirror in d_mirrored (HAS_MIRRORED);
+        # d_weight_parts[program] = the sum over its rows of d_normed[r] * x.
+        program = tl.program_id(0)
+        columns = tl.arange(0, BLOCK)
+        inside = columns < width
+        weight = tl.load(weight_ptr + columns, mask=inside, other=0.0).to(tl.float32)
+        d_weight = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, rows_per_program):
+            row = program.to(tl.int64) * rows_per_program + i
+            valid = columns < tl.where(row < rows, width, 0)  # no column of a row past the end
+            offsets = row * width + columns
+            x = tl.load(hidden_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + tl.minimum(row, rows - 1))  # a row past the end is masked out everywhere else
+            x = x * rstd
+            d_normed = tl.load(d_normed_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            g = d_normed * weight
+            d_hidden = rstd * (g - x * (tl.sum(g * x, axis=0) / width))
+            d_hidden += tl.load(d_hidden_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            d_weight += d_normed * x
+            tl.store(d_residual_ptr + offsets, d_hidden.to(d_residual_ptr.dtype.element_ty), mask=valid)
+            d_update = (d_hidden * scale).to(d_update_ptr.dtype.element_ty)
+            tl.store(d_update_ptr + offsets, d_update, mask=valid)
+            if HAS_MIRRORED:
+                mirrored_row = row + seqlen - 1 - 2 * (row % seqlen)
+                tl.store(d_mirrored_ptr + mirrored_row * width + columns, d_update, mask=valid)
+        tl.store(d_weight_parts_ptr + program * width + columns, d_weight, mask=inside)
 
     @triton.jit
     def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, numel, width, row_stride, BLOCK: tl.constexpr):

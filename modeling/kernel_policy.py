@@ -111,7 +111,7 @@ class KernelPolicy:
     """One forward pass's choice of implementations (see the module's table).
 
     mamba: the Mamba mixer's SSD scan, convolution and gated norm (`mamba_ops.TORCH_OPS` or `mamba_ops.kernel_ops()`).
-    fused_elementwise: the Triton kernels of the direction sum and the residual add + norm.
+    fused_elementwise: the Triton kernels of the direction sum and the residual add + norm (which has a backward).
     fused_swiglu: the Triton kernel of the SwiGLU activation.
     fused_rms_norm: `F.rms_norm` for the block norms (where input and weight share a dtype).
     mlp_one_product_min_tokens: from how many tokens the MLP computes gate and up as one product (None: never).
@@ -167,11 +167,13 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
                     eager_attention: bool) -> KernelPolicy:
     if device_type != "cuda":
         return REFERENCE_POLICY
-    # The Triton kernels of fused_ops have no backward: in grad mode the references run.
+    # The Triton kernels of fused_ops but the residual add + norm (`AddRMSNorm`) have no backward: in grad mode the
+    # references run them (the direction sum refuses, call by call, tensors that need a gradient). AddRMSNorm in
+    # training is UNMEASURED: benchmarks/training_fusions.py times it against the reference.
     forward_only = TRITON_INSTALLED and not grad_enabled
     return KernelPolicy(
-        mamba=_mamba_ops(use_mamba_kernels),
-        fused_elementwise=forward_only,
+        mamba=_mamba_ops(use_mamba_kernels, grad_enabled),
+        fused_elementwise=TRITON_INSTALLED,
         fused_swiglu=forward_only,
         # One fused kernel (float32 statistics, one rounding at the end) instead of six passes over a float32 copy:
         # 0.09 vs 0.88 ms for 32K tokens of width 2048 on an H200, 12% of a 1.3B Mamba step.
@@ -190,11 +192,13 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
     )
 
 
-def _mamba_ops(use_mamba_kernels: bool) -> MambaOps:
-    """The kernels when wanted and installed, else the references."""
+def _mamba_ops(use_mamba_kernels: bool, grad_enabled: bool) -> MambaOps:
+    """The kernels when wanted and installed, else the references. In training, mixer passes without padding or
+    states run mamba-ssm's fused mixer function, which writes in_proj's output gradient in one buffer (UNMEASURED:
+    benchmarks/training_fusions.py times it against the kernels called one after another)."""
     if not use_mamba_kernels:
         return TORCH_OPS
-    ops = kernel_ops()
+    ops = kernel_ops(split_conv1d_scan=grad_enabled)
     if ops is None:
         _warn_kernels_missing()
         return TORCH_OPS

@@ -1,4 +1,4 @@
-"""The three fused operations of a Mamba-2 mixer, each as a pure-PyTorch reference with the signature of the
+"""The fused operations of a Mamba-2 mixer, each as a pure-PyTorch reference with the signature of the
 kernel that replaces it on CUDA:
 
 | operation                  | kernel                                                           |
@@ -6,6 +6,12 @@ kernel that replaces it on CUDA:
 | `mamba_chunk_scan_combined`| `mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`    |
 | `causal_conv1d_fn`         | `causal_conv1d.causal_conv1d_fn`                                 |
 | `rmsnorm_fn` (gated)       | `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn`                |
+| `state_passing`            | `mamba_ssm.ops.triton.ssd_state_passing.state_passing`           |
+
+In training, a mixer pass with no padding and no state in or out runs a fourth: the three above and out_proj as one
+autograd function (`mamba_split_conv1d_scan`: `mamba_ssm.ops.triton.ssd_combined.mamba_split_conv1d_scan_combined`),
+whose backward writes the gradient of in_proj's output in one buffer (not the concatenation of its parts') and
+recomputes the convolution rather than keeping it.
 
 For inference with at least as many (sequence, head) pairs as the GPU has multiprocessors, or one sequence long
 enough to be cut into segments walked in parallel, the SSD takes our own single-pass Triton kernel instead
@@ -124,6 +130,21 @@ def mamba_chunk_scan_combined_reference(
     return (y, final_state) if return_final_states else y
 
 
+def state_passing_reference(states, dA_chunk_cumsum, initial_states=None):
+    """The SSD's pass from chunk to chunk: from the state each chunk leaves when it starts from zero, states
+    (b, c, h, d), and each chunk's total log decay (the sum of dt * A over it), dA_chunk_cumsum (b, h, c), the state
+    entering each chunk, out (b, c, h, d): h_0 = initial_states (b, h, d) or zeros, h_{k+1} = exp(dA_k) h_k + states_k;
+    and the state after the last, final_states (b, h, d). Both float32, from one product over the chunks' decay
+    matrix (the initial state enters as a chunk of its own, before the first)."""
+    states = states.float()
+    initial = states.new_zeros(states[:, 0].shape) if initial_states is None else initial_states.float()
+    states = torch.cat([initial[:, None], states], dim=1)  # (b, c + 1, h, d)
+    # decay[b, h, i, j] = exp(sum of the log decays of chunks j+1..i): how the state left by chunk j reaches i's end.
+    decay = torch.exp(segment_sum(F.pad(dA_chunk_cumsum.float(), (1, 0))))  # (b, h, c + 1, c + 1)
+    leaving = torch.einsum("bhij,bjhd->bihd", decay, states)  # the state after each chunk
+    return leaving[:, :-1], leaving[:, -1]
+
+
 def causal_conv1d_reference(x, weight, bias=None, seq_idx=None, activation=None):
     """Depthwise causal convolution. x: (b, d, l), weight: (d, w), bias: (d,) -> (b, d, l) in x's dtype. seq_idx:
     (b, l) int, the document of each position of rows that pack several: an output reads its own document's inputs
@@ -183,17 +204,57 @@ def reverse_time(x: torch.Tensor) -> torch.Tensor:
     return _ReverseTime.apply(x)
 
 
+def _split_conv1d_scan_from(chunk_scan, causal_conv1d, rmsnorm):
+    """`mamba_split_conv1d_scan` computed by these three operations, one after another."""
+
+    def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=None,
+                          dt_limit=(0.0, float("inf")), activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6,
+                          outproj_weight=None, outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True):
+        nheads = A.shape[0]
+        dim = nheads * headdim
+        state_size = (conv1d_weight.shape[0] - dim) // (2 * ngroups)
+        z, xBC, dt = zxbcdt.split([dim, conv1d_weight.shape[0], nheads], dim=-1)
+        xBC = causal_conv1d(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx, activation=activation)
+        x, B, C = xBC.transpose(1, 2).split([dim, ngroups * state_size, ngroups * state_size], dim=-1)
+        y = chunk_scan(
+            x.unflatten(-1, (nheads, headdim)), dt, A, B.unflatten(-1, (ngroups, state_size)),
+            C.unflatten(-1, (ngroups, state_size)), chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx,
+            dt_softplus=True, dt_limit=dt_limit,
+        )  # (b, l, h, p)
+        y = rmsnorm(y.flatten(-2), rmsnorm_weight, None, z=z, eps=rmsnorm_eps, group_size=dim // ngroups,
+                    norm_before_gate=norm_before_gate)
+        return F.linear(y, outproj_weight, outproj_bias)
+
+    return split_conv1d_scan
+
+
+mamba_split_conv1d_scan_reference = _split_conv1d_scan_from(
+    mamba_chunk_scan_combined_reference, causal_conv1d_reference, rmsnorm_reference
+)
+mamba_split_conv1d_scan_reference.__doc__ = """A Mamba-2 mixer from in_proj's output to out_proj's, as one function.
+zxbcdt: (b, l, dim + conv_dim + h), in_proj's output: the gate z, the convolution's input xBC (x, B and C) and dt.
+act(causal conv1d(xBC)) gives x (b, l, dim = h * headdim), B and C (b, l, ngroups * n); the SSD with
+dt = clamp(softplus(dt + dt_bias), dt_limit) and D; the gated RMSNorm (`rmsnorm_weight`, groups of dim / ngroups
+channels, silu(z) before or after normalising); out_proj (`outproj_weight` (out_dim, dim), `outproj_bias`). seq_idx
+(b, l) int: the convolution and the scan restart at each document. -> (b, l, out_dim) in zxbcdt's dtype."""
+
+
 @dataclass(frozen=True)
 class MambaOps:
-    """One implementation of each fused operation; `name` says which."""
+    """One implementation of each fused operation; `name` says which. `split_conv1d_scan`, where set, computes a
+    whole mixer pass without padding or states (`mamba_split_conv1d_scan_reference`'s signature); None: the mixer
+    calls the others itself."""
 
     name: str
     chunk_scan: Callable
     causal_conv1d: Callable
     rmsnorm: Callable
+    state_passing: Callable
+    split_conv1d_scan: Optional[Callable] = None
 
 
-TORCH_OPS = MambaOps("torch", mamba_chunk_scan_combined_reference, causal_conv1d_reference, rmsnorm_reference)
+TORCH_OPS = MambaOps("torch", mamba_chunk_scan_combined_reference, causal_conv1d_reference, rmsnorm_reference,
+                     state_passing_reference)
 
 
 def _causal_conv1d_via_kernel(kernel):
@@ -256,15 +317,32 @@ def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_
     return chunk_scan
 
 
+def _split_conv1d_scan_via_kernel(kernel, parts: Callable):
+    """mamba-ssm's `mamba_split_conv1d_scan_combined` where its convolution applies (causal-conv1d installed, width 2
+    to 4, silu or no activation, channels and in_proj's width multiples of 8 so that it reads the slice in place),
+    else `parts`: the same computation by the other operations, one after another."""
+
+    def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=None, **kwargs):
+        if (kernel is None or not 2 <= conv1d_weight.shape[-1] <= 4 or kwargs.get("activation", "silu") not in (None, "silu", "swish")
+                or conv1d_weight.shape[0] % 8 or zxbcdt.shape[-1] % 8):
+            return parts(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=seq_idx, **kwargs)
+        seq_idx = None if seq_idx is None else seq_idx.to(torch.int32)
+        return kernel(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=seq_idx, **kwargs)
+
+    return split_conv1d_scan
+
+
 @functools.cache
-def kernel_ops(single_pass: Optional[bool] = None) -> Optional[MambaOps]:
+def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = False) -> Optional[MambaOps]:
     """The CUDA kernels as `MambaOps`, or None when mamba-ssm is not installed. causal-conv1d is optional: without it
     the convolution takes the PyTorch reference (cuDNN's depthwise convolution) and the rest stays on kernels.
     `single_pass` forces the SSD's choice between our single-pass kernel and mamba-ssm's for the calls either can take
-    (None: `ssd_triton.single_pass_is_faster` decides; benchmarks/ssd_dispatch.py measures both)."""
+    (None: `ssd_triton.single_pass_is_faster` decides; benchmarks/ssd_dispatch.py measures both). With
+    `split_conv1d_scan`, whole mixer passes run mamba-ssm's fused mixer function (`MambaOps.split_conv1d_scan`)."""
     try:
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+        from mamba_ssm.ops.triton.ssd_state_passing import state_passing
 
         from .ssd_triton import single_pass_is_faster, ssd_forward
     except (ImportError, OSError):  # not installed, or built for another torch / CUDA
@@ -272,12 +350,16 @@ def kernel_ops(single_pass: Optional[bool] = None) -> Optional[MambaOps]:
     try:
         from causal_conv1d import causal_conv1d_fn
     except (ImportError, OSError):
-        conv = causal_conv1d_reference
+        conv, fused_mixer = causal_conv1d_reference, None
     else:
-        conv = _causal_conv1d_via_kernel(causal_conv1d_fn)
+        conv, fused_mixer = _causal_conv1d_via_kernel(causal_conv1d_fn), mamba_split_conv1d_scan_combined
     rule = single_pass_is_faster if single_pass is None else (lambda *sizes: single_pass)
+    chunk_scan = _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, rule)
     name = "kernels" if single_pass is None else f"kernels (single-pass SSD {'always' if single_pass else 'never'})"
-    return MambaOps(name, _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, rule), conv, rmsnorm_fn)
+    if not split_conv1d_scan:
+        return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing)
+    mixer = _split_conv1d_scan_via_kernel(fused_mixer, _split_conv1d_scan_from(chunk_scan, conv, rmsnorm_fn))
+    return MambaOps(f"{name}, fused mixer", chunk_scan, conv, rmsnorm_fn, state_passing, mixer)
 
 __all__ = [
     "MambaOps",
@@ -286,8 +368,10 @@ __all__ = [
     "is_plain_module",
     "kernel_ops",
     "mamba_chunk_scan_combined_reference",
+    "mamba_split_conv1d_scan_reference",
     "needs_gradient",
     "reverse_time",
     "rmsnorm_reference",
     "segment_sum",
+    "state_passing_reference",
 ]

@@ -29,7 +29,6 @@ from .block_diffusion import (
     block_attention_mask,
     fold_blocks,
     num_blocks,
-    states_entering_blocks,
     two_stream_attention_mask,
     unfold_blocks,
 )
@@ -142,7 +141,11 @@ class Mamba2Mixer(nn.Module):
         batch, seqlen, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         chunk_size = self.chunk_size_for(seqlen)
-        gate, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, H], dim=-1)
+        zxbcdt = self.in_proj(hidden_states)  # (B, L, 2 * H * P + 2 * G * N + H)
+        plain_pass = padding_mask is None and initial_state is None and state_at is None and block_states is None
+        if plain_pass and self.runs_fused(ops):
+            return self.fused(zxbcdt, ops, chunk_size, seq_idx)
+        gate, xBC, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, H], dim=-1)
         if padding_mask is not None:
             xBC = xBC * padding_mask[..., None].to(xBC.dtype)  # the convolution sees zeros at padding
         ssm_state = None
@@ -162,6 +165,22 @@ class Mamba2Mixer(nn.Module):
         width, end = self.conv1d.kernel_size[0] - 1, xBC.shape[1] - seqlen + state_at
         conv_inputs = F.pad(xBC[:, :end], (0, 0, max(width - end, 0), 0))
         return output, (conv_inputs[:, conv_inputs.shape[1] - width :], ssm_state)
+
+    def runs_fused(self, ops: MambaOps) -> bool:
+        """Whether a pass without padding or states runs `ops.split_conv1d_scan` (training on CUDA): where the ops
+        have it, and the modules whose weights it reads are plain (an adapter or a hook must be called)."""
+        return (ops.split_conv1d_scan is not None and is_plain_module(self.conv1d, nn.Conv1d)
+                and is_plain_module(self.norm, MambaRMSNormGated) and is_plain_module(self.out_proj, nn.Linear))
+
+    def fused(self, zxbcdt: torch.Tensor, ops: MambaOps, chunk_size: int, seq_idx: Optional[torch.Tensor]):
+        """The pass from in_proj's output (B, L, 2 * H * P + 2 * G * N + H) to out_proj's (B, L, D) as one
+        function, the same computation as the rest of `forward`."""
+        return ops.split_conv1d_scan(
+            zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()),
+            self.D.float(), chunk_size, seq_idx=seq_idx, dt_limit=self.dt_limit, activation=self.activation,
+            rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.variance_epsilon, outproj_weight=self.out_proj.weight,
+            outproj_bias=self.out_proj.bias, headdim=self.head_dim, ngroups=self.n_groups, norm_before_gate=False,
+        )
 
     def time_steps(self, dt: torch.Tensor, padding_mask: Optional[torch.Tensor], seq_idx: Optional[torch.Tensor],
                    softplus_here: bool) -> tuple[torch.Tensor, dict]:
@@ -231,11 +250,11 @@ class Mamba2Mixer(nn.Module):
             self.chunk_size_for(block_size), return_final_states=True,
         )  # local: (B * n, H, P, N)
         log_decay = dt.sum(1) * A  # (B * n, H)
-        entering = states_entering_blocks(
-            local.unflatten(0, (batch, blocks)), log_decay.unflatten(0, (batch, blocks)),
-            None if initial_state is None else initial_state[1],
-        )
-        return conv_inputs, entering
+        entering, _ = ops.state_passing(
+            local.unflatten(0, (batch, blocks)).flatten(-2), log_decay.unflatten(0, (batch, blocks)).transpose(1, 2),
+            None if initial_state is None else initial_state[1].flatten(-2),
+        )  # (B, n, H, P * N): blocks in place of the SSD's chunks
+        return conv_inputs, entering.unflatten(-1, (P, N))
 
     def convolution(self, xBC: torch.Tensor, ops: MambaOps, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """act(causal depthwise conv1d(xBC)), (B, L, C) -> (B, L, C), restarting at each document of `seq_idx`: the

@@ -283,6 +283,22 @@ def test_profile_steps_training_step_runs_the_loss_backward_and_leaves_no_gradie
     assert all(parameter.grad is None for parameter in model.parameters())
 
 
+def test_training_fusions_step_repeats_one_loss_and_its_table_compares_the_variants(benchmarks_on_path, tiny_model):
+    fusions = load(BENCHMARKS / "training_fusions.py")
+    model = tiny_model("mamba").train()
+    assert set(fusions.variants(model)) == {"default", "residual norm unfused", "mixer step by step"}
+    assert set(fusions.variants(tiny_model("attention"))) == {"default", "residual norm unfused"}
+    step, losses = fusions.training_step(model, batch=2, length=12)
+    step()
+    step()
+    assert len(losses) == 2 and losses[0] == losses[1] and losses[0] > 0
+    assert all(parameter.grad is None for parameter in model.parameters())
+    variants = {"default": dict(step_ms=100.0, peak_gib=1.0, loss=2.0),
+                "mixer step by step": dict(step_ms=110.0, peak_gib=1.5, loss=2.0)}
+    table = fusions.markdown(dict(rows=[dict(model="m", batch=4, length=4096, variants=variants)]))
+    assert "| m | 4 x 4,096 | 100.0 (1.000x), 1.0, 2.00000 | 110.0 (1.100x), 1.5, 2.00000 |" in table
+
+
 def test_block_quality_table_puts_each_full_sequence_model_above_its_block_variants(benchmarks_on_path, tmp_path):
     quality = load(BENCHMARKS / "block_quality.py")
     shipped = str(quality.SHIPPED)

@@ -1,5 +1,5 @@
-"""Block diffusion's pure functions: the attention masks, folding blocks into rows, the states entering blocks and the
-blocks' diffusion times."""
+"""Block diffusion's pure functions: the attention masks, folding blocks into rows, the states entering blocks (the
+SSD's state passing, blocks in place of chunks) and the blocks' diffusion times."""
 
 import pytest
 import torch
@@ -9,11 +9,10 @@ from diffuapriel_hf.modeling.block_diffusion import (
     fold_blocks,
     num_blocks,
     sample_block_times,
-    states_entering_blocks,
     two_stream_attention_mask,
     unfold_blocks,
 )
-from diffuapriel_hf.modeling.mamba_ops import mamba_chunk_scan_combined_reference
+from diffuapriel_hf.modeling.mamba_ops import mamba_chunk_scan_combined_reference, state_passing_reference
 
 
 def test_block_attention_mask():
@@ -73,12 +72,17 @@ def test_states_entering_blocks_continue_the_scan(with_initial_state):
 
     _, local_states = scan(*(fold_blocks(t, block) for t in (x, dt, B, C)))
     log_decay = (fold_blocks(dt, block) * A).sum(1).reshape(batch, -1, heads)  # (B, n, H)
-    entering = states_entering_blocks(local_states.reshape(batch, -1, heads, head_dim, state), log_decay, initial)
+    entering, final = state_passing_reference(
+        local_states.reshape(batch, -1, heads, head_dim * state), log_decay.transpose(1, 2),
+        None if initial is None else initial.flatten(-2),
+    )
+    entering, final = entering.unflatten(-1, (head_dim, state)), final.unflatten(-1, (head_dim, state))
     first = torch.zeros(batch, heads, head_dim, state) if initial is None else initial
     torch.testing.assert_close(entering[:, 0], first)
-    for b in range(1, length // block):
+    for b in range(1, length // block + 1):
         prefix = (t[:, : b * block] for t in (x, dt, B, C))
-        torch.testing.assert_close(entering[:, b], scan(*prefix, initial)[1], rtol=1e-5, atol=1e-5)
+        leaving = entering[:, b] if b < length // block else final
+        torch.testing.assert_close(leaving, scan(*prefix, initial)[1], rtol=1e-5, atol=1e-5)
 
 
 def test_sample_block_times_are_stratified():

@@ -47,13 +47,39 @@ def interpreted_errors() -> dict:
             fused = fused_ops.launch_add_rms_norm(residual, a, norm.weight.detach(), 1e-5, mirrored, scale)
             name = f"norm {'mirrored ' if mirrored is not None else ''}x{scale} {shape}"
             errors[name] = max((f - e).abs().max().item() for f, e in zip(fused, expected))
+            default_programs = fused_ops.BACKWARD_PROGRAMS
+            for programs in (default_programs, 4):  # one row a program; several, the last one short
+                fused_ops.BACKWARD_PROGRAMS = programs
+                errors[f"{name} backward, {programs} programs"] = backward_error(residual, a, norm, mirrored, scale)
+            fused_ops.BACKWARD_PROGRAMS = default_programs
     return errors
+
+
+def backward_error(residual, update, norm, mirrored, scale) -> float:
+    """The largest difference between the gradients (of the residual, the update, the time-reversed update and the
+    weight) of `AddRMSNorm` and of the reference, under the same random output gradients."""
+    from diffuapriel_hf.modeling import fused_ops
+
+    generator = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(residual.shape, generator=generator) for _ in range(2)]
+    gradients = []
+    for fused in (True, False):
+        inputs = [t.clone().requires_grad_(True) for t in (residual, update, mirrored) if t is not None]
+        norm.zero_grad()
+        if fused:
+            outputs = fused_ops.AddRMSNorm.apply(inputs[0], inputs[1], inputs[2] if mirrored is not None else None,
+                                                 norm.weight, norm.variance_epsilon, scale)
+        else:
+            outputs = add_rms_norm_reference(*inputs[:2], norm, inputs[2] if mirrored is not None else None, scale)
+        sum((o * u).sum() for o, u in zip(outputs, upstream)).backward()
+        gradients.append([t.grad for t in inputs] + [norm.weight.grad])
+    return max((f - e).abs().max().item() for f, e in zip(*gradients))
 
 
 def test_interpreted_kernels_match_their_references():
     pytest.importorskip("triton")
     errors = run_interpreted("test_fused_ops", "interpreted_errors")
-    assert len(errors) == 3 * len(SHAPES) + 3 * 2
+    assert len(errors) == 3 * len(SHAPES) + 3 * 2 * 3
     for name, error in errors.items():
         assert error <= 1e-5, (name, error)
 

@@ -77,7 +77,8 @@ def test_kernel_path_matches_the_pytorch_path(dtype, tolerance):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
-def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tolerance):
+@pytest.mark.parametrize("fused", [False, True], ids=["step by step", "fused mixer function"])
+def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tolerance, fused, monkeypatch):
     from mamba_ssm.modules.mamba2 import Mamba2
 
     config = preset_config("tiny", **SIZES)
@@ -89,11 +90,13 @@ def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tol
     )
     hidden = torch.randn(2, 301, config.hidden_size, device="cuda", dtype=dtype)
     grad_out = torch.randn_like(hidden)
+    ops = mamba_ops.kernel_ops(split_conv1d_scan=fused)
+    fused_calls = count_fused_mixer_calls(monkeypatch)
     for direction, inputs in ((ours.left_to_right, hidden), (ours.right_to_left, hidden.flip(1))):
         theirs.load_state_dict(direction.state_dict())
         assert theirs.norm.eps == direction.norm.variance_epsilon
         results = []
-        for module, kwargs in ((theirs, {}), (direction, dict(padding_mask=None, ops=mamba_ops.kernel_ops()))):
+        for module, kwargs in ((theirs, {}), (direction, dict(padding_mask=None, ops=ops))):
             x = inputs.detach().clone().requires_grad_(True)
             module.zero_grad()
             out = module(x, **kwargs)
@@ -105,6 +108,41 @@ def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tol
         assert rel_err(dx_ours, dx_theirs) <= tolerance
         for name in g_theirs:
             assert rel_err(g_ours[name], g_theirs[name]) <= tolerance, name
+    # mamba-ssm's Mamba2 trains through the fused function; our mixer does with `fused` alone.
+    assert len(fused_calls) == 2 * (1 + fused)
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_initial_state", [False, True])
+def test_state_passing_kernel_matches_the_reference_forward_and_backward(with_initial_state):
+    torch.manual_seed(0)
+    batch, chunks, heads, dim = 2, 37, 8, 256  # a block model's blocks in place of chunks, P * N flattened
+    states = torch.randn(batch, chunks, heads, dim, device="cuda")
+    log_decay = -torch.rand(batch, heads, chunks, device="cuda") * 2
+    initial = torch.randn(batch, heads, dim, device="cuda") if with_initial_state else None
+    upstream = [torch.randn(batch, chunks, heads, dim, device="cuda"), torch.randn(batch, heads, dim, device="cuda")]
+    results = []
+    for state_passing in (mamba_ops.kernel_ops().state_passing, mamba_ops.state_passing_reference):
+        inputs = [t.clone().requires_grad_(True) for t in (states, log_decay, initial) if t is not None]
+        outputs = state_passing(*inputs[:2], inputs[2] if with_initial_state else None)
+        sum((o * u).sum() for o, u in zip(outputs, upstream)).backward()
+        results.append([o.detach() for o in outputs] + [t.grad for t in inputs])
+    for actual, expected in zip(*results):
+        assert actual.dtype == torch.float32 and rel_err(actual, expected) <= 1e-5
+
+
+def count_fused_mixer_calls(monkeypatch) -> list:
+    """A list that grows by one at each call of mamba-ssm's fused mixer function (its autograd Function)."""
+    from mamba_ssm.ops.triton.ssd_combined import MambaSplitConv1dScanCombinedFn
+
+    calls, apply = [], MambaSplitConv1dScanCombinedFn.apply
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return apply(*args)
+
+    monkeypatch.setattr(MambaSplitConv1dScanCombinedFn, "apply", counted)
+    return calls
 
 
 def ssd_inputs(batch, length, heads, head_dim, groups, state, dtype, device="cuda", seed=0):
@@ -230,11 +268,38 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
                 assert fused_part.dtype == dtype
                 assert rel_err(fused_part, exact_part) <= tolerance
                 assert rel_err(reference_part, exact_part) <= 2 * tolerance
-    # A gradient needed: the references, which carry it.
+    # A gradient needed: the references, which carry it; the residual add + norm has a backward of its own.
     a.requires_grad_(True)
     assert fused.swiglu(a, b, use_kernel=True).grad_fn is not None
     assert fused.add_time_reversed(a, b, use_kernel=True).grad_fn is not None
-    assert all(t.grad_fn is not None for t in fused.add_rms_norm(residual, a, norm, b, use_kernel=True))
+    outputs = fused.add_rms_norm(residual, a, norm, b, use_kernel=True)
+    assert all(type(t.grad_fn).__name__ == "AddRMSNormBackward" for t in outputs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(3, 1001, 96), (2, 2048, 2048)], ids=["small", "1.3b-width"])
+def test_fused_residual_norm_gradients_match_the_reference_on_gpu(dtype, tolerance, shape):
+    from diffuapriel_hf.modeling import fused_ops as fused
+    from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielRMSNorm
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(shape, device="cuda") for _ in range(3)]  # residual, update, time-reversed update
+    upstream = [torch.randn(shape, device="cuda") for _ in range(2)]  # gradients of hidden and of its norm
+    weight = torch.randn(shape[-1], device="cuda")
+    gradients = []
+    for kernel, work_dtype in ((True, dtype), (False, torch.float32)):
+        norm = DiffuAprielRMSNorm(shape[-1], eps=1e-5).to("cuda", work_dtype)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+        leaves = [t.to(work_dtype).requires_grad_(True) for t in inputs]
+        for scale in (1.0, 0.5):
+            outputs = fused.add_rms_norm(*leaves[:2], norm, leaves[2], scale, use_kernel=kernel)
+            sum((o.float() * u).sum() for o, u in zip(outputs, upstream)).backward()
+        gradients.append([t.grad for t in leaves] + [norm.weight.grad])
+    for name, actual, expected in zip(["residual", "update", "time-reversed", "weight"], *gradients):
+        assert actual.dtype == dtype
+        assert rel_err(actual, expected) <= tolerance, name
 
 
 def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_projection_is_replaced(monkeypatch):

@@ -237,9 +237,13 @@ def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
     assert on_cuda.mlp_one_product_min_tokens == DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value
     assert on_cuda.mamba.name == ("torch" if kernel_ops() is None else "kernels")
     assert on_cuda.cache_attention == TRITON_INSTALLED
-    with torch.enable_grad():  # the forward-only Triton kernels stay out of grad mode
-        assert not resolve_kernel_policy(config, "cuda").fused_elementwise
-        assert not resolve_kernel_policy(config, "cuda").cache_attention
+    assert on_cuda.mamba.split_conv1d_scan is None and not on_cuda.block_documents
+    with torch.enable_grad():  # the forward-only Triton kernels stay out of grad mode; training's own paths
+        training = resolve_kernel_policy(config, "cuda")
+        assert training.fused_elementwise == TRITON_INSTALLED and not training.fused_swiglu
+        assert not training.cache_attention
+        assert (training.mamba.split_conv1d_scan is not None) == (kernel_ops() is not None)
+        assert training.block_documents
     with torch.no_grad():  # eager attention keeps its maps, against the cache too
         eager = DiffuAprielConfig.from_preset("tiny", attn_implementation="eager")
         assert not resolve_kernel_policy(eager, "cuda").cache_attention
@@ -294,7 +298,7 @@ def test_override_kernel_policy_reaches_every_layer_and_restores_the_policy(tiny
         return call
 
     recording_ops = MambaOps("recording", *(recording(op) for op in (TORCH_OPS.chunk_scan, TORCH_OPS.causal_conv1d,
-                                                                      TORCH_OPS.rmsnorm)))
+                                                                      TORCH_OPS.rmsnorm, TORCH_OPS.state_passing)))
     with torch.no_grad():
         expected = model(ids).logits
         with override_kernel_policy(mamba=recording_ops, mlp_one_product_min_tokens=1, vocab_multiple=64):

@@ -1,6 +1,8 @@
 """The PyTorch SSD and its siblings against definitions written the slow, obvious way, and against transformers'
 own Mamba2Mixer."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,3 +178,54 @@ def test_kernel_chunk_scan_routes_to_the_single_pass_kernel_only_for_forward_onl
         calls.clear()
         mamba_ops._chunk_scan_via_kernels(theirs, ours, lambda *sizes: True)(x.requires_grad_(True), dt, A, B, C, 4)
         assert calls == ["single pass"]
+
+
+def spied_fused_ops(calls: list) -> mamba_ops.MambaOps:
+    """The references, with whole mixer passes through `mamba_split_conv1d_scan_reference`, counted in `calls`."""
+
+    def split_conv1d_scan(*args, **kwargs):
+        calls.append(kwargs.get("seq_idx"))
+        return mamba_ops.mamba_split_conv1d_scan_reference(*args, **kwargs)
+
+    return dataclasses.replace(mamba_ops.TORCH_OPS, name="torch, fused mixer", split_conv1d_scan=split_conv1d_scan)
+
+
+def pass_and_gradients(mixer, hidden, **kwargs):
+    mixer.zero_grad()
+    x = hidden.clone().requires_grad_(True)
+    output = mixer(x, **kwargs)
+    (output * torch.linspace(-1, 1, output.numel()).reshape(output.shape)).sum().backward()
+    return [output, x.grad] + [p.grad for p in mixer.parameters()]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one document", "three documents"])
+def test_the_fused_mixer_function_is_the_mixer_pass_step_by_step(packed):
+    torch.manual_seed(5)
+    mixer = BidirectionalMamba2Mixer(preset_config("tiny", mamba_n_groups=2), 0).left_to_right
+    for parameter in mixer.parameters():
+        parameter.data.normal_(0, 0.3)
+    hidden = torch.randn(2, 29, mixer.in_proj.in_features)
+    seq_idx = torch.tensor([0] * 11 + [1] * 7 + [2] * 11).expand(2, -1) if packed else None
+    calls = []
+    fused = pass_and_gradients(mixer, hidden, padding_mask=None, ops=spied_fused_ops(calls), seq_idx=seq_idx)
+    step_by_step = pass_and_gradients(mixer, hidden, padding_mask=None, ops=mamba_ops.TORCH_OPS, seq_idx=seq_idx)
+    assert len(calls) == 1 and (calls[0] is seq_idx)
+    for actual, expected in zip(fused, step_by_step):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_the_fused_mixer_function_runs_only_for_plain_passes_of_plain_modules():
+    torch.manual_seed(6)
+    mixer = BidirectionalMamba2Mixer(preset_config("tiny"), 0).left_to_right
+    hidden = torch.randn(1, 12, mixer.in_proj.in_features)
+    calls = []
+    ops = spied_fused_ops(calls)
+    mixer(hidden, torch.ones(1, 12, dtype=torch.bool), ops)  # padding
+    mixer(hidden, None, ops, state_at=5)  # a state handed on
+    mixer(hidden[:, 4:], None, ops, initial_state=mixer(hidden[:, :4], None, ops, state_at=4)[1])  # one carried in
+    handle = mixer.out_proj.register_forward_hook(lambda module, args, output: output)  # a hook must be called
+    mixer(hidden, None, ops)
+    handle.remove()
+    assert calls == []
+    mixer(hidden, None, ops)
+    assert len(calls) == 1

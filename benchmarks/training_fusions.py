@@ -1,0 +1,120 @@
+"""Training steps (forward with the loss, backward; no optimizer) of the 1.3B presets with training's fused paths
+(the defaults) against each of them undone:
+- the mixer's fused function: each Mamba direction from in_proj's output to out_proj's as mamba-ssm's
+  `mamba_split_conv1d_scan_combined` (`MambaOps.split_conv1d_scan`), whose backward writes the gradient of in_proj's
+  output in one buffer where the split's backward concatenates its parts, and recomputes the convolution; undone,
+  the same kernels called one after another (`kernel_ops()`);
+- the block's residual add + norm (with the direction sum) as one Triton kernel with a backward kernel
+  (`fused_ops.AddRMSNorm`); undone, the PyTorch reference (`fused_elementwise=False`);
+- for block models, the states entering each block through mamba-ssm's `state_passing` (a pass over the blocks)
+  rather than through the reference's product with the blocks' decay matrix, in float32 (quadratic in the blocks).
+bf16, random weights, half the tokens masked, one GPU, one process; the variants alternate over rounds, and the
+median of the rounds' medians counts. Also each variant's peak memory and loss.
+
+    python benchmarks/training_fusions.py --out benchmarks/results/training_fusions
+"""
+
+import argparse
+import dataclasses
+
+import torch
+
+from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
+from diffuapriel_hf.modeling.mamba_ops import kernel_ops, state_passing_reference
+from diffuapriel_hf.modeling.presets import MAMBA
+
+from harness import build, median_ms, new_result, save  # benchmarks/harness.py, beside this script
+
+SHAPES = {  # model: (batch, length) of each step
+    "diffuapriel-1.3b": [(4, 4096), (1, 16384)],
+    "diffutran-1.3b": [(4, 4096), (1, 16384)],
+    "diffuapriel-1.3b-block": [(2, 4096)],
+}
+
+
+def variants(model) -> dict:
+    """name: the policy fields it overrides (the mixer's only where the model has Mamba layers)."""
+    chosen = {"default": {}, "residual norm unfused": dict(fused_elementwise=False)}
+    if MAMBA in model.config.layer_types:
+        chosen["mixer step by step"] = dict(mamba=kernel_ops())
+        if model.config.block_size is not None:
+            fused = kernel_ops(split_conv1d_scan=True)
+            chosen["state passing dense"] = dict(mamba=dataclasses.replace(fused, state_passing=state_passing_reference))
+    return chosen
+
+
+def training_step(model, batch: int, length: int):
+    """A step of the MDLM loss on fixed tokens (half masked), and the list each step's loss is appended to."""
+    device = model.device
+    ids = torch.randint(3, model.config.mask_token_id, (batch, length), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    masked = torch.rand(ids.shape, device=device, generator=torch.Generator(device).manual_seed(1)) < 0.5
+    noised, labels = ids.masked_fill(masked, model.config.mask_token_id), ids.masked_fill(~masked, -100)
+    losses = []
+
+    def step():
+        loss = model(input_ids=noised, labels=labels).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return step, losses
+
+
+def measure(model, batch: int, length: int, rounds: int) -> dict:
+    """{variant: dict(step_ms (the median over rounds of each round's median), rounds_ms, peak_gib, loss)}."""
+    step, losses = training_step(model, batch, length)
+    chosen = variants(model)
+    found = {name: dict(rounds_ms=[]) for name in chosen}
+    for round_index in range(rounds):
+        for name, fields in chosen.items():
+            with override_kernel_policy(**fields):
+                torch.cuda.reset_peak_memory_stats()
+                found[name]["rounds_ms"].append(median_ms(step, reps=3, warmup=1 if round_index == 0 else 0))
+                found[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                found[name]["loss"] = losses[-1].item()
+    for entry in found.values():
+        entry["step_ms"] = sorted(entry["rounds_ms"])[len(entry["rounds_ms"]) // 2]
+    return found
+
+
+def markdown(result: dict) -> str:
+    """Each variant's step (and its time over the default's), peak memory and loss."""
+    names = list(dict.fromkeys(name for row in result["rows"] for name in row["variants"]))
+    lines = ["| model | batch x length | " + " | ".join(f"{name}: ms (x default), GiB, loss" for name in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for row in result["rows"]:
+        default = row["variants"]["default"]["step_ms"]
+        cells = []
+        for name in names:
+            v = row["variants"].get(name)
+            cells.append("" if v is None else
+                         f"{v['step_ms']:.1f} ({v['step_ms'] / default:.3f}x), {v['peak_gib']:.1f}, {v['loss']:.5f}")
+        lines.append(f"| {row['model']} | {row['batch']} x {row['length']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="path stem of the .json and .md")
+    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lengths", nargs="+", type=int, help="only the shapes of these lengths (default: all)")
+    args = parser.parse_args()
+    if kernel_ops() is None:
+        raise SystemExit("needs a CUDA GPU with mamba-ssm")
+    result = new_result(rounds=args.rounds, rows=[])
+    for name in args.models:
+        model = build(name).train()
+        for batch, length in SHAPES[name]:
+            if args.lengths and length not in args.lengths:
+                continue
+            row = dict(model=name, batch=batch, length=length, variants=measure(model, batch, length, args.rounds))
+            result["rows"].append(row)
+            print(row, flush=True)
+            save(result, args.out, markdown=markdown(result))
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
