@@ -90,6 +90,9 @@ def main():
         padding_share.append(1 - padded.float().mean().item())
         real_tokens = sum(len(ids) for ids in chosen)
         result.setdefault("real_tokens", []).append(real_tokens)
+        # A line a step, so that a run cut short (the first steps compile the kernels) still says how far it got.
+        timings = ", ".join(f"{name} {1e3 * took[-1]:.1f} ms" for name, took in seconds.items()) if step else "warm-up"
+        print(f"step {step}: {real_tokens} real tokens, padding {padding_share[-1]:.0%}: {timings}", flush=True)
     tokens = statistics.median(result["real_tokens"])
     result["tokens_per_s"] = {name: tokens / statistics.median(times) for name, times in seconds.items()}
     result["padding_share"] = statistics.mean(padding_share)

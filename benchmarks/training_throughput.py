@@ -13,8 +13,11 @@ A block model's step runs the noised and the clean stream together (twice the to
 counts the noised tokens only, as the others', so it says what a training token costs.
 Then the same model through `transformers.Trainer` with the train command's collator and training defaults for a
 few steps at one length (`--trainer_length`): the time between successive steps' ends (data loading, collation,
-gradient clipping, the scheduler and logging included), against the bare step, and the bare step given an attention
-mask of ones (what the collator passed before it left such masks out; on CUDA a mask takes the padding path). At that
+gradient clipping, the scheduler and logging included), against the bare step, the bare step given an attention
+mask of ones (what the collator passed before it left such masks out; on CUDA a mask takes the padding path), and the
+bare step over as many different batches as the Trainer's (a new noise each step, so a new number of labelled
+positions: tensors of new sizes for the allocator), with the CUDA allocator's retries (cache flushes when an
+allocation did not fit) and peak reserved memory of those and of the Trainer's steps. At that
 length also the bare step with the loss from the logits of every position (`skip_logits=False`) against the default,
 the labelled positions'.
 Each model's kernels are compiled by a step of one short sequence before anything is timed. A length that runs out
@@ -176,6 +179,25 @@ def peak_memory_gib(device: torch.device):
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
+class AllocatorWatch:
+    """The CUDA caching allocator's retries (its cache flushed because an allocation did not fit) and peak reserved
+    memory while the `with` block ran; None for both on other devices."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.retries, self.peak_reserved_gib = device, None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - self.start
+            self.peak_reserved_gib = torch.cuda.max_memory_reserved() / 2**30
+
+
 def measure_length(model, optimizer, length: int, run: dict, device, batch_size: Optional[int] = None,
                    **options) -> dict:
     """One row: the bare step at `length` (`batch_size` sequences, by default run["tokens_per_step"] // length,
@@ -283,7 +305,12 @@ def trainer_comparison(model, spec_name: str, batch_size: int, run: dict, device
     set_checkpointing(model, False)
     try:  # the tensors live in the callees' frames, freed once the handler ends
         masked = bare_steps_with_mask(model, batch_size, length, run["reps"], device)
-        intervals = trainer_step_seconds(model, batch_size, length, run["trainer_steps"], device)
+        free_memory(device)
+        with AllocatorWatch(device) as bare_watch:
+            changing = bare_steps_changing_batches(model, batch_size, length, run["trainer_steps"], device)
+        free_memory(device)
+        with AllocatorWatch(device) as trainer_watch:
+            intervals = trainer_step_seconds(model, batch_size, length, run["trainer_steps"], device)
     except torch.OutOfMemoryError as error:
         entry.update(status="out of memory", error=str(error).splitlines()[0][:200])
     free_memory(device)
@@ -291,7 +318,11 @@ def trainer_comparison(model, spec_name: str, batch_size: int, run: dict, device
     if "status" in entry:
         return entry
     entry.update(bare_with_mask_seconds=masked, bare_with_mask_ms=1e3 * statistics.median(masked),
-                 trainer_step_seconds=intervals, trainer_step_ms=1e3 * statistics.median(intervals))
+                 bare_changing_seconds=changing, bare_changing_ms=1e3 * statistics.median(changing),
+                 bare_changing_alloc_retries=bare_watch.retries,
+                 bare_changing_peak_reserved_gib=bare_watch.peak_reserved_gib,
+                 trainer_step_seconds=intervals, trainer_step_ms=1e3 * statistics.median(intervals),
+                 trainer_alloc_retries=trainer_watch.retries, trainer_peak_reserved_gib=trainer_watch.peak_reserved_gib)
     print(f"{spec_name:26s} Trainer {batch_size:3d} x {length:6d}  step {entry['trainer_step_ms']:9.1f} ms; bare step "
           f"with an attention mask of ones {entry['bare_with_mask_ms']:9.1f} ms", flush=True)
     return entry
@@ -301,6 +332,25 @@ def bare_steps_with_mask(model, batch_size: int, length: int, reps: int, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch = training_batch(model.config, batch_size, length, device, mask_of_ones=True)
     seconds = timed_steps(model, optimizer, batch, reps, device)
+    optimizer.zero_grad(set_to_none=True)
+    return seconds
+
+
+def bare_steps_changing_batches(model, batch_size: int, length: int, steps: int, device) -> list[float]:
+    """Seconds of the bare step over `steps` different batches (each one's noise its own, as the Trainer's are), after
+    an untimed step of the first: steps - 1 of them, as many as the Trainer's timed intervals."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    collator = collator_for(model.config)
+    batches = [{name: tensor.to(device) for name, tensor in collator(random_examples(
+        model.config, batch_size, length, seed=1000 + step)).items()} for step in range(steps)]
+    train_step(model, optimizer, batches[0])
+    seconds = []
+    for batch in batches[1:]:
+        synchronize(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, batch)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
     optimizer.zero_grad(set_to_none=True)
     return seconds
 
@@ -422,21 +472,31 @@ def step_table(result: dict) -> list[str]:
 
 
 def trainer_table(result: dict) -> list[str]:
-    lines = ["| model | batch x length | bare step ms | bare step ms, mask of ones | Trainer step ms | "
-             "Trainer / bare | Trainer / bare with the mask |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch x length | bare step ms | bare step ms, mask of ones | bare step ms, changing batches "
+             "(allocator retries, peak reserved GiB) | Trainer step ms (allocator retries, peak reserved GiB) | "
+             "Trainer / bare | Trainer / bare with the mask |", "|---|---|---|---|---|---|---|---|"]
     for name, entry in result["models"].items():
         trainer = entry.get("trainer")
         if trainer is None:
             continue
         shape = f"{trainer.get('batch', '-')} x {trainer['length']}"
         if "status" in trainer:
-            lines.append(f"| {name} | {shape} | {trainer['status']} | | | | |")
+            lines.append(f"| {name} | {shape} | {trainer['status']} | | | | | |")
             continue
         bare = measured(result, name)[trainer["length"]]["step_ms"]
-        lines.append(f"| {name} | {shape} | {bare:.1f} | {trainer['bare_with_mask_ms']:.1f} | "
-                     f"{trainer['trainer_step_ms']:.1f} | {trainer['trainer_step_ms'] / bare:.2f} | "
+        changing = "-" if "bare_changing_ms" not in trainer else (  # runs before the column existed
+            f"{trainer['bare_changing_ms']:.1f}{allocator_note(trainer, 'bare_changing')}")
+        lines.append(f"| {name} | {shape} | {bare:.1f} | {trainer['bare_with_mask_ms']:.1f} | {changing} | "
+                     f"{trainer['trainer_step_ms']:.1f}{allocator_note(trainer, 'trainer')} | "
+                     f"{trainer['trainer_step_ms'] / bare:.2f} | "
                      f"{trainer['trainer_step_ms'] / trainer['bare_with_mask_ms']:.2f} |")
     return lines
+
+
+def allocator_note(entry: dict, prefix: str) -> str:
+    """" (retries, peak reserved GiB)" where the allocator was watched (CUDA), else nothing."""
+    retries, reserved = entry.get(f"{prefix}_alloc_retries"), entry.get(f"{prefix}_peak_reserved_gib")
+    return "" if retries is None else f" ({retries}, {reserved:.1f})"
 
 
 def logits_table(result: dict) -> list[str]:
@@ -522,7 +582,9 @@ def markdown(result: dict) -> str:
         f"{result['dtype']} weights as they are, no autocast): the median time between successive steps' ends over "
         f"{result['trainer_steps']} steps (the data loading, collation, gradient clipping, scheduler and logging "
         f"included). Bare step with a mask of ones: the batch given an attention mask of ones, which takes the "
-        f"padding path on CUDA (until the collator left out masks of ones, Trainer's batches carried one).",
+        f"padding path on CUDA (until the collator left out masks of ones, Trainer's batches carried one). Changing "
+        f"batches: the bare step over as many batches as the Trainer's, each with its own noise; allocator retries: "
+        f"the times the CUDA allocator flushed its cache because an allocation did not fit.",
         "",
         *trainer_table(result),
         "",

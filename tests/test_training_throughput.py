@@ -37,6 +37,9 @@ def test_smoke_run_measures_every_model_length_and_mode_and_reports(script, tmp_
         trainer = entry["trainer"]
         assert len(trainer["trainer_step_seconds"]) == script.SMOKE["trainer_steps"] - 1
         assert trainer["trainer_step_ms"] > 0 and trainer["bare_with_mask_ms"] > 0
+        # As many bare steps over changing batches as the Trainer's intervals; no allocator to watch on the CPU.
+        assert len(trainer["bare_changing_seconds"]) == len(trainer["trainer_step_seconds"])
+        assert trainer["trainer_alloc_retries"] is None and trainer["bare_changing_peak_reserved_gib"] is None
         every = entry["every_position_logits"]
         assert every["length"] == script.SMOKE["trainer_length"] and every["step_ms"] > 0
     table = (tmp_path / "run" / "training_throughput.md").read_text()
