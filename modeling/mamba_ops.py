@@ -323,7 +323,8 @@ def _split_conv1d_scan_via_kernel(kernel, parts: Callable):
     else `parts`: the same computation by the other operations, one after another."""
 
     def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=None, **kwargs):
-        if (kernel is None or not 2 <= conv1d_weight.shape[-1] <= 4 or kwargs.get("activation", "silu") not in (None, "silu", "swish")
+        if (kernel is None or not 2 <= conv1d_weight.shape[-1] <= 4
+                or kwargs.get("activation", "silu") not in (None, "silu", "swish")
                 or conv1d_weight.shape[0] % 8 or zxbcdt.shape[-1] % 8):
             return parts(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=seq_idx, **kwargs)
         seq_idx = None if seq_idx is None else seq_idx.to(torch.int32)

@@ -121,7 +121,8 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
-        self.norm = MambaRMSNormGated(self.intermediate_size, self.intermediate_size // self.n_groups, config.rms_norm_eps)
+        self.norm = MambaRMSNormGated(self.intermediate_size, self.intermediate_size // self.n_groups,
+                                      config.rms_norm_eps)
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mamba_proj_bias)
 
     def forward(
@@ -178,8 +179,9 @@ class Mamba2Mixer(nn.Module):
         return ops.split_conv1d_scan(
             zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()),
             self.D.float(), chunk_size, seq_idx=seq_idx, dt_limit=self.dt_limit, activation=self.activation,
-            rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.variance_epsilon, outproj_weight=self.out_proj.weight,
-            outproj_bias=self.out_proj.bias, headdim=self.head_dim, ngroups=self.n_groups, norm_before_gate=False,
+            rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.variance_epsilon,
+            outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias, headdim=self.head_dim,
+            ngroups=self.n_groups, norm_before_gate=False,
         )
 
     def time_steps(self, dt: torch.Tensor, padding_mask: Optional[torch.Tensor], seq_idx: Optional[torch.Tensor],
