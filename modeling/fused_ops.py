@@ -147,6 +147,11 @@ def launch_add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _norm_warps(block: int) -> int:
+    """Warps for a norm kernel's program over one row of `block` columns: one per 256 columns, 1 to 8."""
+    return min(max(block // 256, 1), 8)
+
+
 def launch_add_rms_norm(residual, update, weight, eps, time_reversed=None, scale=1.0, keep_rstd=False):
     """The kernel of `add_rms_norm`, without the checks: one program per row (token). With `keep_rstd`, also returns
     each row's 1 / rms (float32, (B * L,)), which the backward reads."""
@@ -158,7 +163,7 @@ def launch_add_rms_norm(residual, update, weight, eps, time_reversed=None, scale
     _add_rms_norm_kernel[(rows,)](
         residual, update, mirrored, weight, hidden, normed, rstd, residual.shape[1], width, eps, scale,
         HAS_MIRRORED=time_reversed is not None, KEEP_RSTD=keep_rstd, BLOCK=block,
-        num_warps=min(max(block // 256, 1), 8),
+        num_warps=_norm_warps(block),
     )
     return (hidden, normed, rstd) if keep_rstd else (hidden, normed)
 
@@ -177,7 +182,7 @@ def launch_add_rms_norm_backward(hidden, weight, rstd, d_hidden, d_normed, scale
     _add_rms_norm_backward_kernel[(programs,)](
         hidden, weight, rstd, d_hidden, d_normed, d_residual, d_update, d_update if d_mirrored is None else d_mirrored,
         d_weight_parts, rows, hidden.shape[1], width, scale, rows_per_program, HAS_MIRRORED=mirrored, BLOCK=block,
-        num_warps=min(max(block // 256, 1), 8),
+        num_warps=_norm_warps(block),
     )
     return d_residual, d_update, d_mirrored, d_weight_parts.sum(0).to(weight.dtype)
 

@@ -257,6 +257,11 @@ TORCH_OPS = MambaOps("torch", mamba_chunk_scan_combined_reference, causal_conv1d
                      state_passing_reference)
 
 
+def _conv_kernel_takes(width: int, activation) -> bool:
+    """Whether causal-conv1d's kernel computes a convolution of this width and activation (2 to 4, silu or none)."""
+    return 2 <= width <= 4 and activation in (None, "silu", "swish")
+
+
 def _causal_conv1d_via_kernel(kernel):
     """causal-conv1d's kernel where it applies (width 2 to 4, silu or no activation), the reference elsewhere.
 
@@ -267,8 +272,7 @@ def _causal_conv1d_via_kernel(kernel):
     output has x's layout and dtype; the weight and bias may be float32 under a bfloat16 input (autocast)."""
 
     def causal_conv1d(x, weight, bias=None, seq_idx=None, activation=None):
-        if (not 2 <= weight.shape[-1] <= 4 or activation not in (None, "silu", "swish")
-                or (seq_idx is not None and x.shape[1] % 8)):
+        if not _conv_kernel_takes(weight.shape[-1], activation) or (seq_idx is not None and x.shape[1] % 8):
             return causal_conv1d_reference(x, weight, bias, seq_idx, activation)
         channels_last = x.stride(1) == 1 and x.stride(2) > 1
         misaligned = channels_last and (x.shape[1] % 8 or x.stride(2) % 8 or x.stride(0) % 8)
@@ -323,8 +327,7 @@ def _split_conv1d_scan_via_kernel(kernel, parts: Callable):
     else `parts`: the same computation by the other operations, one after another."""
 
     def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=None, **kwargs):
-        if (kernel is None or not 2 <= conv1d_weight.shape[-1] <= 4
-                or kwargs.get("activation", "silu") not in (None, "silu", "swish")
+        if (kernel is None or not _conv_kernel_takes(conv1d_weight.shape[-1], kwargs.get("activation", "silu"))
                 or conv1d_weight.shape[0] % 8 or zxbcdt.shape[-1] % 8):
             return parts(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=seq_idx, **kwargs)
         seq_idx = None if seq_idx is None else seq_idx.to(torch.int32)
