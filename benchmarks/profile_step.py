@@ -13,6 +13,7 @@ that every kernel shows; the listing also counts the launches, which the graph's
 import argparse
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,17 +28,22 @@ def inference_step(model, length: int):
     return torch.no_grad()(lambda: model(ids))
 
 
-def training_step(model, batch: int, length: int):
-    """Forward with the MDLM loss and backward, half the tokens masked (the loss weights left at the model's
-    default)."""
+def training_step(model, batch: int, length: int, losses: Optional[list] = None):
+    """Forward with the MDLM loss and backward on fixed tokens (seeded), half of them masked (the loss weights left
+    at the model's default); each step's loss appended to `losses` when given."""
     model.train()
-    ids = torch.randint(3, model.config.mask_token_id, (batch, length), device=model.device)
-    masked = torch.rand(ids.shape, device=model.device) < 0.5
+    device = model.device
+    ids = torch.randint(3, model.config.mask_token_id, (batch, length), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    masked = torch.rand(ids.shape, device=device, generator=torch.Generator(device).manual_seed(1)) < 0.5
     noised, labels = ids.masked_fill(masked, model.config.mask_token_id), ids.masked_fill(~masked, -100)
 
     def step():
-        model(input_ids=noised, labels=labels).loss.backward()
+        loss = model(input_ids=noised, labels=labels).loss
+        loss.backward()
         model.zero_grad(set_to_none=True)
+        if losses is not None:
+            losses.append(loss.detach())
     return step
 
 

@@ -24,6 +24,7 @@ from diffuapriel_hf.modeling.mamba_ops import kernel_ops, state_passing_referenc
 from diffuapriel_hf.modeling.presets import MAMBA
 
 from harness import build, median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from profile_step import training_step
 
 SHAPES = {  # model: (batch, length) of each step
     "diffuapriel-1.3b": [(4, 4096), (1, 16384)],
@@ -38,31 +39,15 @@ def variants(model) -> dict:
     if MAMBA in model.config.layer_types:
         chosen["mixer step by step"] = dict(mamba=kernel_ops())
         if model.config.block_size is not None:
-            fused = kernel_ops(split_conv1d_scan=True)
-            chosen["state passing dense"] = dict(mamba=dataclasses.replace(fused, state_passing=state_passing_reference))
+            dense = dataclasses.replace(kernel_ops(split_conv1d_scan=True), state_passing=state_passing_reference)
+            chosen["state passing dense"] = dict(mamba=dense)
     return chosen
-
-
-def training_step(model, batch: int, length: int):
-    """A step of the MDLM loss on fixed tokens (half masked), and the list each step's loss is appended to."""
-    device = model.device
-    ids = torch.randint(3, model.config.mask_token_id, (batch, length), device=device,
-                        generator=torch.Generator(device).manual_seed(0))
-    masked = torch.rand(ids.shape, device=device, generator=torch.Generator(device).manual_seed(1)) < 0.5
-    noised, labels = ids.masked_fill(masked, model.config.mask_token_id), ids.masked_fill(~masked, -100)
-    losses = []
-
-    def step():
-        loss = model(input_ids=noised, labels=labels).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    return step, losses
 
 
 def measure(model, batch: int, length: int, rounds: int) -> dict:
     """{variant: dict(step_ms (the median over rounds of each round's median), rounds_ms, peak_gib, loss)}."""
-    step, losses = training_step(model, batch, length)
+    losses = []
+    step = training_step(model, batch, length, losses)
     chosen = variants(model)
     found = {name: dict(rounds_ms=[]) for name in chosen}
     for round_index in range(rounds):

@@ -139,17 +139,19 @@ def train_step(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def timed_steps(model, optimizer, batch, reps: int, device) -> list[float]:
-    """Seconds of `reps` training steps after one untimed step, each timed with the device synchronised at its ends."""
+def timed_step(model, optimizer, batch, device) -> float:
+    """Seconds of one training step, timed with the device synchronised at its ends."""
+    synchronize(device)
+    start = time.perf_counter()
     train_step(model, optimizer, batch)
-    seconds = []
-    for _ in range(reps):
-        synchronize(device)
-        start = time.perf_counter()
-        train_step(model, optimizer, batch)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def timed_steps(model, optimizer, batch, reps: int, device) -> list[float]:
+    """Seconds of `reps` training steps after one untimed step."""
+    train_step(model, optimizer, batch)
+    return [timed_step(model, optimizer, batch, device) for _ in range(reps)]
 
 
 def ceiling_flops(device: torch.device, dtype) -> float:
@@ -344,13 +346,7 @@ def bare_steps_changing_batches(model, batch_size: int, length: int, steps: int,
     batches = [{name: tensor.to(device) for name, tensor in collator(random_examples(
         model.config, batch_size, length, seed=1000 + step)).items()} for step in range(steps)]
     train_step(model, optimizer, batches[0])
-    seconds = []
-    for batch in batches[1:]:
-        synchronize(device)
-        start = time.perf_counter()
-        train_step(model, optimizer, batch)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+    seconds = [timed_step(model, optimizer, batch, device) for batch in batches[1:]]
     optimizer.zero_grad(set_to_none=True)
     return seconds
 
