@@ -16,6 +16,7 @@ median of the rounds' medians counts. Also each variant's peak memory and loss.
 
 import argparse
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -44,11 +45,17 @@ def variants(model) -> dict:
     return chosen
 
 
-def measure(model, batch: int, length: int, rounds: int) -> dict:
-    """{variant: dict(step_ms (the median over rounds of each round's median), rounds_ms, peak_gib, loss)}."""
+def measure(model, batch: int, length: int, rounds: int, names: Optional[list] = None) -> dict:
+    """{variant: dict(step_ms (the median over rounds of each round's median), rounds_ms, peak_gib, loss)}: the
+    default and the variants `names` (default: all the model has)."""
+    unknown = set(names or []) - set(variants(model))
+    if unknown:
+        raise ValueError(f"no variants {sorted(unknown)} for {model.config.name_or_path or 'this model'}: "
+                         f"{sorted(variants(model))}")
     losses = []
     step = training_step(model, batch, length, losses)
-    chosen = variants(model)
+    chosen = {name: fields for name, fields in variants(model).items()
+              if names is None or name == "default" or name in names}
     found = {name: dict(rounds_ms=[]) for name in chosen}
     for round_index in range(rounds):
         for name, fields in chosen.items():
@@ -84,6 +91,8 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lengths", nargs="+", type=int, help="only the shapes of these lengths (default: all)")
+    parser.add_argument("--variants", nargs="+", help="only the default and these variants, by name (default: all); "
+                        "\"default\" alone times the step as it is, to compare two checkouts in separate processes")
     args = parser.parse_args()
     if kernel_ops() is None:
         raise SystemExit("needs a CUDA GPU with mamba-ssm")
@@ -93,7 +102,8 @@ def main():
         for batch, length in SHAPES[name]:
             if args.lengths and length not in args.lengths:
                 continue
-            row = dict(model=name, batch=batch, length=length, variants=measure(model, batch, length, args.rounds))
+            row = dict(model=name, batch=batch, length=length, variants=measure(model, batch, length, args.rounds,
+                                                                                    args.variants))
             result["rows"].append(row)
             print(row, flush=True)
             save(result, args.out, markdown=markdown(result))

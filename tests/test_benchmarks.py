@@ -298,6 +298,8 @@ def test_training_fusions_step_repeats_one_loss_and_its_table_compares_the_varia
                 "mixer step by step": dict(step_ms=110.0, peak_gib=1.5, loss=2.0)}
     table = fusions.markdown(dict(rows=[dict(model="m", batch=4, length=4096, variants=variants)]))
     assert "| m | 4 x 4,096 | 100.0 (1.000x), 1.0, 2.00000 | 110.0 (1.100x), 1.5, 2.00000 |" in table
+    with pytest.raises(ValueError, match="no variants \\['state passing dense'\\]"):  # a block model's, not this one's
+        fusions.measure(model, batch=2, length=12, rounds=1, names=["state passing dense"])
 
 
 def test_block_quality_table_puts_each_full_sequence_model_above_its_block_variants(benchmarks_on_path, tmp_path):
