@@ -1,5 +1,6 @@
 """Whole denoising steps of a preset with the model runtime as it is and as it was at another commit, alternating in one
-process on one GPU: whether a change to the code changed its speed, and its logits.
+process on one GPU: whether a change to the code changed its speed, and its logits. With `--training`, training steps
+instead (forward with the MDLM loss and backward, `profile_step.training_step`), and their losses.
 
 The runtime in `modeling/` imports its own files relatively only (it travels to Hub repos so), so a copy of it taken
 from another commit imports beside the installed one as a package of its own. Both models get the same weights
@@ -12,6 +13,8 @@ On a copy of the repository without its git folder, extract the baseline's runti
 
     mkdir -p .baseline && git archive 07f6b64 modeling | tar -x -C .baseline
     python benchmarks/compare_commits.py --baseline-dir .baseline/modeling --out benchmarks/results/compare_07f6b64
+    python benchmarks/compare_commits.py --baseline main --preset diffuapriel-1.3b-block --training --batch 2 \
+        --lengths 4096 --out benchmarks/results/compare_main_training
 """
 
 import argparse
@@ -26,6 +29,7 @@ import torch
 
 import diffuapriel_hf.modeling
 from harness import ROOT, median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from profile_step import training_step
 
 BASELINE_PACKAGE = "baseline_modeling"
 
@@ -75,20 +79,42 @@ def step_times(runtime, model, ids, reps: int) -> tuple[float, float, torch.Tens
     return eager, graphed, logits
 
 
+def training_time(model, batch: int, length: int, reps: int) -> tuple[float, float]:
+    """The median ms of a training step (seeded tokens, half of them masked, no optimizer) and its loss."""
+    losses = []
+    ms = median_ms(training_step(model, batch, length, losses), reps=reps, warmup=1)
+    return ms, losses[-1].item()
+
+
+def measure_round(args, runtimes: dict, models: dict, ids: torch.Tensor, result: dict) -> dict:
+    """One timing of each model, recorded in result["step_ms"]; returns what each computed (logits or loss)."""
+    batch, length = ids.shape
+    computed = {}
+    for name, model in models.items():
+        if args.training:
+            ms, computed[name] = training_time(model, batch, length, reps=3)
+            result["step_ms"].setdefault(f"{batch} x {length}: {name}, training", []).append(ms)
+            print(f"{batch} x {length:6d}  {name:8s}  training {ms:8.2f} ms  loss {computed[name]:.6f}", flush=True)
+            continue
+        eager, graphed, computed[name] = step_times(runtimes[name], model, ids, reps=5 if length > 16384 else 15)
+        for mode, ms in (("eager", eager), ("graphed", graphed)):
+            result["step_ms"].setdefault(f"{batch} x {length}: {name}, {mode}", []).append(ms)
+        print(f"{batch} x {length:6d}  {name:8s}  eager {eager:8.2f} ms  graphed {graphed:8.2f} ms", flush=True)
+    return computed
+
+
 def compare(args, runtimes: dict, result: dict) -> None:
     for length in args.lengths:
         current = build(runtimes["current"], args.preset, length)
         models = dict(current=current, baseline=build(runtimes["baseline"], args.preset, length, current.state_dict()))
-        ids = torch.randint(0, current.config.mask_token_id, (1, length), device="cuda")
-        logits = {}
+        ids = torch.randint(0, current.config.mask_token_id, (args.batch, length), device="cuda")
         for _ in range(args.rounds):
-            for name, model in models.items():
-                eager, graphed, logits[name] = step_times(runtimes[name], model, ids, reps=5 if length > 16384 else 15)
-                for mode, ms in (("eager", eager), ("graphed", graphed)):
-                    result["step_ms"].setdefault(f"1 x {length}: {name}, {mode}", []).append(ms)
-                print(f"1 x {length:6d}  {name:8s}  eager {eager:8.2f} ms  graphed {graphed:8.2f} ms", flush=True)
-        difference = (logits["current"] - logits["baseline"]).abs().max().item()
-        result["max_abs_logit_difference"][f"1 x {length}"] = difference
+            computed = measure_round(args, runtimes, models, ids, result)
+        if args.training:
+            result["loss"][f"{args.batch} x {length}"] = computed
+        else:
+            difference = (computed["current"] - computed["baseline"]).abs().max().item()
+            result["max_abs_logit_difference"][f"{args.batch} x {length}"] = difference
         save(result, args.out)  # what is measured so far survives a crash
         del models, current
         torch.cuda.empty_cache()
@@ -102,10 +128,12 @@ def main():
     parser.add_argument("--preset", default="diffuapriel-1.3b")
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384, 65536])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="sequences a step")
+    parser.add_argument("--training", action="store_true", help="time training steps (forward + backward)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     result = new_result(baseline=args.baseline or str(args.baseline_dir), preset=args.preset, rounds=args.rounds,
-                        step_ms={}, max_abs_logit_difference={})
+                        batch=args.batch, training=args.training, step_ms={}, max_abs_logit_difference={}, loss={})
     with tempfile.TemporaryDirectory() as scratch:  # the extracted runtime is read while Triton compiles its kernels
         folder = args.baseline_dir or extract_runtime(args.baseline, Path(scratch))
         runtimes = {"current": diffuapriel_hf.modeling, "baseline": import_runtime(folder, BASELINE_PACKAGE)}

@@ -91,8 +91,7 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lengths", nargs="+", type=int, help="only the shapes of these lengths (default: all)")
-    parser.add_argument("--variants", nargs="+", help="only the default and these variants, by name (default: all); "
-                        "\"default\" alone times the step as it is, to compare two checkouts in separate processes")
+    parser.add_argument("--variants", nargs="+", help="only the default and these variants, by name (default: all)")
     args = parser.parse_args()
     if kernel_ops() is None:
         raise SystemExit("needs a CUDA GPU with mamba-ssm")

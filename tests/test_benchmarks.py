@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,6 +194,28 @@ def test_compare_commits_imports_a_commits_runtime_beside_the_installed_one(benc
     assert type(config).__module__ == "runtime_at_head.configuration_diffuapriel" and runtime.__path__ == [str(folder)]
     for name in [name for name in sys.modules if name.split(".")[0] == "runtime_at_head"]:
         del sys.modules[name]
+
+
+def test_compare_commits_training_mode_times_each_runtimes_training_step_and_keeps_its_loss(
+        benchmarks_on_path, tiny_model, monkeypatch):
+    compare = load(BENCHMARKS / "compare_commits.py")
+    calls = []
+
+    def cpu_median_ms(fn, reps, warmup=1):  # CUDA events stand-in: runs the step as often, returns its count
+        for _ in range(warmup + reps):
+            fn()
+        calls.append(warmup + reps)
+        return float(len(calls))
+
+    monkeypatch.setattr(compare, "median_ms", cpu_median_ms)
+    models = dict(current=tiny_model("mamba", block_size=4), baseline=tiny_model("mamba", block_size=4))
+    result = dict(step_ms={})
+    args = SimpleNamespace(training=True)
+    losses = compare.measure_round(args, None, models, torch.zeros(2, 12, dtype=torch.long), result)
+    assert calls == [4, 4] and result["step_ms"] == {"2 x 12: current, training": [1.0],
+                                                      "2 x 12: baseline, training": [2.0]}
+    assert losses["current"] == losses["baseline"] > 0  # the same weights and tokens
+    assert all(model.training for model in models.values())
 
 
 def test_block_quality_reads_the_training_progress_bar_not_the_tokenizers(benchmarks_on_path, tmp_path):
