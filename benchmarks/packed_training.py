@@ -39,6 +39,12 @@ def short_documents(tokenizer, max_tokens: int) -> list[list[int]]:
     return documents
 
 
+def step_documents(documents: list, step: int, batch: int) -> list:
+    """The `batch` documents of a step: the corpus read in order, from its start again after its end (every step
+    takes `batch` documents, one that wraps around too)."""
+    return [documents[(step * batch + i) % len(documents)] for i in range(batch)]
+
+
 def timed_step(model, optimizer, batch, device) -> tuple[float, float]:
     """Seconds of one training step on `batch`, and its loss."""
     batch = {name: tensor.to(device) for name, tensor in batch.items()}
@@ -78,17 +84,17 @@ def main():
                         documents=len(documents), max_tokens=args.max_tokens)
     seconds, padding_share, losses = {name: [] for name in collators}, [], {name: [] for name in collators}
     for step in range(args.steps + 1):  # the first step of each is a warm-up
-        chosen = documents[(step * args.batch) % len(documents):][: args.batch]
+        chosen = step_documents(documents, step, args.batch)
         examples = [{"input_ids": ids, "noise_seed": step * 1000 + i} for i, ids in enumerate(chosen)]
+        real_tokens = sum(len(ids) for ids in chosen)
         for name, collator in collators.items():
             batch = collator(examples)
+            if name == "padded":  # (B, longest document): what is not a document's token is padding
+                padding_share.append(1 - real_tokens / batch["input_ids"].numel())
             took, loss = timed_step(model, optimizer, batch, device)
             if step:
                 seconds[name].append(took)
                 losses[name].append(loss)
-        padded = collators["padded"](examples)["attention_mask"]
-        padding_share.append(1 - padded.float().mean().item())
-        real_tokens = sum(len(ids) for ids in chosen)
         result.setdefault("real_tokens", []).append(real_tokens)
         # A line a step, so that a run cut short (the first steps compile the kernels) still says how far it got.
         timings = ", ".join(f"{name} {1e3 * took[-1]:.1f} ms" for name, took in seconds.items()) if step else "warm-up"

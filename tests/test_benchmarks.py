@@ -218,6 +218,14 @@ def test_compare_commits_training_mode_times_each_runtimes_training_step_and_kee
     assert all(model.training for model in models.values())
 
 
+def test_packed_training_steps_take_a_full_batch_of_documents_also_where_the_corpus_wraps_around(benchmarks_on_path):
+    packed = load(BENCHMARKS / "packed_training.py")
+    documents = [[i] for i in range(5)]
+    assert packed.step_documents(documents, 0, 2) == [[0], [1]]
+    assert packed.step_documents(documents, 2, 2) == [[4], [0]]  # a step that would have held one document
+    assert packed.step_documents(documents, 3, 4) == [[2], [3], [4], [0]]
+
+
 def test_block_quality_reads_the_training_progress_bar_not_the_tokenizers(benchmarks_on_path, tmp_path):
     quality = load(BENCHMARKS / "block_quality.py")
     run = quality.Run("diffuapriel-8m", 4, tmp_path, max_steps=1800)
