@@ -20,7 +20,7 @@ from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops
 from diffuapriel_hf.modeling.presets import MAMBA
 
-from harness import build, median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from harness import build, median_ms, new_result, rows_of_each_model  # benchmarks/harness.py, beside this script
 from profile_step import training_step
 
 MODELS = ["diffuapriel-1.3b-block", "diffuapriel-h-1.3b-block", "diffutran-1.3b-block"]
@@ -79,8 +79,8 @@ def main():
     parser.add_argument("--training", action="store_true", help="a training step's forward and backward (see above)")
     args = parser.parse_args()
     result = new_result(context=args.context, training=args.training, rows=[])
-    for name in args.models:
-        model = build(name)
+
+    def rows(model, name):
         shapes = TRAINING_SHAPES if args.training else [(batch, args.context) for batch in BATCHES]
         for batch, length in shapes:
             row = dict(model=name, batch=batch, context=length, step_ms={})
@@ -88,11 +88,8 @@ def main():
                 with override_kernel_policy(**fields):
                     timed = training_step_ms if args.training else step_ms
                     row["step_ms"][variant] = timed(model, batch, length)
-            result["rows"].append(row)
-            print(row, flush=True)
-            save(result, args.out, markdown=markdown(result))
-        del model
-        torch.cuda.empty_cache()
+            yield row
+    rows_of_each_model(result, args.out, args.models, build, rows, markdown)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,20 @@ def save(result: dict, out, markdown: str = None) -> Path:
     return json_path
 
 
+def rows_of_each_model(result: dict, out, names, build_model, rows, markdown) -> None:
+    """For each model name: `build_model(name)`, then every row that `rows(model, name)` yields, appended to
+    result["rows"], printed and saved with `markdown(result)` as it comes (a run cut short keeps what it measured);
+    each model is freed before the next is built."""
+    for name in names:
+        model = build_model(name)
+        for row in rows(model, name):
+            result["rows"].append(row)
+            print(row, flush=True)
+            save(result, out, markdown=markdown(result))
+        del model
+        torch.cuda.empty_cache()
+
+
 def stamp_file(path: Path) -> None:
     """Adds the stamp to a JSON object that another tool wrote."""
     result = json.loads(path.read_text())

@@ -24,7 +24,7 @@ from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops, state_passing_reference
 from diffuapriel_hf.modeling.presets import MAMBA
 
-from harness import build, median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from harness import build, median_ms, new_result, rows_of_each_model  # benchmarks/harness.py, beside this script
 from profile_step import training_step
 
 SHAPES = {  # model: (batch, length) of each step
@@ -96,18 +96,13 @@ def main():
     if kernel_ops() is None:
         raise SystemExit("needs a CUDA GPU with mamba-ssm")
     result = new_result(rounds=args.rounds, rows=[])
-    for name in args.models:
-        model = build(name).train()
+
+    def rows(model, name):
         for batch, length in SHAPES[name]:
-            if args.lengths and length not in args.lengths:
-                continue
-            row = dict(model=name, batch=batch, length=length, variants=measure(model, batch, length, args.rounds,
-                                                                                    args.variants))
-            result["rows"].append(row)
-            print(row, flush=True)
-            save(result, args.out, markdown=markdown(result))
-        del model
-        torch.cuda.empty_cache()
+            if not args.lengths or length in args.lengths:
+                yield dict(model=name, batch=batch, length=length,
+                           variants=measure(model, batch, length, args.rounds, args.variants))
+    rows_of_each_model(result, args.out, args.models, lambda name: build(name).train(), rows, markdown)
 
 
 if __name__ == "__main__":

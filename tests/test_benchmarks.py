@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,8 +54,10 @@ def test_script_imports_and_answers_help_without_a_gpu(path, benchmarks_on_path,
                          ids=lambda path: str(path.relative_to(BENCHMARKS)))
 def test_script_stamps_its_results_through_the_harness(path):
     source = path.read_text()
-    # A script writes through save() (or an evaluation script it runs does), or stamps another tool's output.
-    uses = ("from harness import" in source and "new_result" in source and "save(" in source) or (
+    # A script writes through save() (itself, through the harness's rows_of_each_model, or an evaluation script it
+    # runs does), or stamps another tool's output.
+    writes = "save(" in source or "rows_of_each_model(" in source
+    uses = ("from harness import" in source and "new_result" in source and writes) or (
         "benchmarks/harness.py stamp" in source) or ("benchmarks/default_model/evaluate.py" in source)
     assert uses, (f"{path.name} writes results without the harness's stamp: build the result with "
                   "`harness.new_result(...)` and write it with `harness.save(result, args.out)` "
@@ -224,6 +227,30 @@ def test_packed_training_steps_take_a_full_batch_of_documents_also_where_the_cor
     assert packed.step_documents(documents, 0, 2) == [[0], [1]]
     assert packed.step_documents(documents, 2, 2) == [[4], [0]]  # a step that would have held one document
     assert packed.step_documents(documents, 3, 4) == [[2], [3], [4], [0]]
+
+
+def test_rows_of_each_model_saves_every_row_as_it_comes_and_frees_each_model_first(harness, tmp_path):
+    class Model:
+        pass
+
+    built, saved = [], []
+
+    def build_model(name):
+        assert all(reference() is None for reference in built)  # the model before it already freed
+        model = Model()
+        built.append(weakref.ref(model))
+        return model
+
+    def rows(model, name):
+        for index in range(2):
+            yield dict(model=name, index=index)
+            saved.append(json.loads((tmp_path / "out.json").read_text())["rows"])
+
+    result = harness.new_result(rows=[])
+    harness.rows_of_each_model(result, tmp_path / "out", ["a", "b"], build_model, rows,
+                               lambda result: f"{len(result['rows'])} rows")
+    assert [len(rows) for rows in saved] == [1, 2, 3, 4] and saved[-1][-1] == dict(model="b", index=1)
+    assert (tmp_path / "out.md").read_text().startswith("4 rows\n")
 
 
 def test_block_quality_reads_the_training_progress_bar_not_the_tokenizers(benchmarks_on_path, tmp_path):
