@@ -1,5 +1,5 @@
-"""The memory-bound operations around a block's mixer and MLP, each one Triton kernel on CUDA for inference, with its
-PyTorch reference:
+"""The memory-bound operations around a block's mixer and MLP, each one Triton kernel on CUDA, with its PyTorch
+reference:
 
 | operation                                    | reference                                       | used by            |
 |----------------------------------------------|-------------------------------------------------|--------------------|
@@ -13,10 +13,12 @@ Unfused, each is several kernels with intermediate tensors between them (the rev
 residual stream read again by the norm, the activation); fused, each reads its inputs once and writes its outputs
 once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
 
-Each function takes `use_kernel`, the choice of `kernel_policy.KernelPolicy` (CUDA, Triton installed, no grad mode):
-with it, the kernel runs where it applies (tensors of one shape and dtype, laid out as it reads them, none needing a
-gradient: the kernels have no backward), and the reference everywhere else. The kernels compute in float32 and round
-once, where the references round after each operation.
+Each function takes `use_kernel`, the choice of `kernel_policy.KernelPolicy` (on CUDA with Triton installed; SwiGLU's
+only without grad mode): with it, the kernel runs where it applies (tensors of one shape and dtype, laid out as it
+reads them), and the reference everywhere else. The residual add + norm has a backward kernel of its own
+(`AddRMSNorm`), so training runs it too; the direction sum and SwiGLU kernels have none and take no tensor needing a
+gradient (the reference carries it). The kernels compute in float32 and round once, where the references round after
+each operation.
 """
 
 import torch
