@@ -215,8 +215,8 @@ def test_compare_commits_training_mode_times_each_runtimes_training_step_and_kee
     result = dict(step_ms={})
     args = SimpleNamespace(training=True)
     losses = compare.measure_round(args, None, models, torch.zeros(2, 12, dtype=torch.long), result)
-    assert calls == [4, 4] and result["step_ms"] == {"2 x 12: current, training": [1.0],
-                                                      "2 x 12: baseline, training": [2.0]}
+    assert calls == [4, 4]
+    assert result["step_ms"] == {"2 x 12: current, training": [1.0], "2 x 12: baseline, training": [2.0]}
     assert losses["current"] == losses["baseline"] > 0  # the same weights and tokens
     assert all(model.training for model in models.values())
 
