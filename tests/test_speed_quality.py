@@ -3,7 +3,6 @@ code items, and the script end to end on one short item per task (`--smoke`)."""
 
 import json
 import math
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -124,16 +123,18 @@ def test_items_reproduce_held_out_code_and_score_their_original(speed_quality):
         assert wrong == dict(exact=False, parses=False, tokens_right=item.target_tokens - 1)
 
 
-def test_the_script_runs_on_a_small_sample(tmp_path):
+def test_the_script_runs_on_a_small_sample(speed_quality, tmp_path, monkeypatch):
     """The smoke run with a block model (the shipped weights with blocks of 16: the exact cache's rows, not its
-    quality; loading drops the shipped generation block length 8, which the block model would refuse)."""
+    quality; loading drops the shipped generation block length 8, which the block model would refuse). The script's
+    main() with its command line, in this process: a fresh interpreter would spend seconds importing what this one
+    has (torch, transformers, the package)."""
     block_model = tmp_path / "block-model"
     DiffuAprielForMaskedLM.from_pretrained(default_model_path(), dtype=torch.float32, block_size=16).save_pretrained(
         block_model)
     AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(block_model)
     out = tmp_path / "speed_quality"
-    subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--block_model", str(block_model)],
-                   check=True, cwd=ROOT, capture_output=True, text=True)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--smoke", "--out", str(out), "--block_model", str(block_model)])
+    speed_quality.main()
     result = json.loads(out.with_suffix(".json").read_text())
     assert [row["setting"] for row in result["rows"]] == [
         "one token per step", "half the steps", "threshold 0.9", "threshold 0.5", "threshold 0.3", "threshold 0.1",
