@@ -2,10 +2,12 @@
 on the local tasks of tests/eval_tasks (multiple choice, perplexity, generation) with the shipped model, in one process
 and in two (torchrun, as accelerate launch runs it on GPUs), offline."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -123,10 +125,27 @@ def test_lm_eval_arguments_name_the_model_and_pass_the_rest_on():
         lm_eval_arguments("a", ["--model_args", "pretrained=b"])
 
 
-def run_command(command: list, tmp_path: Path, threads: int = 1) -> subprocess.CompletedProcess:
-    """`command` in `tmp_path`, each of its processes with `threads` torch threads."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+def run_commands(*runs: tuple) -> list:
+    """Each (command, folder, threads) run in its folder, each of its processes with `threads` torch threads, all at
+    once: their completed processes, in order. Their output goes to files, not pipes: a full pipe would stall one
+    command while another is waited on."""
+    with contextlib.ExitStack() as stack:
+        started = []
+        for command, folder, threads in runs:
+            env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
+            stdout, stderr = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            process = stack.enter_context(subprocess.Popen(command, cwd=folder, env=env, stdout=stdout, stderr=stderr))
+            stack.callback(process.kill)  # one still running when another fails or times out
+            started.append((process, stdout, stderr))
+        completed = []
+        for process, stdout, stderr in started:
+            process.wait(timeout=900)
+            output = []
+            for file in (stdout, stderr):
+                file.seek(0)
+                output.append(file.read())
+            completed.append(subprocess.CompletedProcess(process.args, process.returncode, *output))
+        return completed
 
 
 def eval_command(output: Path) -> list:
@@ -143,13 +162,29 @@ def read_results(output: Path) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def shipped_model_results(tmp_path_factory):
-    """`diffuapriel eval` of the shipped model on the three local tasks, in one process."""
+def eval_runs(tmp_path_factory) -> dict:
+    """`diffuapriel eval` of the shipped model run twice at once: on the three local tasks in one process ("one"), and
+    on two of them, their first 6 documents, in two (torchrun, as accelerate launch runs it on GPUs: "two"). While
+    the one process starts (imports, lm-eval's index of its tasks) on one of CI's two cores, the two use the other;
+    then it may have both (twice as fast, the same scores). Each run's (completed process, output folder)."""
     folder = tmp_path_factory.mktemp("eval")
-    # The suite waits on this one process: it may have both of CI's two cores (twice as fast, the same scores).
-    result = run_command([sys.executable, *eval_command(folder / "out")], folder, threads=2)
+    one, two = folder / "one", folder / "two"
+    one.mkdir(), two.mkdir()
+    command = eval_command(two / "out")
+    command[command.index("--tasks") + 1] = "stdlib_next_line,stdlib_perplexity"
+    two_processes, one_process = run_commands(
+        ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", *command,
+          "--limit", "6"], two, 1),
+        ([sys.executable, *eval_command(one / "out")], one, 2))
+    return dict(one=(one_process, one / "out"), two=(two_processes, two / "out"))
+
+
+@pytest.fixture(scope="module")
+def shipped_model_results(eval_runs):
+    """The one process's (results of each task, logged samples of each task)."""
+    result, output = eval_runs["one"]
     assert result.returncode == 0, result.stderr[-3000:]
-    return read_results(folder / "out")
+    return read_results(output)
 
 
 @pytest.mark.slow
@@ -198,14 +233,11 @@ def flat(responses) -> list:
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_scores_of_one(shipped_model_results, tmp_path):
-    command = eval_command(tmp_path / "out")
-    command[command.index("--tasks") + 1] = "stdlib_next_line,stdlib_perplexity"
-    result = run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29531", *command, "--limit", "6"], tmp_path)
+def test_two_processes_give_the_scores_of_one(eval_runs, shipped_model_results):
+    result, output = eval_runs["two"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on rank 1" in result.stderr  # lm-eval gave the second process its share
-    _, two = read_results(tmp_path / "out")
+    _, two = read_results(output)
     _, one = shipped_model_results
     for task, samples in two.items():
         alone = {sample["doc_id"]: flat(sample["resps"]) for sample in one[task]}
@@ -218,7 +250,7 @@ def test_two_processes_give_the_scores_of_one(shipped_model_results, tmp_path):
 def test_the_package_imports_without_lm_eval_and_the_command_says_what_to_install(tmp_path):
     blocked = ("import sys; sys.modules['lm_eval'] = None; import diffuapriel_hf; "
                "from diffuapriel_command import main; sys.exit(main(['eval', '--tasks', 'x']))")
-    result = run_command([sys.executable, "-c", blocked], tmp_path)
+    result, = run_commands(([sys.executable, "-c", blocked], tmp_path, 1))
     assert result.returncode == 2 and "diffuapriel-hf[eval]" in result.stderr
 
 
