@@ -1,11 +1,14 @@
 """Fixtures shared by the test modules: tiny models of the three stacks (all Mamba, hybrid, all attention), a
 word-level tokenizer over the tiny preset's vocabulary, a Python process in which diffuapriel_hf cannot be
-imported, and a stand-in for the Hub that records uploads."""
+imported, commands run at once, the test modules' checks run under Triton's interpreter, and a stand-in for the Hub
+that records uploads."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import huggingface_hub
@@ -66,13 +69,49 @@ def build_word_tokenizer(config) -> PreTrainedTokenizerFast:
     )
 
 
-def run_interpreted(module: str, function: str):
-    """`module.function()` (a test module beside this file) in a fresh process under Triton's interpreter
-    (TRITON_INTERPRET=1, which Triton reads when first imported): its JSON-printable result."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = f"import json, {module} as t; print(json.dumps(t.{function}()))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=600)
+def run_at_once(*runs: tuple, timeout: float = 900) -> list:
+    """Each (command, folder, environment variables) run in its folder with those variables added to this process's,
+    all at once: their completed processes, in order. Output goes to files, not pipes: a full pipe would stall one
+    command while another is waited on."""
+    with contextlib.ExitStack() as stack:
+        started = []
+        for command, folder, variables in runs:
+            stdout, stderr = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            process = stack.enter_context(subprocess.Popen(command, cwd=folder, env=dict(os.environ, **variables),
+                                                           stdout=stdout, stderr=stderr))
+            stack.callback(process.kill)  # one still running when another fails or times out
+            started.append((process, stdout, stderr))
+        completed = []
+        for process, stdout, stderr in started:
+            process.wait(timeout=timeout)
+            output = []
+            for file in (stdout, stderr):
+                file.seek(0)
+                output.append(file.read())
+            completed.append(subprocess.CompletedProcess(process.args, process.returncode, *output))
+        return completed
+
+
+@pytest.fixture(scope="session")
+def interpreted_runs(request) -> dict:
+    """The completed process of `interpreted_checks()` of every test module of the session that asks for
+    `interpreted`, by module name: each in a fresh process under Triton's interpreter (TRITON_INTERPRET=1, which Triton
+    reads when first imported), all at once. Each process imports the package, then runs every program of its kernels
+    in Python, one at a time, tens of seconds on one core: together they use both of CI's cores while the suite
+    waits."""
+    pytest.importorskip("triton")
+    modules = sorted({item.module.__name__ for item in request.session.items
+                      if "interpreted" in getattr(item, "fixturenames", ())})
+    runs = [([sys.executable, "-c", f"import json, {module} as t; print(json.dumps(t.interpreted_checks()))"],
+             Path(__file__).parent, {"TRITON_INTERPRET": "1"}) for module in modules]
+    return dict(zip(modules, run_at_once(*runs, timeout=600)))
+
+
+@pytest.fixture(scope="module")
+def interpreted(request, interpreted_runs):
+    """The JSON-printable result of this test module's `interpreted_checks()` under Triton's interpreter (see
+    `interpreted_runs`)."""
+    done = interpreted_runs[request.module.__name__]
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -8,7 +8,7 @@ cache's mask and against whole-sequence passes. The compiled kernel in bf16 and 
 import pytest
 import torch
 
-from conftest import build_tiny_model, run_interpreted
+from conftest import build_tiny_model
 from test_block_generation import LogitsRecorder
 
 from diffuapriel_hf.modeling.cache_attention import cache_attention_reference, visible_keys
@@ -59,7 +59,7 @@ def generations(kind: str) -> dict:
     return outputs
 
 
-def check_all_cases() -> dict:
+def interpreted_checks() -> dict:
     """Run every case in this process (which must have TRITON_INTERPRET=1 set before triton was first imported)."""
     from diffuapriel_hf.modeling.cache_attention import launch_cache_attention
 
@@ -84,11 +84,6 @@ def check_all_cases() -> dict:
             steps={name: len(other) for name, (_, other) in outputs.items()},
         )
     return dict(errors=errors, models=models)
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    return run_interpreted("test_cache_attention_interpreter", "check_all_cases")
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

@@ -5,8 +5,6 @@ dispatch (references on CPU and wherever a gradient is needed). Their compiled f
 import pytest
 import torch
 
-from conftest import run_interpreted
-
 from diffuapriel_hf import DiffuAprielConfig, DiffuAprielModel
 from diffuapriel_hf.modeling.fused_ops import (
     add_rms_norm,
@@ -24,7 +22,7 @@ from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielRMSNorm
 SHAPES = [(2, 37, 24), (3, 5, 8), (1, 4100, 3)]
 
 
-def interpreted_errors() -> dict:
+def interpreted_checks() -> dict:
     """The largest difference of each kernel from its reference, per shape (run with TRITON_INTERPRET=1 set)."""
     from diffuapriel_hf.modeling import fused_ops
 
@@ -76,11 +74,9 @@ def backward_error(residual, update, norm, mirrored, scale) -> float:
     return max((f - e).abs().max().item() for f, e in zip(*gradients))
 
 
-def test_interpreted_kernels_match_their_references():
-    pytest.importorskip("triton")
-    errors = run_interpreted("test_fused_ops", "interpreted_errors")
-    assert len(errors) == 3 * len(SHAPES) + 3 * 2 * 3
-    for name, error in errors.items():
+def test_interpreted_kernels_match_their_references(interpreted):
+    assert len(interpreted) == 3 * len(SHAPES) + 3 * 2 * 3
+    for name, error in interpreted.items():
         assert error <= 1e-5, (name, error)
 
 

@@ -2,16 +2,14 @@
 on the local tasks of tests/eval_tasks (multiple choice, perplexity, generation) with the shipped model, in one process
 and in two (torchrun, as accelerate launch runs it on GPUs), offline."""
 
-import contextlib
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_at_once
 
 from diffuapriel_hf.evaluation.command import lm_eval_arguments
 
@@ -125,27 +123,9 @@ def test_lm_eval_arguments_name_the_model_and_pass_the_rest_on():
         lm_eval_arguments("a", ["--model_args", "pretrained=b"])
 
 
-def run_commands(*runs: tuple) -> list:
-    """Each (command, folder, threads) run in its folder, each of its processes with `threads` torch threads, all at
-    once: their completed processes, in order. Their output goes to files, not pipes: a full pipe would stall one
-    command while another is waited on."""
-    with contextlib.ExitStack() as stack:
-        started = []
-        for command, folder, threads in runs:
-            env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
-            stdout, stderr = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
-            process = stack.enter_context(subprocess.Popen(command, cwd=folder, env=env, stdout=stdout, stderr=stderr))
-            stack.callback(process.kill)  # one still running when another fails or times out
-            started.append((process, stdout, stderr))
-        completed = []
-        for process, stdout, stderr in started:
-            process.wait(timeout=900)
-            output = []
-            for file in (stdout, stderr):
-                file.seek(0)
-                output.append(file.read())
-            completed.append(subprocess.CompletedProcess(process.args, process.returncode, *output))
-        return completed
+def torch_threads(threads: int) -> dict:
+    """The environment variables that give each process of a command `threads` torch threads."""
+    return dict(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
 
 
 def eval_command(output: Path) -> list:
@@ -172,10 +152,10 @@ def eval_runs(tmp_path_factory) -> dict:
     one.mkdir(), two.mkdir()
     command = eval_command(two / "out")
     command[command.index("--tasks") + 1] = "stdlib_next_line,stdlib_perplexity"
-    two_processes, one_process = run_commands(
+    two_processes, one_process = run_at_once(
         ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", *command,
-          "--limit", "6"], two, 1),
-        ([sys.executable, *eval_command(one / "out")], one, 2))
+          "--limit", "6"], two, torch_threads(1)),
+        ([sys.executable, *eval_command(one / "out")], one, torch_threads(2)))
     return dict(one=(one_process, one / "out"), two=(two_processes, two / "out"))
 
 
@@ -250,7 +230,7 @@ def test_two_processes_give_the_scores_of_one(eval_runs, shipped_model_results):
 def test_the_package_imports_without_lm_eval_and_the_command_says_what_to_install(tmp_path):
     blocked = ("import sys; sys.modules['lm_eval'] = None; import diffuapriel_hf; "
                "from diffuapriel_command import main; sys.exit(main(['eval', '--tasks', 'x']))")
-    result, = run_commands(([sys.executable, "-c", blocked], tmp_path, 1))
+    result, = run_at_once(([sys.executable, "-c", blocked], tmp_path, torch_threads(1)))
     assert result.returncode == 2 and "diffuapriel-hf[eval]" in result.stderr
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_interpreted
 from test_gpu_kernels import rel_err, ssd_inputs
 
 from diffuapriel_hf.modeling.mamba_ops import mamba_chunk_scan_combined_reference
@@ -32,7 +31,7 @@ CASES = [
 DT_MODES = ["bias+softplus", "bias+softplus+limit", "given"]
 
 
-def check_all_cases() -> dict:
+def interpreted_checks() -> dict:
     """Run every case in this process (which must have TRITON_INTERPRET=1 set before triton was first imported): the
     relative error against the reference for each, and the error messages of bad calls."""
     from diffuapriel_hf.modeling import ssd_triton
@@ -84,11 +83,6 @@ def check_all_cases() -> dict:
         except ValueError as error:
             refusals[name] = str(error)
     return dict(errors=errors, states_dt_as_passed=states_dt_as_passed, refusals=refusals)
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    return run_interpreted("test_ssd_triton_interpreter", "check_all_cases")
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
