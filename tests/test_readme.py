@@ -18,7 +18,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -103,15 +105,36 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch, hub):
     assert pushed and [repo_id for repo_id, _ in hub.uploads] == pushed
 
 
-@pytest.mark.parametrize("command", shell_commands())
-def test_shell_commands_run(command, scratch):
+def not_run(command: str) -> Optional[str]:
+    """Why the suite does not run `command`, or None where it does."""
     skip = next((why for prefix, why in SKIPPED.items() if command.startswith(prefix)), None)
     if skip:
-        pytest.skip(f"{command.split()[0]} ...: {skip}")
-    if "..." in command.split():
-        pytest.skip("an elided command line")
+        return f"{command.split()[0]} ...: {skip}"
+    return "an elided command line" if "..." in command.split() else None
+
+
+@pytest.fixture(scope="module")
+def command_results(request, scratch) -> dict:
+    """The completed process of each command that the session's tests of the shell commands run, by command: two at a
+    time, in the scratch folder (none of them reads what another writes). Most of each is a fresh interpreter
+    importing torch and transformers on one core: two use both of CI's cores."""
+    commands = [item.callspec.params["command"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_shell_commands_run"]
     bin_dir = os.path.dirname(sys.executable)  # where the installed `diffuapriel` script lives
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(["bash", "-c", reduced(command)], cwd=scratch, env=env, capture_output=True, text=True,
-                            timeout=600)
+
+    def run(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", reduced(command)], cwd=scratch, env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    to_run = list(dict.fromkeys(command for command in commands if not not_run(command)))  # each once
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(to_run, pool.map(run, to_run)))
+
+
+@pytest.mark.parametrize("command", shell_commands())
+def test_shell_commands_run(command, command_results):
+    if why := not_run(command):
+        pytest.skip(why)
+    result = command_results[command]
     assert result.returncode == 0, result.stderr[-3000:]
