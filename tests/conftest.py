@@ -3,13 +3,13 @@ word-level tokenizer over the tiny preset's vocabulary, a Python process in whic
 imported, commands run at once, the test modules' checks run under Triton's interpreter, and a stand-in for the Hub
 that records uploads."""
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import huggingface_hub
 import pytest
@@ -69,27 +69,17 @@ def build_word_tokenizer(config) -> PreTrainedTokenizerFast:
     )
 
 
-def run_at_once(*runs: tuple, timeout: float = 900) -> list:
+def run_at_once(*runs: tuple, timeout: float = 900, at_most: Optional[int] = None) -> list:
     """Each (command, folder, environment variables) run in its folder with those variables added to this process's,
-    all at once: their completed processes, in order. Output goes to files, not pipes: a full pipe would stall one
-    command while another is waited on."""
-    with contextlib.ExitStack() as stack:
-        started = []
-        for command, folder, variables in runs:
-            stdout, stderr = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
-            process = stack.enter_context(subprocess.Popen(command, cwd=folder, env=dict(os.environ, **variables),
-                                                           stdout=stdout, stderr=stderr))
-            stack.callback(process.kill)  # one still running when another fails or times out
-            started.append((process, stdout, stderr))
-        completed = []
-        for process, stdout, stderr in started:
-            process.wait(timeout=timeout)
-            output = []
-            for file in (stdout, stderr):
-                file.seek(0)
-                output.append(file.read())
-            completed.append(subprocess.CompletedProcess(process.args, process.returncode, *output))
-        return completed
+    at most `at_most` at a time (None: all at once): their completed processes, in order. Each is waited on by a
+    thread of its own, which reads its output as it comes (a full pipe never stalls one while another is waited on)."""
+
+    def run(command, folder, variables) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=folder, env=dict(os.environ, **variables), capture_output=True, text=True,
+                              timeout=timeout)
+
+    with ThreadPoolExecutor(max_workers=at_most or len(runs)) as pool:
+        return list(pool.map(lambda arguments: run(*arguments), runs))
 
 
 @pytest.fixture(scope="session")

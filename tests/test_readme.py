@@ -15,16 +15,16 @@ Stated exceptions and reductions, each applied by name below (SKIPPED, REDUCED):
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM
+
+from conftest import run_at_once
 
 README = Path(__file__).parents[1] / "README.md"
 TEXT = README.read_text()
@@ -121,15 +121,10 @@ def command_results(request, scratch) -> dict:
     commands = [item.callspec.params["command"] for item in request.session.items
                 if getattr(item, "originalname", None) == "test_shell_commands_run"]
     bin_dir = os.path.dirname(sys.executable)  # where the installed `diffuapriel` script lives
-    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), TOKENIZERS_PARALLELISM="false")
-
-    def run(command: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "-c", reduced(command)], cwd=scratch, env=env, capture_output=True, text=True,
-                              timeout=600)
-
+    variables = dict(PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), TOKENIZERS_PARALLELISM="false")
     to_run = list(dict.fromkeys(command for command in commands if not not_run(command)))  # each once
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(to_run, pool.map(run, to_run)))
+    runs = [(["bash", "-c", reduced(command)], scratch, variables) for command in to_run]
+    return dict(zip(to_run, run_at_once(*runs, timeout=600, at_most=2)))
 
 
 @pytest.mark.parametrize("command", shell_commands())
