@@ -6,6 +6,7 @@ kernel that replaces it on CUDA:
 | `mamba_chunk_scan_combined`| `mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`    |
 | `causal_conv1d_fn`         | `causal_conv1d.causal_conv1d_fn`                                 |
 | `rmsnorm_fn` (gated)       | `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn`                |
+| `chunk_state`              | `mamba_ssm.ops.triton.ssd_chunk_state.chunk_state`               |
 | `state_passing`            | `mamba_ssm.ops.triton.ssd_state_passing.state_passing`           |
 
 In training, a mixer pass with no padding and no state in or out runs a fourth: the three above and out_proj as one
@@ -130,6 +131,26 @@ def mamba_chunk_scan_combined_reference(
     return (y, final_state) if return_final_states else y
 
 
+def chunk_state_reference(B, x, dt, dA_cumsum, states_in_fp32=True):
+    """The state each chunk leaves when it starts from zero: B (b, l, g, n), x (b, l, h, p), and per chunk of
+    k = dt.shape[-1] positions dt (b, h, c, k) and dA_cumsum (b, h, c, k), the running sum of dt * A inside the chunk.
+    states[b, c, h, p, n] = sum over the chunk's positions s of exp(dA_cumsum[.., -1] - dA_cumsum[.., s]) dt[s]
+    x[s, h, p] B[s, g(h), n]; a last chunk past l reads zeros. -> (b, c, h, p, n), float32 (B's dtype without
+    `states_in_fp32`)."""
+    batch, seqlen, heads, head_dim = x.shape
+    groups, chunks, chunk, out_dtype = B.shape[2], dt.shape[2], dt.shape[3], B.dtype
+    pad = chunks * chunk - seqlen
+    if pad < 0:
+        raise ValueError(f"dt's {chunks} chunks of {chunk} positions do not cover the {seqlen} positions of x")
+    x = F.pad(x.float(), (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, chunk))  # (b, c, k, h, p)
+    B = F.pad(B.float(), (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, chunk))  # (b, c, k, g, n)
+    B = B.repeat_interleave(heads // groups, dim=3)  # (b, c, k, h, n)
+    dA_cumsum = dA_cumsum.float()
+    weight = torch.exp(dA_cumsum[..., -1:] - dA_cumsum) * dt.float()  # (b, h, c, k)
+    states = torch.einsum("bhck,bckhp,bckhn->bchpn", weight, x, B)
+    return states if states_in_fp32 else states.to(out_dtype)
+
+
 def state_passing_reference(states, dA_chunk_cumsum, initial_states=None):
     """The SSD's pass from chunk to chunk: from the state each chunk leaves when it starts from zero, states
     (b, c, h, d), and each chunk's total log decay (the sum of dt * A over it), dA_chunk_cumsum (b, h, c), the state
@@ -250,11 +271,12 @@ class MambaOps:
     causal_conv1d: Callable
     rmsnorm: Callable
     state_passing: Callable
+    chunk_state: Callable
     split_conv1d_scan: Optional[Callable] = None
 
 
 TORCH_OPS = MambaOps("torch", mamba_chunk_scan_combined_reference, causal_conv1d_reference, rmsnorm_reference,
-                     state_passing_reference)
+                     state_passing_reference, chunk_state_reference)
 
 
 def _conv_kernel_takes(width: int, activation) -> bool:
@@ -345,6 +367,7 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
     `split_conv1d_scan`, whole mixer passes run mamba-ssm's fused mixer function (`MambaOps.split_conv1d_scan`)."""
     try:
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.ssd_chunk_state import chunk_state
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
         from mamba_ssm.ops.triton.ssd_state_passing import state_passing
 
@@ -361,14 +384,15 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
     chunk_scan = _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, rule)
     name = "kernels" if single_pass is None else f"kernels (single-pass SSD {'always' if single_pass else 'never'})"
     if not split_conv1d_scan:
-        return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing)
+        return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state)
     mixer = _split_conv1d_scan_via_kernel(fused_mixer, _split_conv1d_scan_from(chunk_scan, conv, rmsnorm_fn))
-    return MambaOps(f"{name}, fused mixer", chunk_scan, conv, rmsnorm_fn, state_passing, mixer)
+    return MambaOps(f"{name}, fused mixer", chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state, mixer)
 
 __all__ = [
     "MambaOps",
     "TORCH_OPS",
     "causal_conv1d_reference",
+    "chunk_state_reference",
     "is_plain_module",
     "kernel_ops",
     "mamba_chunk_scan_combined_reference",

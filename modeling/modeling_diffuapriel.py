@@ -159,7 +159,7 @@ class Mamba2Mixer(nn.Module):
         y, ssm_state = self.scan(x, dt, B, C, ssm_state, state_at, ops, chunk_size, dt_args)  # y: (B, L, H, P)
         output = self.out_proj(self.norm(y.reshape(batch, seqlen, self.intermediate_size), gate, ops))
         if block_states is not None:
-            return output, self.states_entering_blocks(xBC, x, dt, B, C, initial_state, ops, block_states)
+            return output, self.states_entering_blocks(xBC, x, dt, B, initial_state, ops, block_states)
         if state_at is None:
             return output
         # The convolution's inputs at the `width` positions before `state_at` (zeros before the sequence).
@@ -234,27 +234,23 @@ class Mamba2Mixer(nn.Module):
             return self.chunk_size
         return min(self.chunk_size, max(16, 1 << (seqlen - 1).bit_length()))
 
-    def states_entering_blocks(self, xBC, x, dt, B, C, initial_state, ops, block_size: int):
+    def states_entering_blocks(self, xBC, x, dt, B, initial_state, ops, block_size: int):
         """The (conv inputs, SSM state) entering every block of `block_size` tokens of this pass, as `forward`'s
         `block_states` returns them. xBC: the convolution's inputs (B, w + L, C) when an initial state was given, else
-        (B, L, C); x (B, L, H * P), dt (B, L, H) after the softplus, B and C (B, L, G * N)."""
+        (B, L, C); x (B, L, H * P), dt (B, L, H) after the softplus, B (B, L, G * N)."""
         batch, seqlen = x.shape[:2]
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         width, blocks = self.conv1d.kernel_size[0] - 1, num_blocks(seqlen, block_size)
         if initial_state is None:  # zeros before the sequence
             xBC = F.pad(xBC, (0, 0, width, 0))
         conv_inputs = xBC.unfold(1, width, block_size)[:, :blocks].transpose(2, 3)  # (B, n, w, C)
-        # Each block's scan from a zero state, and its total decay; the states carried in follow from those.
-        A, dt = -torch.exp(self.A_log.float()), fold_blocks(dt, block_size)  # dt: (B * n, block, H)
-        x, B, C = (fold_blocks(t, block_size) for t in (x, B, C))
-        _, local = ops.chunk_scan(
-            x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
-            self.chunk_size_for(block_size), return_final_states=True,
-        )  # local: (B * n, H, P, N)
-        log_decay = dt.sum(1) * A  # (B * n, H)
+        # The state each block leaves from a zero state, and its running decay: the SSD's chunk states with blocks
+        # for chunks (no output computed), from which the states carried in follow.
+        dt = fold_blocks(dt, block_size).unflatten(0, (batch, blocks)).permute(0, 3, 1, 2)  # (B, H, n, block)
+        dA_cumsum = torch.cumsum(dt * -torch.exp(self.A_log.float())[:, None, None], dim=-1)  # (B, H, n, block)
+        local = ops.chunk_state(B.unflatten(-1, (G, N)), x.unflatten(-1, (H, P)), dt, dA_cumsum)  # (B, n, H, P, N)
         entering, _ = ops.state_passing(
-            local.unflatten(0, (batch, blocks)).flatten(-2), log_decay.unflatten(0, (batch, blocks)).transpose(1, 2),
-            None if initial_state is None else initial_state[1].flatten(-2),
+            local.flatten(-2), dA_cumsum[..., -1], None if initial_state is None else initial_state[1].flatten(-2),
         )  # (B, n, H, P * N): blocks in place of the SSD's chunks
         return conv_inputs, entering.unflatten(-1, (P, N))
 

@@ -12,7 +12,9 @@ from diffuapriel_hf.modeling.block_diffusion import (
     two_stream_attention_mask,
     unfold_blocks,
 )
-from diffuapriel_hf.modeling.mamba_ops import mamba_chunk_scan_combined_reference, state_passing_reference
+from diffuapriel_hf.modeling.mamba_ops import (
+    chunk_state_reference, mamba_chunk_scan_combined_reference, state_passing_reference,
+)
 
 
 def test_block_attention_mask():
@@ -70,11 +72,12 @@ def test_states_entering_blocks_continue_the_scan(with_initial_state):
         return mamba_chunk_scan_combined_reference(x, dt, A, B, C, 2, initial_states=initial_states,
                                                    return_final_states=True)
 
-    _, local_states = scan(*(fold_blocks(t, block) for t in (x, dt, B, C)))
-    log_decay = (fold_blocks(dt, block) * A).sum(1).reshape(batch, -1, heads)  # (B, n, H)
+    # As Mamba2Mixer.states_entering_blocks: each block's state from zero, then the pass over the blocks.
+    blocked_dt = dt.unflatten(1, (-1, block)).permute(0, 3, 1, 2)  # (B, H, n, block)
+    dA_cumsum = torch.cumsum(blocked_dt * A[:, None, None], dim=-1)
+    local_states = chunk_state_reference(B, x, blocked_dt, dA_cumsum)  # (B, n, H, P, N)
     entering, final = state_passing_reference(
-        local_states.reshape(batch, -1, heads, head_dim * state), log_decay.transpose(1, 2),
-        None if initial is None else initial.flatten(-2),
+        local_states.flatten(-2), dA_cumsum[..., -1], None if initial is None else initial.flatten(-2),
     )
     entering, final = entering.unflatten(-1, (head_dim, state)), final.unflatten(-1, (head_dim, state))
     first = torch.zeros(batch, heads, head_dim, state) if initial is None else initial
@@ -83,6 +86,31 @@ def test_states_entering_blocks_continue_the_scan(with_initial_state):
         prefix = (t[:, : b * block] for t in (x, dt, B, C))
         leaving = entering[:, b] if b < length // block else final
         torch.testing.assert_close(leaving, scan(*prefix, initial)[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [12, 10])
+def test_chunk_states_are_the_states_each_chunk_leaves_from_zero(length):
+    """chunk_state_reference against a scan of each chunk alone from a zero state, the last chunk short when the
+    length is not a multiple of the chunk (two heads a group); states_in_fp32=False returns B's dtype."""
+    torch.manual_seed(0)
+    batch, heads, head_dim, state, chunk = 2, 4, 3, 5, 4
+    chunks = num_blocks(length, chunk)
+    x, B, C = torch.randn(batch, length, heads, head_dim), torch.randn(batch, length, 2, state), torch.randn(
+        batch, length, 2, state)
+    dt, A = torch.rand(batch, length, heads), -torch.rand(heads) - 0.5
+    chunked_dt = fold_blocks(dt, chunk).unflatten(0, (batch, chunks)).permute(0, 3, 1, 2)  # (B, H, c, k), zeros past L
+    states = chunk_state_reference(B, x, chunked_dt, torch.cumsum(chunked_dt * A[:, None, None], dim=-1))
+    assert states.shape == (batch, chunks, heads, head_dim, state) and states.dtype == torch.float32
+    for c in range(chunks):
+        part = slice(c * chunk, (c + 1) * chunk)
+        _, expected = mamba_chunk_scan_combined_reference(x[:, part], dt[:, part], A, B[:, part], C[:, part], 2,
+                                                          return_final_states=True)
+        torch.testing.assert_close(states[:, c], expected, rtol=1e-5, atol=1e-5)
+    half = chunk_state_reference(B.half(), x.half(), chunked_dt, torch.cumsum(chunked_dt * A[:, None, None], -1),
+                                 states_in_fp32=False)
+    assert half.dtype == torch.float16
+    with pytest.raises(ValueError, match="do not cover"):
+        chunk_state_reference(B, x, chunked_dt[..., :2], chunked_dt[..., :2])
 
 
 def test_sample_block_times_are_stratified():

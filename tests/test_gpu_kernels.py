@@ -131,6 +131,27 @@ def test_state_passing_kernel_matches_the_reference_forward_and_backward(with_in
         assert actual.dtype == torch.float32 and rel_err(actual, expected) <= 1e-5
 
 
+@needs_kernels
+def test_chunk_state_kernel_matches_the_reference_forward_and_backward():
+    """mamba-ssm's chunk_state as a block model's entering states call it: bf16 x and B, float32 dt (a permuted view)
+    and its running decay, chunks of 32 with a short last one."""
+    torch.manual_seed(0)
+    batch, length, heads, head_dim, groups, state, chunk = 2, 300, 8, 64, 2, 128, 32
+    x = torch.randn(batch, length, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    B = torch.randn(batch, length, groups, state, device="cuda", dtype=torch.bfloat16)
+    dt = torch.rand(batch, -(-length // chunk), chunk, heads, device="cuda").permute(0, 3, 1, 2) * 0.1
+    A = -torch.rand(heads, device="cuda") - 0.5
+    upstream = torch.randn(batch, dt.shape[2], heads, head_dim, state, device="cuda")
+    results = []
+    for chunk_state in (mamba_ops.kernel_ops().chunk_state, mamba_ops.chunk_state_reference):
+        leaves = [t.clone().requires_grad_(True) for t in (B, x, dt)]
+        states = chunk_state(*leaves, torch.cumsum(leaves[2] * A[:, None, None], dim=-1))
+        (states * upstream).sum().backward()
+        results.append([states.detach()] + [t.grad.float() for t in leaves])
+    for actual, expected in zip(*results):
+        assert rel_err(actual, expected) <= 1e-2
+
+
 def count_fused_mixer_calls(monkeypatch) -> list:
     """A list that grows by one at each call of mamba-ssm's fused mixer function (its autograd Function)."""
     from mamba_ssm.ops.triton.ssd_combined import MambaSplitConv1dScanCombinedFn

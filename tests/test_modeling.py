@@ -297,8 +297,9 @@ def test_override_kernel_policy_reaches_every_layer_and_restores_the_policy(tiny
             return operation(*args, **kwargs)
         return call
 
-    recording_ops = MambaOps("recording", *(recording(op) for op in (TORCH_OPS.chunk_scan, TORCH_OPS.causal_conv1d,
-                                                                      TORCH_OPS.rmsnorm, TORCH_OPS.state_passing)))
+    recording_ops = MambaOps("recording", *(recording(op) for op in (
+        TORCH_OPS.chunk_scan, TORCH_OPS.causal_conv1d, TORCH_OPS.rmsnorm, TORCH_OPS.state_passing,
+        TORCH_OPS.chunk_state)))
     with torch.no_grad():
         expected = model(ids).logits
         with override_kernel_policy(mamba=recording_ops, mlp_one_product_min_tokens=1, vocab_multiple=64):
