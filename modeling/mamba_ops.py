@@ -7,6 +7,7 @@ kernel that replaces it on CUDA:
 | `causal_conv1d_fn`         | `causal_conv1d.causal_conv1d_fn`                                 |
 | `rmsnorm_fn` (gated)       | `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn`                |
 | `chunk_state`              | `mamba_ssm.ops.triton.ssd_chunk_state.chunk_state`               |
+| `chunk_scan_from_states`   | `mamba_ssm.ops.triton.ssd_chunk_scan.chunk_scan`                 |
 | `state_passing`            | `mamba_ssm.ops.triton.ssd_state_passing.state_passing`           |
 
 In training, a mixer pass with no padding and no state in or out runs a fourth: the three above and out_proj as one
@@ -151,6 +152,32 @@ def chunk_state_reference(B, x, dt, dA_cumsum, states_in_fp32=True):
     return states if states_in_fp32 else states.to(out_dtype)
 
 
+def chunk_scan_from_states_reference(B, C, x, dt, dA_cumsum, prev_states, D=None, z=None):
+    """The SSD's output given the state entering each chunk, prev_states (b, c, h, p, n): each chunk of
+    k = dt.shape[-1] positions read from its own entering state. B and C (b, l, g, n), x (b, l, h, p) with l = c * k;
+    dt and dA_cumsum (b, h, c, k) as in `chunk_state_reference`. y_t = C_t exp(dA_cumsum_t) prev_state
+    + sum over the chunk's s <= t of C_t B_s exp(dA_cumsum_t - dA_cumsum_s) dt_s x_s, then + D x_t and * silu(z_t).
+    -> (b, l, h, p) in x's dtype."""
+    batch, seqlen, heads, head_dim = x.shape
+    groups, chunks, chunk = B.shape[2], dt.shape[2], dt.shape[3]
+    if seqlen != chunks * chunk:
+        raise ValueError(f"x has {seqlen} positions, not dt's {chunks} chunks of {chunk}")
+    B, C = (t.float().unflatten(1, (chunks, chunk)).repeat_interleave(heads // groups, dim=3) for t in (B, C))
+    dA_cumsum = dA_cumsum.float()  # (b, h, c, k)
+    causal = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=x.device))
+    # decay[b, h, c, t, s] = exp(dA_t - dA_s) for s <= t, zero above the diagonal (masked before exp: no overflow).
+    decay = torch.exp((dA_cumsum[..., :, None] - dA_cumsum[..., None, :]).masked_fill(~causal, -math.inf))
+    scores = torch.einsum("bcthn,bcshn->bhcts", C, B) * decay * dt.float()[..., None, :]
+    y = torch.einsum("bhcts,bcshp->bcthp", scores, x.float().unflatten(1, (chunks, chunk)))
+    from_states = torch.einsum("bcthn,bchpn->bcthp", C, prev_states.float())
+    y = (y + from_states * torch.exp(dA_cumsum).permute(0, 2, 3, 1)[..., None]).flatten(1, 2)  # (b, l, h, p)
+    if D is not None:
+        y = y + x.float() * (D.float()[:, None] if D.dim() == 1 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
+
+
 def state_passing_reference(states, dA_chunk_cumsum, initial_states=None):
     """The SSD's pass from chunk to chunk: from the state each chunk leaves when it starts from zero, states
     (b, c, h, d), and each chunk's total log decay (the sum of dt * A over it), dA_chunk_cumsum (b, h, c), the state
@@ -272,11 +299,12 @@ class MambaOps:
     rmsnorm: Callable
     state_passing: Callable
     chunk_state: Callable
+    chunk_scan_from_states: Callable
     split_conv1d_scan: Optional[Callable] = None
 
 
 TORCH_OPS = MambaOps("torch", mamba_chunk_scan_combined_reference, causal_conv1d_reference, rmsnorm_reference,
-                     state_passing_reference, chunk_state_reference)
+                     state_passing_reference, chunk_state_reference, chunk_scan_from_states_reference)
 
 
 def _conv_kernel_takes(width: int, activation) -> bool:
@@ -367,6 +395,7 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
     `split_conv1d_scan`, whole mixer passes run mamba-ssm's fused mixer function (`MambaOps.split_conv1d_scan`)."""
     try:
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.ssd_chunk_scan import chunk_scan as chunk_scan_from_states
         from mamba_ssm.ops.triton.ssd_chunk_state import chunk_state
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
         from mamba_ssm.ops.triton.ssd_state_passing import state_passing
@@ -384,14 +413,16 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
     chunk_scan = _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, rule)
     name = "kernels" if single_pass is None else f"kernels (single-pass SSD {'always' if single_pass else 'never'})"
     if not split_conv1d_scan:
-        return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state)
+        return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state, chunk_scan_from_states)
     mixer = _split_conv1d_scan_via_kernel(fused_mixer, _split_conv1d_scan_from(chunk_scan, conv, rmsnorm_fn))
-    return MambaOps(f"{name}, fused mixer", chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state, mixer)
+    return MambaOps(f"{name}, fused mixer", chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state,
+                    chunk_scan_from_states, mixer)
 
 __all__ = [
     "MambaOps",
     "TORCH_OPS",
     "causal_conv1d_reference",
+    "chunk_scan_from_states_reference",
     "chunk_state_reference",
     "is_plain_module",
     "kernel_ops",

@@ -129,6 +129,7 @@ class Mamba2Mixer(nn.Module):
         self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor], ops: MambaOps,
         initial_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None, state_at: Optional[int] = None,
         block_states: Optional[int] = None, seq_idx: Optional[torch.Tensor] = None,
+        entering_blocks: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ):
         """hidden_states: (B, L, D); padding_mask: (B, L) bool, True at real tokens, or None for no padding.
         `initial_state` continues a sequence whose earlier part left that state: (the convolution's inputs at the
@@ -137,13 +138,15 @@ class Mamba2Mixer(nn.Module):
         continues from (at L, the state this part leaves). Only the scan is split there, so the output is the same.
         With `block_states` (a block size), also returns the state entering every block of that size, as
         (conv inputs (B, n, d_conv - 1, C), SSM states (B, n, H, P, N)): what each block of a block diffusion
-        model's noised stream starts from (`block_diffusion.py`). `seq_idx` (B, L) int, the document of each position
+        model's noised stream starts from (`block_diffusion.py`); given those as `entering_blocks`, each block of the
+        pass reads its tokens from them (the noised stream's pass). `seq_idx` (B, L) int, the document of each position
         of rows that pack several: the convolution and the scan restart at every document's first position."""
         batch, seqlen, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         chunk_size = self.chunk_size_for(seqlen)
         zxbcdt = self.in_proj(hidden_states)  # (B, L, 2 * H * P + 2 * G * N + H)
-        plain_pass = padding_mask is None and initial_state is None and state_at is None and block_states is None
+        plain_pass = (padding_mask is None and initial_state is None and state_at is None and block_states is None
+                      and entering_blocks is None)
         if plain_pass and self.runs_fused(ops):
             return self.fused(zxbcdt, ops, chunk_size, seq_idx)
         gate, xBC, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, H], dim=-1)
@@ -153,10 +156,18 @@ class Mamba2Mixer(nn.Module):
         if initial_state is not None:  # the convolution also reads the last inputs of the earlier part
             conv_state, ssm_state = initial_state
             xBC = torch.cat([conv_state.to(xBC.dtype), xBC], dim=1)
-        conv_out = self.convolution(xBC, ops, seq_idx)[:, xBC.shape[1] - seqlen :]  # (B, L, C)
+        if entering_blocks is None:
+            conv_out = self.convolution(xBC, ops, seq_idx)[:, xBC.shape[1] - seqlen :]  # (B, L, C)
+        else:  # each block's convolution also reads the inputs before it that the clean stream holds
+            rows = torch.cat([entering_blocks[0].flatten(0, 1).to(xBC.dtype), fold_blocks(xBC, self.block_size)], 1)
+            conv_out = unfold_blocks(self.convolution(rows, ops)[:, -self.block_size :], batch, seqlen)
         x, B, C = conv_out.split([self.intermediate_size, G * N, G * N], dim=-1)
-        dt, dt_args = self.time_steps(dt, padding_mask, seq_idx, softplus_here=block_states is not None)
-        y, ssm_state = self.scan(x, dt, B, C, ssm_state, state_at, ops, chunk_size, dt_args)  # y: (B, L, H, P)
+        softplus_here = block_states is not None or entering_blocks is not None
+        dt, dt_args = self.time_steps(dt, padding_mask, seq_idx, softplus_here=softplus_here)
+        if entering_blocks is None:
+            y, ssm_state = self.scan(x, dt, B, C, ssm_state, state_at, ops, chunk_size, dt_args)  # y: (B, L, H, P)
+        else:
+            y = self.scan_from_block_states(x, dt, B, C, entering_blocks[1], ops)
         output = self.out_proj(self.norm(y.reshape(batch, seqlen, self.intermediate_size), gate, ops))
         if block_states is not None:
             return output, self.states_entering_blocks(xBC, x, dt, B, initial_state, ops, block_states)
@@ -223,6 +234,25 @@ class Mamba2Mixer(nn.Module):
         before, ssm_state = part(slice(None, state_at), ssm_state, True)
         return torch.cat([before, part(slice(state_at, None), ssm_state, False)], dim=1), ssm_state
 
+    def scan_from_block_states(self, x, dt, B, C, entering: torch.Tensor, ops: MambaOps) -> torch.Tensor:
+        """The SSD over x (B, L, H * P), dt (B, L, H) after the softplus, B and C (B, L, G * N), each block of
+        `block_size` tokens from its entering state (B, n, H, P, N), with blocks for the SSD's chunks: y (B, L, H, P).
+        The last block is padded with dt = 0 (no input, no decay) and its padding's outputs dropped."""
+        batch, seqlen = x.shape[:2]
+        H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
+        dt, dA_cumsum = self.block_decays(dt, self.block_size)
+        pad = dt.shape[2] * self.block_size - seqlen
+        x, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (x, B, C))
+        y = ops.chunk_scan_from_states(B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), x.unflatten(-1, (H, P)), dt,
+                                       dA_cumsum, entering, D=self.D.float())
+        return y[:, :seqlen]
+
+    def block_decays(self, dt: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """dt (B, L, H) after the softplus as the SSD's chunk arguments with blocks for chunks: dt (B, H, n, block),
+        the last block padded with zeros, and the running sum of dt * A inside each block, dA_cumsum (same shape)."""
+        blocks = fold_blocks(dt, block_size).unflatten(0, (dt.shape[0], -1)).permute(0, 3, 1, 2)
+        return blocks, torch.cumsum(blocks * -torch.exp(self.A_log.float())[:, None, None], dim=-1)
+
     def chunk_size_for(self, seqlen: int) -> int:
         """The SSD's chunk for a pass over rows of `seqlen` tokens: `mamba_chunk_size`, or for shorter rows the smallest
         power of two of at least 16 that holds them. A block model's passes fold every block into a row of its own,
@@ -246,8 +276,7 @@ class Mamba2Mixer(nn.Module):
         conv_inputs = xBC.unfold(1, width, block_size)[:, :blocks].transpose(2, 3)  # (B, n, w, C)
         # The state each block leaves from a zero state, and its running decay: the SSD's chunk states with blocks
         # for chunks (no output computed), from which the states carried in follow.
-        dt = fold_blocks(dt, block_size).unflatten(0, (batch, blocks)).permute(0, 3, 1, 2)  # (B, H, n, block)
-        dA_cumsum = torch.cumsum(dt * -torch.exp(self.A_log.float())[:, None, None], dim=-1)  # (B, H, n, block)
+        dt, dA_cumsum = self.block_decays(dt, block_size)  # (B, H, n, block) each
         local = ops.chunk_state(B.unflatten(-1, (G, N)), x.unflatten(-1, (H, P)), dt, dA_cumsum)  # (B, n, H, P, N)
         entering, _ = ops.state_passing(
             local.flatten(-2), dA_cumsum[..., -1], None if initial_state is None else initial_state[1].flatten(-2),
@@ -367,11 +396,8 @@ class BidirectionalMamba2Mixer(nn.Module):
         if two_stream:
             (noised, clean), (noised_mask, clean_mask) = streams, masks
             clean_out, (conv_inputs, ssm_states) = self.left_to_right(clean, clean_mask, ops, block_states=block_size)
-            noised_out = self.left_to_right(
-                fold_blocks(noised, block_size), None if noised_mask is None else fold_blocks(noised_mask, block_size),
-                ops, initial_state=(conv_inputs.flatten(0, 1), ssm_states.flatten(0, 1)),
-            )
-            left_to_right = torch.cat([unfold_blocks(noised_out, batch, length), clean_out], dim=1)
+            noised_out = self.left_to_right(noised, noised_mask, ops, entering_blocks=(conv_inputs, ssm_states))
+            left_to_right = torch.cat([noised_out, clean_out], dim=1)
         elif cache is not None:
             entering = cache.mamba_state(self.layer_idx)
             if cache.consuming:

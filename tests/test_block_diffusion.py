@@ -13,7 +13,10 @@ from diffuapriel_hf.modeling.block_diffusion import (
     unfold_blocks,
 )
 from diffuapriel_hf.modeling.mamba_ops import (
-    chunk_state_reference, mamba_chunk_scan_combined_reference, state_passing_reference,
+    chunk_scan_from_states_reference,
+    chunk_state_reference,
+    mamba_chunk_scan_combined_reference,
+    state_passing_reference,
 )
 
 
@@ -111,6 +114,32 @@ def test_chunk_states_are_the_states_each_chunk_leaves_from_zero(length):
     assert half.dtype == torch.float16
     with pytest.raises(ValueError, match="do not cover"):
         chunk_state_reference(B, x, chunked_dt[..., :2], chunked_dt[..., :2])
+
+
+def test_chunk_scan_from_states_is_the_recurrence_from_each_chunks_entering_state():
+    """chunk_scan_from_states_reference against the SSM's recurrence step by step, each chunk restarted from its given
+    state: h_t = exp(dt_t A) h_(t-1) + dt_t x_t B_t, y_t = (C_t h_t + D x_t) silu(z_t); two heads a group."""
+    torch.manual_seed(0)
+    batch, chunks, chunk, heads, head_dim, groups, state = 2, 3, 4, 4, 3, 2, 5
+    length = chunks * chunk
+    x, z = torch.randn(batch, length, heads, head_dim), torch.randn(batch, length, heads, head_dim)
+    B, C = torch.randn(batch, length, groups, state), torch.randn(batch, length, groups, state)
+    dt, A, D = torch.rand(batch, heads, chunks, chunk), -torch.rand(heads) - 0.5, torch.randn(heads)
+    entering = torch.randn(batch, chunks, heads, head_dim, state)
+    y = chunk_scan_from_states_reference(B, C, x, dt, torch.cumsum(dt * A[:, None, None], -1), entering, D=D, z=z)
+    expected = torch.empty_like(y)
+    for c in range(chunks):
+        h = entering[:, c].clone()  # (B, H, P, N)
+        for t in range(chunk):
+            position, step = c * chunk + t, dt[:, :, c, t]  # step: (B, H)
+            B_t, C_t = (u[:, position].repeat_interleave(heads // groups, dim=1) for u in (B, C))  # (B, H, N)
+            inputs = (step[..., None] * x[:, position])[..., None] * B_t[:, :, None]  # (B, H, P, N)
+            h = torch.exp(step * A)[..., None, None] * h + inputs
+            out = torch.einsum("bhpn,bhn->bhp", h, C_t) + D[:, None] * x[:, position]
+            expected[:, position] = out * torch.nn.functional.silu(z[:, position])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not dt's"):
+        chunk_scan_from_states_reference(B, C, x[:, :-1], dt, dt, entering)
 
 
 def test_sample_block_times_are_stratified():

@@ -152,6 +152,29 @@ def test_chunk_state_kernel_matches_the_reference_forward_and_backward():
         assert rel_err(actual, expected) <= 1e-2
 
 
+@needs_kernels
+def test_chunk_scan_from_states_kernel_matches_the_reference_forward_and_backward():
+    """mamba-ssm's chunk_scan as a block model's noised stream calls it: each block of 32 from its entering state,
+    bf16 x, B and C, float32 dt (a permuted view) with its running decay and the states, D per head."""
+    torch.manual_seed(0)
+    batch, blocks, heads, head_dim, groups, state, block = 2, 9, 8, 64, 2, 128, 32
+    length = blocks * block
+    x = torch.randn(batch, length, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    B, C = (torch.randn(batch, length, groups, state, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dt = torch.rand(batch, blocks, block, heads, device="cuda").permute(0, 3, 1, 2) * 0.1
+    A, D = -torch.rand(heads, device="cuda") - 0.5, torch.randn(heads, device="cuda")
+    entering = torch.randn(batch, blocks, heads, head_dim, state, device="cuda")
+    upstream = torch.randn(batch, length, heads, head_dim, device="cuda")
+    results = []
+    for scan in (mamba_ops.kernel_ops().chunk_scan_from_states, mamba_ops.chunk_scan_from_states_reference):
+        leaves = [t.clone().requires_grad_(True) for t in (B, C, x, dt, entering)]
+        y = scan(*leaves[:4], torch.cumsum(leaves[3] * A[:, None, None], dim=-1), leaves[4], D=D)
+        (y.float() * upstream).sum().backward()
+        results.append([y.detach().float()] + [t.grad.float() for t in leaves])
+    for actual, expected in zip(*results):
+        assert rel_err(actual, expected) <= 1e-2
+
+
 def count_fused_mixer_calls(monkeypatch) -> list:
     """A list that grows by one at each call of mamba-ssm's fused mixer function (its autograd Function)."""
     from mamba_ssm.ops.triton.ssd_combined import MambaSplitConv1dScanCombinedFn

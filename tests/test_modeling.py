@@ -299,7 +299,7 @@ def test_override_kernel_policy_reaches_every_layer_and_restores_the_policy(tiny
 
     recording_ops = MambaOps("recording", *(recording(op) for op in (
         TORCH_OPS.chunk_scan, TORCH_OPS.causal_conv1d, TORCH_OPS.rmsnorm, TORCH_OPS.state_passing,
-        TORCH_OPS.chunk_state)))
+        TORCH_OPS.chunk_state, TORCH_OPS.chunk_scan_from_states)))
     with torch.no_grad():
         expected = model(ids).logits
         with override_kernel_policy(mamba=recording_ops, mlp_one_product_min_tokens=1, vocab_multiple=64):
