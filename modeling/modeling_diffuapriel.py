@@ -268,7 +268,7 @@ class Mamba2Mixer(nn.Module):
         """The (conv inputs, SSM state) entering every block of `block_size` tokens of this pass, as `forward`'s
         `block_states` returns them. xBC: the convolution's inputs (B, w + L, C) when an initial state was given, else
         (B, L, C); x (B, L, H * P), dt (B, L, H) after the softplus, B (B, L, G * N)."""
-        batch, seqlen = x.shape[:2]
+        seqlen = x.shape[1]
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         width, blocks = self.conv1d.kernel_size[0] - 1, num_blocks(seqlen, block_size)
         if initial_state is None:  # zeros before the sequence
