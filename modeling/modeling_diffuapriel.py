@@ -242,7 +242,8 @@ class Mamba2Mixer(nn.Module):
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         dt, dA_cumsum = self.block_decays(dt, self.block_size)
         pad = dt.shape[2] * self.block_size - seqlen
-        x, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (x, B, C))
+        if pad:  # F.pad copies even when it pads nothing
+            x, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (x, B, C))
         y = ops.chunk_scan_from_states(B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), x.unflatten(-1, (H, P)), dt,
                                        dA_cumsum, entering, D=self.D.float())
         return y[:, :seqlen]
