@@ -6,6 +6,8 @@ timed in one process on one GPU:
 - the direction sum, the residual add and the MLP's RMSNorm (three to four kernels, the residual stream read again
   by the norm) against one kernel writing the residual stream and its norm;
 - the SwiGLU product `F.silu(gate) * up` on the halves of one gate-and-up product (two kernels) against one kernel;
+  and its forward and backward, as in training (five kernels and the concatenation of the halves' gradients)
+  against a kernel each way (`SwiGLUOfProduct`, the product's gradient written in one buffer);
 - the residual add after a projection, `residual + F.linear(y, W)`, against cuBLAS adding it in the product's
   epilogue (`torch.addmm`): measured, and not used (it was slower).
 
@@ -70,11 +72,21 @@ def main():
         rows.append(compare("direction sum + residual add + RMSNorm", unfused_block_tail,
                             lambda: fused_ops.add_rms_norm(residual, out0, norm, out1, use_kernel=True), 1e-2))
         rows.append(compare("SwiGLU product silu(gate) * up", lambda: F.silu(gate) * up,
-                            lambda: fused_ops.swiglu(gate, up, use_kernel=True), 1e-2))
+                            lambda: fused_ops.swiglu_of_product(gate_up, use_kernel=True), 1e-2))
         flat_residual = residual[0]
         rows.append(compare("residual + out_proj(y) (addmm epilogue, not used)",
                             lambda: flat_residual + F.linear(y, out_proj),
                             lambda: torch.addmm(flat_residual, y, out_proj.t()), 1e-2))
+    d_out = torch.randn(TOKENS, MLP, **bf16)
+
+    def swiglu_training(function):  # the gradient of gate_up through one forward and backward
+        leaf = gate_up.detach().requires_grad_(True)
+        function(leaf).backward(d_out)
+        return leaf.grad
+
+    rows.append(compare("SwiGLU forward + backward (training)",
+                        lambda: swiglu_training(lambda t: F.silu(t.chunk(2, dim=-1)[0]) * t.chunk(2, dim=-1)[1]),
+                        lambda: swiglu_training(lambda t: fused_ops.swiglu_of_product(t, use_kernel=True)), 1e-2))
     result["rows"] = rows
     save(result, args.out)
 

@@ -7,7 +7,10 @@
 - the block's residual add + norm (with the direction sum) as one Triton kernel with a backward kernel
   (`fused_ops.AddRMSNorm`); undone, the PyTorch reference (`fused_elementwise=False`);
 - for block models, the states entering each block through mamba-ssm's `state_passing` (a pass over the blocks)
-  rather than through the reference's product with the blocks' decay matrix, in float32 (quadratic in the blocks).
+  rather than through the reference's product with the blocks' decay matrix, in float32 (quadratic in the blocks);
+- the MLP's gate and up as one product whose SwiGLU is one Triton kernel with a backward kernel
+  (`fused_ops.SwiGLUOfProduct`, writing the product's gradient in one buffer); undone, inference's choice at these
+  lengths: two products, the SwiGLU in PyTorch, the input's gradient the sum of the two products' gradients.
 bf16, random weights, half the tokens masked, one GPU, one process; the variants alternate over rounds, and the
 median of the rounds' medians counts. Also each variant's peak memory and loss.
 
@@ -37,6 +40,8 @@ SHAPES = {  # model: (batch, length) of each step
 def variants(model) -> dict:
     """name: the policy fields it overrides (the mixer's only where the model has Mamba layers)."""
     chosen = {"default": {}, "residual norm unfused": dict(fused_elementwise=False)}
+    if model.config.intermediate_size > 0:
+        chosen["SwiGLU unfused"] = dict(fused_swiglu=False, mlp_one_product_min_tokens=None)
     if MAMBA in model.config.layer_types:
         chosen["mixer step by step"] = dict(mamba=kernel_ops())
         if model.config.block_size is not None:

@@ -8,17 +8,20 @@ reference:
 | `add_rms_norm(residual, update, norm, b, s)` | `h = residual + s * (update + reverse_time(b))` | the block, after   |
 |                                              | `return h, norm(h)`                             | its mixer          |
 | `swiglu(gate, up)`                           | `F.silu(gate) * up`                             | the SwiGLU MLP     |
+| `swiglu_of_product(gate_up)`                 | `swiglu(*gate_up.chunk(2, -1))`                 | the SwiGLU MLP, its|
+|                                              |                                                 | gate and up as one |
+|                                              |                                                 | product            |
 
 Unfused, each is several kernels with intermediate tensors between them (the reversed copy, the direction sum, the
 residual stream read again by the norm, the activation); fused, each reads its inputs once and writes its outputs
 once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
 
-Each function takes `use_kernel`, the choice of `kernel_policy.KernelPolicy` (on CUDA with Triton installed; SwiGLU's
-only without grad mode): with it, the kernel runs where it applies (tensors of one shape and dtype, laid out as it
-reads them), and the reference everywhere else. The residual add + norm has a backward kernel of its own
-(`AddRMSNorm`), so training runs it too; the direction sum and SwiGLU kernels have none and take no tensor needing a
-gradient (the reference carries it). The kernels compute in float32 and round once, where the references round after
-each operation.
+Each function takes `use_kernel`, the choice of `kernel_policy.KernelPolicy` (on CUDA with Triton installed): with it,
+the kernel runs where it applies (tensors of one shape and dtype, laid out as it reads them), and the reference
+everywhere else. The residual add + norm and the SwiGLU of one product have a backward kernel of their own
+(`AddRMSNorm`, `SwiGLUOfProduct`), so training runs them too; the direction sum and `swiglu` of two tensors have none
+and take no tensor needing a gradient (the reference carries it). The kernels compute in float32 and round once, where
+the references round after each operation.
 """
 
 import torch
@@ -59,18 +62,12 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _fused(*tensors: torch.Tensor, column_slices: bool = False, differentiable: bool = False) -> bool:
-    """Whether a kernel applies: tensors of one shape and dtype, none needing a gradient unless the kernel has a
-    backward (`differentiable`), each contiguous (with `column_slices`, also a column slice of a contiguous tensor,
-    with the others' row stride)."""
+def _fused(*tensors: torch.Tensor, differentiable: bool = False) -> bool:
+    """Whether a kernel applies: tensors of one shape and dtype, each contiguous, none needing a gradient unless the
+    kernel has a backward (`differentiable`)."""
     first = tensors[0]
-    if column_slices:
-        rows = _row_stride(first)
-        laid_out = rows is not None and all(_row_stride(t) == rows for t in tensors)
-    else:
-        laid_out = all(t.is_contiguous() for t in tensors)
     return (
-        laid_out
+        all(t.is_contiguous() for t in tensors)
         and all(t.shape == first.shape and t.dtype == first.dtype for t in tensors)
         and (differentiable or not needs_gradient(*tensors))
     )
@@ -134,11 +131,38 @@ class AddRMSNorm(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, use_kernel: bool = False) -> torch.Tensor:
-    """`swiglu_reference`: one kernel where `use_kernel` and `_fused`, gate and up each contiguous or a column slice
-    of one tensor (the halves of one product's output, `gate_up.chunk(2, -1)`); else the reference."""
-    if not use_kernel or not _fused(gate, up, column_slices=True):
+    """`swiglu_reference`: one kernel where `use_kernel` and `_fused`, else the reference."""
+    if not use_kernel or not _fused(gate, up):
         return swiglu_reference(gate, up)
     return launch_swiglu(gate, up)
+
+
+def swiglu_of_product(gate_up: torch.Tensor, use_kernel: bool = False) -> torch.Tensor:
+    """`swiglu` of the two halves of one product's output, gate_up (..., 2 * W) -> (..., W): one kernel where
+    `use_kernel` and gate_up is contiguous; where a gradient is needed, as `SwiGLUOfProduct`, whose backward writes
+    the gradient of gate_up in one buffer (the halves' own gradients would be concatenated by a copy); else the
+    reference."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if not use_kernel or not _fused(gate_up, differentiable=True):
+        return swiglu_reference(gate, up)
+    if needs_gradient(gate_up):
+        return SwiGLUOfProduct.apply(gate_up)
+    return launch_swiglu(gate, up)
+
+
+class SwiGLUOfProduct(torch.autograd.Function):
+    """`swiglu_of_product` for training: the forward kernel, and a backward kernel that recomputes silu(gate) from
+    the kept gate_up (no activation is kept) and writes both halves' gradients in one pass."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return launch_swiglu(*gate_up.chunk(2, dim=-1))
+
+    @staticmethod
+    def backward(ctx, d_out):
+        (gate_up,) = ctx.saved_tensors
+        return launch_swiglu_backward(gate_up, d_out.contiguous())
 
 
 def launch_add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -190,7 +214,8 @@ def launch_add_rms_norm_backward(hidden, weight, rstd, d_hidden, d_normed, scale
 
 
 def launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The kernel of `swiglu`, without the checks: gate and up laid out as `swiglu` requires, out contiguous."""
+    """The kernel of `swiglu` and `swiglu_of_product`, without the checks: gate and up contiguous, or the two halves
+    of one contiguous product's output; out contiguous."""
     width = gate.shape[-1]
     out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     _swiglu_kernel[(triton.cdiv(out.numel(), BLOCK),)](gate, up, out, out.numel(), width, _row_stride(gate),
@@ -198,8 +223,18 @@ def launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def launch_swiglu_backward(gate_up: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
+    """The backward kernel of `SwiGLUOfProduct`: the gradient of contiguous gate_up (..., 2 * W) from that of the
+    output, d_out (..., W), contiguous."""
+    d_gate_up = torch.empty_like(gate_up)
+    grid = (triton.cdiv(d_out.numel(), BLOCK),)
+    _swiglu_backward_kernel[grid](gate_up, d_out, d_gate_up, d_out.numel(), d_out.shape[-1], BLOCK=BLOCK)
+    return d_gate_up
+
+
 __all__ = [
     "AddRMSNorm",
+    "SwiGLUOfProduct",
     "TRITON_INSTALLED",
     "add_rms_norm",
     "add_rms_norm_reference",
@@ -209,7 +244,9 @@ __all__ = [
     "launch_add_rms_norm_backward",
     "launch_add_time_reversed",
     "launch_swiglu",
+    "launch_swiglu_backward",
     "swiglu",
+    "swiglu_of_product",
     "swiglu_reference",
 ]
 
@@ -295,3 +332,20 @@ if triton is not None:
         gate = tl.load(gate_ptr + in_offsets, mask=inside).to(tl.float32)
         up = tl.load(up_ptr + in_offsets, mask=inside).to(tl.float32)
         tl.store(out_ptr + offsets, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _swiglu_backward_kernel(gate_up_ptr, d_out_ptr, d_gate_up_ptr, numel, width, BLOCK: tl.constexpr):
+        # For out[r, c] = silu(g) * u with g = gate_up[r, c], u = gate_up[r, width + c] (contiguous (rows, 2 * width))
+        # and d = d_out[r, c] (contiguous (rows, width)): d_gate_up[r, c] = d * u * silu'(g), where
+        # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))), and d_gate_up[r, width + c] = d * silu(g).
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        gate_offsets = (offsets // width) * 2 * width + offsets % width
+        gate = tl.load(gate_up_ptr + gate_offsets, mask=inside).to(tl.float32)
+        up = tl.load(gate_up_ptr + gate_offsets + width, mask=inside).to(tl.float32)
+        d_out = tl.load(d_out_ptr + offsets, mask=inside).to(tl.float32)
+        sigmoid = tl.sigmoid(gate)
+        d_gate = d_out * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+        tl.store(d_gate_up_ptr + gate_offsets, d_gate.to(d_gate_up_ptr.dtype.element_ty), mask=inside)
+        tl.store(d_gate_up_ptr + gate_offsets + width, (d_out * gate * sigmoid).to(d_gate_up_ptr.dtype.element_ty),
+                 mask=inside)

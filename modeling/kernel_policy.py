@@ -6,10 +6,13 @@ Every operation the model fuses has a PyTorch reference (runs everywhere, carrie
 |--------------------------------------------|------------------------------------|------------------------------------------|
 | SSD scan, causal conv1d, gated norm        | `mamba_ops.*_reference`            | mamba-ssm / causal-conv1d, our           |
 |                                            |                                    | `ssd_triton.ssd_forward` (inference)     |
-| direction sum; residual add + next norm    | `fused_ops.*_reference`            | `fused_ops` Triton kernels (inference)   |
-| SwiGLU activation                          | `fused_ops.swiglu_reference`       | `fused_ops` Triton kernel (inference)    |
+| direction sum; residual add + next norm    | `fused_ops.*_reference`            | `fused_ops` Triton kernels (the add +    |
+|                                            |                                    | norm also in training)                   |
+| SwiGLU activation                          | `fused_ops.swiglu_reference`       | `fused_ops` Triton kernel (training: of  |
+|                                            |                                    | one product, with a backward kernel)     |
 | block RMSNorm                              | float32 statistics, six passes     | `F.rms_norm`, one kernel                 |
 | MLP gate and up projections                | two products                       | one product of the stacked weights       |
+|                                            |                                    | (inference: long inputs; training: all)  |
 | LM head                                    | the vocabulary as it is            | the vocabulary padded to a multiple of 8 |
 | attention against a `BlockDiffusionCache`  | the attention implementation under | `cache_attention` Triton kernel          |
 |                                            | the cache's mask                   | (inference, not `eager`)                 |
@@ -167,19 +170,22 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
                     eager_attention: bool) -> KernelPolicy:
     if device_type != "cuda":
         return REFERENCE_POLICY
-    # The Triton kernels of fused_ops but the residual add + norm (`AddRMSNorm`) have no backward: in grad mode the
-    # references run them (the direction sum refuses, call by call, tensors that need a gradient). AddRMSNorm in
-    # training: a 1.3B step's forward and backward 369 vs 378 ms at 4 x 4K, block 540 vs 549 ms at 2 x 4K (H100,
-    # results/training_fusions.json).
+    # Of fused_ops' Triton kernels, the residual add + norm (`AddRMSNorm`) and the SwiGLU of one product
+    # (`SwiGLUOfProduct`) have a backward; the others refuse, call by call, tensors that need a gradient. AddRMSNorm
+    # in training: a 1.3B step's forward and backward 369 vs 378 ms at 4 x 4K, block 540 vs 549 ms at 2 x 4K (H100,
+    # results/training_fusions.json). In training the MLP always takes gate and up as one product, whose SwiGLU
+    # backward writes its gradient in one buffer, so that the input's gradient is one product, with no addition:
+    # 345 vs 349 ms (diffuapriel-1.3b) and 347 vs 355 ms (diffutran-1.3b) at 4 x 4K, peak 33.3 vs 34.2 GiB and
+    # 32.9 vs 36.0 GiB (H200, results/training_fusions_swiglu.json).
     forward_only = TRITON_INSTALLED and not grad_enabled
     return KernelPolicy(
         mamba=_mamba_ops(use_mamba_kernels, grad_enabled),
         fused_elementwise=TRITON_INSTALLED,
-        fused_swiglu=forward_only,
+        fused_swiglu=TRITON_INSTALLED,
         # One fused kernel (float32 statistics, one rounding at the end) instead of six passes over a float32 copy:
         # 0.09 vs 0.88 ms for 32K tokens of width 2048 on an H200, 12% of a 1.3B Mamba step.
         fused_rms_norm=True,
-        mlp_one_product_min_tokens=DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value,
+        mlp_one_product_min_tokens=0 if grad_enabled else DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value,
         vocab_multiple=DISPATCH_THRESHOLDS["lm_head_vocab_multiple"].value,
         vocab_padding_min_tokens=DISPATCH_THRESHOLDS["lm_head_padding_min_tokens"].value,
         # No mask built, and a step's key range split over programs: a step after 64K kept keys took 0.23 ms a layer

@@ -36,7 +36,7 @@ from .cache import BlockContext, BlockDiffusionCache
 from .cache_attention import cache_attention
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import INTEGER_DTYPES, labelled_positions, masked_diffusion_loss, negative_elbo, values_readable
-from .fused_ops import add_rms_norm, add_time_reversed, swiglu
+from .fused_ops import add_rms_norm, add_time_reversed, swiglu, swiglu_of_product
 from .generation import DiffusionGenerationMixin
 from .kernel_policy import REFERENCE_POLICY, KernelPolicy, resolve_kernel_policy
 from .likelihood import DEFAULT_ESTIMATOR, DEFAULT_NUM_SAMPLES, conditional_negative_elbo
@@ -566,10 +566,11 @@ class DiffuAprielMLP(nn.Module):
         one_product_from = kernels.mlp_one_product_min_tokens
         if (self.act_is_silu and one_product_from is not None and x.numel() >= one_product_from * x.shape[-1]
                 and all(is_plain_module(m, nn.Linear) and m.bias is None for m in (self.gate_proj, self.up_proj))):
-            # gate and up as one product, read in halves by the SwiGLU kernel.
-            gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            # gate and up as one product, read in halves by the SwiGLU kernel (whose backward writes the product's
+            # gradient in one buffer).
+            gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            return self.down_proj(swiglu_of_product(gate_up, use_kernel=kernels.fused_swiglu))
+        gate, up = self.gate_proj(x), self.up_proj(x)
         if self.act_is_silu:
             return self.down_proj(swiglu(gate, up, use_kernel=kernels.fused_swiglu))
         return self.down_proj(self.act_fn(gate) * up)

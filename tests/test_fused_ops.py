@@ -12,6 +12,7 @@ from diffuapriel_hf.modeling.fused_ops import (
     add_time_reversed,
     add_time_reversed_reference,
     swiglu,
+    swiglu_of_product,
     swiglu_reference,
 )
 from diffuapriel_hf.modeling.mamba_ops import reverse_time
@@ -35,6 +36,7 @@ def interpreted_checks() -> dict:
         errors[f"swiglu {shape}"] = (fused_ops.launch_swiglu(a, b) - expected).abs().max().item()
         halves = torch.cat([a, b], dim=-1).chunk(2, dim=-1)  # the halves of one product's output
         errors[f"swiglu halves {shape}"] = (fused_ops.launch_swiglu(*halves) - expected).abs().max().item()
+        errors[f"swiglu of a product backward {shape}"] = swiglu_backward_error(torch.cat([a, b], dim=-1), residual)
         if shape[1] > 1000:  # one program per row: thousands are slow to interpret, and add nothing here
             continue
         norm = DiffuAprielRMSNorm(shape[-1], eps=1e-5)
@@ -74,8 +76,21 @@ def backward_error(residual, update, norm, mirrored, scale) -> float:
     return max((f - e).abs().max().item() for f, e in zip(*gradients))
 
 
+def swiglu_backward_error(gate_up, upstream) -> float:
+    """The largest difference between the gradients of gate_up from `SwiGLUOfProduct` and from the reference of its
+    halves, under the output gradient `upstream`."""
+    from diffuapriel_hf.modeling import fused_ops
+
+    gradients = []
+    for function in (fused_ops.SwiGLUOfProduct.apply, lambda t: swiglu_reference(*t.chunk(2, dim=-1))):
+        leaf = gate_up.clone().requires_grad_(True)
+        function(leaf).backward(upstream)
+        gradients.append(leaf.grad)
+    return (gradients[0] - gradients[1]).abs().max().item()
+
+
 def test_interpreted_kernels_match_their_references(interpreted):
-    assert len(interpreted) == 3 * len(SHAPES) + 3 * 2 * 3
+    assert len(interpreted) == 4 * len(SHAPES) + 3 * 2 * 3
     for name, error in interpreted.items():
         assert error <= 1e-5, (name, error)
 
@@ -88,11 +103,13 @@ def test_on_cpu_and_with_gradients_the_references_run():
     out = swiglu(a, b)
     torch.testing.assert_close(out, torch.nn.functional.silu(a) * b)
     torch.testing.assert_close(swiglu_reference(a, b), out)
+    product_out = swiglu_of_product(torch.cat([a, b], dim=-1))  # needs a gradient through a
+    torch.testing.assert_close(product_out, out)
     norm = DiffuAprielRMSNorm(4, eps=1e-6)
     hidden, normed = add_rms_norm(residual, a, norm, b, 0.5)
     torch.testing.assert_close(hidden, residual + (a + b.flip(1)) * 0.5)
     torch.testing.assert_close(normed, norm(hidden))
-    (out.sum() + normed.sum()).backward()  # the references carry the gradient
+    (out.sum() + normed.sum() + product_out.sum()).backward()  # the references carry the gradient
     assert a.grad is not None and norm.weight.grad is not None
 
 

@@ -22,7 +22,7 @@ from diffuapriel_hf.modeling import cache_attention, mamba_ops
 from diffuapriel_hf.modeling.configuration_diffuapriel import ATTENTION, MAMBA
 from diffuapriel_hf.modeling.cuda_graphs import GraphedDenoiser, graphed_denoiser
 from diffuapriel_hf.modeling.cache import BlockContext
-from diffuapriel_hf.modeling.kernel_policy import (DISPATCH_THRESHOLDS, override_kernel_policy,
+from diffuapriel_hf.modeling.kernel_policy import (DISPATCH_THRESHOLDS, REFERENCE_POLICY, override_kernel_policy,
                                                    resolve_kernel_policy)
 from diffuapriel_hf.modeling.modeling_diffuapriel import BidirectionalMamba2Mixer
 
@@ -295,10 +295,10 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
                                    fused.add_time_reversed_reference(a, b), rtol=0, atol=0)
         # silu(gate) * up rounded once instead of twice: at least as close to float32 as the reference.
         exact_swiglu = fused.swiglu_reference(exact(a), exact(b))
-        halves = torch.cat([a, b], dim=-1).chunk(2, dim=-1)  # the one-product MLP's layout
         assert rel_err(fused.swiglu(a, b, use_kernel=True), exact_swiglu) <= tolerance / 2
-        torch.testing.assert_close(fused.swiglu(*halves, use_kernel=True), fused.swiglu(a, b, use_kernel=True),
-                                   rtol=0, atol=0)
+        gate_up = torch.cat([a, b], dim=-1)  # the one-product MLP's layout
+        torch.testing.assert_close(fused.swiglu_of_product(gate_up, use_kernel=True),
+                                   fused.swiglu(a, b, use_kernel=True), rtol=0, atol=0)
         assert rel_err(fused.swiglu_reference(a, b), exact_swiglu) <= tolerance
         # The direction sum, residual add and norm: the residual stream rounded once, then its norm.
         float_norm = DiffuAprielRMSNorm(96, eps=1e-5).to("cuda")
@@ -318,6 +318,18 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
     assert fused.add_time_reversed(a, b, use_kernel=True).grad_fn is not None
     outputs = fused.add_rms_norm(residual, a, norm, b, use_kernel=True)
     assert all(type(t.grad_fn).__name__ == "AddRMSNormBackward" for t in outputs)
+    # The SwiGLU of one product has a backward kernel: its gradient as close to float32's as the reference's.
+    upstream = torch.randn(a.shape, device="cuda")
+    gradients = []
+    for kernel, work_dtype in ((True, dtype), (False, dtype), (False, torch.float32)):
+        leaf = torch.cat([a, b], dim=-1).detach().to(work_dtype).requires_grad_(True)
+        out = fused.swiglu_of_product(leaf, use_kernel=kernel)
+        assert (type(out.grad_fn).__name__ == "SwiGLUOfProductBackward") == kernel
+        out.backward(upstream.to(work_dtype))
+        gradients.append(leaf.grad)
+    kernel_gradient, reference_gradient, exact_gradient = gradients
+    assert kernel_gradient.dtype == dtype
+    assert rel_err(kernel_gradient, exact_gradient) <= rel_err(reference_gradient, exact_gradient) + 1e-6
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -356,28 +368,41 @@ def test_mlp_takes_gate_and_up_as_one_product_on_long_cuda_inputs_unless_a_proje
         def forward(self, x):
             return super().forward(x) + 1.0
 
-    one_products = []  # the row strides of what the one-product path hands to swiglu: its output's halves
-    swiglu = modeling_diffuapriel.swiglu
+    one_products = []  # the widths of what the one-product path hands to swiglu_of_product: gate and up side by side
+    swiglu_of_product = modeling_diffuapriel.swiglu_of_product
 
-    def recording_swiglu(gate, up, use_kernel=False):
-        if not gate.is_contiguous():
-            one_products.append(gate.stride(-2))
-        return swiglu(gate, up, use_kernel=use_kernel)
+    def recording_swiglu_of_product(gate_up, use_kernel=False):
+        one_products.append(gate_up.shape[-1])
+        return swiglu_of_product(gate_up, use_kernel=use_kernel)
 
-    monkeypatch.setattr(modeling_diffuapriel, "swiglu", recording_swiglu)
+    monkeypatch.setattr(modeling_diffuapriel, "swiglu_of_product", recording_swiglu_of_product)
     config = preset_config("tiny")
     torch.manual_seed(0)
     mlp = DiffuAprielMLP(config).cuda()
-    kernels = resolve_kernel_policy(config, "cuda")
-    assert kernels.mlp_one_product_min_tokens == min_tokens
+    with torch.no_grad():  # inference: one product from min_tokens
+        kernels = resolve_kernel_policy(config, "cuda")
+    with torch.enable_grad():  # training: one product always
+        training_kernels = resolve_kernel_policy(config, "cuda")
+    assert kernels.mlp_one_product_min_tokens == min_tokens and training_kernels.mlp_one_product_min_tokens == 0
     for tokens, one_product in [(min_tokens, True), (min_tokens - 1, False)]:
         one_products.clear()
         x = torch.randn(1, tokens, config.hidden_size, device="cuda")
-        separate = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        torch.testing.assert_close(mlp(x, kernels), separate, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            separate = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            torch.testing.assert_close(mlp(x, kernels), separate, rtol=1e-5, atol=1e-5)
         assert one_products == ([2 * config.intermediate_size] if one_product else [])
-    x = torch.randn(1, min_tokens, config.hidden_size, device="cuda")
-    mlp(x, kernels).sum().backward()  # the gradient reaches both weights through the concatenation
+    # In training, one product at any length; the gradients reach both weights through the concatenation, as the
+    # separate products' do.
+    x = torch.randn(1, 64, config.hidden_size, device="cuda")
+    gradients = []
+    for policy in (training_kernels, REFERENCE_POLICY):
+        one_products.clear()
+        mlp.zero_grad()
+        mlp(x, policy).sum().backward()
+        assert one_products == ([2 * config.intermediate_size] if policy is training_kernels else [])
+        gradients.append([p.grad.clone() for p in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)])
+    for fused_gradient, separate_gradient in zip(*gradients):
+        torch.testing.assert_close(fused_gradient, separate_gradient, rtol=1e-4, atol=1e-5)
     assert mlp.gate_proj.weight.grad.abs().sum() > 0 and mlp.up_proj.weight.grad.abs().sum() > 0
     shifted = ShiftedLinear(config.hidden_size, config.intermediate_size, bias=False).cuda()
     shifted.load_state_dict(mlp.up_proj.state_dict())

@@ -240,7 +240,8 @@ def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
     assert on_cuda.mamba.split_conv1d_scan is None and not on_cuda.block_documents
     with torch.enable_grad():  # the forward-only Triton kernels stay out of grad mode; training's own paths
         training = resolve_kernel_policy(config, "cuda")
-        assert training.fused_elementwise == TRITON_INSTALLED and not training.fused_swiglu
+        assert training.fused_elementwise == training.fused_swiglu == TRITON_INSTALLED
+        assert training.mlp_one_product_min_tokens == 0  # whose SwiGLU has a backward kernel
         assert not training.cache_attention
         assert (training.mamba.split_conv1d_scan is not None) == (kernel_ops() is not None)
         assert training.block_documents
