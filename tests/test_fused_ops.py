@@ -2,6 +2,8 @@
 dispatch (references on CPU and wherever a gradient is needed). Their compiled form is tested on a GPU in
 `test_gpu_kernels.py`."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from diffuapriel_hf.modeling.fused_ops import (
     swiglu_reference,
 )
 from diffuapriel_hf.modeling.mamba_ops import reverse_time
-from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielRMSNorm
+from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielMLP, DiffuAprielRMSNorm
 
 # (batch, length, width): a partial last block, several time steps and batch rows within one block, a width that is
 # not a power of two (the norm kernel's masked columns), odd lengths (the middle row is its own mirror).
@@ -52,7 +54,42 @@ def interpreted_checks() -> dict:
                 fused_ops.BACKWARD_PROGRAMS = programs
                 errors[f"{name} backward, {programs} programs"] = backward_error(residual, a, norm, mirrored, scale)
             fused_ops.BACKWARD_PROGRAMS = default_programs
+    errors["MLP training on one product"] = mlp_training_error()
     return errors
+
+
+def mlp_training_error() -> float:
+    """The largest difference between the input's and the weights' gradients of an MLP under training's policy on
+    CUDA (gate and up as one product, `SwiGLUOfProduct`) and under the references' (two products); infinite if the
+    first did not run the kernel."""
+    from diffuapriel_hf.modeling.kernel_policy import REFERENCE_POLICY
+
+    torch.manual_seed(2)
+    mlp = DiffuAprielMLP(DiffuAprielConfig.from_preset("tiny"))
+    x = torch.randn(2, 9, mlp.gate_proj.in_features)
+    training = dataclasses.replace(REFERENCE_POLICY, fused_swiglu=True, mlp_one_product_min_tokens=0)
+    gradients = []
+    for policy in (training, REFERENCE_POLICY):
+        leaf = x.clone().requires_grad_(True)
+        mlp.zero_grad()
+        out = mlp(leaf, policy)
+        if policy is training and "SwiGLUOfProductBackward" not in graph_nodes(out.grad_fn):
+            return float("inf")
+        out.square().sum().backward()
+        weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        gradients.append([leaf.grad] + [weight.grad for weight in weights])
+    return max((f - e).abs().max().item() for f, e in zip(*gradients))
+
+
+def graph_nodes(node) -> set:
+    """The names of the autograd nodes that `node` reaches."""
+    names, pending = set(), [node]
+    while pending:
+        node = pending.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            pending.extend(next_node for next_node, _ in node.next_functions)
+    return names
 
 
 def backward_error(residual, update, norm, mirrored, scale) -> float:
@@ -90,7 +127,7 @@ def swiglu_backward_error(gate_up, upstream) -> float:
 
 
 def test_interpreted_kernels_match_their_references(interpreted):
-    assert len(interpreted) == 4 * len(SHAPES) + 3 * 2 * 3
+    assert len(interpreted) == 4 * len(SHAPES) + 3 * 2 * 3 + 1
     for name, error in interpreted.items():
         assert error <= 1e-5, (name, error)
 
