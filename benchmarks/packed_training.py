@@ -4,7 +4,9 @@ classes of the standard library's held-out modules, tokenized by the shipped tok
 Each step takes the same documents both ways: a padded batch (`DataCollatorForMaskedDiffusion(tokenizer)`, padded to
 the batch's longest document) and one packed row (`padding_free=True`). The model trains on both (forward, backward,
 AdamW step), alternating, and the script reports real tokens per second of each (median over the steps) and the share
-of the padded batch that was padding. Same noise both ways (seeded examples), so the losses agree.
+of the padded batch that was padding. Same noise both ways (seeded examples), so the losses agree. On CUDA the
+weights are bf16 and AdamW is fused, as `training_throughput.py` trains (a float32 model's products run in full float32
+there, at a small fraction of the bf16 rate); on the CPU they are float32.
 
     python benchmarks/packed_training.py --out benchmarks/results/packed_training_cpu                 # CPU
     python benchmarks/packed_training.py --device cuda --preset diffuapriel-240m --out benchmarks/results/packed_training_gpu
@@ -76,12 +78,13 @@ def main():
                            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                            max_position_embeddings=args.max_tokens)
     torch.manual_seed(0)
-    model = DiffuAprielForMaskedLM(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = DiffuAprielForMaskedLM(config).to(device=device, dtype=dtype).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     collators = {"padded": DataCollatorForMaskedDiffusion(tokenizer),
                  "packed": DataCollatorForMaskedDiffusion(tokenizer, padding_free=True)}
-    result = new_result(preset=args.preset, device_argument=args.device, batch=args.batch, steps=args.steps,
-                        documents=len(documents), max_tokens=args.max_tokens)
+    result = new_result(preset=args.preset, device_argument=args.device, dtype=str(dtype).removeprefix("torch."),
+                        batch=args.batch, steps=args.steps, documents=len(documents), max_tokens=args.max_tokens)
     seconds, padding_share, losses = {name: [] for name in collators}, [], {name: [] for name in collators}
     for step in range(args.steps + 1):  # the first step of each is a warm-up
         chosen = step_documents(documents, step, args.batch)
@@ -105,9 +108,10 @@ def main():
     result["speedup"] = result["tokens_per_s"]["packed"] / result["tokens_per_s"]["padded"]
     result["seconds"], result["losses"] = seconds, losses
     table = (f"| layout | real tokens/s |\n|---|---|\n| padded | {result['tokens_per_s']['padded']:,.0f} |\n"
-             f"| packed | {result['tokens_per_s']['packed']:,.0f} |\n\n{args.preset} on {args.device}, {args.batch} "
-             f"documents a step (median {tokens:,.0f} real tokens), padding {result['padding_share']:.0%} of the "
-             f"padded batches: packed rows train {result['speedup']:.2f}x as many tokens per second.")
+             f"| packed | {result['tokens_per_s']['packed']:,.0f} |\n\n{args.preset} ({result['dtype']}) on "
+             f"{args.device}, {args.batch} documents a step (median {tokens:,.0f} real tokens), padding "
+             f"{result['padding_share']:.0%} of the padded batches: packed rows train {result['speedup']:.2f}x as many "
+             f"tokens per second.")
     save(result, args.out, markdown=table)
     print(table)
 
