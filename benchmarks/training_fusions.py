@@ -11,6 +11,9 @@
 - the MLP's gate and up as one product whose SwiGLU is one Triton kernel with a backward kernel
   (`fused_ops.SwiGLUOfProduct`, writing the product's gradient in one buffer); undone, inference's choice at these
   lengths: two products, the SwiGLU in PyTorch, the input's gradient the sum of the two products' gradients.
+- the attention layers' rotary embedding of queries and keys as one Triton kernel, whose backward is the same kernel
+  turning the other way (`fused_ops.Rotary`); undone, the PyTorch reference (`fused_rotary=False`: transformers' form,
+  `x * cos + rotate_half(x) * sin`, several kernels and copies each way).
 bf16, random weights, half the tokens masked, one GPU, one process; the variants alternate over rounds, and the
 median of the rounds' medians counts. Also each variant's peak memory and loss.
 
@@ -25,7 +28,7 @@ import torch
 
 from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops, state_passing_reference
-from diffuapriel_hf.modeling.presets import MAMBA
+from diffuapriel_hf.modeling.presets import ATTENTION, MAMBA
 
 from harness import build, median_ms, new_result, rows_of_each_model  # benchmarks/harness.py, beside this script
 from profile_step import training_step
@@ -34,6 +37,7 @@ SHAPES = {  # model: (batch, length) of each step
     "diffuapriel-1.3b": [(4, 4096), (1, 16384)],
     "diffutran-1.3b": [(4, 4096), (1, 16384)],
     "diffuapriel-1.3b-block": [(2, 4096)],
+    "diffuapriel-h-1.3b": [(4, 4096)],
 }
 
 
@@ -42,6 +46,8 @@ def variants(model) -> dict:
     chosen = {"default": {}, "residual norm unfused": dict(fused_elementwise=False)}
     if model.config.intermediate_size > 0:
         chosen["SwiGLU unfused"] = dict(fused_swiglu=False, mlp_one_product_min_tokens=None)
+    if ATTENTION in model.config.layer_types:
+        chosen["rotary unfused"] = dict(fused_rotary=False)
     if MAMBA in model.config.layer_types:
         chosen["mixer step by step"] = dict(mamba=kernel_ops())
         if model.config.block_size is not None:

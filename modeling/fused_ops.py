@@ -11,6 +11,8 @@ reference:
 | `swiglu_of_product(gate_up)`                 | `swiglu(*gate_up.chunk(2, -1))`                 | the SwiGLU MLP, its|
 |                                              |                                                 | gate and up as one |
 |                                              |                                                 | product            |
+| `rotary(query, key, cos, sin)`               | `x * cos + rotate_half(x) * sin`, for x = query | attention's queries|
+|                                              | and key                                         | and keys           |
 
 Unfused, each is several kernels with intermediate tensors between them (the reversed copy, the direction sum, the
 residual stream read again by the norm, the activation); fused, each reads its inputs once and writes its outputs
@@ -19,7 +21,8 @@ once. Timings against the unfused forms are in benchmarks/results/elementwise_fu
 Each function takes `use_kernel`, the choice of `kernel_policy.KernelPolicy` (on CUDA with Triton installed): with it,
 the kernel runs where it applies (tensors of one shape and dtype, laid out as it reads them), and the reference
 everywhere else. The residual add + norm and the SwiGLU of one product have a backward kernel of their own
-(`AddRMSNorm`, `SwiGLUOfProduct`), so training runs them too; the direction sum and `swiglu` of two tensors have none
+(`AddRMSNorm`, `SwiGLUOfProduct`), and so has the rotary embedding (`Rotary`, whose backward is the same kernel turning
+the other way), so training runs them too; the direction sum and `swiglu` of two tensors have none
 and take no tensor needing a gradient (the reference carries it). The kernels compute in float32 and round once, where
 the references round after each operation.
 """
@@ -60,6 +63,18 @@ def add_rms_norm_reference(residual, update, norm, time_reversed=None, scale=1.0
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, for tensors of one shape."""
     return F.silu(gate) * up
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1], the halves of the last axis."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_reference(query, key, cos, sin):
+    """The rotary embedding of query (B, H, L, d) and key (B, Hkv, L, d) at angles whose cos and sin are (B, L, d)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
 
 def _fused(*tensors: torch.Tensor, differentiable: bool = False) -> bool:
@@ -165,6 +180,40 @@ class SwiGLUOfProduct(torch.autograd.Function):
         return launch_swiglu_backward(gate_up, d_out.contiguous())
 
 
+def rotary(query, key, cos, sin, use_kernel: bool = False):
+    """`rotary_reference` as one kernel where `use_kernel` and query and key are the heads of projections laid out
+    (B, L, heads, d) and seen (B, heads, L, d), as the attention makes them, with cos and sin (B, L, d) of one float
+    dtype whose last axis is contiguous; where a gradient is needed, as `Rotary`; else the reference. Returned as the
+    reference returns them, (B, heads, L, d) views of (B, L, heads, d) tensors."""
+    query_rows, key_rows = query.transpose(1, 2), key.transpose(1, 2)  # (B, L, heads, d)
+    if (not use_kernel or not query_rows.is_contiguous() or not key_rows.is_contiguous()
+            or query.dtype != key.dtype or cos.dtype != sin.dtype or cos.shape != sin.shape
+            or cos.shape != (query.shape[0], query.shape[2], query.shape[3]) or key.shape[2:] != query.shape[2:]
+            or cos.stride(-1) != 1 or sin.stride() != cos.stride() or needs_gradient(cos, sin)):
+        return rotary_reference(query, key, cos, sin)
+    if needs_gradient(query, key):
+        query_rows, key_rows = Rotary.apply(query_rows, key_rows, cos, sin)
+    else:
+        query_rows, key_rows = launch_rotary(query_rows, key_rows, cos, sin)
+    return query_rows.transpose(1, 2), key_rows.transpose(1, 2)
+
+
+class Rotary(torch.autograd.Function):
+    """`rotary` for training, on (B, L, heads, d) rows: the rotation's gradient is the rotation by the opposite angles,
+    the same kernel (`inverse`) on the outputs' gradients."""
+
+    @staticmethod
+    def forward(ctx, query_rows, key_rows, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return launch_rotary(query_rows, key_rows, cos, sin)
+
+    @staticmethod
+    def backward(ctx, d_query, d_key):
+        cos, sin = ctx.saved_tensors
+        d_query, d_key = launch_rotary(d_query.contiguous(), d_key.contiguous(), cos, sin, inverse=True)
+        return d_query, d_key, None, None
+
+
 def launch_add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The kernel of `add_time_reversed`, without the checks (the interpreter tests call it on CPU tensors)."""
     out = torch.empty_like(a)
@@ -232,8 +281,25 @@ def launch_swiglu_backward(gate_up: torch.Tensor, d_out: torch.Tensor) -> torch.
     return d_gate_up
 
 
+def launch_rotary(query_rows, key_rows, cos, sin, inverse: bool = False):
+    """The kernel of `rotary`, without the checks: query_rows (B, L, H, d) and key_rows (B, L, Hkv, d) contiguous, cos
+    and sin (B, L, d) with the same strides, the last contiguous. One program per (b, t) rotates all its heads. With
+    `inverse`, by the opposite angles (the transpose of the rotation, which `Rotary`'s backward applies)."""
+    batch, seqlen, heads, head_dim = query_rows.shape
+    query_out, key_out = torch.empty_like(query_rows), torch.empty_like(key_rows)
+    if batch * seqlen == 0:
+        return query_out, key_out
+    _rotary_kernel[(batch * seqlen,)](
+        query_rows, key_rows, cos, sin, query_out, key_out, seqlen, cos.stride(0), cos.stride(1), heads,
+        key_rows.shape[2], head_dim // 2, INVERSE=inverse, QUERY_HEADS=triton.next_power_of_2(heads),
+        KEY_HEADS=triton.next_power_of_2(key_rows.shape[2]), HALF=triton.next_power_of_2(head_dim // 2),
+    )
+    return query_out, key_out
+
+
 __all__ = [
     "AddRMSNorm",
+    "Rotary",
     "SwiGLUOfProduct",
     "TRITON_INSTALLED",
     "add_rms_norm",
@@ -243,8 +309,12 @@ __all__ = [
     "launch_add_rms_norm",
     "launch_add_rms_norm_backward",
     "launch_add_time_reversed",
+    "launch_rotary",
     "launch_swiglu",
     "launch_swiglu_backward",
+    "rotary",
+    "rotary_reference",
+    "rotate_half",
     "swiglu",
     "swiglu_of_product",
     "swiglu_reference",
@@ -349,3 +419,37 @@ if triton is not None:
         tl.store(d_gate_up_ptr + gate_offsets, d_gate.to(d_gate_up_ptr.dtype.element_ty), mask=inside)
         tl.store(d_gate_up_ptr + gate_offsets + width, (d_out * gate * sigmoid).to(d_gate_up_ptr.dtype.element_ty),
                  mask=inside)
+
+    @triton.jit
+    def _rotate_rows(in_ptr, out_ptr, row, heads, half, c1, c2, s1, s2, INVERSE: tl.constexpr, HEADS: tl.constexpr,
+                     HALF: tl.constexpr):
+        # Row `row` (heads, 2 * half) of a contiguous (rows, heads, 2 * half) tensor, halves x1 and x2 of each head:
+        # out = [x1 c1 - x2 s1, x2 c2 + x1 s2], or with INVERSE the transpose, [x1 c1 + x2 s2, x2 c2 - x1 s1].
+        head = tl.arange(0, HEADS)[:, None]
+        column = tl.arange(0, HALF)[None, :]
+        inside = (head < heads) & (column < half)
+        offsets = row * heads * 2 * half + head * 2 * half + column
+        x1 = tl.load(in_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        x2 = tl.load(in_ptr + offsets + half, mask=inside, other=0.0).to(tl.float32)
+        if INVERSE:
+            y1, y2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+        else:
+            y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+        tl.store(out_ptr + offsets, y1.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_ptr + offsets + half, y2.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _rotary_kernel(query_ptr, key_ptr, cos_ptr, sin_ptr, query_out_ptr, key_out_ptr, seqlen, angle_stride_batch,
+                       angle_stride_time, query_heads, key_heads, half, INVERSE: tl.constexpr,
+                       QUERY_HEADS: tl.constexpr, KEY_HEADS: tl.constexpr, HALF: tl.constexpr):
+        # Program r = b * seqlen + t: the angles of (b, t), read once, turn every query and key head of that row.
+        row = tl.program_id(0).to(tl.int64)
+        column = tl.arange(0, HALF)[None, :]
+        angles = (row // seqlen) * angle_stride_batch + (row % seqlen) * angle_stride_time + column
+        inside = column < half
+        c1 = tl.load(cos_ptr + angles, mask=inside, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + angles + half, mask=inside, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + angles, mask=inside, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + angles + half, mask=inside, other=0.0).to(tl.float32)
+        _rotate_rows(query_ptr, query_out_ptr, row, query_heads, half, c1, c2, s1, s2, INVERSE, QUERY_HEADS, HALF)
+        _rotate_rows(key_ptr, key_out_ptr, row, key_heads, half, c1, c2, s1, s2, INVERSE, KEY_HEADS, HALF)

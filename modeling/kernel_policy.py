@@ -10,6 +10,8 @@ Every operation the model fuses has a PyTorch reference (runs everywhere, carrie
 |                                            |                                    | norm also in training)                   |
 | SwiGLU activation                          | `fused_ops.swiglu_reference`       | `fused_ops` Triton kernel (training: of  |
 |                                            |                                    | one product, with a backward kernel)     |
+| rotary embedding of queries and keys       | `fused_ops.rotary_reference`       | `fused_ops` Triton kernel (its backward  |
+|                                            |                                    | the same kernel, turning the other way)  |
 | block RMSNorm                              | float32 statistics, six passes     | `F.rms_norm`, one kernel                 |
 | MLP gate and up projections                | two products                       | one product of the stacked weights       |
 |                                            |                                    | (inference: long inputs; training: all)  |
@@ -116,6 +118,7 @@ class KernelPolicy:
     mamba: the Mamba mixer's SSD scan, convolution and gated norm (`mamba_ops.TORCH_OPS` or `mamba_ops.kernel_ops()`).
     fused_elementwise: the Triton kernels of the direction sum and the residual add + norm (which has a backward).
     fused_swiglu: the Triton kernel of the SwiGLU activation.
+    fused_rotary: the Triton kernel of the attention layers' rotary embedding (which has a backward).
     fused_rms_norm: `F.rms_norm` for the block norms (where input and weight share a dtype).
     mlp_one_product_min_tokens: from how many tokens the MLP computes gate and up as one product (None: never).
     vocab_multiple: the LM head's vocabulary padded to a multiple of this for its product (1: not padded)...
@@ -129,6 +132,7 @@ class KernelPolicy:
     mamba: MambaOps = TORCH_OPS
     fused_elementwise: bool = False
     fused_swiglu: bool = False
+    fused_rotary: bool = False
     fused_rms_norm: bool = False
     mlp_one_product_min_tokens: Optional[int] = None
     vocab_multiple: int = 1
@@ -182,6 +186,7 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
         mamba=_mamba_ops(use_mamba_kernels, grad_enabled),
         fused_elementwise=TRITON_INSTALLED,
         fused_swiglu=TRITON_INSTALLED,
+        fused_rotary=TRITON_INSTALLED,
         # One fused kernel (float32 statistics, one rounding at the end) instead of six passes over a float32 copy:
         # 0.09 vs 0.88 ms for 32K tokens of width 2048 on an H200, 12% of a 1.3B Mamba step.
         fused_rms_norm=True,

@@ -36,7 +36,7 @@ from .cache import BlockContext, BlockDiffusionCache
 from .cache_attention import cache_attention
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import INTEGER_DTYPES, labelled_positions, masked_diffusion_loss, negative_elbo, values_readable
-from .fused_ops import add_rms_norm, add_time_reversed, swiglu, swiglu_of_product
+from .fused_ops import add_rms_norm, add_time_reversed, rotary, swiglu, swiglu_of_product
 from .generation import DiffusionGenerationMixin
 from .kernel_policy import REFERENCE_POLICY, KernelPolicy, resolve_kernel_policy
 from .likelihood import DEFAULT_ESTIMATOR, DEFAULT_NUM_SAMPLES, conditional_negative_elbo
@@ -443,11 +443,6 @@ def _joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class DiffuAprielRotaryEmbedding(nn.Module):
     """The rotary position embedding. Its frequencies are computed in float32 in each forward, on the positions'
     device, not held in a buffer: `model.to(torch.bfloat16)` would round a buffer to 8 bits of mantissa, an angle
@@ -523,9 +518,7 @@ class DiffuAprielAttention(nn.Module):
         key = self.k_proj(hidden_states).view(kv_shape).transpose(1, 2)  # (B, Hkv, L, d)
         value = self.v_proj(hidden_states).view(kv_shape).transpose(1, 2)
         cos, sin = position_embeddings  # (B, L, d)
-        cos, sin = cos[:, None], sin[:, None]
-        query = query * cos + rotate_half(query) * sin
-        key = key * cos + rotate_half(key) * sin
+        query, key = rotary(query, key, cos, sin, use_kernel=kernels.fused_rotary)
         if block_context is not None:  # a window's queries attend to the recorded outside positions, then the window
             key, value = block_context.update(key, value, self.layer_idx)  # (B, Hkv, L, d)
         if past_key_values is not None:  # the cache's buffer: the kept keys of earlier blocks, then the pass's own

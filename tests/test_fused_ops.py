@@ -13,6 +13,8 @@ from diffuapriel_hf.modeling.fused_ops import (
     add_rms_norm_reference,
     add_time_reversed,
     add_time_reversed_reference,
+    rotary,
+    rotary_reference,
     swiglu,
     swiglu_of_product,
     swiglu_reference,
@@ -55,6 +57,46 @@ def interpreted_checks() -> dict:
                 errors[f"{name} backward, {programs} programs"] = backward_error(residual, a, norm, mirrored, scale)
             fused_ops.BACKWARD_PROGRAMS = default_programs
     errors["MLP training on one product"] = mlp_training_error()
+    errors.update(rotary_errors())
+    return errors
+
+
+# (batch, length, query heads, key heads, head_dim): grouped keys; head counts and a half head that are not powers of
+# two (masked lanes); one head of each.
+ROTARY_SHAPES = [(2, 7, 4, 2, 16), (1, 5, 3, 3, 12), (3, 2, 1, 1, 4)]
+
+
+def rotary_errors() -> dict:
+    """The largest differences of `fused_ops.rotary` (its kernel; `Rotary` where a gradient is needed) from the
+    reference: the outputs, the inverse rotation undoing the rotation, and the gradients of query and key, on
+    projections laid out (B, L, heads, d) as the attention's, and with angles shared across the batch (stride 0)."""
+    from diffuapriel_hf.modeling import fused_ops
+
+    torch.manual_seed(3)
+    errors = {}
+    for batch, length, heads, key_heads, head_dim in ROTARY_SHAPES:
+        angles = torch.randn(batch, length, head_dim // 2).repeat(1, 1, 2)
+        for shared in (False, True):
+            cos, sin = angles.cos(), angles.sin()
+            if shared:  # one row of angles for every sequence, expanded (batch stride 0)
+                cos, sin = cos[:1].expand(batch, -1, -1), sin[:1].expand(batch, -1, -1)
+            rows = [torch.randn(batch, length, h, head_dim) for h in (heads, key_heads)]
+            name = f"rotary {(batch, length, heads, key_heads, head_dim)}{' shared angles' if shared else ''}"
+            leaves = [[t.clone().requires_grad_(True) for t in rows] for _ in range(2)]
+            fused = fused_ops.rotary(*[t.transpose(1, 2) for t in leaves[0]], cos, sin, use_kernel=True)
+            reference = fused_ops.rotary_reference(*[t.transpose(1, 2) for t in leaves[1]], cos, sin)
+            if any("RotaryBackward" not in graph_nodes(t.grad_fn) for t in fused):
+                errors[name] = float("inf")
+                continue
+            errors[name] = max((f - r).abs().max().item() for f, r in zip(fused, reference))
+            undone = fused_ops.launch_rotary(*[t.detach().transpose(1, 2).contiguous() for t in fused], cos, sin,
+                                             inverse=True)
+            errors[f"{name} inverse"] = max((u - t).abs().max().item() for u, t in zip(undone, rows))
+            upstream = [torch.randn(t.shape) for t in fused]
+            for outputs in (fused, reference):
+                sum((o * u).sum() for o, u in zip(outputs, upstream)).backward()
+            errors[f"{name} backward"] = max((f.grad - r.grad).abs().max().item()
+                                             for f, r in zip(*leaves))
     return errors
 
 
@@ -127,7 +169,7 @@ def swiglu_backward_error(gate_up, upstream) -> float:
 
 
 def test_interpreted_kernels_match_their_references(interpreted):
-    assert len(interpreted) == 4 * len(SHAPES) + 3 * 2 * 3 + 1
+    assert len(interpreted) == 4 * len(SHAPES) + 3 * 2 * 3 + 1 + 3 * 2 * len(ROTARY_SHAPES)
     for name, error in interpreted.items():
         assert error <= 1e-5, (name, error)
 
@@ -148,6 +190,24 @@ def test_on_cpu_and_with_gradients_the_references_run():
     torch.testing.assert_close(normed, norm(hidden))
     (out.sum() + normed.sum() + product_out.sum()).backward()  # the references carry the gradient
     assert a.grad is not None and norm.weight.grad is not None
+    query, key = torch.randn(2, 3, 5, 8, requires_grad=True), torch.randn(2, 1, 5, 8)  # (B, heads, L, d)
+    angles = torch.randn(2, 5, 8)
+    rotated = rotary(query, key, angles.cos(), angles.sin(), use_kernel=True)  # laid out (B, H, L, d): no kernel
+    for actual, expected in zip(rotated, rotary_reference(query, key, angles.cos(), angles.sin())):
+        torch.testing.assert_close(actual, expected)
+    rotated[0].sum().backward()
+    assert query.grad is not None
+
+
+def test_the_rotary_reference_turns_each_pair_of_halves_by_its_angle():
+    """transformers' form x * cos + rotate_half(x) * sin is the rotation of each (x[i], x[i + d/2]) by angle i."""
+    query, key = torch.randn(1, 2, 3, 4, dtype=torch.float64), torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    theta = torch.randn(1, 3, 2, dtype=torch.float64)
+    angles = theta.repeat(1, 1, 2)
+    rotated, _ = rotary_reference(query, key, angles.cos(), angles.sin())
+    x1, x2 = query[..., :2], query[..., 2:]
+    c, s = theta.cos()[:, None], theta.sin()[:, None]
+    torch.testing.assert_close(rotated, torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1))
 
 
 @pytest.mark.parametrize("strategy", ["add", "mean"])

@@ -232,6 +232,7 @@ def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
     with torch.no_grad():
         on_cuda = resolve_kernel_policy(config, "cuda")  # resolving needs no GPU: it reads the device type
     assert on_cuda.fused_rms_norm and on_cuda.fused_elementwise == on_cuda.fused_swiglu == TRITON_INSTALLED
+    assert on_cuda.fused_rotary == TRITON_INSTALLED
     assert on_cuda.vocab_multiple == DISPATCH_THRESHOLDS["lm_head_vocab_multiple"].value
     assert on_cuda.vocab_padding_min_tokens == DISPATCH_THRESHOLDS["lm_head_padding_min_tokens"].value
     assert on_cuda.mlp_one_product_min_tokens == DISPATCH_THRESHOLDS["mlp_one_product_min_tokens"].value
@@ -240,7 +241,7 @@ def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
     assert on_cuda.mamba.split_conv1d_scan is None and not on_cuda.block_documents
     with torch.enable_grad():  # the forward-only Triton kernels stay out of grad mode; training's own paths
         training = resolve_kernel_policy(config, "cuda")
-        assert training.fused_elementwise == training.fused_swiglu == TRITON_INSTALLED
+        assert training.fused_elementwise == training.fused_swiglu == training.fused_rotary == TRITON_INSTALLED
         assert training.mlp_one_product_min_tokens == 0  # whose SwiGLU has a backward kernel
         assert not training.cache_attention
         assert (training.mamba.split_conv1d_scan is not None) == (kernel_ops() is not None)
