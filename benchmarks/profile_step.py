@@ -4,6 +4,8 @@ training step's forward and backward instead (half the tokens masked, the MDLM l
 optimizer), at --batch sequences. With --cached_step, those of one step of a block model's generation: its block
 alone against an exact cache holding --length tokens (run eagerly, not from the CUDA graph generation replays, so
 that every kernel shows; the listing also counts the launches, which the graph's replay pays about 2-3 us each).
+It also records the profiled step's wall time and how long some kernel ran between the first kernel's start and the
+last one's end: the rest is the device waiting for the host.
 
     python benchmarks/profile_step.py --model diffuapriel-1.3b --length 65536 --out benchmarks/results/profile_64k.json
     python benchmarks/profile_step.py --model diffuapriel-1.3b --length 4096 --batch 4 --training --out OUT.json
@@ -11,6 +13,7 @@ that every kernel shows; the listing also counts the launches, which the graph's
 """
 
 import argparse
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -60,6 +63,23 @@ def cached_step(model, batch: int, length: int):
     return torch.no_grad()(lambda: denoiser(ids))
 
 
+def busy_ms(intervals) -> tuple[float, float]:
+    """(span, busy) in ms of kernel intervals given as (start, end) in us: from the first start to the last end, and
+    the time at least one kernel ran (the union of the intervals); span - busy is the device's idle time inside the
+    step, waiting on the host."""
+    span_start, span_end, busy, covered_to = None, None, 0.0, None
+    for start, end in sorted(intervals):
+        if covered_to is None or start > covered_to:
+            busy += end - start
+            covered_to = end
+        elif end > covered_to:
+            busy += end - covered_to
+            covered_to = end
+        span_start = start if span_start is None else span_start
+        span_end = end if span_end is None else max(span_end, end)
+    return ((span_end - span_start) / 1e3 if span_start is not None else 0.0), busy / 1e3
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="diffuapriel-1.3b")
@@ -87,13 +107,18 @@ def main():
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
         step()
         torch.cuda.synchronize()
-    totals, counts = defaultdict(float), defaultdict(int)
+        wall_ms = 1e3 * (time.perf_counter() - started)
+    totals, counts, intervals = defaultdict(float), defaultdict(int), []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.device_time_total / 1e3  # ms
             counts[event.name] += 1
+            intervals.append((event.time_range.start, event.time_range.end))
+    span, busy = busy_ms(intervals)
+    result.update(wall_ms=wall_ms, kernel_span_ms=span, kernel_busy_ms=busy)
     ranked = sorted(totals, key=totals.get, reverse=True)
     rows = [dict(kernel=name[:160], ms=totals[name], calls=counts[name]) for name in ranked[: args.top]]
     rest = sum(totals[name] for name in ranked[args.top:])
@@ -102,6 +127,8 @@ def main():
     for row in rows:
         print(f"{row['ms']:9.2f} ms {row['calls']:5d} x  {row['kernel'][:110]}")
     print(f"{rest:9.2f} ms in other kernels; {result['total_kernel_ms']:.2f} ms in {result['launches']} launches")
+    print(f"the step: {wall_ms:.2f} ms (profiled); kernels running {busy:.2f} of the {span:.2f} ms from the first "
+          "to the last")
     save(result, args.out)
 
 

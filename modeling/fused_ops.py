@@ -16,7 +16,8 @@ reference:
 
 Unfused, each is several kernels with intermediate tensors between them (the reversed copy, the direction sum, the
 residual stream read again by the norm, the activation); fused, each reads its inputs once and writes its outputs
-once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json.
+once. Timings against the unfused forms are in benchmarks/results/elementwise_fusion.json (the rotary embedding's in
+benchmarks/results/training_fusions_rotary.json).
 
 Each function takes `use_kernel`, the choice of `kernel_policy.KernelPolicy` (on CUDA with Triton installed): with it,
 the kernel runs where it applies (tensors of one shape and dtype, laid out as it reads them), and the reference

@@ -331,6 +331,14 @@ def test_the_commit_variable_wins_over_a_git_checkout_around_the_copy(harness, m
     assert harness.source_revision() == dict(commit="0123abcd", dirty=None, commit_from=harness.COMMIT_VARIABLE)
 
 
+def test_profile_steps_busy_time_is_the_union_of_the_kernel_intervals(benchmarks_on_path):
+    busy_ms = load(BENCHMARKS / "profile_step.py").busy_ms
+    # Overlapping, nested, touching and separate intervals, given out of order (us): 1,000-1,500 idle.
+    intervals = [(2000, 2500), (0, 600), (400, 1000), (100, 200), (2500, 3000)]
+    assert busy_ms(intervals) == (3.0, 2.0)
+    assert busy_ms([]) == (0.0, 0.0)
+
+
 def test_profile_steps_training_step_runs_the_loss_backward_and_leaves_no_gradient(benchmarks_on_path, tiny_model):
     profile_step = load(BENCHMARKS / "profile_step.py")
     model = tiny_model("hybrid")
@@ -345,7 +353,8 @@ def test_training_fusions_step_repeats_one_loss_and_its_table_compares_the_varia
     fusions = load(BENCHMARKS / "training_fusions.py")
     model = tiny_model("mamba").train()
     assert set(fusions.variants(model)) == {"default", "residual norm unfused", "SwiGLU unfused", "mixer step by step"}
-    assert set(fusions.variants(tiny_model("attention"))) == {"default", "residual norm unfused", "SwiGLU unfused"}
+    attention_variants = {"default", "residual norm unfused", "SwiGLU unfused", "rotary unfused"}
+    assert set(fusions.variants(tiny_model("attention"))) == attention_variants
     assert "SwiGLU unfused" not in fusions.variants(tiny_model("attention", intermediate_size=0))  # no MLP
     losses = []
     step = fusions.training_step(model, batch=2, length=12, losses=losses)
