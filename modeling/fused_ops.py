@@ -185,7 +185,7 @@ def rotary(query, key, cos, sin, use_kernel: bool = False):
     """`rotary_reference` as one kernel where `use_kernel` and query and key are the heads of projections laid out
     (B, L, heads, d) and seen (B, heads, L, d), as the attention makes them, with cos and sin (B, L, d) of one float
     dtype whose last axis is contiguous; where a gradient is needed, as `Rotary`; else the reference. Returned as the
-    reference returns them, (B, heads, L, d) views of (B, L, heads, d) tensors."""
+    reference returns them, (B, heads, L, d) views of (B, L, heads, d) tensors of the reference's dtype."""
     query_rows, key_rows = query.transpose(1, 2), key.transpose(1, 2)  # (B, L, heads, d)
     if (not use_kernel or not query_rows.is_contiguous() or not key_rows.is_contiguous()
             or query.dtype != key.dtype or cos.dtype != sin.dtype or cos.shape != sin.shape
@@ -206,12 +206,14 @@ class Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query_rows, key_rows, cos, sin):
         ctx.save_for_backward(cos, sin)
+        ctx.input_dtype = query_rows.dtype
         return launch_rotary(query_rows, key_rows, cos, sin)
 
     @staticmethod
     def backward(ctx, d_query, d_key):
         cos, sin = ctx.saved_tensors
-        d_query, d_key = launch_rotary(d_query.contiguous(), d_key.contiguous(), cos, sin, inverse=True)
+        d_query, d_key = launch_rotary(d_query.contiguous(), d_key.contiguous(), cos, sin, inverse=True,
+                                       out_dtype=ctx.input_dtype)
         return d_query, d_key, None, None
 
 
@@ -282,12 +284,16 @@ def launch_swiglu_backward(gate_up: torch.Tensor, d_out: torch.Tensor) -> torch.
     return d_gate_up
 
 
-def launch_rotary(query_rows, key_rows, cos, sin, inverse: bool = False):
+def launch_rotary(query_rows, key_rows, cos, sin, inverse: bool = False, out_dtype=None):
     """The kernel of `rotary`, without the checks: query_rows (B, L, H, d) and key_rows (B, L, Hkv, d) contiguous, cos
     and sin (B, L, d) with the same strides, the last contiguous. One program per (b, t) rotates all its heads. With
-    `inverse`, by the opposite angles (the transpose of the rotation, which `Rotary`'s backward applies)."""
+    `inverse`, by the opposite angles (the transpose of the rotation, which `Rotary`'s backward applies). The outputs
+    are of `out_dtype`, by default the reference's: that of query and cos promoted (float32 for bf16 projections and
+    float32 angles, as under autocast)."""
     batch, seqlen, heads, head_dim = query_rows.shape
-    query_out, key_out = torch.empty_like(query_rows), torch.empty_like(key_rows)
+    out_dtype = out_dtype or torch.promote_types(query_rows.dtype, cos.dtype)
+    query_out = torch.empty_like(query_rows, dtype=out_dtype)
+    key_out = torch.empty_like(key_rows, dtype=out_dtype)
     if batch * seqlen == 0:
         return query_out, key_out
     _rotary_kernel[(batch * seqlen,)](

@@ -61,42 +61,53 @@ def interpreted_checks() -> dict:
     return errors
 
 
-# (batch, length, query heads, key heads, head_dim): grouped keys; head counts and a half head that are not powers of
-# two (masked lanes); one head of each.
-ROTARY_SHAPES = [(2, 7, 4, 2, 16), (1, 5, 3, 3, 12), (3, 2, 1, 1, 4)]
+# (batch, length, query heads, key heads, head_dim, projections' dtype): grouped keys; head counts and a half head that
+# are not powers of two (masked lanes); one head of each; half-precision projections with float32 angles (autocast's
+# mix), which the reference promotes to float32.
+ROTARY_SHAPES = [(2, 7, 4, 2, 16, torch.float32), (1, 5, 3, 3, 12, torch.float32), (3, 2, 1, 1, 4, torch.float32),
+                 (2, 3, 2, 1, 8, torch.float16)]
 
 
 def rotary_errors() -> dict:
     """The largest differences of `fused_ops.rotary` (its kernel; `Rotary` where a gradient is needed) from the
-    reference: the outputs, the inverse rotation undoing the rotation, and the gradients of query and key, on
-    projections laid out (B, L, heads, d) as the attention's, and with angles shared across the batch (stride 0)."""
+    reference, on projections laid out (B, L, heads, d) as the attention's, with angles of their own for each sequence
+    and shared across the batch (stride 0): the outputs (of the reference's dtype), the inverse rotation undoing the
+    rotation, and how much further the gradients of query and key (of the inputs' dtype) lie from float64's than the
+    reference's (half precision: the kernel rounds once, the reference after each branch)."""
     from diffuapriel_hf.modeling import fused_ops
 
     torch.manual_seed(3)
     errors = {}
-    for batch, length, heads, key_heads, head_dim in ROTARY_SHAPES:
+    for batch, length, heads, key_heads, head_dim, dtype in ROTARY_SHAPES:
         angles = torch.randn(batch, length, head_dim // 2).repeat(1, 1, 2)
         for shared in (False, True):
             cos, sin = angles.cos(), angles.sin()
             if shared:  # one row of angles for every sequence, expanded (batch stride 0)
                 cos, sin = cos[:1].expand(batch, -1, -1), sin[:1].expand(batch, -1, -1)
-            rows = [torch.randn(batch, length, h, head_dim) for h in (heads, key_heads)]
-            name = f"rotary {(batch, length, heads, key_heads, head_dim)}{' shared angles' if shared else ''}"
-            leaves = [[t.clone().requires_grad_(True) for t in rows] for _ in range(2)]
-            fused = fused_ops.rotary(*[t.transpose(1, 2) for t in leaves[0]], cos, sin, use_kernel=True)
-            reference = fused_ops.rotary_reference(*[t.transpose(1, 2) for t in leaves[1]], cos, sin)
-            if any("RotaryBackward" not in graph_nodes(t.grad_fn) for t in fused):
+            rows = [torch.randn(batch, length, h, head_dim).to(dtype) for h in (heads, key_heads)]
+            name = f"rotary {(batch, length, heads, key_heads, head_dim, dtype)}{' shared angles' if shared else ''}"
+            upstream = [torch.randn(batch, h, length, head_dim) for h in (heads, key_heads)]
+            runs = {}
+            for form, work_dtype in (("kernel", dtype), ("reference", dtype), ("exact", torch.float64)):
+                leaves = [t.to(work_dtype, copy=True).requires_grad_(True) for t in rows]
+                angles_of = [t.to(torch.float64) if form == "exact" else t for t in (cos, sin)]
+                inputs = [t.transpose(1, 2) for t in leaves] + angles_of
+                outputs = (fused_ops.rotary(*inputs, use_kernel=True) if form == "kernel"
+                           else fused_ops.rotary_reference(*inputs))
+                sum((o * u.to(o.dtype)).sum() for o, u in zip(outputs, upstream)).backward()
+                runs[form] = ([o.detach() for o in outputs], [t.grad for t in leaves])
+            (kernel_out, kernel_grads), (reference_out, reference_grads), (_, exact_grads) = runs.values()
+            if ([t.dtype for t in kernel_out] != [t.dtype for t in reference_out]
+                    or any(g.dtype != dtype for g in kernel_grads)):
                 errors[name] = float("inf")
                 continue
-            errors[name] = max((f - r).abs().max().item() for f, r in zip(fused, reference))
-            undone = fused_ops.launch_rotary(*[t.detach().transpose(1, 2).contiguous() for t in fused], cos, sin,
+            errors[name] = max((f - r).abs().max().item() for f, r in zip(kernel_out, reference_out))
+            undone = fused_ops.launch_rotary(*[t.transpose(1, 2).contiguous() for t in kernel_out], cos, sin,
                                              inverse=True)
             errors[f"{name} inverse"] = max((u - t).abs().max().item() for u, t in zip(undone, rows))
-            upstream = [torch.randn(t.shape) for t in fused]
-            for outputs in (fused, reference):
-                sum((o * u).sum() for o, u in zip(outputs, upstream)).backward()
-            errors[f"{name} backward"] = max((f.grad - r.grad).abs().max().item()
-                                             for f, r in zip(*leaves))
+            distance = [max((g.double() - e).abs().max().item() for g, e in zip(grads, exact_grads))
+                        for grads in (kernel_grads, reference_grads)]
+            errors[f"{name} backward"] = max(distance[0] - distance[1], 0.0)
     return errors
 
 

@@ -333,28 +333,32 @@ def test_fused_kernels_match_their_references_on_gpu(dtype):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_kernel_matches_the_reference_forward_and_backward_on_gpu(dtype):
+@pytest.mark.parametrize("dtype, angles_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32)], ids=["float32", "bf16", "autocast"])
+def test_rotary_kernel_matches_the_reference_forward_and_backward_on_gpu(dtype, angles_dtype):
     """The 1.3B presets' attention shape (16 query heads, 8 key heads of 128) and a small odd one: the kernel's outputs
-    and gradients at least as close to float32's as the reference's (bf16: one rounding instead of three)."""
+    (of the reference's dtype: float32 for bf16 projections turned by float32 angles, as under autocast) and the
+    gradients (of the projections' dtype) at least as close to float32's as the reference's (bf16: one rounding
+    instead of three)."""
     from diffuapriel_hf.modeling import fused_ops as fused
 
     torch.manual_seed(0)
     for batch, length, heads, key_heads, head_dim in [(2, 2048, 16, 8, 128), (3, 37, 3, 1, 24)]:
         angles = torch.randn(batch, length, head_dim // 2, device="cuda").repeat(1, 1, 2) * 100
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos().to(angles_dtype), angles.sin().to(angles_dtype)
         rows = [torch.randn(batch, length, h, head_dim, device="cuda") for h in (heads, key_heads)]
         upstream = [torch.randn(batch, h, length, head_dim, device="cuda") for h in (heads, key_heads)]
         results = []
         for kernel, work_dtype in ((True, dtype), (False, dtype), (False, torch.float32)):
             leaves = [t.to(work_dtype).requires_grad_(True) for t in rows]
-            outputs = fused.rotary(*[t.transpose(1, 2) for t in leaves], cos.to(work_dtype), sin.to(work_dtype),
-                                   use_kernel=kernel)
+            angles_of = [t if work_dtype == dtype else t.float() for t in (cos, sin)]
+            outputs = fused.rotary(*[t.transpose(1, 2) for t in leaves], *angles_of, use_kernel=kernel)
             assert all(("RotaryBackward" in repr(o.grad_fn.next_functions)) == kernel for o in outputs)
             sum((o.float() * u).sum() for o, u in zip(outputs, upstream)).backward()
             results.append([o.detach() for o in outputs] + [t.grad for t in leaves])
-        for kernel_part, reference_part, exact_part in zip(*results):
-            assert kernel_part.dtype == dtype
+        for index, (kernel_part, reference_part, exact_part) in enumerate(zip(*results)):
+            assert kernel_part.dtype == reference_part.dtype
+            assert kernel_part.dtype == (torch.promote_types(dtype, angles_dtype) if index < 2 else dtype)
             assert rel_err(kernel_part, exact_part) <= rel_err(reference_part, exact_part) + 1e-6
         with torch.no_grad():  # inference: the kernel without autograd, the same values
             plain = fused.rotary(*[t.to(dtype).transpose(1, 2) for t in rows], cos, sin, use_kernel=True)
