@@ -69,9 +69,9 @@ def mamba_chunk_scan_combined_reference(
         dt = F.softplus(dt)
     if dt_limit != (0.0, float("inf")):
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    # Heads share B and C within a group.
-    B = B.repeat_interleave(nheads // ngroups, dim=2)  # (b, l, h, n)
-    C = C.repeat_interleave(nheads // ngroups, dim=2)
+    # Heads share B and C within a group: C_t . B_s is computed once per group, and the heads' decays and inputs
+    # are laid out (group, head within the group).
+    per_group = nheads // ngroups
 
     # Pad to whole chunks: a padded step has dt = 0, so it neither decays the state nor adds to it.
     pad = -seqlen % chunk_size
@@ -81,9 +81,11 @@ def mamba_chunk_scan_combined_reference(
         dt = F.pad(dt, (0, 0, 0, pad))
     nchunks = (seqlen + pad) // chunk_size
     chunked = lambda t: t.reshape(batch, nchunks, chunk_size, *t.shape[2:])  # noqa: E731
-    x_dt, B, C = chunked(x_dt), chunked(B), chunked(C)  # (b, c, q, h, ·)
+    x_dt, B, C = chunked(x_dt), chunked(B), chunked(C)  # (b, c, q, h, p), (b, c, q, g, n)
+    x_dt = x_dt.unflatten(3, (ngroups, per_group))  # (b, c, q, g, r, p)
     A_dt = (chunked(dt) * A.float()).permute(0, 3, 1, 2)  # (b, h, c, q)
     A_cumsum = torch.cumsum(A_dt, dim=-1)
+    by_group = lambda t: t.unflatten(1, (ngroups, per_group))  # noqa: E731  (b, h, ...) -> (b, g, r, ...)
     # Documents (a padded position belongs to the last one): what the masks below keep within one.
     docs = None if seq_idx is None else chunked(F.pad(seq_idx[:, None].float(), (0, pad), mode="replicate")[:, 0])
 
@@ -91,15 +93,15 @@ def mamba_chunk_scan_combined_reference(
     decay_within = torch.exp(segment_sum(A_dt))  # (b, h, c, q, q)
     if docs is not None:
         decay_within = decay_within * (docs[..., :, None] == docs[..., None, :])[:, None]
-    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay_within
-    y = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt)
+    scores = torch.einsum("bclgn,bcsgn->bgcls", C, B)[:, :, None] * by_group(decay_within)  # (b, g, r, c, q, q)
+    y = torch.einsum("bgrcls,bcsgrp->bclgrp", scores, x_dt)
 
     # 2. The state each chunk adds, as seen at its end (from the positions of the document it ends in).
     decay_to_end = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (b, h, c, q)
     if docs is not None:
         decay_to_end = decay_to_end * (docs == docs[..., -1:])[:, None]
-    B_decayed = B * decay_to_end.permute(0, 2, 3, 1)[..., None]  # (b, c, q, h, n)
-    chunk_states = torch.einsum("bclhn,bclhp->bchpn", B_decayed, x_dt)
+    x_decayed = x_dt * by_group(decay_to_end).permute(0, 3, 4, 1, 2)[..., None]  # (b, c, q, g, r, p)
+    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", B, x_decayed).flatten(2, 3)  # (b, c, h, p, n)
 
     # 3. Carry the state across chunks: a recurrence with one step per chunk (not per token). Written as one product
     #    instead, it would need a (chunks x chunks) decay matrix, and memory would grow quadratically with length. A
@@ -116,11 +118,11 @@ def mamba_chunk_scan_combined_reference(
     states, final_state = torch.stack(entering, dim=1), state  # (b, c, h, p, n), (b, h, p, n)
 
     # 4. What the state entering each chunk contributes to its outputs (in the document it belongs to).
-    y_from_state = torch.einsum("bclhn,bchpn->bclhp", C, states)
-    decay_from_start = torch.exp(A_cumsum).permute(0, 2, 3, 1)  # (b, c, q, h)
+    y_from_state = torch.einsum("bclgn,bcgrpn->bclgrp", C, states.unflatten(2, (ngroups, per_group)))
+    decay_from_start = by_group(torch.exp(A_cumsum)).permute(0, 3, 4, 1, 2)  # (b, c, q, g, r)
     if docs is not None:
-        decay_from_start = decay_from_start * (docs == ended_before[..., None])[..., None]
-    y = y + y_from_state * decay_from_start[..., None]
+        decay_from_start = decay_from_start * (docs == ended_before[..., None])[..., None, None]
+    y = (y + y_from_state * decay_from_start[..., None]).flatten(3, 4)  # (b, c, q, h, p)
 
     y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
     if D is not None:
@@ -291,7 +293,8 @@ channels, silu(z) before or after normalising); out_proj (`outproj_weight` (out_
 class MambaOps:
     """One implementation of each fused operation; `name` says which. `split_conv1d_scan`, where set, computes a
     whole mixer pass without padding or states (`mamba_split_conv1d_scan_reference`'s signature); None: the mixer
-    calls the others itself."""
+    calls the others itself. `chunk_size`, where set, is the chunk this SSD runs in whatever the model's
+    `mamba_chunk_size` (the chunk orders the SSD's sums, it does not change the result); None: the model's."""
 
     name: str
     chunk_scan: Callable
@@ -301,10 +304,15 @@ class MambaOps:
     chunk_state: Callable
     chunk_scan_from_states: Callable
     split_conv1d_scan: Optional[Callable] = None
+    chunk_size: Optional[int] = None
 
 
+# The reference's chunk: its quadratic part, several passes over (chunk x chunk) decays per head, costs more than the
+# states it saves from 64 on. On a 2-core CPU, forward + backward of the 8M presets' mixer at 8 x 512 tokens took 107 ms
+# in chunks of 64 against 235 in chunks of 128 (32: 110), diffuapriel-240m's at 2 x 1024 314 against 380 (32: 816),
+# and a diffuapriel-8m training step at 8 x 512 2.5 s against 3.7 s (benchmarks/results/reference_chunk_size_cpu.json).
 TORCH_OPS = MambaOps("torch", mamba_chunk_scan_combined_reference, causal_conv1d_reference, rmsnorm_reference,
-                     state_passing_reference, chunk_state_reference, chunk_scan_from_states_reference)
+                     state_passing_reference, chunk_state_reference, chunk_scan_from_states_reference, chunk_size=64)
 
 
 def _conv_kernel_takes(width: int, activation) -> bool:

@@ -143,7 +143,7 @@ class Mamba2Mixer(nn.Module):
         of rows that pack several: the convolution and the scan restart at every document's first position."""
         batch, seqlen, _ = hidden_states.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
-        chunk_size = self.chunk_size_for(seqlen)
+        chunk_size = self.chunk_size_for(seqlen, ops)
         zxbcdt = self.in_proj(hidden_states)  # (B, L, 2 * H * P + 2 * G * N + H)
         plain_pass = (padding_mask is None and initial_state is None and state_at is None and block_states is None
                       and entering_blocks is None)
@@ -254,16 +254,18 @@ class Mamba2Mixer(nn.Module):
         blocks = fold_blocks(dt, block_size).unflatten(0, (dt.shape[0], -1)).permute(0, 3, 1, 2)
         return blocks, torch.cumsum(blocks * -torch.exp(self.A_log.float())[:, None, None], dim=-1)
 
-    def chunk_size_for(self, seqlen: int) -> int:
-        """The SSD's chunk for a pass over rows of `seqlen` tokens: `mamba_chunk_size`, or for shorter rows the smallest
-        power of two of at least 16 that holds them. A block model's passes fold every block into a row of its own,
-        and both SSDs work in whole chunks (the reference pads each row to one, mamba-ssm's kernels tile one), so rows
-        of 4 tokens in chunks of 256 cost the work of 256 tokens each. The chunk does not change the result, only the
-        order of a sum: 16 is the least tile of mamba-ssm's matrix products. A full-sequence model keeps its chunk for
-        every length (its outputs, bit for bit, are what tests and saved generations pin)."""
-        if self.block_size is None or seqlen >= self.chunk_size:
-            return self.chunk_size
-        return min(self.chunk_size, max(16, 1 << (seqlen - 1).bit_length()))
+    def chunk_size_for(self, seqlen: int, ops: MambaOps) -> int:
+        """The SSD's chunk for a pass of `ops` over rows of `seqlen` tokens: the chunk `ops` runs in (`MambaOps.
+        chunk_size`: the reference's) or `mamba_chunk_size`, or for shorter rows the smallest power of two of at least
+        16 that holds them. A block model's passes fold every block into a row of its own, and both SSDs work in whole
+        chunks (the reference pads each row to one, mamba-ssm's kernels tile one), so rows of 4 tokens in chunks of 256
+        cost the work of 256 tokens each. The chunk does not change the result, only the order of a sum: 16 is the
+        least tile of mamba-ssm's matrix products. A full-sequence model keeps its chunk for every length (its
+        outputs, bit for bit, are what tests and saved generations pin)."""
+        chunk_size = ops.chunk_size or self.chunk_size
+        if self.block_size is None or seqlen >= chunk_size:
+            return chunk_size
+        return min(chunk_size, max(16, 1 << (seqlen - 1).bit_length()))
 
     def states_entering_blocks(self, xBC, x, dt, B, initial_state, ops, block_size: int):
         """The (conv inputs, SSM state) entering every block of `block_size` tokens of this pass, as `forward`'s

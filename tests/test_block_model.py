@@ -1,6 +1,8 @@
 """Block diffusion models (config.block_size): a block's logits depend on it and the blocks before it only, and the
 one-forward two-stream training loss (and its gradients) equals its definition computed block by block."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
@@ -8,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 from diffuapriel_hf import DataCollatorForMaskedDiffusion, preset_config
 from diffuapriel_hf.modeling.diffusion import elbo_times, masked_diffusion_loss, noise_tokens
 from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
-from diffuapriel_hf.modeling.mamba_ops import kernel_ops, mamba_chunk_scan_combined_reference
+from diffuapriel_hf.modeling.mamba_ops import TORCH_OPS, kernel_ops, mamba_chunk_scan_combined_reference
 from diffuapriel_hf.modeling.cache import BlockContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,11 +151,16 @@ def test_refused_with_flash_attention_and_the_approximate_cache(block_model):
 def test_short_rows_are_scanned_in_a_short_chunk_with_the_same_result(block_model, tiny_model):
     """A block model folds each block into a row of its own: its SSD takes the least power-of-two chunk (16 at least)
     that holds such a row instead of padding every row to a whole `mamba_chunk_size`; the scan's result is the same.
-    A full-sequence model keeps its chunk."""
+    A full-sequence model keeps its chunk. The reference runs in its own chunk (`TORCH_OPS.chunk_size`) whatever the
+    model's."""
     mixer = block_model("mamba", mamba_chunk_size=256).model.layers[0].mixer.left_to_right
-    assert [mixer.chunk_size_for(n) for n in (4, 16, 17, 200, 256, 1000)] == [16, 16, 32, 256, 256, 256]
+    model_chunk = dataclasses.replace(TORCH_OPS, chunk_size=None)  # as mamba-ssm's kernels: the model's chunk
+    lengths = (4, 16, 17, 200, 256, 1000)
+    assert [mixer.chunk_size_for(n, model_chunk) for n in lengths] == [16, 16, 32, 256, 256, 256]
+    assert [mixer.chunk_size_for(n, TORCH_OPS) for n in lengths] == [16, 16, 32, 64, 64, 64]
     full_sequence = tiny_model("mamba", mamba_chunk_size=256).model.layers[0].mixer.left_to_right
-    assert full_sequence.chunk_size_for(4) == 256
+    assert full_sequence.chunk_size_for(4, model_chunk) == 256
+    assert full_sequence.chunk_size_for(4, TORCH_OPS) == TORCH_OPS.chunk_size == 64
     generator = torch.Generator().manual_seed(0)
     rows, length, heads, head_dim, state = 6, BLOCK, 2, 4, 8
     x = torch.randn(rows, length, heads, head_dim, generator=generator)
