@@ -67,17 +67,14 @@ def busy_ms(intervals) -> tuple[float, float]:
     """(span, busy) in ms of kernel intervals given as (start, end) in us: from the first start to the last end, and
     the time at least one kernel ran (the union of the intervals); span - busy is the device's idle time inside the
     step, waiting on the host."""
-    span_start, span_end, busy, covered_to = None, None, 0.0, None
-    for start, end in sorted(intervals):
-        if covered_to is None or start > covered_to:
-            busy += end - start
-            covered_to = end
-        elif end > covered_to:
-            busy += end - covered_to
-            covered_to = end
-        span_start = start if span_start is None else span_start
-        span_end = end if span_end is None else max(span_end, end)
-    return ((span_end - span_start) / 1e3 if span_start is not None else 0.0), busy / 1e3
+    intervals = sorted(intervals)
+    if not intervals:
+        return 0.0, 0.0
+    busy, covered_to = 0.0, intervals[0][0]  # the kernels so far have run up to covered_to
+    for start, end in intervals:
+        busy += max(0.0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    return (covered_to - intervals[0][0]) / 1e3, busy / 1e3
 
 
 def main():
