@@ -12,12 +12,11 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from harness import RESULTS, new_result, save  # benchmarks/harness.py, beside this script
+from harness import RESULTS, new_result, save, wall_seconds  # benchmarks/harness.py, beside this script
 
 CONFIGS = {
     "tiny": dict(name="tiny"),
@@ -38,13 +37,9 @@ def measure(config_name: str, seqlen: int, repeats: int) -> dict:
     model = DiffuAprielForMaskedLM(config).eval()
     ids = torch.randint(0, config.vocab_size - 1, (1, seqlen))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
     with torch.inference_mode():
         model(ids[:, :256])  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(ids)
-            times.append(time.perf_counter() - start)
+        times = wall_seconds(lambda: model(ids), repeats, warmup=0)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(
         config=config_name,

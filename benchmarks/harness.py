@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -164,6 +165,27 @@ def peak_bf16(device: str) -> float:
         if key in device:
             return value
     raise ValueError(f"no datasheet bf16 peak known for {device!r}: add it to PEAK_BF16")
+
+
+def wall_seconds(fn, reps: int, warmup: int = 1) -> list:
+    """The wall-clock seconds of each of `reps` calls of `fn()` after `warmup` untimed ones; with CUDA initialised,
+    each call is timed from a synchronised device to a synchronised device (a call on the CPU, or one that includes
+    host work, such as generate() or an optimizer step, where `median_ms`'s events would miss the host)."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(reps):
+        _synchronize()
+        start = time.perf_counter()
+        fn()
+        _synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def median_ms(fn, reps: int, warmup: int = 1) -> float:

@@ -15,13 +15,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from harness import new_result, save
+from harness import new_result, save, wall_seconds
 
 CONFIGS = {
     # ~50M parameters: GPT-2 vocabulary, 6 bidirectional Mamba-2 blocks of width 512 (as benchmarks/cpu_scaling.py).
@@ -47,18 +46,13 @@ def measure(config_name: str, skip_logits: bool, batch_size: int, length: int, r
     examples = [{"input_ids": row.tolist(), "noise_seed": i} for i, row in enumerate(ids)]
     batch = DataCollatorForMaskedDiffusion(tokenizer)(examples)  # nothing is padded: no attention mask
     batch = {name: tensor.to(device) for name, tensor in batch.items()}
-    seconds = []
-    for step in range(reps + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step():
         model(**batch, skip_logits=skip_logits).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step:
-            seconds.append(time.perf_counter() - start)
+
+    seconds = wall_seconds(step, reps)
     peak_mib = (torch.cuda.max_memory_allocated() if device == "cuda"
                 else 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20
     return dict(config=config_name, skip_logits=skip_logits, parameters=model.num_parameters(), batch=batch_size,

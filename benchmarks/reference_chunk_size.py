@@ -14,11 +14,10 @@ chunks (one (P, N) state per head per chunk). This times, in float32 with torch'
 import argparse
 import dataclasses
 import statistics
-import time
 
 import torch
 
-from harness import new_result, save  # benchmarks/harness.py, beside this script
+from harness import new_result, save, wall_seconds  # benchmarks/harness.py, beside this script
 
 from diffuapriel_hf import DiffuAprielForMaskedLM, preset_config
 from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
@@ -31,16 +30,6 @@ SHAPES = {
     "8m, 1 x 2048": (1, 2048, 16, 32, 1, 64),
     "240m, 2 x 1024": (2, 1024, 32, 64, 1, 128),
 }
-
-
-def median_seconds(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def ssd_ms(shape, chunk: int, backward: bool, reps: int) -> float:
@@ -59,7 +48,7 @@ def ssd_ms(shape, chunk: int, backward: bool, reps: int) -> float:
             y = mamba_chunk_scan_combined_reference(x, dt, A, B, C, chunk, D=D, z=z, dt_softplus=True)
             if backward:
                 torch.autograd.grad(y.sum(), inputs)
-    return 1e3 * median_seconds(call, reps)
+    return 1e3 * statistics.median(wall_seconds(call, reps))
 
 
 def training_step_ms(ops, reps: int) -> float:
@@ -77,7 +66,7 @@ def training_step_ms(ops, reps: int) -> float:
             model(input_ids=noised, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return 1e3 * median_seconds(step, reps)
+    return 1e3 * statistics.median(wall_seconds(step, reps))
 
 
 def main():

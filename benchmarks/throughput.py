@@ -20,12 +20,12 @@ each, and the table says which.
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from harness import build, device_name, graphed_step_ms, matmul_ceiling, median_ms, new_result, peak_bf16, save
+from harness import (build, device_name, graphed_step_ms, matmul_ceiling, median_ms, new_result, peak_bf16, save,
+                     wall_seconds)
 
 MODELS = ["diffuapriel-1.3b", "diffuapriel-h-1.3b", "diffutran-1.3b"]
 BASELINE = "diffutran-1.3b"
@@ -83,14 +83,12 @@ def measure(model, batch: int, length: int, steps: int, reps: int) -> dict:
             row["graphed_step_ms"] = graphed_step_ms(model, ids, reps)
 
             prompt = ids[:, :PROMPT_LENGTH]
-            seconds = []
-            for _ in range(2):  # the first call captures the step's graph, the second reuses it
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                out = model.generate(input_ids=prompt, max_new_tokens=length - PROMPT_LENGTH, steps=steps,
-                                     do_sample=False, return_dict_in_generate=True)
-                torch.cuda.synchronize()
-                seconds.append(time.perf_counter() - start)
+            outputs = []
+            # The first call captures the step's graph, the second reuses it.
+            seconds = wall_seconds(lambda: outputs.append(model.generate(
+                input_ids=prompt, max_new_tokens=length - PROMPT_LENGTH, steps=steps, do_sample=False,
+                return_dict_in_generate=True)), reps=2, warmup=0)
+            out = outputs[-1]
             release_graphs(model)
     row.update(generate_steps=steps, generate_forward_passes=out.num_forward_passes,
                generate_first_call_seconds=seconds[0], generate_seconds=seconds[1],

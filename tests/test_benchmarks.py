@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,6 +68,13 @@ def test_script_stamps_its_results_through_the_harness(path):
 @pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=lambda path: path.name)
 def test_shell_script_parses(path):
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_wall_seconds_times_each_call_after_the_warm_up(harness):
+    calls = []
+    seconds = harness.wall_seconds(lambda: calls.append(time.sleep(0.01)), reps=3, warmup=2)
+    assert len(calls) == 5 and len(seconds) == 3
+    assert all(0.01 <= s < 1 for s in seconds)
 
 
 def test_stamp_names_commit_device_and_versions(harness):
