@@ -4,6 +4,9 @@
   `mamba_split_conv1d_scan_combined` (`MambaOps.split_conv1d_scan`), whose backward writes the gradient of in_proj's
   output in one buffer where the split's backward concatenates its parts, and recomputes the convolution; undone,
   the same kernels called one after another (`kernel_ops()`);
+- that function's SSD forward by our single-pass kernel, which keeps the chunk states, and its backward from them
+  and from the kept convolution output (`training_mixer.MixerTrainingPass`); undone, mamba-ssm's function
+  (`kernel_ops(single_pass=False, split_conv1d_scan=True)`), which recomputes both in its backward;
 - the block's residual add + norm (with the direction sum) as one Triton kernel with a backward kernel
   (`fused_ops.AddRMSNorm`); undone, the PyTorch reference (`fused_elementwise=False`);
 - for block models, the states entering each block through mamba-ssm's `state_passing` (a pass over the blocks)
@@ -50,6 +53,7 @@ def variants(model) -> dict:
         chosen["rotary unfused"] = dict(fused_rotary=False)
     if MAMBA in model.config.layer_types:
         chosen["mixer step by step"] = dict(mamba=kernel_ops())
+        chosen["mamba-ssm's mixer function"] = dict(mamba=kernel_ops(single_pass=False, split_conv1d_scan=True))
         if model.config.block_size is not None:
             dense = dataclasses.replace(kernel_ops(split_conv1d_scan=True), state_passing=state_passing_reference)
             chosen["state passing dense"] = dict(mamba=dense)

@@ -379,15 +379,24 @@ def _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, single_pass_
     return chunk_scan
 
 
-def _split_conv1d_scan_via_kernel(kernel, parts: Callable):
-    """mamba-ssm's `mamba_split_conv1d_scan_combined` where its convolution applies (causal-conv1d installed, width 2
-    to 4, silu or no activation, channels and in_proj's width multiples of 8 so that it reads the slice in place),
-    else `parts`: the same computation by the other operations, one after another."""
+def _split_conv1d_scan_via_kernel(kernel, parts: Callable, training_pass=None, training_pass_takes=None,
+                                  single_pass_is_faster=None):
+    """Where causal-conv1d's kernel applies (installed, width 2 to 4, silu or no activation, channels and in_proj's
+    width multiples of 8 so that it reads the slice in place): `training_pass` (`training_mixer.split_conv1d_scan`:
+    our single-pass SSD forward, a backward from the states it kept) for the passes it takes (`training_pass_takes`)
+    where `single_pass_is_faster(batch, nheads, seqlen, device)`, else `kernel`, mamba-ssm's
+    `mamba_split_conv1d_scan_combined`. Elsewhere `parts`: the same computation by the other operations, one after
+    another."""
 
     def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=None, **kwargs):
-        if (kernel is None or not _conv_kernel_takes(conv1d_weight.shape[-1], kwargs.get("activation", "silu"))
+        activation = kwargs.get("activation", "silu")
+        if (kernel is None or not _conv_kernel_takes(conv1d_weight.shape[-1], activation)
                 or conv1d_weight.shape[0] % 8 or zxbcdt.shape[-1] % 8):
             return parts(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=seq_idx, **kwargs)
+        if (training_pass is not None
+                and training_pass_takes(zxbcdt, conv1d_weight.shape[0], chunk_size, seq_idx, activation)
+                and single_pass_is_faster(zxbcdt.shape[0], A.shape[0], zxbcdt.shape[1], zxbcdt.device)):
+            return training_pass(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, **kwargs)
         seq_idx = None if seq_idx is None else seq_idx.to(torch.int32)
         return kernel(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=seq_idx, **kwargs)
 
@@ -400,7 +409,8 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
     the convolution takes the PyTorch reference (cuDNN's depthwise convolution) and the rest stays on kernels.
     `single_pass` forces the SSD's choice between our single-pass kernel and mamba-ssm's for the calls either can take
     (None: `ssd_triton.single_pass_is_faster` decides; benchmarks/ssd_dispatch.py measures both). With
-    `split_conv1d_scan`, whole mixer passes run mamba-ssm's fused mixer function (`MambaOps.split_conv1d_scan`)."""
+    `split_conv1d_scan`, whole mixer passes run as one function (`MambaOps.split_conv1d_scan`): `training_mixer`'s
+    where our single-pass SSD is the faster one, mamba-ssm's fused mixer function elsewhere."""
     try:
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.ssd_chunk_scan import chunk_scan as chunk_scan_from_states
@@ -413,8 +423,11 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
         return None
     try:
         from causal_conv1d import causal_conv1d_fn
+
+        from .training_mixer import split_conv1d_scan as training_pass
+        from .training_mixer import takes as training_pass_takes
     except (ImportError, OSError):
-        conv, fused_mixer = causal_conv1d_reference, None
+        conv, fused_mixer, training_pass, training_pass_takes = causal_conv1d_reference, None, None, None
     else:
         conv, fused_mixer = _causal_conv1d_via_kernel(causal_conv1d_fn), mamba_split_conv1d_scan_combined
     rule = single_pass_is_faster if single_pass is None else (lambda *sizes: single_pass)
@@ -422,7 +435,8 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
     name = "kernels" if single_pass is None else f"kernels (single-pass SSD {'always' if single_pass else 'never'})"
     if not split_conv1d_scan:
         return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state, chunk_scan_from_states)
-    mixer = _split_conv1d_scan_via_kernel(fused_mixer, _split_conv1d_scan_from(chunk_scan, conv, rmsnorm_fn))
+    mixer = _split_conv1d_scan_via_kernel(fused_mixer, _split_conv1d_scan_from(chunk_scan, conv, rmsnorm_fn),
+                                          training_pass, training_pass_takes, rule)
     return MambaOps(f"{name}, fused mixer", chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state,
                     chunk_scan_from_states, mixer)
 

@@ -199,7 +199,7 @@ def _segment_states_kernel(
 @triton.jit
 def _ssd_forward_kernel(
     x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, cb_ptr, y_ptr, leaving_ptr, log_decay_ptr, initial_ptr,
-    final_ptr,
+    final_ptr, chunk_states_ptr, state_every, nstates,
     seqlen, segment_length, nsegments, nchunks, nheads, heads_per_group, headdim, dstate, dt_min, dt_max,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_l, stride_dt_h,
@@ -207,15 +207,17 @@ def _ssd_forward_kernel(
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_y_b, stride_y_l, stride_y_h, stride_y_p,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_INITIAL: tl.constexpr, RETURN_FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, RETURN_FINAL: tl.constexpr, STORE_CHUNK_STATES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Program (sequence and head, channel slice, segment) starts from the state entering its segment, folded from the
     # sequence's initial state (or zeros) and the earlier segments' leaving states, walks tokens [segment start,
     # segment end) and writes y; the last segment's program also writes the state leaving the sequence. Everything is
     # computed transposed, channels by tokens: the state (P, N) is then the left operand of its product with C and
     # stays in registers, as the matrix units take a left operand from there (a right one comes from shared memory,
-    # which the state would have to pass through every chunk).
+    # which the state would have to pass through every chunk). With STORE_CHUNK_STATES, the state entering every
+    # `state_every` tokens is also written: mamba-ssm's chunk states, which its backward reads (segments start at such
+    # a position).
     pid_bh = tl.program_id(0)
     segment = tl.program_id(2)
     batch = pid_bh // nheads
@@ -252,6 +254,11 @@ def _ssd_forward_kernel(
     for start in range(segment_start, segment_end, CHUNK):
         t = start + offs_t
         in_seq = t < segment_end
+        if STORE_CHUNK_STATES:
+            if start % state_every == 0:  # chunk states: (batch, nstates, heads, headdim, dstate) float32
+                index = (batch * nstates + start // state_every) * nheads + head
+                tl.store(chunk_states_ptr + index * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
+                         state, mask=state_mask)
         dt, dA_cumsum, dA_total, x, B = _chunk_inputs(
             x_ptr, dt_ptr, B_ptr, t, in_seq, offs_p, offs_n, A, dt_bias, dt_min, dt_max, headdim, dstate, stride_x_l,
             stride_x_p, stride_dt_l, stride_B_l, stride_B_n, HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT,
@@ -303,16 +310,20 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_states):
 
 def ssd_forward(
     x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
-    dt_limit=(0.0, float("inf")), return_final_states=False, states_dt_by_head=True,
+    dt_limit=(0.0, float("inf")), return_final_states=False, states_dt_by_head=True, return_chunk_states=False,
 ):
     """y = SSD(x, dt, A, B, C) + D x, as `mamba_chunk_scan_combined` computes it, without gradient.
 
     x: (b, l, h, p), dt: (b, l, h), A: (h,), B and C: (b, l, g, n), D and dt_bias: (h,) -> y (b, l, h, p) in x's
     dtype; with `return_final_states`, (y, the state leaving the sequence (b, h, p, n) float32). `initial_states`
     (b, h, p, n): the state entering the sequence (default zeros). Inputs may be strided views (the mixer's slices
-    of one projection). `chunk_size` is accepted for the common signature; the result does not depend on it, and this
-    kernel walks the sequence in chunks of `CHUNK`. `states_dt_by_head`: see `launch_ssd_forward`."""
+    of one projection). The result does not depend on `chunk_size`: this kernel walks the sequence in chunks of
+    `CHUNK`. With `return_chunk_states`, it also returns the state entering every chunk of `chunk_size` tokens (a
+    multiple of `CHUNK`), (b, ceil(l / chunk_size), h, p, n) float32, last: what mamba-ssm's forward hands its backward
+    as `states`. `states_dt_by_head`: see `launch_ssd_forward`."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    if return_chunk_states and chunk_size % CHUNK:
+        raise ValueError(f"return_chunk_states needs chunk_size to be a multiple of {CHUNK}, got {chunk_size}")
     batch, seqlen, nheads, headdim = x.shape
     block_p = max(16, triton.next_power_of_2(headdim))
     segments = _segments(batch, nheads, seqlen, x.device)
@@ -323,7 +334,8 @@ def ssd_forward(
     return launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments=segments, chunk=CHUNK,
                               block_p=block_p, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
                               max_registers=MAX_REGISTERS, states_dt_by_head=states_dt_by_head,
-                              initial_states=initial_states, return_final_states=return_final_states)
+                              initial_states=initial_states, return_final_states=return_final_states,
+                              chunk_states_every=chunk_size if return_chunk_states else None)
 
 
 def time_steps_by_head(dt: torch.Tensor) -> torch.Tensor:
@@ -337,16 +349,21 @@ def time_steps_by_head(dt: torch.Tensor) -> torch.Tensor:
 
 def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segments, chunk, block_p, num_warps,
                        num_stages, max_registers=None, states_dt_by_head=True, initial_states=None,
-                       return_final_states=False):
+                       return_final_states=False, chunk_states_every=None):
     """The kernels with explicit tile sizes, segment count and register cap (`ssd_forward` picks them; the benchmark
     sweeps them): C B^T per chunk and group; with several segments, the state leaving each segment but the last (and
     its total log decay); then the walk of every segment, from the state entering it, writing y (and the state
-    leaving the last segment). The segment-states kernel reads `time_steps_by_head(dt)`, or with
+    leaving the last segment; with `chunk_states_every`, a multiple of `chunk`, the state entering every that many
+    tokens, returned last). The segment-states kernel reads `time_steps_by_head(dt)`, or with
     `states_dt_by_head=False` dt as passed (the same result; slower from a column of in_proj's output:
     benchmarks/results/ssd_time_steps.json)."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    segment_length = triton.cdiv(triton.cdiv(seqlen, segments), chunk) * chunk
+    state_every = chunk if chunk_states_every is None else chunk_states_every
+    if state_every % chunk:
+        raise ValueError(f"chunk_states_every must be a multiple of the chunk {chunk}, got {chunk_states_every}")
+    # Segments start where a chunk state is stored, so that each program stores those of its own segment.
+    segment_length = triton.cdiv(triton.cdiv(seqlen, segments), state_every) * state_every
     segments = triton.cdiv(seqlen, segment_length)
     nchunks = triton.cdiv(seqlen, chunk)
     block_n = max(16, triton.next_power_of_2(dstate))
@@ -358,6 +375,9 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
     initial = None if initial_states is None else initial_states.to(torch.float32).contiguous()
     final = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if (
         return_final_states) else None
+    nstates = triton.cdiv(seqlen, state_every)
+    chunk_states = None if chunk_states_every is None else torch.empty(
+        batch, nstates, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
 
     def common_args(dt):  # what the segment-states kernel and the walk both take, each with its own layout of dt
         return float(dt_limit[0]), float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride()
@@ -377,11 +397,14 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
             nheads // ngroups, headdim, dstate, *common_args(states_dt), **common_flags,
         )
     _ssd_forward_kernel[grid](
-        x, dt, dt_bias, A, B, C, D, chunk_products, y, leaving, log_decay, initial, final, seqlen, segment_length,
-        segments, nchunks, nheads, nheads // ngroups, headdim, dstate, *common_args(dt), *C.stride(), *y.stride(),
-        HAS_D=D is not None, HAS_INITIAL=initial is not None, RETURN_FINAL=return_final_states, **common_flags,
+        x, dt, dt_bias, A, B, C, D, chunk_products, y, leaving, log_decay, initial, final, chunk_states, state_every,
+        nstates, seqlen, segment_length, segments, nchunks, nheads, nheads // ngroups, headdim, dstate,
+        *common_args(dt), *C.stride(), *y.stride(),
+        HAS_D=D is not None, HAS_INITIAL=initial is not None, RETURN_FINAL=return_final_states,
+        STORE_CHUNK_STATES=chunk_states is not None, **common_flags,
     )
-    return (y, final) if return_final_states else y
+    outputs = (y,) + ((final,) if return_final_states else ()) + ((chunk_states,) if chunk_states is not None else ())
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 __all__ = ["launch_ssd_forward", "single_pass_is_faster", "ssd_forward", "time_steps_by_head"]

@@ -75,10 +75,19 @@ def test_kernel_path_matches_the_pytorch_path(dtype, tolerance):
     assert rel_err(actual, expected) <= tolerance
 
 
+# The mixer's training passes: the kernels one after another; whole passes through mamba-ssm's fused function (our
+# single-pass SSD never chosen); whole passes through `training_mixer` (our single-pass SSD always chosen).
+MIXER_PASSES = {
+    "step by step": dict(),
+    "mamba-ssm's mixer function": dict(single_pass=False, split_conv1d_scan=True),
+    "training pass": dict(single_pass=True, split_conv1d_scan=True),
+}
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
-@pytest.mark.parametrize("fused", [False, True], ids=["step by step", "fused mixer function"])
-def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tolerance, fused, monkeypatch):
+@pytest.mark.parametrize("mixer_pass", list(MIXER_PASSES))
+def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tolerance, mixer_pass, monkeypatch):
     from mamba_ssm.modules.mamba2 import Mamba2
 
     config = preset_config("tiny", **SIZES)
@@ -90,8 +99,8 @@ def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tol
     )
     hidden = torch.randn(2, 301, config.hidden_size, device="cuda", dtype=dtype)
     grad_out = torch.randn_like(hidden)
-    ops = mamba_ops.kernel_ops(split_conv1d_scan=fused)
-    fused_calls = count_fused_mixer_calls(monkeypatch)
+    ops = mamba_ops.kernel_ops(**MIXER_PASSES[mixer_pass])
+    fused_calls, training_calls = count_fused_mixer_calls(monkeypatch), count_training_pass_calls(monkeypatch)
     for direction, inputs in ((ours.left_to_right, hidden), (ours.right_to_left, hidden.flip(1))):
         theirs.load_state_dict(direction.state_dict())
         assert theirs.norm.eps == direction.norm.variance_epsilon
@@ -108,8 +117,41 @@ def test_each_direction_matches_mamba_ssm_mamba2_forward_and_backward(dtype, tol
         assert rel_err(dx_ours, dx_theirs) <= tolerance
         for name in g_theirs:
             assert rel_err(g_ours[name], g_theirs[name]) <= tolerance, name
-    # mamba-ssm's Mamba2 trains through the fused function; our mixer does with `fused` alone.
-    assert len(fused_calls) == 2 * (1 + fused)
+    # mamba-ssm's Mamba2 trains through its fused function; our mixer through the pass asked for.
+    assert len(fused_calls) == 2 * (1 + (mixer_pass == "mamba-ssm's mixer function"))
+    assert len(training_calls) == 2 * (mixer_pass == "training pass")
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", ["bf16 weights", "autocast over fp32 weights"])
+def test_training_pass_matches_mamba_ssm_mixer_function_at_the_1_3b_head_sizes(precision, monkeypatch):
+    """`training_mixer`'s pass (our SSD forward writing the chunk states, mamba-ssm's backward kernels from them)
+    against mamba-ssm's fused function, at the 1.3B presets' head sizes (64 channels, state 128, chunks of 128), one
+    group, a length cut into segments by our kernel and not a whole number of chunks: outputs and every gradient."""
+    config = preset_config("tiny", hidden_size=256, mamba_expand=2, mamba_d_head=64, mamba_d_state=128,
+                           mamba_n_groups=1, mamba_chunk_size=128, rms_norm_eps=1e-5)
+    mixer = randomised_mixer(config, seed=2).left_to_right
+    if precision == "bf16 weights":
+        mixer = mixer.to(torch.bfloat16)
+    hidden = torch.randn(2, 4196, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn_like(hidden)
+    training_calls = count_training_pass_calls(monkeypatch)
+    results = []
+    for mixer_pass in ("mamba-ssm's mixer function", "training pass"):
+        x = hidden.detach().clone().requires_grad_(True)
+        mixer.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision != "bf16 weights"):
+            out = mixer(x, None, mamba_ops.kernel_ops(**MIXER_PASSES[mixer_pass]))
+        assert out.dtype == torch.bfloat16
+        (out.float() * grad_out.float()).sum().backward()
+        results.append((out.detach(), x.grad, {name: p.grad.clone() for name, p in mixer.named_parameters()}))
+    assert len(training_calls) == 1
+    (out_theirs, dx_theirs, g_theirs), (out_ours, dx_ours, g_ours) = results
+    assert rel_err(out_ours, out_theirs) <= BF16_TOL
+    assert rel_err(dx_ours, dx_theirs) <= BF16_TOL
+    for name in g_theirs:
+        assert g_ours[name].dtype == g_theirs[name].dtype
+        assert rel_err(g_ours[name], g_theirs[name]) <= BF16_TOL, name
 
 
 @needs_kernels
@@ -175,18 +217,30 @@ def test_chunk_scan_from_states_kernel_matches_the_reference_forward_and_backwar
         assert rel_err(actual, expected) <= 1e-2
 
 
-def count_fused_mixer_calls(monkeypatch) -> list:
-    """A list that grows by one at each call of mamba-ssm's fused mixer function (its autograd Function)."""
-    from mamba_ssm.ops.triton.ssd_combined import MambaSplitConv1dScanCombinedFn
-
-    calls, apply = [], MambaSplitConv1dScanCombinedFn.apply
+def count_calls(monkeypatch, function: type) -> list:
+    """A list that grows by one at each call of this autograd Function."""
+    calls, apply = [], function.apply
 
     def counted(*args):
         calls.append(args[0].shape)
         return apply(*args)
 
-    monkeypatch.setattr(MambaSplitConv1dScanCombinedFn, "apply", counted)
+    monkeypatch.setattr(function, "apply", counted)
     return calls
+
+
+def count_fused_mixer_calls(monkeypatch) -> list:
+    """A list that grows by one at each call of mamba-ssm's fused mixer function (its autograd Function)."""
+    from mamba_ssm.ops.triton.ssd_combined import MambaSplitConv1dScanCombinedFn
+
+    return count_calls(monkeypatch, MambaSplitConv1dScanCombinedFn)
+
+
+def count_training_pass_calls(monkeypatch) -> list:
+    """A list that grows by one at each call of `training_mixer.MixerTrainingPass`."""
+    from diffuapriel_hf.modeling.training_mixer import MixerTrainingPass
+
+    return count_calls(monkeypatch, MixerTrainingPass)
 
 
 def ssd_inputs(batch, length, heads, head_dim, groups, state, dtype, device="cuda", seed=0):

@@ -180,6 +180,31 @@ def test_kernel_chunk_scan_routes_to_the_single_pass_kernel_only_for_forward_onl
         assert calls == ["single pass"]
 
 
+def test_whole_mixer_passes_route_to_the_training_pass_where_it_takes_them_and_our_ssd_is_faster():
+    """The routing of `_split_conv1d_scan_via_kernel`, with stand-ins (the real functions are compared on a GPU in
+    test_gpu_kernels.py): `training_mixer`'s pass where it takes the pass and the single-pass rule says yes, mamba-ssm's
+    fused function elsewhere, the operations one after another where causal-conv1d's kernel does not apply."""
+    calls = []
+    takes = {"now": True}
+    training_pass = lambda *args, **kwargs: calls.append("training pass")  # noqa: E731
+    theirs = lambda *args, **kwargs: calls.append("mamba-ssm")  # noqa: E731
+    parts = lambda *args, **kwargs: calls.append("parts")  # noqa: E731
+    for kernel, pass_given, width, pass_takes, rule, expected in [
+        (theirs, True, 4, True, True, "training pass"),
+        (theirs, True, 4, True, False, "mamba-ssm"),
+        (theirs, True, 4, False, True, "mamba-ssm"),
+        (theirs, False, 4, True, True, "mamba-ssm"),
+        (theirs, True, 5, True, True, "parts"),
+        (None, False, 4, True, True, "parts"),
+    ]:
+        calls.clear()
+        takes["now"] = pass_takes
+        mixer = mamba_ops._split_conv1d_scan_via_kernel(kernel, parts, training_pass if pass_given else None,
+                                                        lambda *args: takes["now"], lambda *sizes: rule)
+        mixer(torch.zeros(1, 8, 64), torch.zeros(16, width), None, torch.zeros(2), torch.zeros(2), torch.zeros(2), 8)
+        assert calls == [expected], (kernel, pass_given, width, pass_takes, rule)
+
+
 def spied_fused_ops(calls: list) -> mamba_ops.MambaOps:
     """The references, with whole mixer passes through `mamba_split_conv1d_scan_reference`, counted in `calls`."""
 

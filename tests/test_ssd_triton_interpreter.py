@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from test_gpu_kernels import rel_err, ssd_inputs
 
-from diffuapriel_hf.modeling.mamba_ops import mamba_chunk_scan_combined_reference
+from diffuapriel_hf.modeling.mamba_ops import (chunk_state_reference, mamba_chunk_scan_combined_reference,
+                                               state_passing_reference)
 
 pytest.importorskip("triton")
 
@@ -29,6 +30,17 @@ CASES = [
 
 
 DT_MODES = ["bias+softplus", "bias+softplus+limit", "given"]
+
+
+def reference_chunk_states(x, dt, A, B, every: int, initial_states):
+    """The state entering every `every` tokens (b, c, h, p, n), from the references' chunk states and state passing;
+    dt: (b, l, h) as the SSD uses it (after the softplus and limit)."""
+    pad = -x.shape[1] % every
+    dt = F.pad(dt, (0, 0, 0, pad)).unflatten(1, (-1, every)).permute(0, 3, 1, 2)  # (b, h, c, every)
+    dA_cumsum = torch.cumsum(dt * A[:, None, None], dim=-1)
+    local = chunk_state_reference(B, x, dt, dA_cumsum)  # (b, c, h, p, n)
+    entering, _ = state_passing_reference(local.flatten(-2), dA_cumsum[..., -1], initial_states.flatten(-2))
+    return entering.unflatten(-1, local.shape[-2:])
 
 
 def interpreted_checks() -> dict:
@@ -65,6 +77,14 @@ def interpreted_checks() -> dict:
                 return_final_states=True)
             errors[f"{index}/{dt_mode}/states"] = max(rel_err(y_from_state, expected_from_state),
                                                       rel_err(leaving, expected_leaving))
+            if dt_mode == "bias+softplus+limit":  # the states entering every two chunks, for mamba-ssm's backward
+                y_with_states, chunk_states = ssd_triton.launch_ssd_forward(
+                    x, dt, A, B, C, D, bias, softplus, limit, segments=segments, chunk=chunk, block_p=block_p,
+                    num_warps=4, num_stages=1, initial_states=entering, chunk_states_every=2 * chunk)
+                used_dt = F.softplus(dt + dt_bias).clamp(*limit)
+                errors[f"{index}/chunk states"] = max(
+                    rel_err(y_with_states, expected_from_state),
+                    rel_err(chunk_states, reference_chunk_states(x, used_dt, A, B, 2 * chunk, entering)))
             if segments > 1:  # the segment-states kernel reading dt as passed rather than by head: the same output
                 as_passed = ssd_triton.launch_ssd_forward(
                     x, dt, A, B, C, D, bias, softplus, limit, segments=segments, chunk=chunk, block_p=block_p,
@@ -77,6 +97,7 @@ def interpreted_checks() -> dict:
         "initial_states": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 16, initial_states=x),
         "short dt": lambda: ssd_triton.ssd_forward(x, dt[:, :8], A, B, C, 16),
         "float64 B": lambda: ssd_triton.ssd_forward(x, dt, A, B.double(), C, 16),
+        "chunk states every 48": lambda: ssd_triton.ssd_forward(x, dt, A, B, C, 48, return_chunk_states=True),
     }.items():
         try:
             call()
@@ -98,6 +119,14 @@ def test_ssd_forward_refuses_what_it_does_not_compute(interpreted):
     assert "initial_states must be" in refusals["initial_states"]
     assert "dt must be" in refusals["short dt"]
     assert "share one floating dtype" in refusals["float64 B"]
+    assert "multiple of 32, got 48" in refusals["chunk states every 48"]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_interpreted_kernel_writes_the_states_entering_each_chunk(interpreted, case):
+    """The states that mamba-ssm's backward reads (`return_chunk_states`), from a given initial state, segments
+    included, and the same output as without them."""
+    assert interpreted["errors"][f"{case}/chunk states"] <= 1e-5
 
 
 def test_segment_states_read_dt_as_passed_give_the_same_output(interpreted):

@@ -1,0 +1,172 @@
+"""The Mamba-2 mixer's training pass on CUDA, from in_proj's output to out_proj's, with a backward that reads what its
+forward kept instead of computing it again.
+
+It computes what mamba-ssm's `mamba_split_conv1d_scan_combined` computes (`mamba_split_conv1d_scan_reference`'s
+signature): act(causal conv1d) over xBC, the SSD, the gated RMSNorm and out_proj. mamba-ssm's function keeps in_proj's
+output and the SSD's output only, so its backward runs the convolution again, and inside the SSD's backward the
+running decays, every chunk's state and their passing along the sequence (in a 1.3B training step on an H100, about
+14 ms of 375 went to those and 4.4 to the convolution: benchmarks/results/profile_train_4k_at_7b80f40.json). Here:
+
+- forward: causal-conv1d's kernel; our single-pass SSD (`ssd_triton`), which writes the state entering every chunk
+  as it walks past (mamba-ssm's three forward kernels pass those states through memory); mamba-ssm's gated norm;
+  out_proj. It keeps the convolution's output and the chunk states (about 0.5 GiB a direction at 16K tokens of a
+  1.3B model);
+- backward: out_proj's and the norm's gradients (the norm's output recomputed for out_proj's weight, as mamba-ssm
+  does), the SSD's gradients from mamba-ssm's backward kernels given the kept states (`ssd_backward_from_states`),
+  the convolution's from causal-conv1d's.
+
+`mamba_ops.kernel_ops` sends a pass here where our SSD kernel is the faster one and it can keep its states (`takes`:
+no documents packed in a row, a chunk that is a whole number of its chunks); everything else takes mamba-ssm's
+function.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:  # mamba_ops.kernel_ops imports this module only where mamba-ssm and causal-conv1d import
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
+    from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb,
+                                                     _chunk_scan_bwd_ddAcs_stable, _chunk_scan_bwd_dstates)
+    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_cumsum_fwd, _chunk_state_bwd_db
+    from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
+except ImportError as error:
+    raise ImportError("diffuapriel_hf.modeling.training_mixer needs mamba-ssm and causal-conv1d") from error
+
+from .ssd_triton import CHUNK, ssd_forward
+
+
+def takes(zxbcdt: torch.Tensor, conv_dim: int, chunk_size: int, seq_idx: Optional[torch.Tensor], activation) -> bool:
+    """Whether `split_conv1d_scan` computes this pass: no documents packed in the rows, the chunk states at a whole
+    number of our kernel's chunks, an activation that causal-conv1d applies (silu or none), and in_proj's width and
+    the convolution's channels multiples of 8 (causal-conv1d then reads and writes their slices in place)."""
+    return (seq_idx is None and chunk_size % CHUNK == 0 and activation in (None, "silu", "swish")
+            and zxbcdt.shape[-1] % 8 == 0 and conv_dim % 8 == 0)
+
+
+def ssd_backward_from_states(dy, x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, dt_chunks, dA_cumsum,
+                             chunk_states, dx, ddt, dB, dC):
+    """The SSD's gradients by mamba-ssm's backward kernels, from the forward's chunk states instead of their
+    recomputation. dy, x: (b, l, h, p); dt (b, l, h) before the softplus; B, C (b, l, g, n); per chunk of
+    `chunk_size`: dt_chunks and dA_cumsum (b, h, c, chunk) (mamba-ssm's chunk cumsum), chunk_states (b, c, h, p, n)
+    float32, the state entering each chunk. Writes dx, ddt, dB and dC into the tensors given; returns (dA, dD,
+    ddt_bias)."""
+    ngroups, dstate = B.shape[2], B.shape[3]
+    CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+    # The gradient of each chunk's entering state from the outputs inside it, then passed back along the sequence.
+    dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, dtype=chunk_states.dtype)
+    dstates, ddA_chunk_total, _, states = _state_passing_bwd(
+        chunk_states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), has_initial_states=False,
+        dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
+    )
+    dstates, states = dstates.unflatten(-1, (-1, dstate)), states.unflatten(-1, (-1, dstate))
+    _, ddt_from_inputs, dD = _chunk_scan_chunk_state_bwd_dx(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=D, dx=dx)
+    dB_from_states, ddA_next = _chunk_state_bwd_db(x, dt_chunks, dA_cumsum, dstates, B=B, ngroups=ngroups)
+    dC_from_states, ddA_prev = _chunk_scan_bwd_dC(states, dA_cumsum, dy, C=C, ngroups=ngroups)
+    dCB = _chunk_scan_bwd_dcb(x, dt_chunks, dA_cumsum, dy, ngroups=ngroups).to(CB.dtype)
+    _bmm_chunk_bwd(C, dCB, residual=dB_from_states, out=dB)
+    _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_from_states, out=dC)
+    # The running decays' gradient: within chunks, plus each chunk's total, summed from the end of its chunk back.
+    ddA_prev[..., -1] += ddA_chunk_total
+    ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_chunks, dA_cumsum, dy, CB)
+    ddA += ddA_next + ddA_prev.flip(-1).cumsum(dim=-1).flip(-1)
+    _, dA, ddt_bias = _chunk_cumsum_bwd(ddA, ddt_from_inputs, dt, A, dt_bias=dt_bias, dt_softplus=True,
+                                        dt_limit=dt_limit, ddt=ddt)
+    return dA, dD, ddt_bias
+
+
+class MixerTrainingPass(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, dt_limit, activation,
+                rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate):
+        batch, seqlen, _ = zxbcdt.shape
+        nheads, conv_dim = A.shape[0], conv1d_weight.shape[0]
+        dim = nheads * headdim
+        dstate = (conv_dim - dim) // (2 * ngroups)
+        z, xBC, dt = zxbcdt.split([dim, conv_dim, nheads], dim=-1)
+        silu = activation is not None
+        # causal-conv1d reads xBC's (b, conv_dim, l) view in place, channels last, and writes its output so.
+        xBC_conv = causal_conv1d_fwd_function(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, None, None, None,
+                                              silu).transpose(1, 2)  # (b, l, conv_dim)
+        x, B, C = xBC_conv.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+        dt_args = dict(dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
+        y, chunk_states = ssd_forward(x.unflatten(-1, (nheads, headdim)), dt, A, B.unflatten(-1, (ngroups, dstate)),
+                                      C.unflatten(-1, (ngroups, dstate)), chunk_size, D=D, return_chunk_states=True,
+                                      **dt_args)  # (b, l, h, p), (b, c, h, p, n)
+        dA_cumsum, dt_chunks = _chunk_cumsum_fwd(dt, A, chunk_size, **dt_args)  # (b, h, c, chunk) each
+        y = y.view(batch * seqlen, dim)
+        normed, _, rstd = _layer_norm_fwd(y, rmsnorm_weight, None, rmsnorm_eps, z.view(batch * seqlen, dim),
+                                          group_size=dim // ngroups, norm_before_gate=norm_before_gate,
+                                          is_rms_norm=True)
+        if torch.is_autocast_enabled("cuda"):  # out_proj in the autocast dtype, as an nn.Linear would run
+            dtype = torch.get_autocast_dtype("cuda")
+            normed, outproj_weight = normed.to(dtype), outproj_weight.to(dtype)
+            outproj_bias = None if outproj_bias is None else outproj_bias.to(dtype)
+        out = F.linear(normed.view(batch, seqlen, dim), outproj_weight, outproj_bias)
+        ctx.save_for_backward(zxbcdt, conv1d_weight, conv1d_bias, xBC_conv, y, A, D, dt_bias, dt_chunks, dA_cumsum,
+                              chunk_states, rmsnorm_weight, rstd, outproj_weight, outproj_bias)
+        ctx.sizes = (nheads, headdim, ngroups, dstate, chunk_size)
+        ctx.options = (dt_limit, silu, rmsnorm_eps, norm_before_gate)
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        (zxbcdt, conv1d_weight, conv1d_bias, xBC_conv, y, A, D, dt_bias, dt_chunks, dA_cumsum, chunk_states,
+         rmsnorm_weight, rstd, outproj_weight, outproj_bias) = ctx.saved_tensors
+        nheads, headdim, ngroups, dstate, chunk_size = ctx.sizes
+        dt_limit, silu, rmsnorm_eps, norm_before_gate = ctx.options
+        batch, seqlen, _ = zxbcdt.shape
+        dim, conv_dim = nheads * headdim, conv1d_weight.shape[0]
+        z, xBC, dt = zxbcdt.split([dim, conv_dim, nheads], dim=-1)
+        dzxbcdt = torch.empty_like(zxbcdt)
+        dz, dxBC_given, ddt = dzxbcdt.split([dim, conv_dim, nheads], dim=-1)
+        dxBC = torch.empty_like(xBC_conv)  # the gradient of the convolution's output
+        dx, dB, dC = dxBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+
+        dnormed = F.linear(dout, outproj_weight.t()).view(batch * seqlen, dim)
+        dy, drmsnorm_weight, _, _, normed = _layer_norm_bwd(
+            dnormed, y, rmsnorm_weight, None, rmsnorm_eps, None, rstd, z.view(batch * seqlen, dim),
+            group_size=dim // ngroups, norm_before_gate=norm_before_gate, is_rms_norm=True, recompute_output=True,
+            dz=dz.view(batch * seqlen, dim), out=torch.empty_like(y),
+        )
+        doutproj_weight = dout.reshape(-1, dout.shape[-1]).t() @ normed.to(dout.dtype)
+        doutproj_bias = None if outproj_bias is None else dout.sum(dim=(0, 1))
+
+        x, B, C = xBC_conv.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+        as_groups = lambda t: t.unflatten(-1, (ngroups, dstate))  # noqa: E731
+        dA, dD, ddt_bias = ssd_backward_from_states(
+            dy.view(batch, seqlen, nheads, headdim), x.unflatten(-1, (nheads, headdim)), dt, A, as_groups(B),
+            as_groups(C), D, dt_bias, dt_limit, chunk_size, dt_chunks, dA_cumsum, chunk_states,
+            dx.unflatten(-1, (nheads, headdim)), ddt, as_groups(dB), as_groups(dC),
+        )
+        # Written in place into in_proj's gradient, channels last as xBC was read.
+        _, dconv1d_weight, dconv1d_bias, _ = causal_conv1d_bwd_function(
+            xBC.transpose(1, 2), conv1d_weight, conv1d_bias, dxBC.transpose(1, 2), None, None, None,
+            dxBC_given.transpose(1, 2), False, silu,
+        )
+        return (dzxbcdt, dconv1d_weight, dconv1d_bias, ddt_bias, dA, dD, None, None, None, drmsnorm_weight, None,
+                doutproj_weight, doutproj_bias, None, None, None)
+
+
+def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=None,
+                      dt_limit=(0.0, float("inf")), activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6,
+                      outproj_weight=None, outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True):
+    """`mamba_split_conv1d_scan_reference` by `MixerTrainingPass`, for the passes that `takes` accepts."""
+    if not takes(zxbcdt, conv1d_weight.shape[0], chunk_size, seq_idx, activation):
+        given = "given" if seq_idx is not None else "None"
+        raise ValueError(f"this mixer pass takes no seq_idx, a chunk_size that is a multiple of {CHUNK}, a silu or no "
+                         f"activation, and widths that are multiples of 8: got chunk_size={chunk_size}, activation="
+                         f"{activation}, seq_idx {given}, in_proj width {zxbcdt.shape[-1]}, "
+                         f"{conv1d_weight.shape[0]} channels")
+    return MixerTrainingPass.apply(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, tuple(dt_limit),
+                                   activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim,
+                                   ngroups, norm_before_gate)
+
+
+__all__ = ["MixerTrainingPass", "split_conv1d_scan", "ssd_backward_from_states", "takes"]

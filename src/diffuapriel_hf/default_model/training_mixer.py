@@ -1,0 +1,1 @@
+../../../modeling/training_mixer.py
