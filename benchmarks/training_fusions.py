@@ -7,6 +7,9 @@
 - that function's SSD forward by our single-pass kernel, which keeps the chunk states, and its backward from them
   and from the kept convolution output (`training_mixer.MixerTrainingPass`); undone, mamba-ssm's function
   (`kernel_ops(single_pass=False, split_conv1d_scan=True)`), which recomputes both in its backward;
+- the bidirectional mixer's two reading orders (the input and its reversed copy) as `fused_ops.BothReadingOrders`,
+  whose backward adds the reversed direction's gradient to the other's in one kernel; undone, the reversal's own
+  backward (a gather) and autograd's sum (`fused_reading_orders=False`);
 - the block's residual add + norm (with the direction sum) as one Triton kernel with a backward kernel
   (`fused_ops.AddRMSNorm`); undone, the PyTorch reference (`fused_elementwise=False`);
 - for block models, the states entering each block through mamba-ssm's `state_passing` (a pass over the blocks)
@@ -54,6 +57,7 @@ def variants(model) -> dict:
     if MAMBA in model.config.layer_types:
         chosen["mixer step by step"] = dict(mamba=kernel_ops())
         chosen["mamba-ssm's mixer function"] = dict(mamba=kernel_ops(single_pass=False, split_conv1d_scan=True))
+        chosen["reading orders unfused"] = dict(fused_reading_orders=False)
         if model.config.block_size is not None:
             dense = dataclasses.replace(kernel_ops(split_conv1d_scan=True), state_passing=state_passing_reference)
             chosen["state passing dense"] = dict(mamba=dense)

@@ -5,6 +5,8 @@ reference:
 |----------------------------------------------|-------------------------------------------------|--------------------|
 | `add_time_reversed(a, b)`                    | `a + reverse_time(b)`                           | the bidirectional  |
 |                                              |                                                 | mixer's output     |
+| `both_reading_orders(x)` (its backward)      | `(x, reverse_time(x))`: backward, autograd's    | the bidirectional  |
+|                                              | `grad + reverse_time(grad_reversed)`            | mixer's input      |
 | `add_rms_norm(residual, update, norm, b, s)` | `h = residual + s * (update + reverse_time(b))` | the block, after   |
 |                                              | `return h, norm(h)`                             | its mixer          |
 | `swiglu(gate, up)`                           | `F.silu(gate) * up`                             | the SwiGLU MLP     |
@@ -23,8 +25,9 @@ Each function takes `use_kernel`, the choice of `kernel_policy.KernelPolicy` (on
 the kernel runs where it applies (tensors of one shape and dtype, laid out as it reads them), and the reference
 everywhere else. The residual add + norm and the SwiGLU of one product have a backward kernel of their own
 (`AddRMSNorm`, `SwiGLUOfProduct`), and so has the rotary embedding (`Rotary`, whose backward is the same kernel turning
-the other way), so training runs them too; the direction sum and `swiglu` of two tensors have none
-and take no tensor needing a gradient (the reference carries it). The kernels compute in float32 and round once, where
+the other way), so training runs them too; the mixer's two reading orders are a copy whose backward is the direction
+sum's kernel (`BothReadingOrders`); the direction sum and `swiglu` of two tensors have no backward and take no tensor
+needing a gradient (the reference carries it). The kernels compute in float32 and round once, where
 the references round after each operation.
 """
 
@@ -108,6 +111,32 @@ def add_time_reversed(a: torch.Tensor, b: torch.Tensor, use_kernel: bool = False
     if not use_kernel or a.dim() != 3 or not _fused(a, b):
         return add_time_reversed_reference(a, b)
     return launch_add_time_reversed(a, b)
+
+
+def both_reading_orders(x: torch.Tensor, use_kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, x reversed along the time axis): the inputs of a bidirectional mixer's two directions, for (B, L, D)
+    tensors. Where a gradient is needed, `use_kernel` and `_fused`, as `BothReadingOrders`, whose backward sums the
+    two gradients in one kernel (`add_time_reversed`), where autograd would reverse one and add them: two kernels and
+    a tensor between them, at every bidirectional layer of a training step."""
+    if not use_kernel or x.dim() != 3 or not needs_gradient(x) or not _fused(x, differentiable=True):
+        return x, reverse_time(x)
+    return BothReadingOrders.apply(x)
+
+
+class BothReadingOrders(torch.autograd.Function):
+    """`both_reading_orders` for training: the reversed copy forward; backward, the first output's gradient plus the
+    second's reversed, one kernel where both are given and laid out for it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)  # an output that nothing read gives its gradient as None, not zeros
+        return x.view_as(x), reverse_time(x)
+
+    @staticmethod
+    def backward(ctx, grad, grad_reversed):
+        if grad is None or grad_reversed is None:
+            return grad if grad_reversed is None else reverse_time(grad_reversed)
+        return add_time_reversed(grad, grad_reversed, use_kernel=True)
 
 
 def add_rms_norm(residual, update, norm, time_reversed=None, scale=1.0, use_kernel=False, norm_kwargs=None):
@@ -306,6 +335,7 @@ def launch_rotary(query_rows, key_rows, cos, sin, inverse: bool = False, out_dty
 
 __all__ = [
     "AddRMSNorm",
+    "BothReadingOrders",
     "Rotary",
     "SwiGLUOfProduct",
     "TRITON_INSTALLED",
@@ -313,6 +343,7 @@ __all__ = [
     "add_rms_norm_reference",
     "add_time_reversed",
     "add_time_reversed_reference",
+    "both_reading_orders",
     "launch_add_rms_norm",
     "launch_add_rms_norm_backward",
     "launch_add_time_reversed",

@@ -36,7 +36,7 @@ from .cache import BlockContext, BlockDiffusionCache
 from .cache_attention import cache_attention
 from .configuration_diffuapriel import ATTENTION, MAMBA, DiffuAprielConfig
 from .diffusion import INTEGER_DTYPES, labelled_positions, masked_diffusion_loss, negative_elbo, values_readable
-from .fused_ops import add_rms_norm, add_time_reversed, rotary, swiglu, swiglu_of_product
+from .fused_ops import add_rms_norm, add_time_reversed, both_reading_orders, rotary, swiglu, swiglu_of_product
 from .generation import DiffusionGenerationMixin
 from .kernel_policy import REFERENCE_POLICY, KernelPolicy, resolve_kernel_policy
 from .likelihood import DEFAULT_ESTIMATOR, DEFAULT_NUM_SAMPLES, conditional_negative_elbo
@@ -358,12 +358,14 @@ class BidirectionalMamba2Mixer(nn.Module):
         if self.config.block_size is not None:
             return self.block_direction_outputs(hidden_states, padding_mask, ops, two_stream, cache,
                                                 kernels.block_documents)
-        inputs = [(self.left_to_right, hidden_states, padding_mask, seq_idx)]
+        in_order, reversed_order = (hidden_states, None) if self.right_to_left is None else (
+            both_reading_orders(hidden_states, use_kernel=kernels.fused_reading_orders))
+        inputs = [(self.left_to_right, in_order, padding_mask, seq_idx)]
         if self.right_to_left is not None:
             reversed_mask = None if padding_mask is None else reverse_time(padding_mask)
             # Documents numbered in the reversed reading order, so that they still count up along it.
             reversed_documents = None if seq_idx is None else seq_idx.max() - reverse_time(seq_idx)
-            inputs.append((self.right_to_left, reverse_time(hidden_states), reversed_mask, reversed_documents))
+            inputs.append((self.right_to_left, reversed_order, reversed_mask, reversed_documents))
         outputs, entering_states = [], []
         for index, (direction, inputs_in_reading_order, mask, documents) in enumerate(inputs):
             if block_context is None:

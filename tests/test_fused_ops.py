@@ -13,6 +13,7 @@ from diffuapriel_hf.modeling.fused_ops import (
     add_rms_norm_reference,
     add_time_reversed,
     add_time_reversed_reference,
+    both_reading_orders,
     rotary,
     rotary_reference,
     swiglu,
@@ -41,6 +42,7 @@ def interpreted_checks() -> dict:
         halves = torch.cat([a, b], dim=-1).chunk(2, dim=-1)  # the halves of one product's output
         errors[f"swiglu halves {shape}"] = (fused_ops.launch_swiglu(*halves) - expected).abs().max().item()
         errors[f"swiglu of a product backward {shape}"] = swiglu_backward_error(torch.cat([a, b], dim=-1), residual)
+        errors[f"reading orders {shape}"] = reading_orders_error(a, b, residual)
         if shape[1] > 1000:  # one program per row: thousands are slow to interpret, and add nothing here
             continue
         norm = DiffuAprielRMSNorm(shape[-1], eps=1e-5)
@@ -147,6 +149,22 @@ def graph_nodes(node) -> set:
     return names
 
 
+def reading_orders_error(x, upstream, upstream_reversed) -> float:
+    """The largest difference of `BothReadingOrders` (outputs, and the gradient its backward kernel sums) from x,
+    x.flip(1) and autograd's gradient of those, with both outputs used and with either alone."""
+    from diffuapriel_hf.modeling import fused_ops
+
+    x = x.clone().requires_grad_(True)
+    in_order, reversed_order = fused_ops.BothReadingOrders.apply(x)
+    errors = [(in_order - x).abs().max().item(), (reversed_order - x.flip(1)).abs().max().item()]
+    for used, expected in [((0, 1), upstream + upstream_reversed.flip(1)), ((0,), upstream),
+                           ((1,), upstream_reversed.flip(1))]:
+        outputs = fused_ops.BothReadingOrders.apply(x)
+        (grad,) = torch.autograd.grad(sum((outputs[i] * (upstream, upstream_reversed)[i]).sum() for i in used), x)
+        errors.append((grad - expected).abs().max().item())
+    return max(errors)
+
+
 def backward_error(residual, update, norm, mirrored, scale) -> float:
     """The largest difference between the gradients (of the residual, the update, the time-reversed update and the
     weight) of `AddRMSNorm` and of the reference, under the same random output gradients."""
@@ -182,7 +200,7 @@ def swiglu_backward_error(gate_up, upstream) -> float:
 
 
 def test_interpreted_kernels_match_their_references(interpreted):
-    assert len(interpreted) == 4 * len(SHAPES) + 3 * 2 * 3 + 1 + 3 * 2 * len(ROTARY_SHAPES)
+    assert len(interpreted) == 5 * len(SHAPES) + 3 * 2 * 3 + 1 + 3 * 2 * len(ROTARY_SHAPES)
     for name, error in interpreted.items():
         assert error <= 1e-5, (name, error)
 
@@ -192,6 +210,9 @@ def test_on_cpu_and_with_gradients_the_references_run():
     b, residual = torch.randn(2, 7, 4), torch.randn(2, 7, 4)
     torch.testing.assert_close(add_time_reversed(a, b), a + b.flip(1))
     torch.testing.assert_close(add_time_reversed_reference(a, b), a + reverse_time(b))
+    in_order, reversed_order = both_reading_orders(a, use_kernel=False)
+    assert in_order is a
+    torch.testing.assert_close(reversed_order, a.flip(1))
     out = swiglu(a, b)
     torch.testing.assert_close(out, torch.nn.functional.silu(a) * b)
     torch.testing.assert_close(swiglu_reference(a, b), out)
