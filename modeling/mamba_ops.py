@@ -403,6 +403,16 @@ def _split_conv1d_scan_via_kernel(kernel, parts: Callable, training_pass=None, t
     return split_conv1d_scan
 
 
+def _training_pass() -> tuple:
+    """`training_mixer`'s (split_conv1d_scan, takes), or (None, None) where the installed mamba-ssm lacks the backward
+    kernels it calls (they are mamba-ssm's internals, as of 2.3): mamba-ssm's own fused function then trains."""
+    try:
+        from .training_mixer import split_conv1d_scan, takes
+    except ImportError:
+        return None, None
+    return split_conv1d_scan, takes
+
+
 @functools.cache
 def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = False) -> Optional[MambaOps]:
     """The CUDA kernels as `MambaOps`, or None when mamba-ssm is not installed. causal-conv1d is optional: without it
@@ -423,22 +433,21 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
         return None
     try:
         from causal_conv1d import causal_conv1d_fn
-
-        from .training_mixer import split_conv1d_scan as training_pass
-        from .training_mixer import takes as training_pass_takes
     except (ImportError, OSError):
-        conv, fused_mixer, training_pass, training_pass_takes = causal_conv1d_reference, None, None, None
+        conv, fused_mixer, training_pass = causal_conv1d_reference, None, (None, None)
     else:
         conv, fused_mixer = _causal_conv1d_via_kernel(causal_conv1d_fn), mamba_split_conv1d_scan_combined
+        training_pass = _training_pass()
     rule = single_pass_is_faster if single_pass is None else (lambda *sizes: single_pass)
     chunk_scan = _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, rule)
     name = "kernels" if single_pass is None else f"kernels (single-pass SSD {'always' if single_pass else 'never'})"
     if not split_conv1d_scan:
         return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state, chunk_scan_from_states)
     mixer = _split_conv1d_scan_via_kernel(fused_mixer, _split_conv1d_scan_from(chunk_scan, conv, rmsnorm_fn),
-                                          training_pass, training_pass_takes, rule)
+                                          *training_pass, rule)
     return MambaOps(f"{name}, fused mixer", chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state,
                     chunk_scan_from_states, mixer)
+
 
 __all__ = [
     "MambaOps",
