@@ -4,12 +4,6 @@
   `mamba_split_conv1d_scan_combined` (`MambaOps.split_conv1d_scan`), whose backward writes the gradient of in_proj's
   output in one buffer where the split's backward concatenates its parts, and recomputes the convolution; undone,
   the same kernels called one after another (`kernel_ops()`);
-- that function's SSD forward by our single-pass kernel, which keeps the chunk states, and its backward from them
-  and from the kept convolution output (`training_mixer.MixerTrainingPass`); undone, mamba-ssm's function
-  (`kernel_ops(single_pass=False, split_conv1d_scan=True)`), which recomputes both in its backward;
-- the bidirectional mixer's two reading orders (the input and its reversed copy) as `fused_ops.BothReadingOrders`,
-  whose backward adds the reversed direction's gradient to the other's in one kernel; undone, the reversal's own
-  backward (a gather) and autograd's sum (`fused_reading_orders=False`);
 - the block's residual add + norm (with the direction sum) as one Triton kernel with a backward kernel
   (`fused_ops.AddRMSNorm`); undone, the PyTorch reference (`fused_elementwise=False`);
 - for block models, the states entering each block through mamba-ssm's `state_passing` (a pass over the blocks)
@@ -19,7 +13,14 @@
   lengths: two products, the SwiGLU in PyTorch, the input's gradient the sum of the two products' gradients.
 - the attention layers' rotary embedding of queries and keys as one Triton kernel, whose backward is the same kernel
   turning the other way (`fused_ops.Rotary`); undone, the PyTorch reference (`fused_rotary=False`: transformers' form,
-  `x * cos + rotate_half(x) * sin`, several kernels and copies each way).
+  `x * cos + rotate_half(x) * sin`, several kernels and copies each way);
+and two candidates, not yet defaults, each against the default:
+- "training pass": the mixer's function with its SSD forward by our single-pass kernel, which keeps the chunk
+  states, and a backward from them and from the kept convolution output (`training_mixer.MixerTrainingPass`,
+  `kernel_ops(split_conv1d_scan=True, training_pass=True)`), where mamba-ssm's recomputes both;
+- "reading orders fused": the bidirectional mixer's two reading orders (the input and its reversed copy) as
+  `fused_ops.BothReadingOrders`, whose backward adds the reversed direction's gradient to the other's in one kernel,
+  where the reversal's own backward (a gather) and autograd's sum are two (`fused_reading_orders=True`).
 bf16, random weights, half the tokens masked, one GPU, one process; the variants alternate over rounds, and the
 median of the rounds' medians counts. Also each variant's peak memory and loss.
 
@@ -56,8 +57,8 @@ def variants(model) -> dict:
         chosen["rotary unfused"] = dict(fused_rotary=False)
     if MAMBA in model.config.layer_types:
         chosen["mixer step by step"] = dict(mamba=kernel_ops())
-        chosen["mamba-ssm's mixer function"] = dict(mamba=kernel_ops(single_pass=False, split_conv1d_scan=True))
-        chosen["reading orders unfused"] = dict(fused_reading_orders=False)
+        chosen["training pass"] = dict(mamba=kernel_ops(split_conv1d_scan=True, training_pass=True))
+        chosen["reading orders fused"] = dict(fused_reading_orders=True)
         if model.config.block_size is not None:
             dense = dataclasses.replace(kernel_ops(split_conv1d_scan=True), state_passing=state_passing_reference)
             chosen["state passing dense"] = dict(mamba=dense)

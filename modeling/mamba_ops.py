@@ -414,13 +414,15 @@ def _training_pass() -> tuple:
 
 
 @functools.cache
-def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = False) -> Optional[MambaOps]:
+def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = False,
+               training_pass: bool = False) -> Optional[MambaOps]:
     """The CUDA kernels as `MambaOps`, or None when mamba-ssm is not installed. causal-conv1d is optional: without it
     the convolution takes the PyTorch reference (cuDNN's depthwise convolution) and the rest stays on kernels.
     `single_pass` forces the SSD's choice between our single-pass kernel and mamba-ssm's for the calls either can take
     (None: `ssd_triton.single_pass_is_faster` decides; benchmarks/ssd_dispatch.py measures both). With
-    `split_conv1d_scan`, whole mixer passes run as one function (`MambaOps.split_conv1d_scan`): `training_mixer`'s
-    where our single-pass SSD is the faster one, mamba-ssm's fused mixer function elsewhere."""
+    `split_conv1d_scan`, whole mixer passes run as one function (`MambaOps.split_conv1d_scan`): mamba-ssm's fused
+    mixer function, or with `training_pass` `training_mixer`'s where it takes the pass and our single-pass SSD is the
+    faster one (not yet the default: it has not been timed on a GPU)."""
     try:
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.ssd_chunk_scan import chunk_scan as chunk_scan_from_states
@@ -437,7 +439,7 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
         conv, fused_mixer, training_pass = causal_conv1d_reference, None, (None, None)
     else:
         conv, fused_mixer = _causal_conv1d_via_kernel(causal_conv1d_fn), mamba_split_conv1d_scan_combined
-        training_pass = _training_pass()
+        training_pass = _training_pass() if training_pass else (None, None)
     rule = single_pass_is_faster if single_pass is None else (lambda *sizes: single_pass)
     chunk_scan = _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, rule)
     name = "kernels" if single_pass is None else f"kernels (single-pass SSD {'always' if single_pass else 'never'})"
@@ -445,8 +447,8 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
         return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state, chunk_scan_from_states)
     mixer = _split_conv1d_scan_via_kernel(fused_mixer, _split_conv1d_scan_from(chunk_scan, conv, rmsnorm_fn),
                                           *training_pass, rule)
-    return MambaOps(f"{name}, fused mixer", chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state,
-                    chunk_scan_from_states, mixer)
+    name += ", training pass" if training_pass[0] is not None else ", fused mixer"
+    return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state, chunk_scan_from_states, mixer)
 
 
 __all__ = [

@@ -15,9 +15,10 @@ running decays, every chunk's state and their passing along the sequence (in a 1
   does), the SSD's gradients from mamba-ssm's backward kernels given the kept states (`ssd_backward_from_states`),
   the convolution's from causal-conv1d's.
 
-`mamba_ops.kernel_ops` sends a pass here where our SSD kernel is the faster one and it can keep its states (`takes`:
-no documents packed in a row, a chunk that is a whole number of its chunks); everything else takes mamba-ssm's
-function.
+`mamba_ops.kernel_ops(split_conv1d_scan=True, training_pass=True)` sends a pass here where our SSD kernel is the
+faster one and it can keep its states (`takes`: no documents packed in a row, a chunk that is a whole number of its
+chunks); everything else takes mamba-ssm's function. Not yet training's default: it has not been timed on a GPU
+(benchmarks/training_fusions.py, variant "training pass").
 """
 
 from typing import Optional

@@ -75,12 +75,12 @@ def test_kernel_path_matches_the_pytorch_path(dtype, tolerance):
     assert rel_err(actual, expected) <= tolerance
 
 
-# The mixer's training passes: the kernels one after another; whole passes through mamba-ssm's fused function (our
-# single-pass SSD never chosen); whole passes through `training_mixer` (our single-pass SSD always chosen).
+# The mixer's training passes: the kernels one after another; whole passes through mamba-ssm's fused function; whole
+# passes through `training_mixer` (our single-pass SSD always chosen).
 MIXER_PASSES = {
     "step by step": dict(),
-    "mamba-ssm's mixer function": dict(single_pass=False, split_conv1d_scan=True),
-    "training pass": dict(single_pass=True, split_conv1d_scan=True),
+    "mamba-ssm's mixer function": dict(split_conv1d_scan=True),
+    "training pass": dict(single_pass=True, split_conv1d_scan=True, training_pass=True),
 }
 
 
