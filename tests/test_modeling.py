@@ -242,7 +242,7 @@ def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
     with torch.enable_grad():  # the forward-only Triton kernels stay out of grad mode; training's own paths
         training = resolve_kernel_policy(config, "cuda")
         assert training.fused_elementwise == training.fused_swiglu == training.fused_rotary == TRITON_INSTALLED
-        assert not training.fused_reading_orders  # not yet timed on a GPU
+        assert training.fused_reading_orders == TRITON_INSTALLED
         assert training.mlp_one_product_min_tokens == 0  # whose SwiGLU has a backward kernel
         assert not training.cache_attention
         assert (training.mamba.split_conv1d_scan is not None) == (kernel_ops() is not None)
