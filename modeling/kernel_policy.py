@@ -8,6 +8,8 @@ Every operation the model fuses has a PyTorch reference (runs everywhere, carrie
 |                                            |                                    | `ssd_triton.ssd_forward` (inference)     |
 | direction sum; residual add + next norm    | `fused_ops.*_reference`            | `fused_ops` Triton kernels (the add +    |
 |                                            |                                    | norm also in training)                   |
+| the mixer's two reading orders (training)  | `reverse_time`, autograd's sum of  | `fused_ops.BothReadingOrders`: the       |
+|                                            | the two gradients                  | direction sum's kernel as its backward   |
 | SwiGLU activation                          | `fused_ops.swiglu_reference`       | `fused_ops` Triton kernel (training: of  |
 |                                            |                                    | one product, with a backward kernel)     |
 | rotary embedding of queries and keys       | `fused_ops.rotary_reference`       | `fused_ops` Triton kernel (its backward  |
