@@ -394,7 +394,7 @@ def _split_conv1d_scan_via_kernel(kernel, parts: Callable, training_pass=None, t
                 or conv1d_weight.shape[0] % 8 or zxbcdt.shape[-1] % 8):
             return parts(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, seq_idx=seq_idx, **kwargs)
         if (training_pass is not None
-                and training_pass_takes(zxbcdt, conv1d_weight.shape[0], chunk_size, seq_idx, activation)
+                and training_pass_takes(chunk_size, seq_idx)
                 and single_pass_is_faster(zxbcdt.shape[0], A.shape[0], zxbcdt.shape[1], zxbcdt.device)):
             return training_pass(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, **kwargs)
         seq_idx = None if seq_idx is None else seq_idx.to(torch.int32)
@@ -436,18 +436,18 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
     try:
         from causal_conv1d import causal_conv1d_fn
     except (ImportError, OSError):
-        conv, fused_mixer, training_pass = causal_conv1d_reference, None, (None, None)
+        conv, fused_mixer, kept_states_pass = causal_conv1d_reference, None, (None, None)
     else:
         conv, fused_mixer = _causal_conv1d_via_kernel(causal_conv1d_fn), mamba_split_conv1d_scan_combined
-        training_pass = _training_pass() if training_pass else (None, None)
+        kept_states_pass = _training_pass() if training_pass else (None, None)
     rule = single_pass_is_faster if single_pass is None else (lambda *sizes: single_pass)
     chunk_scan = _chunk_scan_via_kernels(mamba_chunk_scan_combined, ssd_forward, rule)
     name = "kernels" if single_pass is None else f"kernels (single-pass SSD {'always' if single_pass else 'never'})"
     if not split_conv1d_scan:
         return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state, chunk_scan_from_states)
     mixer = _split_conv1d_scan_via_kernel(fused_mixer, _split_conv1d_scan_from(chunk_scan, conv, rmsnorm_fn),
-                                          *training_pass, rule)
-    name += ", training pass" if training_pass[0] is not None else ", fused mixer"
+                                          *kept_states_pass, rule)
+    name += ", training pass" if kept_states_pass[0] is not None else ", fused mixer"
     return MambaOps(name, chunk_scan, conv, rmsnorm_fn, state_passing, chunk_state, chunk_scan_from_states, mixer)
 
 

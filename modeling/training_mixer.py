@@ -43,12 +43,11 @@ except ImportError as error:
 from .ssd_triton import CHUNK, ssd_forward
 
 
-def takes(zxbcdt: torch.Tensor, conv_dim: int, chunk_size: int, seq_idx: Optional[torch.Tensor], activation) -> bool:
-    """Whether `split_conv1d_scan` computes this pass: no documents packed in the rows, the chunk states at a whole
-    number of our kernel's chunks, an activation that causal-conv1d applies (silu or none), and in_proj's width and
-    the convolution's channels multiples of 8 (causal-conv1d then reads and writes their slices in place)."""
-    return (seq_idx is None and chunk_size % CHUNK == 0 and activation in (None, "silu", "swish")
-            and zxbcdt.shape[-1] % 8 == 0 and conv_dim % 8 == 0)
+def takes(chunk_size: int, seq_idx: Optional[torch.Tensor]) -> bool:
+    """Whether `split_conv1d_scan` computes this pass: no documents packed in the rows, and the chunk states at a whole
+    number of our kernel's chunks. (Where causal-conv1d's kernel applies, widths and activation, is its caller's
+    check, made before either mixer function is chosen: `mamba_ops._split_conv1d_scan_via_kernel`.)"""
+    return seq_idx is None and chunk_size % CHUNK == 0
 
 
 def ssd_backward_from_states(dy, x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, dt_chunks, dA_cumsum,
@@ -161,12 +160,10 @@ def split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_s
                       dt_limit=(0.0, float("inf")), activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6,
                       outproj_weight=None, outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True):
     """`mamba_split_conv1d_scan_reference` by `MixerTrainingPass`, for the passes that `takes` accepts."""
-    if not takes(zxbcdt, conv1d_weight.shape[0], chunk_size, seq_idx, activation):
+    if not takes(chunk_size, seq_idx):
         given = "given" if seq_idx is not None else "None"
-        raise ValueError(f"this mixer pass takes no seq_idx, a chunk_size that is a multiple of {CHUNK}, a silu or no "
-                         f"activation, and widths that are multiples of 8: got chunk_size={chunk_size}, activation="
-                         f"{activation}, seq_idx {given}, in_proj width {zxbcdt.shape[-1]}, "
-                         f"{conv1d_weight.shape[0]} channels")
+        raise ValueError(f"this mixer pass takes no seq_idx and a chunk_size that is a multiple of {CHUNK}: got "
+                         f"chunk_size={chunk_size}, seq_idx {given}")
     return MixerTrainingPass.apply(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, tuple(dt_limit),
                                    activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim,
                                    ngroups, norm_before_gate)
