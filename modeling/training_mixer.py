@@ -13,13 +13,15 @@ running decays, every chunk's state and their passing along the sequence (in a 1
   1.3B model);
 - backward: out_proj's and the norm's gradients (the norm's output recomputed for out_proj's weight, as mamba-ssm
   does), the SSD's gradients from mamba-ssm's backward kernels given the kept states (`ssd_backward_from_states`),
-  the convolution's from causal-conv1d's.
+  but for the gradient of the states between chunks, which our kernel walks back along the sequence in one pass
+  (`ssd_backward_triton`, where mamba-ssm writes every chunk's own term and reads it back); the convolution's from
+  causal-conv1d's.
 
 `mamba_ops.kernel_ops(split_conv1d_scan=True, training_pass=True)` sends a pass here where our SSD kernel is the
 faster one and it can keep its states (`takes`: no documents packed in a row, a chunk that is a whole number of its
 chunks); everything else takes mamba-ssm's function. A 1.3B forward and backward at 4 x 4K took 344.7 against
 369.6 ms and 48.9 against 33.3 GiB on an H100 (benchmarks/results/training_fusions_training_pass.md: the same loss to
-4e-5), but this pass's gradient tests against mamba-ssm's (tests/test_gpu_kernels.py) have not yet run on a GPU, so it
+4e-5; measured with mamba-ssm's two kernels for the states' gradient, before our walk), but this pass's gradient tests against mamba-ssm's (tests/test_gpu_kernels.py) have not yet run on a GPU, so it
 is not yet training's default.
 """
 
@@ -33,13 +35,13 @@ try:  # mamba_ops.kernel_ops imports this module only where mamba-ssm and causal
     from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb,
-                                                     _chunk_scan_bwd_ddAcs_stable, _chunk_scan_bwd_dstates)
+                                                     _chunk_scan_bwd_ddAcs_stable)
     from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_cumsum_fwd, _chunk_state_bwd_db
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
-    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 except ImportError as error:
     raise ImportError("diffuapriel_hf.modeling.training_mixer needs mamba-ssm and causal-conv1d") from error
 
+from .ssd_backward_triton import entering_states_backward
 from .ssd_triton import CHUNK, ssd_forward
 
 
@@ -52,23 +54,18 @@ def takes(chunk_size: int, seq_idx: Optional[torch.Tensor]) -> bool:
 
 def ssd_backward_from_states(dy, x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, dt_chunks, dA_cumsum,
                              chunk_states, dx, ddt, dB, dC):
-    """The SSD's gradients by mamba-ssm's backward kernels, from the forward's chunk states instead of their
-    recomputation. dy, x: (b, l, h, p); dt (b, l, h) before the softplus; B, C (b, l, g, n); per chunk of
-    `chunk_size`: dt_chunks and dA_cumsum (b, h, c, chunk) (mamba-ssm's chunk cumsum), chunk_states (b, c, h, p, n)
+    """The SSD's gradients by mamba-ssm's backward kernels (the states' gradient by ours), from the forward's chunk
+    states instead of their recomputation. dy, x: (b, l, h, p); dt (b, l, h) before the softplus; B, C (b, l, g, n);
+    per chunk of `chunk_size`: dt_chunks and dA_cumsum (b, h, c, chunk) (mamba-ssm's chunk cumsum), chunk_states (b, c, h, p, n)
     float32, the state entering each chunk. Writes dx, ddt, dB and dC into the tensors given; returns (dA, dD,
     ddt_bias)."""
-    ngroups, dstate = B.shape[2], B.shape[3]
+    ngroups = B.shape[2]
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
     # The gradient of each chunk's entering state from the outputs inside it, then passed back along the sequence.
-    dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, dtype=chunk_states.dtype)
-    dstates, ddA_chunk_total, _, states = _state_passing_bwd(
-        chunk_states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), has_initial_states=False,
-        dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
-    )
-    dstates, states = dstates.unflatten(-1, (-1, dstate)), states.unflatten(-1, (-1, dstate))
+    dstates, ddA_chunk_total = entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype=x.dtype)
     _, ddt_from_inputs, dD = _chunk_scan_chunk_state_bwd_dx(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=D, dx=dx)
     dB_from_states, ddA_next = _chunk_state_bwd_db(x, dt_chunks, dA_cumsum, dstates, B=B, ngroups=ngroups)
-    dC_from_states, ddA_prev = _chunk_scan_bwd_dC(states, dA_cumsum, dy, C=C, ngroups=ngroups)
+    dC_from_states, ddA_prev = _chunk_scan_bwd_dC(chunk_states, dA_cumsum, dy, C=C, ngroups=ngroups)
     dCB = _chunk_scan_bwd_dcb(x, dt_chunks, dA_cumsum, dy, ngroups=ngroups).to(CB.dtype)
     _bmm_chunk_bwd(C, dCB, residual=dB_from_states, out=dB)
     _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_from_states, out=dC)

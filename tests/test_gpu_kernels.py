@@ -195,6 +195,33 @@ def test_chunk_state_kernel_matches_the_reference_forward_and_backward():
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_states_gradient_walk_matches_mamba_ssm_two_kernels_at_the_1_3b_sizes(dtype):
+    """`ssd_backward_triton.entering_states_backward` against mamba-ssm's `_chunk_scan_bwd_dstates` then
+    `_state_passing_bwd` (what the training pass called before), at the 1.3B presets' head sizes and chunks, on a
+    length that is not a whole number of chunks; and against its reference. mamba-ssm's products of float32 inputs
+    are TF32, ours exact float32: hence FP32_TOL against theirs."""
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
+
+    from diffuapriel_hf.modeling.ssd_backward_triton import (entering_states_backward,
+                                                             entering_states_backward_reference)
+
+    C, dA_cumsum, dy, chunk_states = walk_inputs(2, 4196, 16, 64, 1, 128, 256, dtype=dtype, device="cuda")
+    dstates, ddA_chunk = entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype)
+    own = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, dtype=torch.float32)
+    theirs, ddA_theirs, _ = _state_passing_bwd(chunk_states.flatten(-2), dA_cumsum[..., -1], own.flatten(-2),
+                                               has_initial_states=False, dstates_dtype=dtype)
+    tolerance = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    assert dstates.dtype == dtype and dstates.shape == chunk_states.shape
+    assert rel_err(dstates, theirs.unflatten(-1, (64, 128))) <= tolerance
+    assert rel_err(ddA_chunk, ddA_theirs) <= tolerance
+    expected, ddA_expected = entering_states_backward_reference(C, dA_cumsum, dy, chunk_states, dtype)
+    assert rel_err(dstates, expected) <= (1e-5 if dtype == torch.float32 else BF16_TOL)
+    assert rel_err(ddA_chunk, ddA_expected) <= 1e-5
+
+
+@needs_kernels
 def test_chunk_scan_from_states_kernel_matches_the_reference_forward_and_backward():
     """mamba-ssm's chunk_scan as a block model's noised stream calls it: each block of 32 from its entering state,
     bf16 x, B and C, float32 dt (a permuted view) with its running decay and the states, D per head."""
@@ -254,6 +281,25 @@ def ssd_inputs(batch, length, heads, head_dim, groups, state, dtype, device="cud
     dt_bias = torch.rand(heads, device=device, generator=g) * 4 - 5
     return (x.reshape(batch, length, heads, head_dim), dt, A, B.reshape(batch, length, groups, state),
             C.reshape(batch, length, groups, state), D, dt_bias)
+
+
+def walk_inputs(batch, length, heads, head_dim, groups, state, chunk, dtype=torch.float32, device="cpu", seed=0):
+    """What the SSD backward's walk of the states' gradient reads (`ssd_backward_triton`): C (b, l, g, n), a view of a
+    wider tensor as the mixer's conv output is; dA_cumsum (b, h, c, chunk), running log decays per chunk, constant
+    past the sequence's end as mamba-ssm's chunk cumsum leaves them; dy (b, l, h, p); the float32 states entering each
+    chunk (b, c, h, p, n), the first zero."""
+    generator = torch.Generator().manual_seed(seed)
+    chunks = -(-length // chunk)
+    wide = torch.randn(batch, length, groups * state + 5, generator=generator).to(device, dtype)
+    dy = torch.randn(batch, length, heads, head_dim, generator=generator)
+    dt = torch.rand(batch, heads, chunks * chunk, generator=generator) * 0.2
+    dt[..., length:] = 0
+    A = -0.5 - torch.rand(heads, generator=generator)
+    dA_cumsum = torch.cumsum((dt * A[:, None]).unflatten(-1, (chunks, chunk)), dim=-1)
+    chunk_states = torch.randn(batch, chunks, heads, head_dim, state, generator=generator)
+    chunk_states[:, 0] = 0
+    C = wide[..., 5:].unflatten(-1, (groups, state))
+    return C, dA_cumsum.to(device), dy.to(device, dtype), chunk_states.to(device)
 
 
 # (batch, length, heads, head_dim, groups, state): the test sizes, and the 1.3B presets' heads at batch 1 (where a

@@ -1,0 +1,105 @@
+"""The SSD backward's walk of the states' gradient (`diffuapriel_hf.modeling.ssd_backward_triton`, one kernel)
+against mamba-ssm's two kernels that the training pass called before it (`_chunk_scan_bwd_dstates`, which writes
+every chunk's own term in float32, then `_state_passing_bwd`, which reads them back and walks them).
+
+In bf16 with the 1.3B presets' sizes (64 heads of 64, state 128, one group, chunks of 256), C a view of a wider tensor
+as the mixer's convolution output is, at the training throughput benchmark's shapes (16K tokens a step):
+- the time of mamba-ssm's pair and of ours under its launch settings and each swept (tiles of the state, tokens per
+  product, warps, pipeline stages);
+- the largest difference of dstates, relative to their scale.
+A 1.3B training step calls it once per direction per Mamba layer.
+
+    python benchmarks/ssd_backward_walk.py --out benchmarks/results/ssd_backward_walk
+"""
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+
+from diffuapriel_hf.modeling.ssd_backward_triton import (LAUNCH, entering_states_backward,
+                                                         launch_entering_states_backward)
+from harness import median_ms, new_result, save  # benchmarks/harness.py, beside this script
+
+SHAPES = [(16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384)]
+HEADS, HEAD_DIM, STATE, GROUPS, CHUNK = 64, 64, 128, 1, 256
+SWEEP = dict(tile=[(64, 64), (64, 32), (32, 64), (64, 128), (32, 32)], block_k=[32, 64], num_warps=[4, 8],
+             num_stages=[1, 2, 3])
+
+
+def walk_inputs(batch: int, length: int):
+    """C (b, l, g, n) a view of the convolution's output, dA_cumsum (b, h, c, chunk), dy (b, l, h, p), the float32
+    states entering each chunk."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    chunks = -(-length // CHUNK)
+    xBC = torch.randn(batch, length, HEADS * HEAD_DIM + 2 * GROUPS * STATE, device="cuda", generator=g)
+    C = xBC.to(torch.bfloat16)[..., -GROUPS * STATE:].unflatten(-1, (GROUPS, STATE))
+    dy = torch.randn(batch, length, HEADS, HEAD_DIM, device="cuda", generator=g).to(torch.bfloat16)
+    dt = torch.rand(batch, HEADS, chunks * CHUNK, device="cuda", generator=g) * 0.1
+    dt[..., length:] = 0
+    A = -torch.exp(torch.rand(HEADS, device="cuda", generator=g))
+    dA_cumsum = torch.cumsum((dt * A[:, None]).unflatten(-1, (chunks, CHUNK)), dim=-1)
+    chunk_states = torch.randn(batch, chunks, HEADS, HEAD_DIM, STATE, device="cuda", generator=g)
+    chunk_states[:, 0] = 0
+    return C, dA_cumsum, dy, chunk_states
+
+
+def walk_rows() -> list[dict]:
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
+
+    def theirs(C, dA_cumsum, dy, chunk_states):
+        own = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, dtype=torch.float32)
+        return _state_passing_bwd(chunk_states.flatten(-2), dA_cumsum[..., -1], own.flatten(-2),
+                                  has_initial_states=False, dstates_dtype=dy.dtype)[:2]
+
+    rows = []
+    for batch, length in SHAPES:
+        inputs = walk_inputs(batch, length)
+        reference = theirs(*inputs)[0].unflatten(-1, (HEAD_DIM, STATE))
+        ours = entering_states_backward(*inputs, torch.bfloat16)[0]
+        row = dict(batch=batch, length=length, launch=LAUNCH,
+                   mamba_ssm_ms=median_ms(lambda: theirs(*inputs), reps=20, warmup=2),
+                   ours_ms=median_ms(lambda: entering_states_backward(*inputs, torch.bfloat16), reps=20, warmup=2),
+                   max_abs_diff=(ours.float() - reference.float()).abs().max().item(),
+                   reference_max_abs=reference.float().abs().max().item(), sweep=[])
+        for (block_p, block_n), block_k, num_warps, num_stages in itertools.product(*SWEEP.values()):
+            launch = dict(block_p=block_p, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                          num_stages=num_stages)
+            try:
+                ms = median_ms(lambda: launch_entering_states_backward(*inputs, torch.bfloat16, **launch), reps=10)
+            except Exception as error:  # a setting that does not fit the multiprocessor (registers, shared memory)
+                ms = repr(error).splitlines()[0][:120]
+            row["sweep"].append(dict(launch, ms=ms))
+        row["best"] = min((s for s in row["sweep"] if isinstance(s["ms"], float)), key=lambda s: s["ms"])
+        rows.append(row)
+        print(f"walk {batch:2d} x {length:6d}: mamba-ssm {row['mamba_ssm_ms']:.3f} ms, ours {row['ours_ms']:.3f} ms "
+              f"(best swept {row['best']}), max diff {row['max_abs_diff']:.3g} of {row['reference_max_abs']:.3g}",
+              flush=True)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = ["# The states' gradient walk: ours (one kernel) against mamba-ssm's two", "",
+             f"bf16, {HEADS} heads of {HEAD_DIM}, state {STATE}, chunks of {CHUNK}; ours at {result['launch']}.", "",
+             "| batch x length | mamba-ssm ms | ours ms | ours / mamba-ssm | best swept ms (launch) |",
+             "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        best = {k: v for k, v in row["best"].items() if k != "ms"}
+        lines.append(f"| {row['batch']} x {row['length']} | {row['mamba_ssm_ms']:.3f} | {row['ours_ms']:.3f} | "
+                     f"{row['ours_ms'] / row['mamba_ssm_ms']:.2f} | {row['best']['ms']:.3f} ({best}) |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    result = new_result(heads=HEADS, head_dim=HEAD_DIM, state=STATE, groups=GROUPS, chunk=CHUNK, launch=LAUNCH)
+    result["rows"] = walk_rows()
+    save(result, args.out, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

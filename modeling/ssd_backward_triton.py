@@ -1,0 +1,159 @@
+"""The SSD backward's walk back along the sequence (Triton): the gradient of the state between chunks.
+
+The SSD's output in chunk c reads the state entering it, s_c, through C_t exp(dA_cumsum_t) s_c, and the states pass
+from chunk to chunk as s_{c+1} = exp(dA_c) s_c + local_c (dA_c the chunk's total log decay, local_c the state its own
+inputs leave). So, walking from the last chunk back,
+
+    g_{c+1} = dL/ds_{c+1}                                    # what chunk c's local state gets: dstates[c]
+    dL/ddA_c = exp(dA_c) <s_c, g_{c+1}>                       # (ddA_chunk[c])
+    g_c = exp(dA_c) g_{c+1} + sum_t in c (dy_t exp(dA_cumsum_t))^T C_t    # (P, N)
+
+mamba-ssm's backward runs this as two kernels: `_chunk_scan_bwd_dstates` writes every chunk's own term (the sum over
+its tokens) as a float32 (P, N) state per head, and `_state_passing_bwd` reads those back and walks them. At 64 heads
+of 64 with state 128 and chunks of 256, those float32 states weigh twice as much as dy. Here one program owns one
+(sequence, head, tile of the state) and walks the chunks from last to first, keeping its tile of g in float32
+registers and computing each chunk's own term as it reaches it (one product over the chunk's tokens), so that only
+dstates (in the inputs' dtype, as mamba-ssm writes them) and the decays' gradient are written.
+
+It computes what those two kernels compute for a pass with no initial or final state and no documents packed in a
+row (the training pass's, `training_mixer`): dy scaled by exp(dA_cumsum) is rounded to dy's dtype before its product
+with C, which accumulates in float32, as in mamba-ssm's kernel.
+"""
+
+import torch
+import torch.nn.functional as F
+
+try:  # a dependency of mamba-ssm: training_mixer imports this module only where mamba-ssm imports
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("diffuapriel_hf.modeling.ssd_backward_triton needs triton, which mamba-ssm installs") from error
+
+# The tile of the state each program owns, the tokens per product, and the launch (benchmarks/ssd_backward_walk.py
+# sweeps them).
+LAUNCH = dict(block_p=64, block_n=64, block_k=64, num_warps=4, num_stages=2)
+
+
+def entering_states_backward_reference(C, dA_cumsum, dy, chunk_states, dtype):
+    """`entering_states_backward` in PyTorch (same arguments, same results), one chunk at a time."""
+    _check(C, dA_cumsum, dy, chunk_states)
+    batch, seqlen, heads, _ = dy.shape
+    chunks, chunk = dA_cumsum.shape[2:]
+    pad = chunks * chunk - seqlen
+    C = F.pad(C, (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, chunk))  # (b, c, k, g, n)
+    C = C.repeat_interleave(heads // C.shape[3], dim=3).float()  # (b, c, k, h, n)
+    dy_scaled = F.pad(dy, (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, chunk)).float()
+    dy_scaled = (dy_scaled * torch.exp(dA_cumsum.float()).permute(0, 2, 3, 1)[..., None]).to(dy.dtype)
+    own = torch.einsum("bckhp,bckhn->bchpn", dy_scaled.float(), C)  # each chunk's outputs' own term
+    decay = torch.exp(dA_cumsum[..., -1].float())  # (b, h, c)
+    dstates = torch.zeros_like(own)
+    ddA_chunk = torch.zeros(batch, heads, chunks, device=dy.device, dtype=torch.float32)
+    gradient = torch.zeros_like(own[:, 0])  # (b, h, p, n): of the state after the last chunk (no final state)
+    for c in range(chunks - 1, 0, -1):
+        dstates[:, c] = gradient
+        ddA_chunk[:, :, c] = (chunk_states[:, c].float() * gradient).sum(dim=(-1, -2)) * decay[:, :, c]
+        gradient = decay[:, :, c, None, None] * gradient + own[:, c]
+    dstates[:, 0] = gradient
+    return dstates.to(dtype), ddA_chunk
+
+
+@triton.jit
+def _entering_states_backward_kernel(
+    dy_ptr, C_ptr, dA_cumsum_ptr, states_ptr, dstates_ptr, ddA_ptr,
+    seqlen, nchunks, chunk_size, headdim, dstate, heads_per_group,
+    stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_k,
+    stride_s_b, stride_s_c, stride_s_h, stride_s_p, stride_s_n,
+    stride_ds_b, stride_ds_c, stride_ds_h, stride_ds_p, stride_ds_n,
+    stride_ddA_b, stride_ddA_h, stride_ddA_c, stride_ddA_tile,
+    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tile, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles_n = tl.cdiv(dstate, BLOCK_N)
+    offs_p = (tile // tiles_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    in_tile = (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
+    dy_ptr += b * stride_dy_b + h * stride_dy_h
+    C_ptr += b * stride_C_b + (h // heads_per_group) * stride_C_g
+    dA_cumsum_ptr += b * stride_dA_b + h * stride_dA_h
+    states_tile = (states_ptr + b * stride_s_b + h * stride_s_h + offs_p[:, None] * stride_s_p
+                   + offs_n[None, :] * stride_s_n)
+    dstates_tile = (dstates_ptr + b * stride_ds_b + h * stride_ds_h + offs_p[:, None] * stride_ds_p
+                    + offs_n[None, :] * stride_ds_n)
+    ddA_ptr += b * stride_ddA_b + h * stride_ddA_h + tile * stride_ddA_tile
+
+    gradient = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # of the state after the last chunk: none given
+    tl.store(dstates_tile + (nchunks - 1) * stride_ds_c, gradient.to(dstates_ptr.dtype.element_ty), mask=in_tile)
+    for step in range(nchunks - 1):  # chunks nchunks - 1 down to 1
+        c = nchunks - 1 - step
+        decay = tl.exp(tl.load(dA_cumsum_ptr + c * stride_dA_c + (chunk_size - 1) * stride_dA_k))
+        entering = tl.load(states_tile + c * stride_s_c, mask=in_tile, other=0.0)
+        tl.store(ddA_ptr + c * stride_ddA_c, tl.sum(entering * gradient) * decay)
+        own = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        start = c * chunk_size
+        for k in range(0, tl.minimum(chunk_size, seqlen - start), BLOCK_K):
+            t = start + k + offs_k
+            in_chunk = (k + offs_k < chunk_size) & (t < seqlen)
+            dy = tl.load(dy_ptr + t[None, :] * stride_dy_l + offs_p[:, None] * stride_dy_p,
+                         mask=in_chunk[None, :] & (offs_p[:, None] < headdim), other=0.0)  # (P, K)
+            dA = tl.load(dA_cumsum_ptr + c * stride_dA_c + (k + offs_k) * stride_dA_k, mask=in_chunk, other=0.0)
+            dy = (dy.to(tl.float32) * tl.exp(dA)[None, :]).to(dy_ptr.dtype.element_ty)
+            C = tl.load(C_ptr + t[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                        mask=in_chunk[:, None] & (offs_n[None, :] < dstate), other=0.0)  # (K, N)
+            own += tl.dot(dy, C.to(dy.dtype), input_precision=DOT_PRECISION)
+        gradient = decay * gradient + own
+        tl.store(dstates_tile + (c - 1) * stride_ds_c, gradient.to(dstates_ptr.dtype.element_ty), mask=in_tile)
+    tl.store(ddA_ptr, 0.0)  # the first chunk's decay reaches no state: nothing enters the sequence
+
+
+def entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype):
+    """The gradient of the state between chunks, walked back from the last chunk, for an SSD pass with no initial or
+    final state and no documents: C (b, l, g, n), dA_cumsum (b, h, c, k) float32 (mamba-ssm's chunk cumsum, chunks
+    of k tokens), dy (b, l, h, p), chunk_states (b, c, h, p, n) float32, the state entering each chunk (the first
+    zero). Returns dstates (b, c, h, p, n) in `dtype`, the gradient of the state each chunk's own inputs leave (that
+    of the state entering the next chunk; zero for the last), as `_state_passing_bwd` gives it to mamba-ssm's
+    `_chunk_scan_chunk_state_bwd_dx` and `_chunk_state_bwd_db`; and ddA_chunk (b, h, c) float32, the gradient of
+    each chunk's total log decay through the passing (zero for the first)."""
+    _check(C, dA_cumsum, dy, chunk_states)
+    return launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype, **LAUNCH)
+
+
+def launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype, block_p, block_n, block_k, num_warps,
+                                    num_stages):
+    """The kernel with explicit tiles and launch (`entering_states_backward` checks the inputs and picks them):
+    one program per (tile of block_p x block_n of the state, sequence, head)."""
+    batch, seqlen, heads, headdim = dy.shape
+    chunks, chunk = dA_cumsum.shape[2:]
+    dstate = C.shape[3]
+    tiles = triton.cdiv(headdim, block_p) * triton.cdiv(dstate, block_n)
+    dstates = torch.empty(chunk_states.shape, device=dy.device, dtype=dtype)
+    ddA_tiles = torch.empty(batch, heads, chunks, tiles, device=dy.device, dtype=torch.float32)
+    _entering_states_backward_kernel[(tiles, batch, heads)](
+        dy, C, dA_cumsum, chunk_states, dstates, ddA_tiles, seqlen, chunks, chunk, headdim, dstate,
+        heads // C.shape[2], *dy.stride(), *C.stride(), *dA_cumsum.stride(), *chunk_states.stride(),
+        *dstates.stride(), *ddA_tiles.stride(),
+        DOT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32", BLOCK_P=block_p, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
+    return dstates, ddA_tiles.sum(dim=-1)
+
+
+def _check(C, dA_cumsum, dy, chunk_states) -> None:
+    batch, seqlen, heads, headdim = dy.shape
+    chunks, chunk = dA_cumsum.shape[2:]
+    if C.dim() != 4 or C.shape[:2] != (batch, seqlen) or heads % C.shape[2]:
+        raise ValueError(f"C must be (batch, length, groups, state) with groups dividing dy's {heads} heads, got "
+                         f"{tuple(C.shape)} for dy {tuple(dy.shape)}")
+    if dA_cumsum.shape[:2] != (batch, heads) or chunks != triton.cdiv(seqlen, chunk):
+        raise ValueError(f"dA_cumsum must be (batch, heads, chunks, chunk) covering {seqlen} positions, got "
+                         f"{tuple(dA_cumsum.shape)}")
+    if chunk_states.shape != (batch, chunks, heads, headdim, C.shape[3]):
+        raise ValueError(f"chunk_states must be {(batch, chunks, heads, headdim, C.shape[3])}, got "
+                         f"{tuple(chunk_states.shape)}")
+    if dA_cumsum.dtype != torch.float32 or chunk_states.dtype != torch.float32:
+        raise TypeError(f"dA_cumsum and chunk_states must be float32, got {dA_cumsum.dtype} and {chunk_states.dtype}")
+
+
+__all__ = ["entering_states_backward", "entering_states_backward_reference", "launch_entering_states_backward"]

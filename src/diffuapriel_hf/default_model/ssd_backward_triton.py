@@ -1,0 +1,1 @@
+../../../modeling/ssd_backward_triton.py
