@@ -21,8 +21,8 @@ running decays, every chunk's state and their passing along the sequence (in a 1
 faster one and it can keep its states (`takes`: no documents packed in a row, a chunk that is a whole number of its
 chunks); everything else takes mamba-ssm's function. A 1.3B forward and backward at 4 x 4K took 344.7 against
 369.6 ms and 48.9 against 33.3 GiB on an H100 (benchmarks/results/training_fusions_training_pass.md: the same loss to
-4e-5; measured with mamba-ssm's two kernels for the states' gradient, before our walk), but this pass's gradient tests against mamba-ssm's (tests/test_gpu_kernels.py) have not yet run on a GPU, so it
-is not yet training's default.
+4e-5; measured with mamba-ssm's two kernels for the states' gradient, before our walk), but this pass's gradient
+tests against mamba-ssm's (tests/test_gpu_kernels.py) have not yet run on a GPU, so it is not yet training's default.
 """
 
 from typing import Optional
@@ -56,9 +56,9 @@ def ssd_backward_from_states(dy, x, dt, A, B, C, D, dt_bias, dt_limit, chunk_siz
                              chunk_states, dx, ddt, dB, dC):
     """The SSD's gradients by mamba-ssm's backward kernels (the states' gradient by ours), from the forward's chunk
     states instead of their recomputation. dy, x: (b, l, h, p); dt (b, l, h) before the softplus; B, C (b, l, g, n);
-    per chunk of `chunk_size`: dt_chunks and dA_cumsum (b, h, c, chunk) (mamba-ssm's chunk cumsum), chunk_states (b, c, h, p, n)
-    float32, the state entering each chunk. Writes dx, ddt, dB and dC into the tensors given; returns (dA, dD,
-    ddt_bias)."""
+    per chunk of `chunk_size`: dt_chunks and dA_cumsum (b, h, c, chunk) (mamba-ssm's chunk cumsum), chunk_states
+    (b, c, h, p, n) float32, the state entering each chunk. Writes dx, ddt, dB and dC into the tensors given; returns
+    (dA, dD, ddt_bias)."""
     ngroups = B.shape[2]
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
     # The gradient of each chunk's entering state from the outputs inside it, then passed back along the sequence.
