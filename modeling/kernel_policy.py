@@ -217,12 +217,15 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
 
 def _mamba_ops(use_mamba_kernels: bool, grad_enabled: bool) -> MambaOps:
     """The kernels when wanted and installed, else the references. In training, mixer passes without padding or
-    states run mamba-ssm's fused mixer function, which writes in_proj's output gradient in one buffer and recomputes
-    the convolution: a 1.3B step's forward and backward 369 vs 374 ms and 34.2 vs 44.7 GiB at 4 x 4K against the
-    kernels called one after another (H100, results/training_fusions.json)."""
+    states run as one function whose backward writes in_proj's output gradient in one buffer: mamba-ssm's fused mixer
+    function took a 1.3B step's forward and backward at 4 x 4K in 369 vs 374 ms and 34.2 vs 44.7 GiB against the
+    kernels called one after another (H100, results/training_fusions.json). Where our single-pass SSD is the faster
+    forward and no documents are packed, `training_mixer`'s pass, which keeps the chunk states and the convolution's
+    output for the backward instead of computing them again: 344.7 vs 369.6 ms, 48.9 vs 33.3 GiB (H100,
+    results/training_fusions_training_pass.json)."""
     if not use_mamba_kernels:
         return TORCH_OPS
-    ops = kernel_ops(split_conv1d_scan=grad_enabled)
+    ops = kernel_ops(split_conv1d_scan=grad_enabled, training_pass=grad_enabled)
     if ops is None:
         _warn_kernels_missing()
         return TORCH_OPS

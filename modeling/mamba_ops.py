@@ -422,7 +422,7 @@ def kernel_ops(single_pass: Optional[bool] = None, split_conv1d_scan: bool = Fal
     (None: `ssd_triton.single_pass_is_faster` decides; benchmarks/ssd_dispatch.py measures both). With
     `split_conv1d_scan`, whole mixer passes run as one function (`MambaOps.split_conv1d_scan`): mamba-ssm's fused
     mixer function, or with `training_pass` `training_mixer`'s where it takes the pass and our single-pass SSD is the
-    faster one (not yet the default: its gradient tests have not yet run on a GPU)."""
+    faster one (training's default: `kernel_policy._mamba_ops`)."""
     try:
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.ssd_chunk_scan import chunk_scan as chunk_scan_from_states

@@ -21,8 +21,9 @@ running decays, every chunk's state and their passing along the sequence (in a 1
 faster one and it can keep its states (`takes`: no documents packed in a row, a chunk that is a whole number of its
 chunks); everything else takes mamba-ssm's function. A 1.3B forward and backward at 4 x 4K took 344.7 against
 369.6 ms and 48.9 against 33.3 GiB on an H100 (benchmarks/results/training_fusions_training_pass.md: the same loss to
-4e-5; measured with mamba-ssm's two kernels for the states' gradient, before our walk), but this pass's gradient
-tests against mamba-ssm's (tests/test_gpu_kernels.py) have not yet run on a GPU, so it is not yet training's default.
+4e-5; measured with mamba-ssm's two kernels for the states' gradient, before our walk), so it is training's default
+(`kernel_policy._mamba_ops`); tests/test_gpu_kernels.py compares its outputs and gradients with mamba-ssm's
+function's.
 """
 
 from typing import Optional
