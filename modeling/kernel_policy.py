@@ -221,8 +221,8 @@ def _mamba_ops(use_mamba_kernels: bool, grad_enabled: bool) -> MambaOps:
     function took a 1.3B step's forward and backward at 4 x 4K in 369 vs 374 ms and 34.2 vs 44.7 GiB against the
     kernels called one after another (H100, results/training_fusions.json). Where our single-pass SSD is the faster
     forward and no documents are packed, `training_mixer`'s pass, which keeps the chunk states and the convolution's
-    output for the backward instead of computing them again: 344.7 vs 369.6 ms, 48.9 vs 33.3 GiB (H100,
-    results/training_fusions_training_pass.json)."""
+    output for the backward instead of computing them again, with our walk of the states' gradient: 344.4 vs 372.5 ms,
+    48.9 vs 33.3 GiB, the loss the same to 4e-5 (H100, results/training_fusions_walk.json)."""
     if not use_mamba_kernels:
         return TORCH_OPS
     ops = kernel_ops(split_conv1d_scan=grad_enabled, training_pass=grad_enabled)

@@ -19,11 +19,10 @@ running decays, every chunk's state and their passing along the sequence (in a 1
 
 `mamba_ops.kernel_ops(split_conv1d_scan=True, training_pass=True)` sends a pass here where our SSD kernel is the
 faster one and it can keep its states (`takes`: no documents packed in a row, a chunk that is a whole number of its
-chunks); everything else takes mamba-ssm's function. A 1.3B forward and backward at 4 x 4K took 344.7 against
-369.6 ms and 48.9 against 33.3 GiB on an H100 (benchmarks/results/training_fusions_training_pass.md: the same loss to
-4e-5; measured with mamba-ssm's two kernels for the states' gradient, before our walk), so it is training's default
-(`kernel_policy._mamba_ops`); tests/test_gpu_kernels.py compares its outputs and gradients with mamba-ssm's
-function's.
+chunks); everything else takes mamba-ssm's function. A 1.3B forward and backward at 4 x 4K took 344.4 against
+372.5 ms and 48.9 against 33.3 GiB on an H100 (benchmarks/results/training_fusions_walk.md: the same loss to 4e-5),
+so it is training's default (`kernel_policy._mamba_ops`); tests/test_gpu_kernels.py compares its outputs and
+gradients with mamba-ssm's function's.
 """
 
 from typing import Optional
