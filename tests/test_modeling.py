@@ -253,6 +253,28 @@ def test_the_kernel_policy_follows_the_device_grad_mode_and_config():
     assert resolve_kernel_policy(DiffuAprielConfig.from_preset("tiny", use_mamba_kernels=False), "cuda").mamba is TORCH_OPS
 
 
+def test_training_asks_for_the_training_pass_and_inference_for_neither_mixer_function(monkeypatch):
+    """On CUDA the kernels' MambaOps in grad mode carry whole mixer passes, by `training_mixer` where it takes them
+    (timed: results/training_fusions_walk.json); without grad, neither."""
+    asked = []
+
+    def recording_kernel_ops(**options):
+        asked.append(options)
+        return TORCH_OPS
+
+    monkeypatch.setattr(kernel_policy, "kernel_ops", recording_kernel_ops)
+    kernel_policy._default_policy.cache_clear()
+    try:
+        config = DiffuAprielConfig.from_preset("tiny")
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                resolve_kernel_policy(config, "cuda")
+    finally:
+        kernel_policy._default_policy.cache_clear()
+    assert asked == [dict(split_conv1d_scan=True, training_pass=True), dict(split_conv1d_scan=False,
+                                                                            training_pass=False)]
+
+
 def test_every_dispatch_threshold_cites_a_result_file_that_exists_and_is_the_one_applied(tiny_model):
     root = Path(__file__).resolve().parent.parent
     for name, threshold in DISPATCH_THRESHOLDS.items():
