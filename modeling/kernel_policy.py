@@ -6,6 +6,10 @@ Every operation the model fuses has a PyTorch reference (runs everywhere, carrie
 |--------------------------------------------|------------------------------------|------------------------------------------|
 | SSD scan, causal conv1d, gated norm        | `mamba_ops.*_reference`            | mamba-ssm / causal-conv1d, our           |
 |                                            |                                    | `ssd_triton.ssd_forward` (inference)     |
+| the mixer from in_proj's output to         | those steps one after another      | training: `training_mixer` (our SSD      |
+| out_proj's (training)                      | (`mamba_split_conv1d_scan_         | forward, our states' gradient walk,      |
+|                                            | reference`)                        | mamba-ssm's other backward kernels) or   |
+|                                            |                                    | mamba-ssm's fused mixer function         |
 | direction sum; residual add + next norm    | `fused_ops.*_reference`            | `fused_ops` Triton kernels (the add +    |
 |                                            |                                    | norm also in training)                   |
 | the mixer's two reading orders (training)  | `reverse_time`, autograd's sum of  | `fused_ops.BothReadingOrders`: the       |
