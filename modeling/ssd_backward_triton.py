@@ -29,7 +29,7 @@ try:  # a dependency of mamba-ssm: training_mixer imports this module only where
 except ImportError as error:
     raise ImportError("diffuapriel_hf.modeling.ssd_backward_triton needs triton, which mamba-ssm installs") from error
 
-# The tile of the state each program owns, the tokens per product, and the launch: 0.29-0.35 ms against mamba-ssm's
+# The tile of the state each program owns, the tokens per product, and the launch: 0.27-0.35 ms against mamba-ssm's
 # 0.36-0.43 for its two kernels at 16K tokens from 16 x 1K to 2 x 8K, 0.52 against 0.36 at 1 x 16K (H100,
 # benchmarks/results/ssd_backward_walk.json, whose sweep found faster settings not yet tested on a GPU).
 LAUNCH = dict(block_p=64, block_n=64, block_k=64, num_warps=4, num_stages=2)
