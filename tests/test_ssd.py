@@ -185,7 +185,6 @@ def test_whole_mixer_passes_route_to_the_training_pass_where_it_takes_them_and_o
     test_gpu_kernels.py): `training_mixer`'s pass where it takes the pass and the single-pass rule says yes, mamba-ssm's
     fused function elsewhere, the operations one after another where causal-conv1d's kernel does not apply."""
     calls = []
-    takes = {"now": True}
     training_pass = lambda *args, **kwargs: calls.append("training pass")  # noqa: E731
     theirs = lambda *args, **kwargs: calls.append("mamba-ssm")  # noqa: E731
     parts = lambda *args, **kwargs: calls.append("parts")  # noqa: E731
@@ -198,9 +197,8 @@ def test_whole_mixer_passes_route_to_the_training_pass_where_it_takes_them_and_o
         (None, False, 4, True, True, "parts"),
     ]:
         calls.clear()
-        takes["now"] = pass_takes
         mixer = mamba_ops._split_conv1d_scan_via_kernel(kernel, parts, training_pass if pass_given else None,
-                                                        lambda *args: takes["now"], lambda *sizes: rule)
+                                                        lambda *args: pass_takes, lambda *sizes: rule)
         mixer(torch.zeros(1, 8, 64), torch.zeros(16, width), None, torch.zeros(2), torch.zeros(2), torch.zeros(2), 8)
         assert calls == [expected], (kernel, pass_given, width, pass_takes, rule)
 
