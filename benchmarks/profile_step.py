@@ -4,8 +4,9 @@ training step's forward and backward instead (half the tokens masked, the MDLM l
 optimizer), at --batch sequences. With --cached_step, those of one step of a block model's generation: its block
 alone against an exact cache holding --length tokens (run eagerly, not from the CUDA graph generation replays, so
 that every kernel shows; the listing also counts the launches, which the graph's replay pays about 2-3 us each).
-It also records the profiled step's wall time and how long some kernel ran between the first kernel's start and the
-last one's end: the rest is the device waiting for the host.
+It also records the profiled step's wall time, how long the host took to issue it (the time until the step returned,
+before synchronising), how long some kernel ran between the first kernel's start and the last one's end (the rest is
+the device waiting for the host), and the longest of those waits with the kernels on either side.
 
     python benchmarks/profile_step.py --model diffuapriel-1.3b --length 65536 --out benchmarks/results/profile_64k.json
     python benchmarks/profile_step.py --model diffuapriel-1.3b --length 4096 --batch 4 --training --out OUT.json
@@ -77,11 +78,27 @@ def busy_ms(intervals) -> tuple[float, float]:
     return (covered_to - intervals[0][0]) / 1e3, busy / 1e3
 
 
+def idle_gaps(kernels, count: int) -> list[dict]:
+    """The `count` longest waits between kernels, longest first, from kernels given as (start, end, name) with times
+    in us: each wait's length and start in ms (from the first kernel's start) and the kernels that ended before it
+    (the last to end) and started after it."""
+    kernels = sorted(kernels)
+    gaps, covered_to, last_name = [], kernels[0][1] if kernels else 0.0, kernels[0][2] if kernels else ""
+    for start, end, name in kernels[1:]:
+        if start > covered_to:
+            gaps.append(dict(ms=(start - covered_to) / 1e3, at_ms=(covered_to - kernels[0][0]) / 1e3,
+                             after=last_name[:80], before=name[:80]))
+        if end > covered_to:
+            covered_to, last_name = end, name
+    return sorted(gaps, key=lambda gap: gap["ms"], reverse=True)[:count]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="diffuapriel-1.3b")
     parser.add_argument("--length", type=int, default=65536)
     parser.add_argument("--top", type=int, default=25, help="kernels listed by name; the rest are summed")
+    parser.add_argument("--gaps", type=int, default=10, help="the longest waits between kernels listed")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--training", action="store_true", help="a training step's forward and backward")
     parser.add_argument("--cached_step", action="store_true",
@@ -106,16 +123,18 @@ def main():
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         started = time.perf_counter()
         step()
+        host_ms = 1e3 * (time.perf_counter() - started)
         torch.cuda.synchronize()
         wall_ms = 1e3 * (time.perf_counter() - started)
-    totals, counts, intervals = defaultdict(float), defaultdict(int), []
+    totals, counts, kernels = defaultdict(float), defaultdict(int), []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.device_time_total / 1e3  # ms
             counts[event.name] += 1
-            intervals.append((event.time_range.start, event.time_range.end))
-    span, busy = busy_ms(intervals)
-    result.update(wall_ms=wall_ms, kernel_span_ms=span, kernel_busy_ms=busy)
+            kernels.append((event.time_range.start, event.time_range.end, event.name))
+    span, busy = busy_ms([kernel[:2] for kernel in kernels])
+    gaps = idle_gaps(kernels, args.gaps)
+    result.update(wall_ms=wall_ms, host_ms=host_ms, kernel_span_ms=span, kernel_busy_ms=busy, longest_waits=gaps)
     ranked = sorted(totals, key=totals.get, reverse=True)
     rows = [dict(kernel=name[:160], ms=totals[name], calls=counts[name]) for name in ranked[: args.top]]
     rest = sum(totals[name] for name in ranked[args.top:])
@@ -124,8 +143,11 @@ def main():
     for row in rows:
         print(f"{row['ms']:9.2f} ms {row['calls']:5d} x  {row['kernel'][:110]}")
     print(f"{rest:9.2f} ms in other kernels; {result['total_kernel_ms']:.2f} ms in {result['launches']} launches")
-    print(f"the step: {wall_ms:.2f} ms (profiled); kernels running {busy:.2f} of the {span:.2f} ms from the first "
-          "to the last")
+    print(f"the step: {wall_ms:.2f} ms (profiled), issued by the host in {host_ms:.2f}; kernels running {busy:.2f} of "
+          f"the {span:.2f} ms from the first to the last")
+    for gap in gaps:
+        print(f"waited {gap['ms']:.3f} ms at {gap['at_ms']:.1f} ms, after {gap['after'][:50]}, "
+              f"before {gap['before'][:50]}")
     save(result, args.out)
 
 

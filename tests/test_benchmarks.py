@@ -347,6 +347,16 @@ def test_profile_steps_busy_time_is_the_union_of_the_kernel_intervals(benchmarks
     assert busy_ms([]) == (0.0, 0.0)
 
 
+def test_profile_steps_longest_waits_name_the_kernels_on_either_side(benchmarks_on_path):
+    idle_gaps = load(BENCHMARKS / "profile_step.py").idle_gaps
+    kernels = [(0.0, 1000.0, "a"), (200.0, 3000.0, "long"), (1500.0, 2000.0, "inside"), (3500.0, 4000.0, "b"),
+               (5000.0, 5100.0, "c")]
+    gaps = idle_gaps(kernels, 5)
+    assert gaps == [dict(ms=1.0, at_ms=4.0, after="b", before="c"), dict(ms=0.5, at_ms=3.0, after="long", before="b")]
+    assert idle_gaps(kernels, 1) == gaps[:1]
+    assert idle_gaps([], 3) == []
+
+
 def test_profile_steps_training_step_runs_the_loss_backward_and_leaves_no_gradient(benchmarks_on_path, tiny_model):
     profile_step = load(BENCHMARKS / "profile_step.py")
     model = tiny_model("hybrid")
