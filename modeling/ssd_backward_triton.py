@@ -29,10 +29,20 @@ try:  # a dependency of mamba-ssm: training_mixer imports this module only where
 except ImportError as error:
     raise ImportError("diffuapriel_hf.modeling.ssd_backward_triton needs triton, which mamba-ssm installs") from error
 
-# The tile of the state each program owns, the tokens per product, and the launch: 0.27-0.35 ms against mamba-ssm's
-# 0.36-0.43 for its two kernels at 16K tokens from 16 x 1K to 2 x 8K, 0.52 against 0.36 at 1 x 16K (H100,
-# benchmarks/results/ssd_backward_walk.json, whose sweep found faster settings not yet tested on a GPU).
-LAUNCH = dict(block_p=64, block_n=64, block_k=64, num_warps=4, num_stages=2)
+# The tile of the state each program owns, the tokens per product and the launch, by how many (sequence, head) walks
+# there are. Swept on an H100 at 16K tokens a step (64 heads of 64, state 128: results/ssd_backward_walk_sweep.json,
+# 24 settings), against mamba-ssm's two kernels' 0.36-0.43 ms: with 128 walks or more (2 x 8K and shorter), a 1.3B
+# head's whole state in one program (tiles of 64 x 128), 0.20-0.30 ms; with 64 (1 x 16K), where those tiles took
+# 0.48 ms, four programs a walk (tiles of 64 x 32), 0.39 ms. Both with 64 tokens a product and 3 pipeline stages, the
+# fastest at every shape. (Not yet timed as chosen.)
+WALKS_FOR_WHOLE_STATE_TILES = 128
+LAUNCH_MANY_WALKS = dict(block_p=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
+LAUNCH_FEW_WALKS = dict(block_p=64, block_n=32, block_k=64, num_warps=4, num_stages=3)
+
+
+def launch_settings(batch: int, heads: int) -> dict:
+    """The launch settings for batch x heads walks (see LAUNCH_MANY_WALKS)."""
+    return LAUNCH_MANY_WALKS if batch * heads >= WALKS_FOR_WHOLE_STATE_TILES else LAUNCH_FEW_WALKS
 
 
 def entering_states_backward_reference(C, dA_cumsum, dy, chunk_states, dtype):
@@ -118,7 +128,8 @@ def entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype):
     `_chunk_scan_chunk_state_bwd_dx` and `_chunk_state_bwd_db`; and ddA_chunk (b, h, c) float32, the gradient of
     each chunk's total log decay through the passing (zero for the first)."""
     _check(C, dA_cumsum, dy, chunk_states)
-    return launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype, **LAUNCH)
+    return launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype,
+                                           **launch_settings(dy.shape[0], dy.shape[2]))
 
 
 def launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype, block_p, block_n, block_k, num_warps,
@@ -157,4 +168,5 @@ def _check(C, dA_cumsum, dy, chunk_states) -> None:
         raise TypeError(f"dA_cumsum and chunk_states must be float32, got {dA_cumsum.dtype} and {chunk_states.dtype}")
 
 
-__all__ = ["entering_states_backward", "entering_states_backward_reference", "launch_entering_states_backward"]
+__all__ = ["entering_states_backward", "entering_states_backward_reference", "launch_entering_states_backward",
+           "launch_settings"]

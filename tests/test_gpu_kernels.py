@@ -196,7 +196,8 @@ def test_chunk_state_kernel_matches_the_reference_forward_and_backward():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_states_gradient_walk_matches_mamba_ssm_two_kernels_at_the_1_3b_sizes(dtype):
+@pytest.mark.parametrize("batch, heads", [(2, 16), (2, 64)], ids=["few walks", "many walks"])
+def test_states_gradient_walk_matches_mamba_ssm_two_kernels_at_the_1_3b_sizes(dtype, batch, heads):
     """`ssd_backward_triton.entering_states_backward` against mamba-ssm's `_chunk_scan_bwd_dstates` then
     `_state_passing_bwd` (what the training pass called before), at the 1.3B presets' head sizes and chunks, on a
     length that is not a whole number of chunks; and against its reference. mamba-ssm's products of float32 inputs
@@ -207,7 +208,7 @@ def test_states_gradient_walk_matches_mamba_ssm_two_kernels_at_the_1_3b_sizes(dt
     from diffuapriel_hf.modeling.ssd_backward_triton import (entering_states_backward,
                                                              entering_states_backward_reference)
 
-    C, dA_cumsum, dy, chunk_states = walk_inputs(2, 4196, 16, 64, 1, 128, 256, dtype=dtype, device="cuda")
+    C, dA_cumsum, dy, chunk_states = walk_inputs(batch, 4196, heads, 64, 1, 128, 256, dtype=dtype, device="cuda")
     dstates, ddA_chunk = entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype)
     own = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, dtype=torch.float32)
     theirs, ddA_theirs, _ = _state_passing_bwd(chunk_states.flatten(-2), dA_cumsum[..., -1], own.flatten(-2),

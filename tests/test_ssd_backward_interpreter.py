@@ -12,8 +12,9 @@ from diffuapriel_hf.modeling.mamba_ops import state_passing_reference
 
 pytest.importorskip("triton")
 
-from diffuapriel_hf.modeling.ssd_backward_triton import (entering_states_backward,  # noqa: E402 (needs triton)
-                                                         entering_states_backward_reference)
+from diffuapriel_hf.modeling.ssd_backward_triton import (LAUNCH_MANY_WALKS,  # noqa: E402 (needs triton)
+                                                         entering_states_backward, entering_states_backward_reference,
+                                                         launch_entering_states_backward, launch_settings)
 
 # (batch, length, heads, head_dim, groups, state, chunk): a last chunk that is partial, sizes under a tile (masked),
 # groups, a head's channels and its state each over two tiles (64 is a tile's side), a single chunk.
@@ -62,6 +63,11 @@ def interpreted_checks() -> dict:
         got = entering_states_backward(C, dA_cumsum, dy, chunk_states, torch.float32)
         expected = entering_states_backward_reference(C, dA_cumsum, dy, chunk_states, torch.float32)
         errors[str(index)] = dict(dstates=difference(got[0], expected[0]), ddA_chunk=difference(got[1], expected[1]))
+    # The settings for many walks (a whole head's state of 128 in one program), on the case of two tiles of each side.
+    C, dA_cumsum, dy, chunk_states = walk_inputs(*CASES[2], seed=2)
+    got = launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, torch.float32, **LAUNCH_MANY_WALKS)
+    expected = entering_states_backward_reference(C, dA_cumsum, dy, chunk_states, torch.float32)
+    errors["many walks"] = dict(dstates=difference(got[0], expected[0]), ddA_chunk=difference(got[1], expected[1]))
     # dstates in another dtype than the inputs' (mamba-ssm's: x's), from the same float32 sums.
     C, dA_cumsum, dy, chunk_states = walk_inputs(*CASES[1])
     rounded = entering_states_backward(C, dA_cumsum, dy, chunk_states, torch.bfloat16)[0]
@@ -82,10 +88,15 @@ def interpreted_checks() -> dict:
     return dict(errors=errors, refusals=refusals)
 
 
-@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("case", [str(index) for index in range(len(CASES))] + ["many walks"])
 def test_interpreted_walk_matches_the_reference(interpreted, case):
-    assert interpreted["errors"][str(case)]["dstates"] <= 1e-5
-    assert interpreted["errors"][str(case)]["ddA_chunk"] <= 1e-5
+    assert interpreted["errors"][case]["dstates"] <= 1e-5
+    assert interpreted["errors"][case]["ddA_chunk"] <= 1e-5
+
+
+def test_launch_settings_give_a_whole_1_3b_head_state_to_one_program_from_128_walks():
+    assert launch_settings(2, 64) == LAUNCH_MANY_WALKS and launch_settings(16, 64) == LAUNCH_MANY_WALKS
+    assert launch_settings(1, 64)["block_n"] * 4 == 128  # four programs a walk where there are fewer
 
 
 def test_interpreted_walk_writes_dstates_in_the_dtype_asked_for(interpreted):
