@@ -5,8 +5,8 @@ every chunk's own term in float32, then `_state_passing_bwd`, which reads them b
 In bf16 with the 1.3B presets' sizes (64 heads of 64, state 128, one group, chunks of 256), C a view of a wider tensor
 as the mixer's convolution output is, at the training throughput benchmark's shapes (16K tokens a step):
 - the time of mamba-ssm's pair and of ours under its launch settings and each swept (tiles of the state, tokens per
-  product, warps, pipeline stages);
-- the largest difference of dstates, relative to their scale.
+  product, warps, pipeline stages, each chunk's products in a loop or unrolled);
+- the largest difference of dstates from mamba-ssm's, ours and each swept setting's, with their scale.
 A 1.3B training step calls it once per direction per Mamba layer.
 
     python benchmarks/ssd_backward_walk.py --out benchmarks/results/ssd_backward_walk
@@ -25,8 +25,9 @@ from harness import median_ms, new_result, save  # benchmarks/harness.py, beside
 SHAPES = [(16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384)]
 HEADS, HEAD_DIM, STATE, GROUPS, CHUNK = 64, 64, 128, 1, 256
 # 24 settings at 1ccf978 (results/ssd_backward_walk_sweep.json): 64 tokens a product and 3 stages were the fastest at
-# every shape; the tiles are swept again around them.
-SWEEP = dict(tile=[(64, 128), (64, 64), (64, 32), (32, 64)], block_k=[64], num_warps=[4], num_stages=[2, 3])
+# every shape; the tiles are swept again around them, with each chunk's products in a loop or unrolled.
+SWEEP = dict(tile=[(64, 128), (64, 64), (64, 32), (32, 64)], block_k=[64], num_warps=[4], num_stages=[2, 3],
+             unroll_chunk=[False, True])
 
 
 def walk_inputs(batch: int, length: int):
@@ -65,14 +66,16 @@ def walk_rows() -> list[dict]:
                    ours_ms=median_ms(lambda: entering_states_backward(*inputs, torch.bfloat16), reps=20, warmup=2),
                    max_abs_diff=(ours.float() - reference.float()).abs().max().item(),
                    reference_max_abs=reference.float().abs().max().item(), sweep=[])
-        for (block_p, block_n), block_k, num_warps, num_stages in itertools.product(*SWEEP.values()):
+        for (block_p, block_n), block_k, num_warps, num_stages, unroll_chunk in itertools.product(*SWEEP.values()):
             launch = dict(block_p=block_p, block_n=block_n, block_k=block_k, num_warps=num_warps,
-                          num_stages=num_stages)
+                          num_stages=num_stages, unroll_chunk=unroll_chunk)
             try:
+                swept = launch_entering_states_backward(*inputs, torch.bfloat16, **launch)[0]
+                diff = (swept.float() - reference.float()).abs().max().item()
                 ms = median_ms(lambda: launch_entering_states_backward(*inputs, torch.bfloat16, **launch), reps=10)
             except Exception as error:  # a setting that does not fit the multiprocessor (registers, shared memory)
-                ms = repr(error).splitlines()[0][:120]
-            row["sweep"].append(dict(launch, ms=ms))
+                ms, diff = repr(error).splitlines()[0][:120], None
+            row["sweep"].append(dict(launch, ms=ms, max_abs_diff=diff))
         row["best"] = min((s for s in row["sweep"] if isinstance(s["ms"], float)), key=lambda s: s["ms"])
         rows.append(row)
         print(f"walk {batch:2d} x {length:6d}: mamba-ssm {row['mamba_ssm_ms']:.3f} ms, ours {row['ours_ms']:.3f} ms "
@@ -87,7 +90,7 @@ def markdown(result: dict) -> str:
              "| batch x length | mamba-ssm ms | ours ms (launch) | ours / mamba-ssm | best swept ms (launch) |",
              "|---|---|---|---|---|"]
     for row in result["rows"]:
-        best = {k: v for k, v in row["best"].items() if k != "ms"}
+        best = {k: v for k, v in row["best"].items() if k not in ("ms", "max_abs_diff")}
         lines.append(f"| {row['batch']} x {row['length']} | {row['mamba_ssm_ms']:.3f} | {row['ours_ms']:.3f} "
                      f"({row['launch']}) | "
                      f"{row['ours_ms'] / row['mamba_ssm_ms']:.2f} | {row['best']['ms']:.3f} ({best}) |")

@@ -69,16 +69,33 @@ def entering_states_backward_reference(C, dA_cumsum, dy, chunk_states, dtype):
 
 
 @triton.jit
+def _own_term_part(dy_ptr, C_ptr, dA_cumsum_ptr, start, k, offs_p, offs_n, offs_k, seqlen, headdim, dstate,
+                   stride_dy_l, stride_dy_p, stride_C_l, stride_C_n, stride_dA_k, DOT_PRECISION: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """The part of a chunk's own term from its tokens k to k + BLOCK_K: (dy exp(dA_cumsum))^T C, (P, N) float32."""
+    t = start + k + offs_k
+    in_chunk = (k + offs_k < CHUNK) & (t < seqlen)
+    dy = tl.load(dy_ptr + t[None, :] * stride_dy_l + offs_p[:, None] * stride_dy_p,
+                 mask=in_chunk[None, :] & (offs_p[:, None] < headdim), other=0.0)  # (P, K)
+    dA = tl.load(dA_cumsum_ptr + (k + offs_k) * stride_dA_k, mask=in_chunk, other=0.0)
+    dy = (dy.to(tl.float32) * tl.exp(dA)[None, :]).to(dy_ptr.dtype.element_ty)
+    C = tl.load(C_ptr + t[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                mask=in_chunk[:, None] & (offs_n[None, :] < dstate), other=0.0)  # (K, N)
+    return tl.dot(dy, C.to(dy.dtype), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _entering_states_backward_kernel(
     dy_ptr, C_ptr, dA_cumsum_ptr, states_ptr, dstates_ptr, ddA_ptr,
-    seqlen, nchunks, chunk_size, headdim, dstate, heads_per_group,
+    seqlen, nchunks, headdim, dstate, heads_per_group,
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_k,
     stride_s_b, stride_s_c, stride_s_h, stride_s_p, stride_s_n,
     stride_ds_b, stride_ds_c, stride_ds_h, stride_ds_p, stride_ds_n,
     stride_ddA_b, stride_ddA_h, stride_ddA_c, stride_ddA_tile,
-    DOT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, UNROLL_CHUNK: tl.constexpr,
 ):
     tile, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tiles_n = tl.cdiv(dstate, BLOCK_N)
@@ -99,21 +116,21 @@ def _entering_states_backward_kernel(
     tl.store(dstates_tile + (nchunks - 1) * stride_ds_c, gradient.to(dstates_ptr.dtype.element_ty), mask=in_tile)
     for step in range(nchunks - 1):  # chunks nchunks - 1 down to 1
         c = nchunks - 1 - step
-        decay = tl.exp(tl.load(dA_cumsum_ptr + c * stride_dA_c + (chunk_size - 1) * stride_dA_k))
+        decay = tl.exp(tl.load(dA_cumsum_ptr + c * stride_dA_c + (CHUNK - 1) * stride_dA_k))
         entering = tl.load(states_tile + c * stride_s_c, mask=in_tile, other=0.0)
         tl.store(ddA_ptr + c * stride_ddA_c, tl.sum(entering * gradient) * decay)
         own = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        start = c * chunk_size
-        for k in range(0, tl.minimum(chunk_size, seqlen - start), BLOCK_K):
-            t = start + k + offs_k
-            in_chunk = (k + offs_k < chunk_size) & (t < seqlen)
-            dy = tl.load(dy_ptr + t[None, :] * stride_dy_l + offs_p[:, None] * stride_dy_p,
-                         mask=in_chunk[None, :] & (offs_p[:, None] < headdim), other=0.0)  # (P, K)
-            dA = tl.load(dA_cumsum_ptr + c * stride_dA_c + (k + offs_k) * stride_dA_k, mask=in_chunk, other=0.0)
-            dy = (dy.to(tl.float32) * tl.exp(dA)[None, :]).to(dy_ptr.dtype.element_ty)
-            C = tl.load(C_ptr + t[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
-                        mask=in_chunk[:, None] & (offs_n[None, :] < dstate), other=0.0)  # (K, N)
-            own += tl.dot(dy, C.to(dy.dtype), input_precision=DOT_PRECISION)
+        start = c * CHUNK
+        if UNROLL_CHUNK:  # the chunk's products written out, so that the walk is the loop the compiler pipelines
+            for k in tl.static_range(0, CHUNK, BLOCK_K):
+                own += _own_term_part(dy_ptr, C_ptr, dA_cumsum_ptr + c * stride_dA_c, start, k, offs_p, offs_n,
+                                      offs_k, seqlen, headdim, dstate, stride_dy_l, stride_dy_p, stride_C_l,
+                                      stride_C_n, stride_dA_k, DOT_PRECISION, CHUNK)
+        else:
+            for k in range(0, tl.minimum(CHUNK, seqlen - start), BLOCK_K):
+                own += _own_term_part(dy_ptr, C_ptr, dA_cumsum_ptr + c * stride_dA_c, start, k, offs_p, offs_n,
+                                      offs_k, seqlen, headdim, dstate, stride_dy_l, stride_dy_p, stride_C_l,
+                                      stride_C_n, stride_dA_k, DOT_PRECISION, CHUNK)
         gradient = decay * gradient + own
         tl.store(dstates_tile + (c - 1) * stride_ds_c, gradient.to(dstates_ptr.dtype.element_ty), mask=in_tile)
     tl.store(ddA_ptr, 0.0)  # the first chunk's decay reaches no state: nothing enters the sequence
@@ -133,9 +150,11 @@ def entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype):
 
 
 def launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype, block_p, block_n, block_k, num_warps,
-                                    num_stages):
+                                    num_stages, unroll_chunk=False):
     """The kernel with explicit tiles and launch (`entering_states_backward` checks the inputs and picks them):
-    one program per (tile of block_p x block_n of the state, sequence, head)."""
+    one program per (tile of block_p x block_n of the state, sequence, head). With `unroll_chunk`, each chunk's
+    products are unrolled (chunk / block_k of them), which leaves the walk over the chunks as the loop that the
+    compiler pipelines (num_stages), loading the next chunk's tokens while this one's are multiplied."""
     batch, seqlen, heads, headdim = dy.shape
     chunks, chunk = dA_cumsum.shape[2:]
     dstate = C.shape[3]
@@ -143,11 +162,11 @@ def launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype, block
     dstates = torch.empty(chunk_states.shape, device=dy.device, dtype=dtype)
     ddA_tiles = torch.empty(batch, heads, chunks, tiles, device=dy.device, dtype=torch.float32)
     _entering_states_backward_kernel[(tiles, batch, heads)](
-        dy, C, dA_cumsum, chunk_states, dstates, ddA_tiles, seqlen, chunks, chunk, headdim, dstate,
+        dy, C, dA_cumsum, chunk_states, dstates, ddA_tiles, seqlen, chunks, headdim, dstate,
         heads // C.shape[2], *dy.stride(), *C.stride(), *dA_cumsum.stride(), *chunk_states.stride(),
         *dstates.stride(), *ddA_tiles.stride(),
-        DOT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32", BLOCK_P=block_p, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32", CHUNK=chunk, BLOCK_P=block_p,
+        BLOCK_N=block_n, BLOCK_K=block_k, UNROLL_CHUNK=unroll_chunk, num_warps=num_warps, num_stages=num_stages,
     )
     return dstates, ddA_tiles.sum(dim=-1)
 

@@ -12,7 +12,8 @@ from diffuapriel_hf.modeling.mamba_ops import state_passing_reference
 
 pytest.importorskip("triton")
 
-from diffuapriel_hf.modeling.ssd_backward_triton import (LAUNCH_MANY_WALKS,  # noqa: E402 (needs triton)
+from diffuapriel_hf.modeling.ssd_backward_triton import (LAUNCH_FEW_WALKS,  # noqa: E402 (needs triton)
+                                                         LAUNCH_MANY_WALKS,
                                                          entering_states_backward, entering_states_backward_reference,
                                                          launch_entering_states_backward, launch_settings)
 
@@ -68,6 +69,14 @@ def interpreted_checks() -> dict:
     got = launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, torch.float32, **LAUNCH_MANY_WALKS)
     expected = entering_states_backward_reference(C, dA_cumsum, dy, chunk_states, torch.float32)
     errors["many walks"] = dict(dstates=difference(got[0], expected[0]), ddA_chunk=difference(got[1], expected[1]))
+    # Each chunk's products unrolled (16 tokens each: one to four a chunk), with a partial last chunk.
+    for index in (0, 1, 3):
+        C, dA_cumsum, dy, chunk_states = walk_inputs(*CASES[index], seed=index)
+        got = launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, torch.float32,
+                                              **dict(LAUNCH_FEW_WALKS, block_k=16, unroll_chunk=True))
+        expected = entering_states_backward_reference(C, dA_cumsum, dy, chunk_states, torch.float32)
+        errors[f"unrolled {index}"] = dict(dstates=difference(got[0], expected[0]),
+                                           ddA_chunk=difference(got[1], expected[1]))
     # dstates in another dtype than the inputs' (mamba-ssm's: x's), from the same float32 sums.
     C, dA_cumsum, dy, chunk_states = walk_inputs(*CASES[1])
     rounded = entering_states_backward(C, dA_cumsum, dy, chunk_states, torch.bfloat16)[0]
@@ -88,7 +97,8 @@ def interpreted_checks() -> dict:
     return dict(errors=errors, refusals=refusals)
 
 
-@pytest.mark.parametrize("case", [str(index) for index in range(len(CASES))] + ["many walks"])
+@pytest.mark.parametrize("case", [str(index) for index in range(len(CASES))]
+                         + ["many walks", "unrolled 0", "unrolled 1", "unrolled 3"])
 def test_interpreted_walk_matches_the_reference(interpreted, case):
     assert interpreted["errors"][case]["dstates"] <= 1e-5
     assert interpreted["errors"][case]["ddA_chunk"] <= 1e-5
