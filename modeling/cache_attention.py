@@ -18,6 +18,8 @@ SDPA; a prefill chunk after 60K keys 5.88 ms against 6.82, the mask's building a
 
 import torch
 
+from .cuda_device import on_device_of
+
 try:  # installed with mamba-ssm (and by PyTorch's CUDA wheels); without it, the reference
     import triton
     import triton.language as tl
@@ -90,14 +92,16 @@ def launch_cache_attention(query, key, value, key_valid, start, block_size, scal
         log_sum_exp = torch.empty(splits, batch, width, heads, device=query.device, dtype=torch.float32)
     valid = key_valid.view(torch.uint8) if key_valid.dtype == torch.bool else key_valid
     grid = (triton.cdiv(width, BLOCK_M), batch * heads, splits)
-    _cache_attention_kernel[grid](
-        query, key, value, valid, start, partial, log_sum_exp,
-        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], valid.stride(0), *partial.stride()[:4],
-        *log_sum_exp.stride()[:4], width, length, heads, heads // kv_heads, head_dim, scaling,
-        BLOCK_SIZE=block_size, SPLITS=splits, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
-    )
+    with on_device_of(query):
+        _cache_attention_kernel[grid](
+            query, key, value, valid, start, partial, log_sum_exp,
+            *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], valid.stride(0), *partial.stride()[:4],
+            *log_sum_exp.stride()[:4], width, length, heads, heads // kv_heads, head_dim, scaling,
+            BLOCK_SIZE=block_size, SPLITS=splits, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps,
+            num_stages=num_stages,
+        )
     if splits == 1:
         return out
     # Each part's weight is its share of the whole softmax sum: exp(lse_s - lse). Parts with no visible key have

@@ -34,6 +34,7 @@ the references round after each operation.
 import torch
 import torch.nn.functional as F
 
+from .cuda_device import on_device_of
 from .mamba_ops import is_plain_module, needs_gradient, reverse_time
 
 try:  # installed with mamba-ssm (and by PyTorch's CUDA wheels); without it, the references
@@ -249,8 +250,9 @@ class Rotary(torch.autograd.Function):
 def launch_add_time_reversed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The kernel of `add_time_reversed`, without the checks (the interpreter tests call it on CPU tensors)."""
     out = torch.empty_like(a)
-    _add_time_reversed_kernel[(triton.cdiv(a.numel(), BLOCK),)](a, b, out, a.numel(), a.shape[1], a.shape[2],
-                                                                 BLOCK=BLOCK)
+    with on_device_of(a):
+        _add_time_reversed_kernel[(triton.cdiv(a.numel(), BLOCK),)](
+            a, b, out, a.numel(), a.shape[1], a.shape[2], BLOCK=BLOCK)
     return out
 
 
@@ -267,11 +269,12 @@ def launch_add_rms_norm(residual, update, weight, eps, time_reversed=None, scale
     rstd = torch.empty(rows if keep_rstd else 1, device=residual.device, dtype=torch.float32)
     block = triton.next_power_of_2(width)
     mirrored = update if time_reversed is None else time_reversed  # not read without HAS_MIRRORED
-    _add_rms_norm_kernel[(rows,)](
-        residual, update, mirrored, weight, hidden, normed, rstd, residual.shape[1], width, eps, scale,
-        HAS_MIRRORED=time_reversed is not None, KEEP_RSTD=keep_rstd, BLOCK=block,
-        num_warps=_norm_warps(block),
-    )
+    with on_device_of(residual):
+        _add_rms_norm_kernel[(rows,)](
+            residual, update, mirrored, weight, hidden, normed, rstd, residual.shape[1], width, eps, scale,
+            HAS_MIRRORED=time_reversed is not None, KEEP_RSTD=keep_rstd, BLOCK=block,
+            num_warps=_norm_warps(block),
+        )
     return (hidden, normed, rstd) if keep_rstd else (hidden, normed)
 
 
@@ -286,11 +289,12 @@ def launch_add_rms_norm_backward(hidden, weight, rstd, d_hidden, d_normed, scale
     d_mirrored = torch.empty_like(hidden) if mirrored else None
     d_weight_parts = torch.empty(programs, width, device=hidden.device, dtype=torch.float32)
     block = triton.next_power_of_2(width)
-    _add_rms_norm_backward_kernel[(programs,)](
-        hidden, weight, rstd, d_hidden, d_normed, d_residual, d_update, d_update if d_mirrored is None else d_mirrored,
-        d_weight_parts, rows, hidden.shape[1], width, scale, rows_per_program, HAS_MIRRORED=mirrored, BLOCK=block,
-        num_warps=_norm_warps(block),
-    )
+    with on_device_of(hidden):
+        _add_rms_norm_backward_kernel[(programs,)](
+            hidden, weight, rstd, d_hidden, d_normed, d_residual, d_update,
+            d_update if d_mirrored is None else d_mirrored, d_weight_parts, rows, hidden.shape[1], width, scale,
+            rows_per_program, HAS_MIRRORED=mirrored, BLOCK=block, num_warps=_norm_warps(block),
+        )
     return d_residual, d_update, d_mirrored, d_weight_parts.sum(0).to(weight.dtype)
 
 
@@ -299,8 +303,9 @@ def launch_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     of one contiguous product's output; out contiguous."""
     width = gate.shape[-1]
     out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
-    _swiglu_kernel[(triton.cdiv(out.numel(), BLOCK),)](gate, up, out, out.numel(), width, _row_stride(gate),
-                                                        BLOCK=BLOCK)
+    with on_device_of(gate):
+        _swiglu_kernel[(triton.cdiv(out.numel(), BLOCK),)](
+            gate, up, out, out.numel(), width, _row_stride(gate), BLOCK=BLOCK)
     return out
 
 
@@ -309,7 +314,8 @@ def launch_swiglu_backward(gate_up: torch.Tensor, d_out: torch.Tensor) -> torch.
     output, d_out (..., W), contiguous."""
     d_gate_up = torch.empty_like(gate_up)
     grid = (triton.cdiv(d_out.numel(), BLOCK),)
-    _swiglu_backward_kernel[grid](gate_up, d_out, d_gate_up, d_out.numel(), d_out.shape[-1], BLOCK=BLOCK)
+    with on_device_of(gate_up):
+        _swiglu_backward_kernel[grid](gate_up, d_out, d_gate_up, d_out.numel(), d_out.shape[-1], BLOCK=BLOCK)
     return d_gate_up
 
 
@@ -325,11 +331,12 @@ def launch_rotary(query_rows, key_rows, cos, sin, inverse: bool = False, out_dty
     key_out = torch.empty_like(key_rows, dtype=out_dtype)
     if batch * seqlen == 0:
         return query_out, key_out
-    _rotary_kernel[(batch * seqlen,)](
-        query_rows, key_rows, cos, sin, query_out, key_out, seqlen, cos.stride(0), cos.stride(1), heads,
-        key_rows.shape[2], head_dim // 2, INVERSE=inverse, QUERY_HEADS=triton.next_power_of_2(heads),
-        KEY_HEADS=triton.next_power_of_2(key_rows.shape[2]), HALF=triton.next_power_of_2(head_dim // 2),
-    )
+    with on_device_of(query_rows):
+        _rotary_kernel[(batch * seqlen,)](
+            query_rows, key_rows, cos, sin, query_out, key_out, seqlen, cos.stride(0), cos.stride(1), heads,
+            key_rows.shape[2], head_dim // 2, INVERSE=inverse, QUERY_HEADS=triton.next_power_of_2(heads),
+            KEY_HEADS=triton.next_power_of_2(key_rows.shape[2]), HALF=triton.next_power_of_2(head_dim // 2),
+        )
     return query_out, key_out
 
 

@@ -29,6 +29,8 @@ try:  # a dependency of mamba-ssm: training_mixer imports this module only where
 except ImportError as error:
     raise ImportError("diffuapriel_hf.modeling.ssd_backward_triton needs triton, which mamba-ssm installs") from error
 
+from .cuda_device import on_device_of
+
 # The tile of the state each program owns, the tokens per product and the launch, by how many (sequence, head) walks
 # there are. Swept on an H100 at 16K tokens a step (64 heads of 64, state 128: results/ssd_backward_walk_sweep.json,
 # 24 settings), against mamba-ssm's two kernels' 0.36-0.43 ms: with 128 walks or more (2 x 8K and shorter), a 1.3B
@@ -161,13 +163,14 @@ def launch_entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype, block
     tiles = triton.cdiv(headdim, block_p) * triton.cdiv(dstate, block_n)
     dstates = torch.empty(chunk_states.shape, device=dy.device, dtype=dtype)
     ddA_tiles = torch.empty(batch, heads, chunks, tiles, device=dy.device, dtype=torch.float32)
-    _entering_states_backward_kernel[(tiles, batch, heads)](
-        dy, C, dA_cumsum, chunk_states, dstates, ddA_tiles, seqlen, chunks, headdim, dstate,
-        heads // C.shape[2], *dy.stride(), *C.stride(), *dA_cumsum.stride(), *chunk_states.stride(),
-        *dstates.stride(), *ddA_tiles.stride(),
-        DOT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32", CHUNK=chunk, BLOCK_P=block_p,
-        BLOCK_N=block_n, BLOCK_K=block_k, UNROLL_CHUNK=unroll_chunk, num_warps=num_warps, num_stages=num_stages,
-    )
+    with on_device_of(dy):
+        _entering_states_backward_kernel[(tiles, batch, heads)](
+            dy, C, dA_cumsum, chunk_states, dstates, ddA_tiles, seqlen, chunks, headdim, dstate,
+            heads // C.shape[2], *dy.stride(), *C.stride(), *dA_cumsum.stride(), *chunk_states.stride(),
+            *dstates.stride(), *ddA_tiles.stride(),
+            DOT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32", CHUNK=chunk, BLOCK_P=block_p,
+            BLOCK_N=block_n, BLOCK_K=block_k, UNROLL_CHUNK=unroll_chunk, num_warps=num_warps, num_stages=num_stages,
+        )
     return dstates, ddA_tiles.sum(dim=-1)
 
 

@@ -35,6 +35,7 @@ try:  # a dependency of mamba-ssm: mamba_ops imports this module only where mamb
 except ImportError as error:
     raise ImportError("diffuapriel_hf.modeling.ssd_triton needs triton, which mamba-ssm installs") from error
 
+from .cuda_device import on_device_of
 from .kernel_policy import DISPATCH_THRESHOLDS
 
 # Launch settings measured on an H200 (benchmarks/results/ssd_kernel.json). The register cap lets three programs share
@@ -386,23 +387,24 @@ def launch_ssd_forward(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, segmen
                     HAS_DT_LIMIT=tuple(dt_limit) != (0.0, float("inf")), DOT_PRECISION=precision, CHUNK=chunk,
                     BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers)
     grid = (batch * nheads, triton.cdiv(headdim, block_p), segments)
-    _chunk_products_kernel[(nchunks, batch * ngroups)](
-        B, C, chunk_products, seqlen, nchunks, ngroups, dstate, *B.stride(), *C.stride(),
-        DOT_PRECISION=precision, CHUNK=chunk, BLOCK_N=block_n, num_warps=4,
-    )
-    if segments > 1:  # the last segment's leaving state: nothing enters after it
-        states_dt = time_steps_by_head(dt) if states_dt_by_head else dt
-        _segment_states_kernel[grid[:2] + (segments - 1,)](
-            x, states_dt, dt_bias, A, B, leaving, log_decay, seqlen, segment_length, segments, nheads,
-            nheads // ngroups, headdim, dstate, *common_args(states_dt), **common_flags,
+    with on_device_of(x):
+        _chunk_products_kernel[(nchunks, batch * ngroups)](
+            B, C, chunk_products, seqlen, nchunks, ngroups, dstate, *B.stride(), *C.stride(),
+            DOT_PRECISION=precision, CHUNK=chunk, BLOCK_N=block_n, num_warps=4,
         )
-    _ssd_forward_kernel[grid](
-        x, dt, dt_bias, A, B, C, D, chunk_products, y, leaving, log_decay, initial, final, chunk_states, state_every,
-        nstates, seqlen, segment_length, segments, nchunks, nheads, nheads // ngroups, headdim, dstate,
-        *common_args(dt), *C.stride(), *y.stride(),
-        HAS_D=D is not None, HAS_INITIAL=initial is not None, RETURN_FINAL=return_final_states,
-        STORE_CHUNK_STATES=chunk_states is not None, **common_flags,
-    )
+        if segments > 1:  # the last segment's leaving state: nothing enters after it
+            states_dt = time_steps_by_head(dt) if states_dt_by_head else dt
+            _segment_states_kernel[grid[:2] + (segments - 1,)](
+                x, states_dt, dt_bias, A, B, leaving, log_decay, seqlen, segment_length, segments, nheads,
+                nheads // ngroups, headdim, dstate, *common_args(states_dt), **common_flags,
+            )
+        _ssd_forward_kernel[grid](
+            x, dt, dt_bias, A, B, C, D, chunk_products, y, leaving, log_decay, initial, final, chunk_states,
+            state_every, nstates, seqlen, segment_length, segments, nchunks, nheads, nheads // ngroups, headdim,
+            dstate, *common_args(dt), *C.stride(), *y.stride(),
+            HAS_D=D is not None, HAS_INITIAL=initial is not None, RETURN_FINAL=return_final_states,
+            STORE_CHUNK_STATES=chunk_states is not None, **common_flags,
+        )
     outputs = (y,) + ((final,) if return_final_states else ()) + ((chunk_states,) if chunk_states is not None else ())
     return outputs[0] if len(outputs) == 1 else outputs
 

@@ -1,0 +1,1 @@
+../../../modeling/cuda_device.py
