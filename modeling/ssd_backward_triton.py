@@ -32,14 +32,16 @@ except ImportError as error:
 from .cuda_device import on_device_of
 
 # The tile of the state each program owns, the tokens per product and the launch, by how many (sequence, head) walks
-# there are. Swept on an H100 at 16K tokens a step (64 heads of 64, state 128: results/ssd_backward_walk_sweep.json,
-# 24 settings), against mamba-ssm's two kernels' 0.36-0.43 ms: with 128 walks or more (2 x 8K and shorter), a 1.3B
-# head's whole state in one program (tiles of 64 x 128), 0.20-0.30 ms; with 64 (1 x 16K), where those tiles took
-# 0.48 ms, four programs a walk (tiles of 64 x 32), 0.39 ms. Both with 64 tokens a product and 3 pipeline stages, the
-# fastest at every shape. (Not yet timed as chosen.)
+# there are. Swept on an H100 at 16K tokens a step (64 heads of 64, state 128): with 128 walks or more (2 x 8K and
+# shorter), a 1.3B head's whole state in one program (tiles of 64 x 128), 64 tokens a product, 3 pipeline stages:
+# 0.20-0.32 ms against mamba-ssm's two kernels' 0.29-0.42 (results/ssd_backward_walk.json, at 77ec6b7; the 24
+# settings of results/ssd_backward_walk_sweep.json chose it). With 64 (1 x 16K), where those tiles take 0.46-0.58 ms,
+# four programs a walk (tiles of 64 x 32) with each chunk's products unrolled so that the walk itself is pipelined:
+# 0.328 ms against 0.38-0.47 for the same tiles in a loop and mamba-ssm's 0.324 (results/ssd_backward_walk.json; the
+# four fastest of 16 settings there were unrolled). Timings at these sizes move by up to a fifth between runs.
 WALKS_FOR_WHOLE_STATE_TILES = 128
 LAUNCH_MANY_WALKS = dict(block_p=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
-LAUNCH_FEW_WALKS = dict(block_p=64, block_n=32, block_k=64, num_warps=4, num_stages=3)
+LAUNCH_FEW_WALKS = dict(block_p=64, block_n=32, block_k=64, num_warps=4, num_stages=2, unroll_chunk=True)
 
 
 def launch_settings(batch: int, heads: int) -> dict:
