@@ -234,7 +234,15 @@ def rmsnorm_reference(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_b
 
 
 def _reverse_time(x: torch.Tensor) -> torch.Tensor:
-    return x.index_select(1, torch.arange(x.shape[1] - 1, -1, -1, device=x.device))
+    batch, length = x.shape[:2]
+    order = torch.arange(length - 1, -1, -1, device=x.device)
+    if x.stride(0) != length * x.stride(1):  # batch and time are not one axis of rows: a gather along time
+        return x.index_select(1, order)
+    # As rows of (batch x time, ...): on CUDA, index_select's vectorised gather over rows, which it takes for one
+    # sequence but not for several along dim 1 (a 1.3B training step on an H100: 0.044 ms a call at 1 x 16K against
+    # 0.113 at 4 x 4K, benchmarks/results/profile_train_16k.json, profile_train_4k_waits.json).
+    rows = (torch.arange(batch, device=x.device)[:, None] * length + order).flatten()
+    return x.flatten(0, 1).index_select(0, rows).unflatten(0, (batch, length))
 
 
 class _ReverseTime(torch.autograd.Function):

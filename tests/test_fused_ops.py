@@ -232,6 +232,17 @@ def test_interpreted_kernels_match_their_references(interpreted):
         assert error <= 1e-5, (name, error)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 5), (1, 4, 2), (2, 5), (4, 6, 3, 2), (2, 0, 3)])
+def test_reverse_time_is_flip_along_time_and_its_own_gradient(shape):
+    """As rows of (batch x time) where those are one axis, along time where not (a view with batch and time apart)."""
+    x = torch.randn(shape, requires_grad=True)
+    apart = torch.randn((shape[1], shape[0]) + shape[2:]).transpose(0, 1)
+    assert torch.equal(reverse_time(x), x.flip(1)) and torch.equal(reverse_time(apart), apart.flip(1))
+    gradient = torch.randn(shape)
+    reverse_time(x).backward(gradient)
+    assert torch.equal(x.grad, gradient.flip(1))
+
+
 def test_on_cpu_and_with_gradients_the_references_run():
     a = torch.randn(2, 7, 4, requires_grad=True)
     b, residual = torch.randn(2, 7, 4), torch.randn(2, 7, 4)
