@@ -20,7 +20,9 @@
 - the training pass: the mixer's function with its SSD forward by our single-pass kernel, which keeps the chunk
   states, and a backward from them and from the kept convolution output (`training_mixer.MixerTrainingPass`);
   undone ("mamba-ssm's mixer function"), mamba-ssm's `mamba_split_conv1d_scan_combined`, which recomputes both
-  (`kernel_ops(split_conv1d_scan=True)`).
+  (`kernel_ops(split_conv1d_scan=True)`);
+and a candidate not yet the default: the loss's -log p(label) by `loss_triton`'s two kernels ("token nll fused"),
+where the default copies the logits to float32 for cross-entropy and its backward.
 bf16, random weights, half the tokens masked, one GPU, one process; the variants alternate over rounds, and the
 median of the rounds' medians counts. Also each variant's peak memory and loss.
 
@@ -33,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from diffuapriel_hf.modeling import loss_triton
 from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
 from diffuapriel_hf.modeling.mamba_ops import kernel_ops, state_passing_reference
 from diffuapriel_hf.modeling.presets import ATTENTION, MAMBA
@@ -50,7 +53,8 @@ SHAPES = {  # model: (batch, length) of each step
 
 def variants(model) -> dict:
     """name: the policy fields it overrides (the mixer's only where the model has Mamba layers)."""
-    chosen = {"default": {}, "residual norm unfused": dict(fused_elementwise=False)}
+    chosen = {"default": {}, "residual norm unfused": dict(fused_elementwise=False),
+              "token nll fused": dict(token_nll=loss_triton.token_nll)}
     if model.config.intermediate_size > 0:
         chosen["SwiGLU unfused"] = dict(fused_swiglu=False, mlp_one_product_min_tokens=None)
     if ATTENTION in model.config.layer_types:

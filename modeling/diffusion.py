@@ -122,6 +122,7 @@ def masked_diffusion_loss(
     loss_weights: Optional[torch.Tensor],
     mask_token_id: Optional[int],
     positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    nll_function=token_nll,
 ) -> torch.Tensor:
     """The MDLM objective, normalised per counted token.
 
@@ -129,7 +130,8 @@ def masked_diffusion_loss(
     alone, in their order; labels: (B, L), -100 where nothing is predicted; loss_weights: (B, L), the weight 1/t of
     every position that counts (masked or not), 0 elsewhere. Returns sum(weight * CE over labelled positions) / number
     of counted positions. Without weights: the mean cross-entropy over the labelled positions. The mask token's logit
-    is excluded (SUBS parameterisation: a clean token is never [MASK]).
+    is excluded (SUBS parameterisation: a clean token is never [MASK]). `nll_function` computes -log p(label):
+    `token_nll`, or a function of its signature (`KernelPolicy.token_nll`).
     """
     if mask_token_id is None:
         raise ValueError("the config has no mask_token_id: set config.mask_token_id to compute the diffusion loss")
@@ -149,7 +151,7 @@ def masked_diffusion_loss(
             f"labels must be -100 (not predicted) or a token id in [0, {vocab_size}) other than the mask token "
             f"{mask_token_id}"
         )
-    nll = token_nll(logits, labels if positions is None else labels[positions], mask_token_id)  # (B, L) or (N,)
+    nll = nll_function(logits, labels if positions is None else labels[positions], mask_token_id)  # (B, L) or (N,)
     if loss_weights is None:
         return nll.sum() / labelled.sum().clamp(min=1)
     if loss_weights.shape != labels.shape:

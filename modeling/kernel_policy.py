@@ -24,6 +24,8 @@ Every operation the model fuses has a PyTorch reference (runs everywhere, carrie
 | LM head                                    | the vocabulary as it is            | the vocabulary padded to a multiple of 8 |
 | attention against a `BlockDiffusionCache`  | the attention implementation under | `cache_attention` Triton kernel          |
 |                                            | the cache's mask                   | (inference, not `eager`)                 |
+| the loss's -log p(label)                   | `diffusion.token_nll` (a float32   | `loss_triton` Triton kernels (a          |
+|                                            | copy, then cross-entropy)          | candidate: only by override for now)     |
 
 `resolve_kernel_policy(config, device)` makes every choice once per forward, from the config (`use_mamba_kernels`),
 the device, grad mode and what is installed, into a `KernelPolicy` that the model passes to its layers; the layers
@@ -41,10 +43,11 @@ import dataclasses
 import functools
 import warnings
 from contextvars import ContextVar
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from .diffusion import token_nll
 from .fused_ops import TRITON_INSTALLED
 from .mamba_ops import TORCH_OPS, MambaOps, kernel_ops
 
@@ -135,6 +138,8 @@ class KernelPolicy:
         kernel instead of the attention implementation (which `eager` keeps, for its attention maps).
     block_documents: a block model's right-to-left direction reads each block as a document of the whole row
         (`BidirectionalMamba2Mixer.right_to_left_in_documents`) instead of as a row of its own.
+    token_nll: the loss's -log p(label) from the logits: `diffusion.token_nll`, or `loss_triton.token_nll` (two Triton
+        kernels, no float32 copy of the logits; a candidate, chosen by `override_kernel_policy` until timed on a GPU).
     """
 
     mamba: MambaOps = TORCH_OPS
@@ -148,6 +153,7 @@ class KernelPolicy:
     vocab_padding_min_tokens: int = 0
     cache_attention: bool = False
     block_documents: bool = False
+    token_nll: Callable = token_nll
 
 
 REFERENCE_POLICY = KernelPolicy()  # PyTorch everywhere: CPU, MPS, and whatever lacks a kernel

@@ -1121,11 +1121,12 @@ class DiffuAprielForMaskedLM(DiffusionGenerationMixin, DiffuAprielPreTrainedMode
         if skip_logits:  # the head over the N labelled positions alone: (N, D) -> (N, V)
             positions = labelled_positions(labels, hidden_states.shape[:2])
             loss = masked_diffusion_loss(self._head(hidden_states[positions], kernels), labels, loss_weights,
-                                         mask_token_id, positions)
+                                         mask_token_id, positions, nll_function=kernels.token_nll)
             logits = None
         else:
             logits = self._head(hidden_states, kernels)
-            loss = None if labels is None else masked_diffusion_loss(logits, labels, loss_weights, mask_token_id)
+            loss = None if labels is None else masked_diffusion_loss(logits, labels, loss_weights, mask_token_id,
+                                                                     nll_function=kernels.token_nll)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

@@ -371,8 +371,8 @@ def test_training_fusions_step_repeats_one_loss_and_its_table_compares_the_varia
     fusions = load(BENCHMARKS / "training_fusions.py")
     model = tiny_model("mamba").train()
     assert set(fusions.variants(model)) == {"default", "residual norm unfused", "SwiGLU unfused", "mixer step by step",
-                                            "mamba-ssm's mixer function", "reading orders unfused"}
-    attention_variants = {"default", "residual norm unfused", "SwiGLU unfused", "rotary unfused"}
+                                            "mamba-ssm's mixer function", "reading orders unfused", "token nll fused"}
+    attention_variants = {"default", "residual norm unfused", "SwiGLU unfused", "rotary unfused", "token nll fused"}
     assert set(fusions.variants(tiny_model("attention"))) == attention_variants
     assert "SwiGLU unfused" not in fusions.variants(tiny_model("attention", intermediate_size=0))  # no MLP
     losses = []

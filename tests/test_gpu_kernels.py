@@ -380,6 +380,34 @@ def test_kernel_ssd_takes_the_single_pass_kernel_for_inference_and_mamba_ssm_for
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_nll_kernels_match_the_reference_at_gpt2s_vocabulary(dtype):
+    """`loss_triton.token_nll` against `diffusion.token_nll`: 512 rows of 50,258 tokens as the LM head's slice of its
+    padded product gives them, the mask token last, some rows unlabelled; -log p and the logits' gradient."""
+    from diffuapriel_hf.modeling import loss_triton
+    from diffuapriel_hf.modeling.diffusion import token_nll
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vocab, mask_token_id = 50258, 50257
+    logits = (4 * torch.randn(512, vocab + 6, device="cuda", generator=g)).to(dtype)[:, :vocab]
+    labels = torch.randint(0, mask_token_id, (512,), device="cuda", generator=g)
+    labels[::5] = -100
+    upstream = torch.rand(512, device="cuda", generator=g)
+    results = []
+    for nll_function in (loss_triton.token_nll, token_nll):
+        leaf = logits.detach().requires_grad_(True)
+        nll = nll_function(leaf, labels, mask_token_id)
+        (nll * upstream).sum().backward()
+        results.append((nll.detach(), leaf.grad))
+    (nll, grad), (expected, expected_grad) = results
+    assert nll.dtype == torch.float32 and grad.dtype == dtype
+    assert (nll - expected).abs().max().item() <= 1e-4
+    assert torch.all(nll[::5] == 0) and torch.all(grad[::5] == 0) and torch.all(grad[:, mask_token_id] == 0)
+    tolerance = 1e-6 if dtype == torch.float32 else 2**-7 * expected_grad.float().abs().max().item()  # one ulp
+    assert (grad.float() - expected_grad.float()).abs().max().item() <= tolerance
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kernels_match_their_references_on_gpu(dtype):
     from diffuapriel_hf.modeling import fused_ops as fused
     from diffuapriel_hf.modeling.modeling_diffuapriel import DiffuAprielRMSNorm

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from diffuapriel_hf import DataCollatorForMaskedDiffusion
-from diffuapriel_hf.modeling.diffusion import labelled_positions, masked_diffusion_loss
+from diffuapriel_hf.modeling import loss_triton
+from diffuapriel_hf.modeling.diffusion import labelled_positions, masked_diffusion_loss, token_nll
+from diffuapriel_hf.modeling.kernel_policy import override_kernel_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,3 +76,26 @@ def test_labelled_logits_must_be_one_row_per_labelled_position():
         masked_diffusion_loss(torch.zeros(3, 10), labels, None, 9, positions)
     with pytest.raises(ValueError, match=r"labels must have shape \(1, 5\)"):
         labelled_positions(labels, (1, 5))
+
+
+@pytest.mark.parametrize("skip_logits", [True, False])
+def test_the_loss_takes_its_token_nll_from_the_kernel_policy(tiny_model, skip_logits):
+    """`KernelPolicy.token_nll` computes the loss's -log p(label) on both paths; `loss_triton.token_nll`, the kernels'
+    candidate, is the reference itself on the CPU."""
+    model, batch = tiny_model("mamba").train(), batch_of()
+    expected, expected_grads = loss_and_gradients(model, batch, skip_logits=skip_logits)
+    calls = []
+
+    def recorded(logits, labels, mask_token_id):
+        calls.append(logits.shape)
+        return loss_triton.token_nll(logits, labels, mask_token_id)
+
+    with override_kernel_policy(token_nll=recorded):
+        got, grads = loss_and_gradients(model, batch, skip_logits=skip_logits)
+    labelled = int((batch["labels"] != -100).sum())
+    assert calls == [(labelled, model.config.vocab_size) if skip_logits else batch["input_ids"].shape
+                     + (model.config.vocab_size,)]
+    assert torch.equal(got.loss, expected.loss)
+    assert all(torch.equal(grads[name], expected_grads[name]) for name in expected_grads)
+    logits, labels = torch.randn(4, 9), torch.tensor([1, -100, 8, 0])
+    assert torch.equal(loss_triton.token_nll(logits, labels, 3), token_nll(logits, labels, 3))
