@@ -415,3 +415,12 @@ def test_block_quality_table_puts_each_full_sequence_model_above_its_block_varia
     assert "| 5.600 | 3/8 | 42/118 | 35.7% | 100 s |" in rows[1] and "| 6.200 |  |  |  | 100 s |" in rows[2]
     assert "- a note" in (tmp_path / "table.md").read_text()
     assert json.loads((tmp_path / "table.json").read_text())["parse"]["diffuapriel-8m-block16"]["test_prompts"]
+
+
+def test_token_nll_table_gives_each_implementations_time_against_the_reference(benchmarks_on_path):
+    table = load(BENCHMARKS / "token_nll.py").markdown(dict(
+        rows=8192, vocab=50258, padded=50264, nll_max_diff=1e-6, grad_max_diff=2e-3, grad_max=0.9,
+        reference=dict(ms=8.0, peak_gib=4.5), kernels=dict(ms=1.0, peak_gib=0.8)))
+    assert "| diffusion.token_nll | 8.000 | 1.00 | 4.50 |" in table
+    assert "| loss_triton.token_nll | 1.000 | 0.12 | 0.80 |" in table
+    assert "-log p 1e-06, the gradient 0.002 (its largest value 0.9)" in table
