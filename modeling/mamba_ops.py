@@ -236,12 +236,12 @@ def rmsnorm_reference(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_b
 def _reverse_time(x: torch.Tensor) -> torch.Tensor:
     batch, length = x.shape[:2]
     order = torch.arange(length - 1, -1, -1, device=x.device)
-    if x.stride(0) != length * x.stride(1):  # batch and time are not one axis of rows: a gather along time
+    if batch == 1 or x.stride(0) != length * x.stride(1):  # one sequence, or batch and time not one axis of rows
         return x.index_select(1, order)
-    # As rows of (batch x time, ...): on CUDA, index_select's vectorised gather over rows, which it takes for one
-    # sequence but not for several along dim 1 (a 1.3B training step on an H100: 0.044 ms a call at 1 x 16K against
-    # 0.113 at 4 x 4K, benchmarks/results/profile_train_16k.json, profile_train_4k_waits.json).
-    rows = (torch.arange(batch, device=x.device)[:, None] * length + order).flatten()
+    # Several sequences as rows of (batch x time, ...): on CUDA, index_select's vectorised gather over rows, which it
+    # takes for one sequence but not for several along dim 1 (a 1.3B training step on an H100: 0.044 ms a call at
+    # 1 x 16K against 0.113 at 4 x 4K, benchmarks/results/profile_train_16k.json, profile_train_4k_waits.json).
+    rows = (torch.arange(0, batch * length, length, device=x.device)[:, None] + order).flatten()
     return x.flatten(0, 1).index_select(0, rows).unflatten(0, (batch, length))
 
 
