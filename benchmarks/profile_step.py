@@ -64,33 +64,36 @@ def cached_step(model, batch: int, length: int):
     return torch.no_grad()(lambda: denoiser(ids))
 
 
+def waits_us(kernels) -> tuple[float, list[tuple]]:
+    """(span, waits) of kernels given as (start, end, name) in us: the time from the first start to the last end,
+    and each wait inside it while no kernel ran, as (length, start from the first kernel's start, the kernel that
+    ended before it (the last to end), the one that started after it), in order."""
+    kernels = sorted(kernels)
+    if not kernels:
+        return 0.0, []
+    waits, covered_to, last_name = [], kernels[0][1], kernels[0][2]  # the kernels so far have run up to covered_to
+    for start, end, name in kernels[1:]:
+        if start > covered_to:
+            waits.append((start - covered_to, covered_to - kernels[0][0], last_name, name))
+        if end > covered_to:
+            covered_to, last_name = end, name
+    return covered_to - kernels[0][0], waits
+
+
 def busy_ms(intervals) -> tuple[float, float]:
     """(span, busy) in ms of kernel intervals given as (start, end) in us: from the first start to the last end, and
     the time at least one kernel ran (the union of the intervals); span - busy is the device's idle time inside the
     step, waiting on the host."""
-    intervals = sorted(intervals)
-    if not intervals:
-        return 0.0, 0.0
-    busy, covered_to = 0.0, intervals[0][0]  # the kernels so far have run up to covered_to
-    for start, end in intervals:
-        busy += max(0.0, end - max(start, covered_to))
-        covered_to = max(covered_to, end)
-    return (covered_to - intervals[0][0]) / 1e3, busy / 1e3
+    span, waits = waits_us([(start, end, "") for start, end in intervals])
+    return span / 1e3, (span - sum(wait[0] for wait in waits)) / 1e3
 
 
 def idle_gaps(kernels, count: int) -> list[dict]:
-    """The `count` longest waits between kernels, longest first, from kernels given as (start, end, name) with times
-    in us: each wait's length and start in ms (from the first kernel's start) and the kernels that ended before it
-    (the last to end) and started after it."""
-    kernels = sorted(kernels)
-    gaps, covered_to, last_name = [], kernels[0][1] if kernels else 0.0, kernels[0][2] if kernels else ""
-    for start, end, name in kernels[1:]:
-        if start > covered_to:
-            gaps.append(dict(ms=(start - covered_to) / 1e3, at_ms=(covered_to - kernels[0][0]) / 1e3,
-                             after=last_name[:80], before=name[:80]))
-        if end > covered_to:
-            covered_to, last_name = end, name
-    return sorted(gaps, key=lambda gap: gap["ms"], reverse=True)[:count]
+    """The `count` longest waits between kernels (`waits_us`), longest first: each wait's length and start in ms and
+    the kernels on either side."""
+    longest = sorted(waits_us(kernels)[1], key=lambda wait: wait[0], reverse=True)[:count]
+    return [dict(ms=length / 1e3, at_ms=at / 1e3, after=after[:80], before=before[:80])
+            for length, at, after, before in longest]
 
 
 def main():
