@@ -36,7 +36,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask_token_id: int) ->
     if triton is None or not logits.is_cuda or not logits.is_floating_point() or logits.stride(-1) != 1:
         return token_nll_reference(logits, labels, mask_token_id)
     rows = logits.reshape(-1, logits.shape[-1])  # a view where the rows are evenly spaced, as the head's slice is
-    return TokenNLL.apply(rows, labels.reshape(-1), mask_token_id).view(labels.shape)
+    return TokenNLL.apply(rows, labels.reshape(-1).contiguous(), mask_token_id).view(labels.shape)
 
 
 class TokenNLL(torch.autograd.Function):
