@@ -821,3 +821,36 @@ def test_block_generation_through_the_cache_attention_kernel_gives_the_implement
     with override_kernel_policy(cache_attention=False):
         assert torch.equal(model.generate(ids, **settings), kernel)
     assert torch.equal(model.generate(ids, use_cache=False, **settings), kernel)
+
+
+@needs_kernels
+@pytest.mark.parametrize("norm_before_gate", [False, True], ids=["norm after gate", "norm before gate"])
+def test_gated_norm_backward_matches_mamba_ssm_at_the_1_3b_sizes(norm_before_gate):
+    """`gated_norm_triton.gated_rms_norm_backward` (its default launch) against mamba-ssm's `_layer_norm_bwd` as the
+    training pass calls it, at a 1.3B step's norm (16,384 rows of 4,096, bf16, one group): z a view of in_proj's
+    output, dz written into a view of its gradient, the output recomputed. Both compute in float32 and round dy, dz
+    and the output to bf16 (at most one bf16 step apart where their float32 orders differ); dweight is summed in
+    float32 over other splits of the rows."""
+    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
+
+    from diffuapriel_hf.modeling.gated_norm_triton import gated_rms_norm_backward, gated_rms_norm_backward_reference
+
+    rows, width, in_proj_width = 16384, 4096, 2 * 4096 + 2 * 128 + 64
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    y, dout = (torch.randn(rows, width, device="cuda", generator=generator).to(torch.bfloat16) for _ in "yd")
+    z = torch.randn(rows, in_proj_width, device="cuda", generator=generator).to(torch.bfloat16)[:, :width]
+    weight = 1 + 0.1 * torch.randn(width, device="cuda", generator=generator)
+    _, _, rstd = _layer_norm_fwd(y, weight, None, 1e-5, z, norm_before_gate=norm_before_gate, is_rms_norm=True)
+    options = dict(norm_before_gate=norm_before_gate, recompute_output=True)
+    dz = torch.empty(rows, in_proj_width, device="cuda", dtype=torch.bfloat16)[:, :width]
+    ours = gated_rms_norm_backward(dout, y, z, weight, rstd, dz=dz, **options)
+    assert ours[2].data_ptr() == dz.data_ptr() and ours[1].dtype == weight.dtype
+    dy, dweight, _, dz_theirs, out = _layer_norm_bwd(dout, y, weight, None, 1e-5, None, rstd, z, group_size=width,
+                                                     is_rms_norm=True, **options)
+    expected = gated_rms_norm_backward_reference(dout, y, z, weight, rstd, **options)
+    for name, got, theirs, reference in zip(("dy", "dweight", "dz", "out"), ours, (dy, dweight, dz_theirs, out),
+                                            expected):
+        assert got.dtype == theirs.dtype and got.shape == theirs.shape, name
+        tolerance = 1e-5 if name == "dweight" else 4e-3
+        assert rel_err(got, theirs) <= tolerance, name
+        assert rel_err(got, reference) <= tolerance, name
