@@ -20,9 +20,9 @@ part of the weight's gradient in float32 registers (one partial row per program,
 
 - the walk is a pipelined loop (`tl.range(..., num_stages)`): the next tiles' loads are issued (asynchronous copies
   to shared memory) while this one is reduced and stored, so the memory system always has rows in flight;
-- a tile may hold several rows (`rows_per_tile`), whose reductions run side by side;
-- several programs may share a multiprocessor (`programs_per_multiprocessor`), one's loads overlapping another's
-  stores.
+- a tile may hold several rows (`rows_per_tile`), whose reductions run side by side, and several programs may share
+  a multiprocessor (`programs_per_multiprocessor`), where their registers allow (for rows of 4,096 they did not, as
+  compiled: `DEFAULT_LAUNCH`); the benchmark's sweep times them.
 
 The math is mamba-ssm's: float32 inside, dy, dz and the output in their tensors' dtypes, the weight's gradient summed
 in float32 and cast to the weight's dtype. Ours is not yet measured on a GPU: `DEFAULT_LAUNCH` is a reasoned choice
@@ -53,10 +53,12 @@ class NormLaunch(NamedTuple):
     num_stages: int
 
 
-# One row of 4,096 a tile over 8 warps (16 float32 values a tensor per thread), two programs per multiprocessor and
-# the next row's loads in flight while this one is reduced: the registers of both programs fit one multiprocessor
-# and each has a row's bytes (24 KB) loading at every moment. Not yet measured (benchmarks/gated_norm_backward.py).
-DEFAULT_LAUNCH = NormLaunch(rows_per_tile=1, programs_per_multiprocessor=2, num_warps=8, num_stages=2)
+# One row of 4,096 a tile over 16 warps (8 float32 values of a tensor per thread), one program per multiprocessor,
+# three stages: the next two rows (48 KB) load into shared memory while one is reduced and stored. Compiled for sm_90
+# here (Triton 3.9, no GPU, the 1.3B launch's alignments): 122 registers, no spills, every load of the loop an
+# asynchronous copy. 8 warps took 176-204 registers (so one program per multiprocessor either way); tiles of two or
+# more rows, or 4 warps a row, spilled. Not yet timed (benchmarks/gated_norm_backward.py).
+DEFAULT_LAUNCH = NormLaunch(rows_per_tile=1, programs_per_multiprocessor=1, num_warps=16, num_stages=3)
 
 
 def _check(dout, y, z, weight, rstd, group_size, recompute_output, dy, dz, out) -> int:
