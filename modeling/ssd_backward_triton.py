@@ -18,6 +18,21 @@ dstates (in the inputs' dtype, as mamba-ssm writes them) and the decays' gradien
 It computes what those two kernels compute for a pass with no initial or final state and no documents packed in a
 row (the training pass's, `training_mixer`): dy scaled by exp(dA_cumsum) is rounded to dy's dtype before its product
 with C, which accumulates in float32, as in mamba-ssm's kernel.
+
+The gradient of the chunks' inputs (`chunk_inputs_backward`, in place of mamba-ssm's
+`_chunk_scan_chunk_state_bwd_dx`): x_s enters its chunk's outputs through dt_s CB[t, s] exp(a_t - a_s) for t >= s
+in the chunk (a = dA_cumsum, CB[t, s] = C_t . B_s) and the state leaving it through dt_s exp(a_last - a_s) B_s, so
+
+    bracket[s, p] = sum_{t>=s} CB[t, s] exp(a_t - a_s) dy[t, p] + exp(a_last - a_s) sum_n B[s, n] dstates[p, n]
+    dx[s, p] = dt_s bracket[s, p] + D dy[s, p];   ddt[s] = sum_p x[s, p] bracket[s, p];   dD = sum dy x
+
+mamba-ssm's kernel adds its programs' parts of ddt (a program may own part of a head's channels) and of dD with
+atomics, into buffers that its autotuner's hook zeroes before every call. Here one program owns a tile of a chunk's
+positions for a whole head of up to 64 channels, so it writes ddt once (the parts of wider heads' tiles are summed
+after), and dD as one partial per program, summed after. (Looping over a wider head's tiles inside the program
+instead made Triton 3.9's code for an H100 spill registers: 2.5 KB of stack a thread.) The roundings are
+mamba-ssm's: CB exp(a_t - a_s) rounded to dy's dtype and dstates to B's before their products, which accumulate in
+float32, as every sum does; dx is written in dx's dtype.
 """
 
 import torch
@@ -192,5 +207,216 @@ def _check(C, dA_cumsum, dy, chunk_states) -> None:
         raise TypeError(f"dA_cumsum and chunk_states must be float32, got {dA_cumsum.dtype} and {chunk_states.dtype}")
 
 
-__all__ = ["entering_states_backward", "entering_states_backward_reference", "launch_entering_states_backward",
-           "launch_settings"]
+# The tiles and launch of `chunk_inputs_backward`: a 1.3B head's 64 channels in one tile (so that ddt needs no sum
+# across programs), 64 of a chunk's positions a program (two programs per chunk of 128: 16K programs at 16K tokens a
+# step), 32 positions t per product over the chunk (two to four products a program, which the pipeline overlaps), the
+# state of 128 in one product, as mamba-ssm's kernel takes it. 8 warps: compiled for an H100 (sm_90, Triton 3.9, no
+# GPU), these tiles take 233 registers a thread and none spilled, where 4 warps take 255 and spill 64 bytes a thread.
+# Chosen so, not yet run on a GPU: benchmarks/ssd_backward_dx.py sweeps them.
+LAUNCH_CHUNK_INPUTS = dict(block_m=64, block_p=64, block_k=32, block_n=128, num_warps=8, num_stages=3)
+
+
+def chunk_inputs_backward_reference(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=None, dx=None):
+    """`chunk_inputs_backward` in PyTorch (same arguments, same results, the same roundings)."""
+    _check_chunk_inputs(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D, dx)
+    batch, seqlen, heads, _ = x.shape
+    chunks, chunk = dt_chunks.shape[2:]
+    per_group = heads // B.shape[2]
+    pad = chunks * chunk - seqlen
+    chunked = lambda t: F.pad(t, (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, chunk))  # noqa: E731  (b, c, k, ., .)
+    a = dA_cumsum.float()  # (b, h, c, k)
+    causal = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=x.device))  # [t, s]: t >= s
+    decay = torch.exp(torch.clamp(a[..., :, None] - a[..., None, :], max=0))  # (b, h, c, t, s)
+    CB_heads = CB.float().repeat_interleave(per_group, dim=2).transpose(1, 2)  # (b, h, c, t, s)
+    scores = (CB_heads * decay).masked_fill(~causal, 0).to(dy.dtype).float()
+    within = torch.einsum("bhcts,bcthp->bcshp", scores, chunked(dy).float())
+    B_heads = chunked(B).repeat_interleave(per_group, dim=3).float()  # (b, c, s, h, n)
+    from_state = torch.einsum("bcshn,bchpn->bcshp", B_heads, dstates.to(B.dtype).float())
+    to_end = torch.exp(torch.clamp(a[..., -1:] - a, max=0)).permute(0, 2, 3, 1)[..., None]  # (b, c, s, h, 1)
+    bracket = from_state * to_end + within  # (b, c, s, h, p)
+    x_chunks = chunked(x).float()
+    ddt = torch.einsum("bcshp,bcshp->bhcs", bracket, x_chunks)
+    grad = (bracket * dt_chunks.float().permute(0, 2, 3, 1)[..., None]).flatten(1, 2)[:, :seqlen]  # (b, l, h, p)
+    dD = None
+    if D is not None:
+        grad = grad + dy.float() * (D.float()[:, None] if D.dim() == 1 else D.float())
+        dD = (dy.float() * x.float()).sum(dim=(0, 1))  # (h, p)
+        dD = (dD.sum(dim=-1) if D.dim() == 1 else dD).to(D.dtype)
+    if dx is None:
+        dx = torch.empty_like(x)
+    dx.copy_(grad)
+    return dx, ddt, dD
+
+
+@triton.jit
+def _chunk_inputs_backward_kernel(
+    x_ptr, dt_ptr, dA_cumsum_ptr, B_ptr, CB_ptr, dy_ptr, dstates_ptr, D_ptr, dx_ptr, ddt_ptr, dD_ptr,
+    seqlen, nchunks, headdim, dstate, heads_per_group,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_k,
+    stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_k,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_CB_b, stride_CB_c, stride_CB_g, stride_CB_t, stride_CB_s,
+    stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
+    stride_ds_b, stride_ds_c, stride_ds_h, stride_ds_p, stride_ds_n,
+    stride_D_h, stride_D_p,
+    stride_dx_b, stride_dx_l, stride_dx_h, stride_dx_p,
+    stride_ddt_tile, stride_ddt_b, stride_ddt_h, stride_ddt_c, stride_ddt_k,
+    stride_dD_b, stride_dD_c, stride_dD_m, stride_dD_h, stride_dD_p,
+    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The heads of one chunk run side by side: they read the same CB (its group's) and neighbouring columns of x, dy.
+    tile, h, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles_p = tl.cdiv(headdim, BLOCK_P)
+    m_tile, p_tile = tile // tiles_p, tile % tiles_p
+    b, c = bc // nchunks, bc % nchunks
+    start = c * CHUNK
+    limit = tl.minimum(CHUNK, seqlen - start)  # the chunk's positions inside the sequence
+    g = h // heads_per_group
+    x_ptr += b * stride_x_b + start * stride_x_l + h * stride_x_h
+    dy_ptr += b * stride_dy_b + start * stride_dy_l + h * stride_dy_h
+    dx_ptr += b * stride_dx_b + start * stride_dx_l + h * stride_dx_h
+    B_ptr += b * stride_B_b + start * stride_B_l + g * stride_B_g
+    CB_ptr += b * stride_CB_b + c * stride_CB_c + g * stride_CB_g
+    dt_ptr += b * stride_dt_b + h * stride_dt_h + c * stride_dt_c
+    dA_cumsum_ptr += b * stride_dA_b + h * stride_dA_h + c * stride_dA_c
+    dstates_ptr += b * stride_ds_b + c * stride_ds_c + h * stride_ds_h
+
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # the positions s this program owns
+    offs_p = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    rows, cols = offs_m < limit, offs_p < headdim
+    a_m = tl.load(dA_cumsum_ptr + offs_m * stride_dA_k, mask=rows, other=0.0)
+    a_last = tl.load(dA_cumsum_ptr + (CHUNK - 1) * stride_dA_k)  # constant past the sequence's end: its dt is 0
+
+    bracket = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for n in range(0, dstate, BLOCK_N):  # through the state leaving the chunk
+        B_tile = tl.load(B_ptr + offs_m[:, None] * stride_B_l + (n + offs_n)[None, :] * stride_B_n,
+                         mask=rows[:, None] & (n + offs_n < dstate)[None, :], other=0.0)  # (M, N)
+        dstates = tl.load(dstates_ptr + (n + offs_n)[:, None] * stride_ds_n + offs_p[None, :] * stride_ds_p,
+                          mask=(n + offs_n < dstate)[:, None] & cols[None, :], other=0.0)  # (N, P)
+        bracket += tl.dot(B_tile, dstates.to(B_tile.dtype), input_precision=DOT_PRECISION)
+    bracket *= tl.exp(tl.minimum(a_last - a_m, 0.0))[:, None]
+    for k in range(m_tile * BLOCK_M, limit, BLOCK_K):  # through the chunk's outputs at t >= s
+        t = k + offs_k
+        inside = t < limit
+        CB = tl.load(CB_ptr + t[None, :] * stride_CB_t + offs_m[:, None] * stride_CB_s,
+                     mask=inside[None, :] & (offs_m < CHUNK)[:, None], other=0.0)  # (M, K): CB[t, s]
+        a_k = tl.load(dA_cumsum_ptr + t * stride_dA_k, mask=inside, other=0.0)
+        scores = CB * tl.exp(tl.minimum(a_k[None, :] - a_m[:, None], 0.0))
+        scores = tl.where((t[None, :] >= offs_m[:, None]) & inside[None, :], scores, 0.0)
+        dy = tl.load(dy_ptr + t[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
+                     mask=inside[:, None] & cols[None, :], other=0.0)  # (K, P)
+        bracket += tl.dot(scores.to(dy.dtype), dy, input_precision=DOT_PRECISION)
+
+    tile_mask = rows[:, None] & cols[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=tile_mask,
+                other=0.0).to(tl.float32)
+    # This tile's channels' part of ddt (the whole of it for a head of up to BLOCK_P channels), zero past the
+    # sequence's end (x is), as mamba-ssm leaves it.
+    tl.store(ddt_ptr + p_tile * stride_ddt_tile + b * stride_ddt_b + h * stride_ddt_h + c * stride_ddt_c
+             + offs_m * stride_ddt_k, tl.sum(bracket * x, axis=1), mask=offs_m < CHUNK)
+    dt_m = tl.load(dt_ptr + offs_m * stride_dt_k, mask=rows, other=0.0)
+    dx = bracket * dt_m[:, None]
+    if HAS_D:
+        dy_own = tl.load(dy_ptr + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p, mask=tile_mask,
+                         other=0.0).to(tl.float32)  # (M, P): the outputs at the positions s themselves
+        dD_ptr += b * stride_dD_b + c * stride_dD_c + m_tile * stride_dD_m + h * stride_dD_h
+        if D_HAS_HDIM:
+            D = tl.load(D_ptr + h * stride_D_h + offs_p * stride_D_p, mask=cols, other=0.0).to(tl.float32)
+            dx += dy_own * D[None, :]
+            tl.store(dD_ptr + offs_p * stride_dD_p, tl.sum(dy_own * x, axis=0), mask=cols)
+        else:
+            dx += dy_own * tl.load(D_ptr + h * stride_D_h).to(tl.float32)
+            tl.store(dD_ptr + p_tile * stride_dD_p, tl.sum(dy_own * x))
+    tl.store(dx_ptr + offs_m[:, None] * stride_dx_l + offs_p[None, :] * stride_dx_p, dx.to(dx_ptr.dtype.element_ty),
+             mask=tile_mask)
+
+
+def chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=None, dx=None):
+    """The SSD backward's gradient of x, and of dt and D through x's path, given dstates, what mamba-ssm's
+    `_chunk_scan_chunk_state_bwd_dx` computes for a pass without documents (no seq_idx). x, dy (b, l, h, p);
+    dt_chunks and dA_cumsum (b, h, c, k) float32 (mamba-ssm's chunk cumsum: dt after its softplus and limits, chunks of
+    k positions); B (b, l, g, n); CB (b, c, g, k, k) float32, C_t . B_s at [t, s] (`_bmm_chunk_fwd`); dstates
+    (b, c, h, p, n), the gradient of the state each chunk leaves (`entering_states_backward`'s); D None, (h,) or (h, p).
+    Writes dx into `dx` (b, l, h, p) where given, in its dtype and strides (a new tensor like x otherwise); returns
+    (dx, ddt (b, h, c, k) float32, zero past the sequence's end, dD in D's shape and dtype or None)."""
+    _check_chunk_inputs(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D, dx)
+    headdim, dstate = x.shape[3], B.shape[3]
+    launch = dict(LAUNCH_CHUNK_INPUTS)  # the tiles no wider than a small head or state needs
+    launch["block_p"] = min(launch["block_p"], max(16, triton.next_power_of_2(headdim)))
+    launch["block_n"] = min(launch["block_n"], max(16, triton.next_power_of_2(dstate)))
+    return launch_chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D, dx, **launch)
+
+
+def launch_chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D, dx, block_m, block_p, block_k,
+                                 block_n, num_warps, num_stages):
+    """The kernel with explicit tiles and launch (`chunk_inputs_backward` checks the inputs and picks them): one
+    program per (block_m of a chunk's positions x block_p of a head's channels, head, sequence x chunk), through the
+    chunk's later positions block_k at a time (pipelined over num_stages) and the state block_n at a time. Where a
+    head's channels take several tiles, their parts of ddt are summed after."""
+    batch, seqlen, heads, headdim = x.shape
+    chunks, chunk = dt_chunks.shape[2:]
+    m_tiles, p_tiles = triton.cdiv(chunk, block_m), triton.cdiv(headdim, block_p)
+    if dx is None:
+        dx = torch.empty_like(x)
+    ddt_parts = torch.empty(p_tiles, batch, heads, chunks, chunk, device=x.device, dtype=torch.float32)
+    per_channel = D is not None and D.dim() == 2
+    dD_parts = torch.empty(batch, chunks, m_tiles, heads, headdim if per_channel else p_tiles, device=x.device,
+                           dtype=torch.float32)  # written only with D
+    D_strides = (0, 0) if D is None else (D.stride(0), D.stride(1) if per_channel else 0)
+    # Without D, dD_parts stands in for it, never read: Triton's interpreter takes no None for a pointer.
+    with on_device_of(x):
+        _chunk_inputs_backward_kernel[(m_tiles * p_tiles, heads, batch * chunks)](
+            x, dt_chunks, dA_cumsum, B, CB, dy, dstates, dD_parts if D is None else D, dx, ddt_parts, dD_parts,
+            seqlen, chunks, headdim, B.shape[3], heads // B.shape[2],
+            *x.stride(), *dt_chunks.stride(), *dA_cumsum.stride(), *B.stride(), *CB.stride(), *dy.stride(),
+            *dstates.stride(), *D_strides, *dx.stride(), *ddt_parts.stride(), *dD_parts.stride(),
+            HAS_D=D is not None, D_HAS_HDIM=per_channel,
+            DOT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32", CHUNK=chunk, BLOCK_M=block_m,
+            BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        )
+    ddt = ddt_parts[0] if p_tiles == 1 else ddt_parts.sum(dim=0)  # (b, h, c, k)
+    dD = None
+    if D is not None:
+        dD = dD_parts.sum(dim=(0, 1, 2))  # (h, p or p_tiles)
+        dD = (dD if per_channel else dD.sum(dim=-1)).to(D.dtype)
+    return dx, ddt, dD
+
+
+def _check_chunk_inputs(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D, dx) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, length, heads, head_dim), got {tuple(x.shape)}")
+    batch, seqlen, heads, headdim = x.shape
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must be x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if dx is not None and dx.shape != x.shape:
+        raise ValueError(f"dx must be x's shape {tuple(x.shape)}, got {tuple(dx.shape)}")
+    if dt_chunks.dim() != 4 or dt_chunks.shape[:2] != (batch, heads):
+        raise ValueError(f"dt_chunks must be (batch, heads, chunks, chunk) = ({batch}, {heads}, ...), got "
+                         f"{tuple(dt_chunks.shape)}")
+    chunks, chunk = dt_chunks.shape[2:]
+    if chunks != triton.cdiv(seqlen, chunk):
+        raise ValueError(f"dt_chunks' {chunks} chunks of {chunk} must cover x's {seqlen} positions")
+    if dA_cumsum.shape != dt_chunks.shape:
+        raise ValueError(f"dA_cumsum must be dt_chunks' shape {tuple(dt_chunks.shape)}, got {tuple(dA_cumsum.shape)}")
+    if B.dim() != 4 or B.shape[:2] != (batch, seqlen) or heads % B.shape[2]:
+        raise ValueError(f"B must be (batch, length, groups, state) with groups dividing x's {heads} heads, got "
+                         f"{tuple(B.shape)} for x {tuple(x.shape)}")
+    groups, dstate = B.shape[2:]
+    if CB.shape != (batch, chunks, groups, chunk, chunk):
+        raise ValueError(f"CB must be {(batch, chunks, groups, chunk, chunk)}, got {tuple(CB.shape)}")
+    if dstates.shape != (batch, chunks, heads, headdim, dstate):
+        raise ValueError(f"dstates must be {(batch, chunks, heads, headdim, dstate)}, got {tuple(dstates.shape)}")
+    if D is not None and D.shape not in ((heads,), (heads, headdim)):
+        raise ValueError(f"D must be ({heads},) or ({heads}, {headdim}), got {tuple(D.shape)}")
+    for name, tensor in dict(dt_chunks=dt_chunks, dA_cumsum=dA_cumsum, CB=CB).items():
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {tensor.dtype}")
+
+
+__all__ = ["LAUNCH_CHUNK_INPUTS", "chunk_inputs_backward", "chunk_inputs_backward_reference",
+           "entering_states_backward", "entering_states_backward_reference", "launch_chunk_inputs_backward",
+           "launch_entering_states_backward", "launch_settings"]

@@ -223,6 +223,34 @@ def test_states_gradient_walk_matches_mamba_ssm_two_kernels_at_the_1_3b_sizes(dt
 
 
 @needs_kernels
+@pytest.mark.parametrize("batch, length", [(4, 4096), (1, 16384), (1, 4196)],
+                         ids=["4 x 4K", "1 x 16K", "partial last chunk"])
+def test_chunk_inputs_gradient_matches_mamba_ssm_at_the_1_3b_sizes(batch, length):
+    """`ssd_backward_triton.chunk_inputs_backward` against mamba-ssm's `_chunk_scan_chunk_state_bwd_dx` (what the
+    training pass calls) at a 1.3B training step's sizes (64 heads of 64, state 128, one group, chunks of 128), bf16 x,
+    dy, B and dstates, float32 CB, dt and decays, D per head, dx written into a view of a wider tensor as
+    `training_mixer` passes it; and against its reference. Both take the same roundings; their float32 sums differ
+    in order."""
+    from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
+
+    from diffuapriel_hf.modeling.ssd_backward_triton import chunk_inputs_backward, chunk_inputs_backward_reference
+
+    inputs, _ = chunk_inputs(batch, length, 64, 64, 1, 128, 128, dtype=torch.bfloat16, device="cuda")
+    D = 1 + 0.2 * torch.randn(64, device="cuda")
+    wide = torch.empty(batch, length, 64 * 64 + 2 * 128, device="cuda", dtype=torch.bfloat16)
+    dx = wide[..., :64 * 64].unflatten(-1, (64, 64))
+    ours = chunk_inputs_backward(*inputs, D=D, dx=dx)
+    assert ours[0].data_ptr() == dx.data_ptr() and ours[1].dtype == torch.float32 and ours[2].dtype == D.dtype
+    theirs = _chunk_scan_chunk_state_bwd_dx(*inputs, D=D)
+    expected = chunk_inputs_backward_reference(*inputs, D=D)
+    for name, got, mamba, reference in zip(("dx", "ddt", "dD"), ours, theirs, expected):
+        tolerance = BF16_TOL if name == "dx" else FP32_TOL
+        assert got.shape == mamba.shape, name
+        assert rel_err(got, mamba) <= tolerance, name
+        assert rel_err(got, reference) <= tolerance, name
+
+
+@needs_kernels
 def test_chunk_scan_from_states_kernel_matches_the_reference_forward_and_backward():
     """mamba-ssm's chunk_scan as a block model's noised stream calls it: each block of 32 from its entering state,
     bf16 x, B and C, float32 dt (a permuted view) with its running decay and the states, D per head."""
@@ -301,6 +329,31 @@ def walk_inputs(batch, length, heads, head_dim, groups, state, chunk, dtype=torc
     chunk_states[:, 0] = 0
     C = wide[..., 5:].unflatten(-1, (groups, state))
     return C, dA_cumsum.to(device), dy.to(device, dtype), chunk_states.to(device)
+
+
+def chunk_inputs(batch, length, heads, head_dim, groups, state, chunk, dtype=torch.float32, device="cpu", seed=0):
+    """What the SSD backward's gradient of the chunks' inputs reads (`ssd_backward_triton.chunk_inputs_backward`), laid
+    out as `training_mixer` passes it: x and B (and C) views of one wider tensor, as the convolution's output is; dy
+    (b, l, h, p); dt_chunks and dA_cumsum (b, h, c, chunk) float32, zero and constant past the sequence's end as
+    mamba-ssm's chunk cumsum leaves them; CB (b, c, g, chunk, chunk) float32, C_t . B_s at [t, s]; dstates
+    (b, c, h, p, n) in x's dtype. Returns those seven in the kernel's order, and C (b, l, g, n), of which CB is."""
+    generator = torch.Generator().manual_seed(seed)
+    chunks = -(-length // chunk)
+    xBC = torch.randn(batch, length, heads * head_dim + 2 * groups * state, generator=generator).to(device, dtype)
+    x, B, C = xBC.split([heads * head_dim, groups * state, groups * state], dim=-1)
+    x, B, C = x.unflatten(-1, (heads, head_dim)), B.unflatten(-1, (groups, state)), C.unflatten(-1, (groups, state))
+    dy = torch.randn(batch, length, heads, head_dim, generator=generator).to(device, dtype)
+    dt = torch.rand(batch, heads, chunks * chunk, generator=generator) * 0.2
+    dt[..., length:] = 0
+    A = -0.5 - torch.rand(heads, generator=generator)
+    dA_cumsum = torch.cumsum((dt * A[:, None]).unflatten(-1, (chunks, chunk)), dim=-1)
+    dstates = torch.randn(batch, chunks, heads, head_dim, state, generator=generator).to(device, dtype)
+    pad = chunks * chunk - length
+    B_chunks, C_chunks = (torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, chunk))
+                          for t in (B, C))  # (b, c, k, g, n)
+    CB = torch.einsum("bctgn,bcsgn->bcgts", C_chunks, B_chunks)
+    dt_chunks = dt.unflatten(-1, (chunks, chunk)).to(device)
+    return (x, dt_chunks, dA_cumsum.to(device), B, CB, dy, dstates), C
 
 
 # (batch, length, heads, head_dim, groups, state): the test sizes, and the 1.3B presets' heads at batch 1 (where a

@@ -1,20 +1,24 @@
-"""The SSD backward's walk of the states' gradient (`ssd_backward_triton.py`): its PyTorch reference against autograd
-through the references' state passing, and the Triton kernel against the reference on the CPU under Triton's
-interpreter (TRITON_INTERPRET=1), in float32 (the interpreter's bf16 products are wrong, as of Triton 3.9). In bf16,
-against mamba-ssm's two kernels, at the 1.3B sizes: `test_gpu_kernels.py`."""
+"""The SSD backward's kernels (`ssd_backward_triton.py`), the walk of the states' gradient and the gradient of the
+chunks' inputs: their PyTorch references against autograd through the `mamba_ops` references, and the Triton kernels
+against the references on the CPU under Triton's interpreter (TRITON_INTERPRET=1), in float32 (the interpreter's bf16
+products are wrong, as of Triton 3.9). In bf16, against mamba-ssm's kernels, at the 1.3B sizes:
+`test_gpu_kernels.py`."""
 
 import pytest
 import torch
 
-from test_gpu_kernels import rel_err, walk_inputs
+from test_gpu_kernels import chunk_inputs, rel_err, walk_inputs
 
-from diffuapriel_hf.modeling.mamba_ops import state_passing_reference
+from diffuapriel_hf.modeling.mamba_ops import (chunk_scan_from_states_reference, chunk_state_reference,
+                                               state_passing_reference)
 
 pytest.importorskip("triton")
 
 from diffuapriel_hf.modeling.ssd_backward_triton import (LAUNCH_FEW_WALKS,  # noqa: E402 (needs triton)
-                                                         LAUNCH_MANY_WALKS,
-                                                         entering_states_backward, entering_states_backward_reference,
+                                                         LAUNCH_MANY_WALKS, chunk_inputs_backward,
+                                                         chunk_inputs_backward_reference, entering_states_backward,
+                                                         entering_states_backward_reference,
+                                                         launch_chunk_inputs_backward,
                                                          launch_entering_states_backward, launch_settings)
 
 # (batch, length, heads, head_dim, groups, state, chunk): a last chunk that is partial, sizes under a tile (masked),
@@ -94,7 +98,7 @@ def interpreted_checks() -> dict:
             call()
         except (ValueError, TypeError) as error:
             refusals[name] = str(error)
-    return dict(errors=errors, refusals=refusals)
+    return dict(errors=errors, refusals=refusals, chunk_inputs=chunk_inputs_checks())
 
 
 @pytest.mark.parametrize("case", [str(index) for index in range(len(CASES))]
@@ -121,3 +125,117 @@ def test_walk_refuses_inconsistent_inputs(interpreted):
     assert "dA_cumsum must be (batch, heads, chunks, chunk) covering 45 positions" in refusals["too few chunks"]
     assert "must be float32" in refusals["bf16 states"]
     assert "chunk_states must be (2, 3, 4, 8, 8)" in refusals["states of another shape"]
+
+
+# The gradient of the chunks' inputs. (batch, length, heads, head_dim, groups, state, chunk, D's dimensions, launch):
+# a partial last chunk, sizes under a tile and groups under the default launch; small tiles (16) for a head's channels
+# and its state over two tiles each, two programs a chunk (the second past the sequence's end in the last), the
+# chunk's later positions in two products; a single chunk without D.
+SMALL_TILES = dict(block_m=16, block_p=16, block_k=16, block_n=16, num_warps=4, num_stages=2)
+CHUNK_INPUT_CASES = {
+    "partial chunk, groups": ((2, 45, 4, 8, 2, 8, 16), 1, None),
+    "two tiles of each, D per channel": ((1, 40, 2, 20, 1, 24, 32), 2, SMALL_TILES),
+    "one chunk, no D": ((1, 32, 2, 16, 1, 16, 32), 0, SMALL_TILES),
+}
+
+
+def with_D(sizes, D_dims: int, seed: int = 0):
+    """`chunk_inputs` of these sizes, and D of `D_dims` dimensions, (heads,) or (heads, head_dim) (0: None)."""
+    inputs, C = chunk_inputs(*sizes, seed=seed)
+    if D_dims == 0:
+        return inputs, C, None
+    generator = torch.Generator().manual_seed(seed)
+    return inputs, C, 1 + 0.2 * torch.randn(sizes[2:4][:D_dims], generator=generator)
+
+
+@pytest.mark.parametrize("D_dims", [1, 2])
+def test_chunk_inputs_reference_gives_autograds_gradients(D_dims):
+    """dx, ddt and dD are the gradients with respect to x, dt_chunks and D of <dy, y> + <dstates, s>, where y is the
+    chunks' outputs from their own inputs (`chunk_scan_from_states_reference` from zero entering states: the part of
+    y that x reaches inside its chunk, with D x) and s the state each chunk leaves (`chunk_state_reference`), on a
+    sequence whose last chunk is partial, with two groups."""
+    sizes = (2, 45, 4, 8, 2, 8, 16)
+    (x, dt_chunks, dA_cumsum, B, CB, dy, dstates), C, D = with_D(sizes, D_dims)
+    batch, length, heads, head_dim, _, state, chunk = sizes
+    chunks = dt_chunks.shape[2]
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, chunks * chunk - length))  # noqa: E731
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, dt_chunks, D)]
+    x_leaf, dt_leaf, D_leaf = leaves
+    zero_states = torch.zeros(batch, chunks, heads, head_dim, state)
+    y = chunk_scan_from_states_reference(pad(B), pad(C), pad(x_leaf), dt_leaf, dA_cumsum, zero_states, D=D_leaf)
+    states = chunk_state_reference(B, x_leaf, dt_leaf, dA_cumsum)
+    ((y[:, :length] * dy).sum() + (states * dstates).sum()).backward()
+
+    dx, ddt, dD = chunk_inputs_backward_reference(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=D)
+    for got, expected in zip((dx, ddt, dD), leaves):
+        assert got.shape == expected.shape
+        assert rel_err(got, expected.grad) <= 1e-5
+    assert torch.all(ddt.flatten(-2)[..., length:] == 0)
+
+
+def chunk_inputs_checks() -> dict:
+    """The gradient of the chunks' inputs under the interpreter (see `interpreted_checks`)."""
+    errors = {}
+    for seed, (name, (sizes, D_dims, launch)) in enumerate(CHUNK_INPUT_CASES.items()):
+        inputs, _, D = with_D(sizes, D_dims, seed)
+        if launch is None:
+            got = chunk_inputs_backward(*inputs, D=D)
+        else:
+            got = launch_chunk_inputs_backward(*inputs, D, None, **launch)
+        expected = chunk_inputs_backward_reference(*inputs, D=D)
+        errors[name] = dict(dx=rel_err(got[0], expected[0]), ddt=rel_err(got[1], expected[1]),
+                            dD=None if D is None else rel_err(got[2], expected[2]), dD_returned=got[2] is not None)
+    # dx written into a bf16 view of a wider tensor (as the mixer's gradient of the convolution's output is), from the
+    # same float32 sums as the reference's.
+    inputs, _, D = with_D(CHUNK_INPUT_CASES["partial chunk, groups"][0], 1)
+    x = inputs[0]
+    written = []
+    for function in (chunk_inputs_backward, chunk_inputs_backward_reference):
+        wide = torch.zeros(*x.shape[:2], x.shape[2] * x.shape[3] + 3, dtype=torch.bfloat16)
+        dx = wide[..., 1:-2].unflatten(-1, x.shape[2:])
+        returned = function(*inputs, D=D, dx=dx)[0]
+        written.append(dict(wide=wide, same=returned.data_ptr() == dx.data_ptr()))
+    errors["bf16 view"] = dict(dx=rel_err(written[0]["wide"][..., 1:-2], written[1]["wide"][..., 1:-2]),
+                               in_place=written[0]["same"],
+                               untouched=bool((written[0]["wide"][..., [0, -2, -1]] == 0).all()))
+    x, dt_chunks, dA_cumsum, B, CB, dy, dstates = inputs
+    refusals = {}
+    for name, call in {
+        "dy of another shape": lambda: chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB, dy[:, 1:], dstates),
+        "too few chunks": lambda: chunk_inputs_backward(x, dt_chunks[:, :, 1:], dA_cumsum, B, CB, dy, dstates),
+        "CB of another chunk": lambda: chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB[..., 1:], dy, dstates),
+        "dstates of another state": lambda: chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB, dy,
+                                                                  dstates[..., 1:]),
+        "D per group": lambda: chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=D[:2]),
+        "bf16 CB": lambda: chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB.bfloat16(), dy, dstates),
+    }.items():
+        try:
+            call()
+        except (ValueError, TypeError) as error:
+            refusals[name] = str(error)
+    return dict(errors=errors, refusals=refusals)
+
+
+@pytest.mark.parametrize("case", list(CHUNK_INPUT_CASES))
+def test_interpreted_chunk_inputs_gradient_matches_the_reference(interpreted, case):
+    errors = interpreted["chunk_inputs"]["errors"][case]
+    assert errors["dx"] <= 1e-5 and errors["ddt"] <= 1e-5
+    assert errors["dD"] <= 1e-5 if CHUNK_INPUT_CASES[case][1] else not errors["dD_returned"]
+
+
+def test_interpreted_chunk_inputs_gradient_writes_dx_into_the_bf16_view_given(interpreted):
+    errors = interpreted["chunk_inputs"]["errors"]["bf16 view"]
+    assert errors["in_place"] and errors["untouched"]
+    # The interpreter rounds float32 to bf16 toward zero (Triton 3.9; a GPU to nearest, as the reference does): half
+    # the values one bf16 step apart.
+    assert errors["dx"] <= 1e-2
+
+
+def test_chunk_inputs_gradient_refuses_inconsistent_inputs(interpreted):
+    refusals = interpreted["chunk_inputs"]["refusals"]
+    assert "dy must be x's shape (2, 45, 4, 8)" in refusals["dy of another shape"]
+    assert "dt_chunks' 2 chunks of 16 must cover x's 45 positions" in refusals["too few chunks"]
+    assert "CB must be (2, 3, 2, 16, 16)" in refusals["CB of another chunk"]
+    assert "dstates must be (2, 3, 4, 8, 8)" in refusals["dstates of another state"]
+    assert "D must be (4,) or (4, 8)" in refusals["D per group"]
+    assert "CB must be float32" in refusals["bf16 CB"]
