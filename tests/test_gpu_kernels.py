@@ -907,3 +907,37 @@ def test_gated_norm_backward_matches_mamba_ssm_at_the_1_3b_sizes(norm_before_gat
         tolerance = 1e-5 if name == "dweight" else 4e-3
         assert rel_err(got, theirs) <= tolerance, name
         assert rel_err(got, reference) <= tolerance, name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("causal_conv1d") is None or importlib.util.find_spec("triton") is None,
+                    reason="needs causal-conv1d and triton")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_conv1d_backward_matches_causal_conv1d_at_the_1_3b_sizes(weight_dtype):
+    """`conv1d_triton.causal_conv1d_backward` (its default launch) against causal-conv1d's `causal_conv1d_bwd_function`
+    as the training pass calls it, at a 1.3B step's convolution (4 x 4096 positions, 4352 channels, width 4, silu,
+    bf16): x a column slice of in_proj's output, dx written into one of its gradient; and against its reference.
+    Both compute in float32 and round dx to bf16 (one bf16 step apart where their orders differ); dweight and dbias
+    are summed in float32 over other splits of the positions."""
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
+
+    from diffuapriel_hf.modeling.conv1d_triton import causal_conv1d_backward, causal_conv1d_backward_reference
+
+    batch, length, channels, in_proj_width = 4, 4096, 4096 + 2 * 128, 2 * 4096 + 2 * 128 + 64
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    zxbcdt = torch.randn(batch, length, in_proj_width, device="cuda", generator=generator).to(torch.bfloat16)
+    x = zxbcdt[..., 4096:4096 + channels]
+    dout = torch.randn(batch, length, channels, device="cuda", generator=generator).to(torch.bfloat16)
+    weight = (0.5 * torch.randn(channels, 4, device="cuda", generator=generator)).to(weight_dtype)
+    bias = (0.1 * torch.randn(channels, device="cuda", generator=generator)).to(weight_dtype)
+    gradients = [torch.empty_like(zxbcdt) for _ in "ot"]
+    dx, dx_theirs = (g[..., 4096:4096 + channels] for g in gradients)
+    ours = causal_conv1d_backward(x, weight, bias, dout, True, dx=dx)
+    assert ours[0].data_ptr() == dx.data_ptr()
+    _, dweight, dbias, _ = causal_conv1d_bwd_function(x.transpose(1, 2), weight, bias, dout.transpose(1, 2), None,
+                                                      None, None, dx_theirs.transpose(1, 2), False, True)
+    expected = causal_conv1d_backward_reference(x, weight, bias, dout, True)
+    for name, got, theirs, reference in zip(("dx", "dweight", "dbias"), ours, (dx_theirs, dweight, dbias), expected):
+        assert got.dtype == theirs.dtype and got.shape == theirs.shape, name
+        tolerance = 4e-3 if name == "dx" or weight_dtype == torch.bfloat16 else 1e-5
+        assert rel_err(got, theirs) <= tolerance, name
+        assert rel_err(got, reference) <= tolerance, name
