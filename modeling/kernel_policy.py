@@ -49,6 +49,7 @@ import torch
 
 from .diffusion import token_nll
 from .fused_ops import TRITON_INSTALLED
+from .loss_triton import token_nll as token_nll_by_kernels
 from .mamba_ops import TORCH_OPS, MambaOps, kernel_ops
 
 
@@ -222,6 +223,7 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
         # 798 vs 976 ms (H100, results/block_step_training.json). Inference keeps rows of one block: our single-pass
         # SSD takes them (it has no documents).
         block_documents=grad_enabled,
+        token_nll=token_nll_by_kernels if TRITON_INSTALLED else token_nll,
     )
 
 

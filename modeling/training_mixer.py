@@ -32,16 +32,16 @@ import torch.nn.functional as F
 
 try:  # mamba_ops.kernel_ops imports this module only where mamba-ssm and causal-conv1d import
     from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
-    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
+    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb,
                                                      _chunk_scan_bwd_ddAcs_stable)
     from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_cumsum_fwd, _chunk_state_bwd_db
-    from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
 except ImportError as error:
     raise ImportError("diffuapriel_hf.modeling.training_mixer needs mamba-ssm and causal-conv1d") from error
 
-from .ssd_backward_triton import entering_states_backward
+from .gated_norm_triton import gated_rms_norm_backward
+from .ssd_backward_triton import chunk_inputs_backward, entering_states_backward
 from .ssd_triton import CHUNK, ssd_forward
 
 
@@ -63,7 +63,7 @@ def ssd_backward_from_states(dy, x, dt, A, B, C, D, dt_bias, dt_limit, chunk_siz
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
     # The gradient of each chunk's entering state from the outputs inside it, then passed back along the sequence.
     dstates, ddA_chunk_total = entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype=x.dtype)
-    _, ddt_from_inputs, dD = _chunk_scan_chunk_state_bwd_dx(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=D, dx=dx)
+    _, ddt_from_inputs, dD = chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=D, dx=dx)
     dB_from_states, ddA_next = _chunk_state_bwd_db(x, dt_chunks, dA_cumsum, dstates, B=B, ngroups=ngroups)
     dC_from_states, ddA_prev = _chunk_scan_bwd_dC(chunk_states, dA_cumsum, dy, C=C, ngroups=ngroups)
     dCB = _chunk_scan_bwd_dcb(x, dt_chunks, dA_cumsum, dy, ngroups=ngroups).to(CB.dtype)
@@ -129,10 +129,9 @@ class MixerTrainingPass(torch.autograd.Function):
         dx, dB, dC = dxBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
 
         dnormed = F.linear(dout, outproj_weight.t()).view(batch * seqlen, dim)
-        dy, drmsnorm_weight, _, _, normed = _layer_norm_bwd(
-            dnormed, y, rmsnorm_weight, None, rmsnorm_eps, None, rstd, z.view(batch * seqlen, dim),
-            group_size=dim // ngroups, norm_before_gate=norm_before_gate, is_rms_norm=True, recompute_output=True,
-            dz=dz.view(batch * seqlen, dim), out=torch.empty_like(y),
+        dy, drmsnorm_weight, _, normed = gated_rms_norm_backward(
+            dnormed, y, z.view(batch * seqlen, dim), rmsnorm_weight, rstd, group_size=dim // ngroups,
+            norm_before_gate=norm_before_gate, recompute_output=True, dz=dz.view(batch * seqlen, dim),
         )
         doutproj_weight = dout.reshape(-1, dout.shape[-1]).t() @ normed.to(dout.dtype)
         doutproj_bias = None if outproj_bias is None else dout.sum(dim=(0, 1))
