@@ -25,8 +25,9 @@ part of the weight's gradient in float32 registers (one partial row per program,
   compiled: `DEFAULT_LAUNCH`); the benchmark's sweep times them.
 
 The math is mamba-ssm's: float32 inside, dy, dz and the output in their tensors' dtypes, the weight's gradient summed
-in float32 and cast to the weight's dtype. Ours is not yet measured on a GPU: `DEFAULT_LAUNCH` is a reasoned choice
-awaiting the sweep of benchmarks/gated_norm_backward.py, and `training_mixer` still calls mamba-ssm's kernel.
+in float32 and cast to the weight's dtype. On an H200 at 16,384 x 4,096 ours took 0.318 ms against mamba-ssm's 0.454
+(its own kernel under 16 warps: 0.335), within a bf16 rounding of its outputs (results/gated_norm_backward.md);
+`training_mixer`'s backward calls it.
 """
 
 from typing import NamedTuple
@@ -57,7 +58,8 @@ class NormLaunch(NamedTuple):
 # three stages: the next two rows (48 KB) load into shared memory while one is reduced and stored. Compiled for sm_90
 # here (Triton 3.9, no GPU, the 1.3B launch's alignments): 122 registers, no spills, every load of the loop an
 # asynchronous copy. 8 warps took 176-204 registers (so one program per multiprocessor either way); tiles of two or
-# more rows, or 4 warps a row, spilled. Not yet timed (benchmarks/gated_norm_backward.py).
+# more rows, or 4 warps a row, spilled. On an H200: 0.318 ms, within 2% of the fastest of 36 settings
+# (results/gated_norm_backward.md).
 DEFAULT_LAUNCH = NormLaunch(rows_per_tile=1, programs_per_multiprocessor=1, num_warps=16, num_stages=3)
 
 

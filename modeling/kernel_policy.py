@@ -7,9 +7,10 @@ Every operation the model fuses has a PyTorch reference (runs everywhere, carrie
 | SSD scan, causal conv1d, gated norm        | `mamba_ops.*_reference`            | mamba-ssm / causal-conv1d, our           |
 |                                            |                                    | `ssd_triton.ssd_forward` (inference)     |
 | the mixer from in_proj's output to         | those steps one after another      | training: `training_mixer` (our SSD      |
-| out_proj's (training)                      | (`mamba_split_conv1d_scan_         | forward, our states' gradient walk,      |
-|                                            | reference`)                        | mamba-ssm's other backward kernels) or   |
-|                                            |                                    | mamba-ssm's fused mixer function         |
+| out_proj's (training)                      | (`mamba_split_conv1d_scan_         | forward, states' gradient walk, dx and   |
+|                                            | reference`)                        | gated-norm backward; mamba-ssm's other   |
+|                                            |                                    | backward kernels) or mamba-ssm's fused   |
+|                                            |                                    | mixer function                           |
 | direction sum; residual add + next norm    | `fused_ops.*_reference`            | `fused_ops` Triton kernels (the add +    |
 |                                            |                                    | norm also in training)                   |
 | the mixer's two reading orders (training)  | `reverse_time`, autograd's sum of  | `fused_ops.BothReadingOrders`: the       |
@@ -24,8 +25,8 @@ Every operation the model fuses has a PyTorch reference (runs everywhere, carrie
 | LM head                                    | the vocabulary as it is            | the vocabulary padded to a multiple of 8 |
 | attention against a `BlockDiffusionCache`  | the attention implementation under | `cache_attention` Triton kernel          |
 |                                            | the cache's mask                   | (inference, not `eager`)                 |
-| the loss's -log p(label)                   | `diffusion.token_nll` (a float32   | `loss_triton` Triton kernels (a          |
-|                                            | copy, then cross-entropy)          | candidate: only by override for now)     |
+| the loss's -log p(label)                   | `diffusion.token_nll` (a float32   | `loss_triton` Triton kernels (no float32 |
+|                                            | copy, then cross-entropy)          | copy of the logits)                      |
 
 `resolve_kernel_policy(config, device)` makes every choice once per forward, from the config (`use_mamba_kernels`),
 the device, grad mode and what is installed, into a `KernelPolicy` that the model passes to its layers; the layers
@@ -49,6 +50,7 @@ import torch
 
 from .diffusion import token_nll
 from .fused_ops import TRITON_INSTALLED
+from .loss_triton import token_nll as token_nll_by_kernels
 from .mamba_ops import TORCH_OPS, MambaOps, kernel_ops
 
 
@@ -139,7 +141,7 @@ class KernelPolicy:
     block_documents: a block model's right-to-left direction reads each block as a document of the whole row
         (`BidirectionalMamba2Mixer.right_to_left_in_documents`) instead of as a row of its own.
     token_nll: the loss's -log p(label) from the logits: `diffusion.token_nll`, or `loss_triton.token_nll` (two Triton
-        kernels, no float32 copy of the logits; a candidate, chosen by `override_kernel_policy` until timed on a GPU).
+        kernels, no float32 copy of the logits).
     """
 
     mamba: MambaOps = TORCH_OPS
@@ -222,6 +224,10 @@ def _default_policy(device_type: str, use_mamba_kernels: bool, grad_enabled: boo
         # 798 vs 976 ms (H100, results/block_step_training.json). Inference keeps rows of one block: our single-pass
         # SSD takes them (it has no documents).
         block_documents=grad_enabled,
+        # With training_mixer's dx and gated-norm backward kernels, a 1.3B forward and backward took 321.8 vs 328.9 ms
+        # at 4 x 4K and 326.7 vs 337.4 ms at 1 x 16K, the same loss to 7 digits (H200, the three changes in one:
+        # results/compare_training_kernels_4k.json, _16k.json).
+        token_nll=token_nll_by_kernels if TRITON_INSTALLED else token_nll,
     )
 
 

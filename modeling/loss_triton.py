@@ -12,8 +12,9 @@ row walks its logits in blocks:
 - backward: the row's gradient, upstream * (softmax - onehot(label)), the mask token's 0, written once in the
   logits' dtype.
 
-Rows whose label is -100 give 0 and a zero gradient, and read no logits. A candidate (`KernelPolicy.token_nll`), not
-yet timed on a GPU.
+Rows whose label is -100 give 0 and a zero gradient, and read no logits. Training's default on CUDA
+(`KernelPolicy.token_nll`): with training_mixer's dx and gated-norm backward kernels, a 1.3B step's forward and
+backward took 321.8 against 328.9 ms at 4 x 4K, the loss the same (H200, results/compare_training_kernels_4k.json).
 """
 
 import torch

@@ -11,10 +11,12 @@ running decays, every chunk's state and their passing along the sequence (in a 1
   as it walks past (mamba-ssm's three forward kernels pass those states through memory); mamba-ssm's gated norm;
   out_proj. It keeps the convolution's output and the chunk states (about 0.5 GiB a direction at 16K tokens of a
   1.3B model);
-- backward: out_proj's and the norm's gradients (the norm's output recomputed for out_proj's weight, as mamba-ssm
-  does), the SSD's gradients from mamba-ssm's backward kernels given the kept states (`ssd_backward_from_states`),
-  but for the gradient of the states between chunks, which our kernel walks back along the sequence in one pass
-  (`ssd_backward_triton`, where mamba-ssm writes every chunk's own term and reads it back); the convolution's from
+- backward: out_proj's gradient; the norm's by our kernel (`gated_norm_triton`: its output recomputed for out_proj's
+  weight, as mamba-ssm does, 0.32 against mamba-ssm's 0.45 ms at 16K x 4096 on an H200); the SSD's from the kept
+  states (`ssd_backward_from_states`): our kernels for the gradient of the states between chunks, walked back along
+  the sequence in one pass (where mamba-ssm writes every chunk's own term and reads it back), and for x's gradient
+  with dt's and D's through it (`ssd_backward_triton.chunk_inputs_backward`, the same numbers as mamba-ssm's
+  `_chunk_scan_chunk_state_bwd_dx` in 0.7-0.9 of its time), mamba-ssm's kernels for the rest; the convolution's from
   causal-conv1d's.
 
 `mamba_ops.kernel_ops(split_conv1d_scan=True, training_pass=True)` sends a pass here where our SSD kernel is the
@@ -32,16 +34,16 @@ import torch.nn.functional as F
 
 try:  # mamba_ops.kernel_ops imports this module only where mamba-ssm and causal-conv1d import
     from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
-    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
+    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb,
                                                      _chunk_scan_bwd_ddAcs_stable)
     from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_cumsum_fwd, _chunk_state_bwd_db
-    from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
 except ImportError as error:
     raise ImportError("diffuapriel_hf.modeling.training_mixer needs mamba-ssm and causal-conv1d") from error
 
-from .ssd_backward_triton import entering_states_backward
+from .gated_norm_triton import gated_rms_norm_backward
+from .ssd_backward_triton import chunk_inputs_backward, entering_states_backward
 from .ssd_triton import CHUNK, ssd_forward
 
 
@@ -54,16 +56,16 @@ def takes(chunk_size: int, seq_idx: Optional[torch.Tensor]) -> bool:
 
 def ssd_backward_from_states(dy, x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, dt_chunks, dA_cumsum,
                              chunk_states, dx, ddt, dB, dC):
-    """The SSD's gradients by mamba-ssm's backward kernels (the states' gradient by ours), from the forward's chunk
-    states instead of their recomputation. dy, x: (b, l, h, p); dt (b, l, h) before the softplus; B, C (b, l, g, n);
-    per chunk of `chunk_size`: dt_chunks and dA_cumsum (b, h, c, chunk) (mamba-ssm's chunk cumsum), chunk_states
-    (b, c, h, p, n) float32, the state entering each chunk. Writes dx, ddt, dB and dC into the tensors given; returns
-    (dA, dD, ddt_bias)."""
+    """The SSD's gradients by mamba-ssm's backward kernels (the states' and x's gradients by ours), from the forward's
+    chunk states instead of their recomputation. dy, x: (b, l, h, p); dt (b, l, h) before the softplus; B, C
+    (b, l, g, n); per chunk of `chunk_size`: dt_chunks and dA_cumsum (b, h, c, chunk) (mamba-ssm's chunk cumsum),
+    chunk_states (b, c, h, p, n) float32, the state entering each chunk. Writes dx, ddt, dB and dC into the tensors
+    given; returns (dA, dD, ddt_bias)."""
     ngroups = B.shape[2]
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
     # The gradient of each chunk's entering state from the outputs inside it, then passed back along the sequence.
     dstates, ddA_chunk_total = entering_states_backward(C, dA_cumsum, dy, chunk_states, dtype=x.dtype)
-    _, ddt_from_inputs, dD = _chunk_scan_chunk_state_bwd_dx(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=D, dx=dx)
+    _, ddt_from_inputs, dD = chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D=D, dx=dx)
     dB_from_states, ddA_next = _chunk_state_bwd_db(x, dt_chunks, dA_cumsum, dstates, B=B, ngroups=ngroups)
     dC_from_states, ddA_prev = _chunk_scan_bwd_dC(chunk_states, dA_cumsum, dy, C=C, ngroups=ngroups)
     dCB = _chunk_scan_bwd_dcb(x, dt_chunks, dA_cumsum, dy, ngroups=ngroups).to(CB.dtype)
@@ -129,10 +131,9 @@ class MixerTrainingPass(torch.autograd.Function):
         dx, dB, dC = dxBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
 
         dnormed = F.linear(dout, outproj_weight.t()).view(batch * seqlen, dim)
-        dy, drmsnorm_weight, _, _, normed = _layer_norm_bwd(
-            dnormed, y, rmsnorm_weight, None, rmsnorm_eps, None, rstd, z.view(batch * seqlen, dim),
-            group_size=dim // ngroups, norm_before_gate=norm_before_gate, is_rms_norm=True, recompute_output=True,
-            dz=dz.view(batch * seqlen, dim), out=torch.empty_like(y),
+        dy, drmsnorm_weight, _, normed = gated_rms_norm_backward(
+            dnormed, y, z.view(batch * seqlen, dim), rmsnorm_weight, rstd, group_size=dim // ngroups,
+            norm_before_gate=norm_before_gate, recompute_output=True, dz=dz.view(batch * seqlen, dim),
         )
         doutproj_weight = dout.reshape(-1, dout.shape[-1]).t() @ normed.to(dout.dtype)
         doutproj_bias = None if outproj_bias is None else dout.sum(dim=(0, 1))

@@ -1,0 +1,1 @@
+../../../modeling/gated_norm_triton.py
