@@ -1,0 +1,1 @@
+../../../modeling/conv1d_triton.py
