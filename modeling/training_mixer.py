@@ -16,8 +16,8 @@ running decays, every chunk's state and their passing along the sequence (in a 1
   states (`ssd_backward_from_states`): our kernels for the gradient of the states between chunks, walked back along
   the sequence in one pass (where mamba-ssm writes every chunk's own term and reads it back), and for x's gradient
   with dt's and D's through it (`ssd_backward_triton.chunk_inputs_backward`, the same numbers as mamba-ssm's
-  `_chunk_scan_chunk_state_bwd_dx` in 0.7-0.9 of its time), mamba-ssm's kernels for the rest; the convolution's by
-  ours (`conv1d_triton`: 0.265 against causal-conv1d's 0.28 ms at 4 x 4K on an H100).
+  `_chunk_scan_chunk_state_bwd_dx` in 0.7-0.9 of its time), mamba-ssm's kernels for the rest; the convolution's from
+  causal-conv1d's.
 
 `mamba_ops.kernel_ops(split_conv1d_scan=True, training_pass=True)` sends a pass here where our SSD kernel is the
 faster one and it can keep its states (`takes`: no documents packed in a row, a chunk that is a whole number of its
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 try:  # mamba_ops.kernel_ops imports this module only where mamba-ssm and causal-conv1d import
-    from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
     from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb,
@@ -42,7 +42,6 @@ try:  # mamba_ops.kernel_ops imports this module only where mamba-ssm and causal
 except ImportError as error:
     raise ImportError("diffuapriel_hf.modeling.training_mixer needs mamba-ssm and causal-conv1d") from error
 
-from .conv1d_triton import causal_conv1d_backward
 from .gated_norm_triton import gated_rms_norm_backward
 from .ssd_backward_triton import chunk_inputs_backward, entering_states_backward
 from .ssd_triton import CHUNK, ssd_forward
@@ -146,9 +145,11 @@ class MixerTrainingPass(torch.autograd.Function):
             as_groups(C), D, dt_bias, dt_limit, chunk_size, dt_chunks, dA_cumsum, chunk_states,
             dx.unflatten(-1, (nheads, headdim)), ddt, as_groups(dB), as_groups(dC),
         )
-        # Written in place into in_proj's gradient.
-        _, dconv1d_weight, dconv1d_bias = causal_conv1d_backward(xBC, conv1d_weight, conv1d_bias, dxBC, silu,
-                                                                 dx=dxBC_given)
+        # Written in place into in_proj's gradient, channels last as xBC was read.
+        _, dconv1d_weight, dconv1d_bias, _ = causal_conv1d_bwd_function(
+            xBC.transpose(1, 2), conv1d_weight, conv1d_bias, dxBC.transpose(1, 2), None, None, None,
+            dxBC_given.transpose(1, 2), False, silu,
+        )
         return (dzxbcdt, dconv1d_weight, dconv1d_bias, ddt_bias, dA, dD, None, None, None, drmsnorm_weight, None,
                 doutproj_weight, doutproj_bias, None, None, None)
 

@@ -1,1 +1,0 @@
-../../../modeling/conv1d_triton.py
