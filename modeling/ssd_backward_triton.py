@@ -33,6 +33,18 @@ after), and dD as one partial per program, summed after. (Looping over a wider h
 instead made Triton 3.9's code for an H100 spill registers: 2.5 KB of stack a thread.) The roundings are
 mamba-ssm's: CB exp(a_t - a_s) rounded to dy's dtype and dstates to B's before their products, which accumulate in
 float32, as every sum does; dx is written in dx's dtype.
+
+The products at a chunk's pairs of positions (`chunk_pairs_backward`, in place of mamba-ssm's `_chunk_scan_bwd_dcb`
+and `_chunk_scan_bwd_ddAcs_stable`, which each form the same product): with pairs[t, s] = (dy_t . x_s) dt_s
+exp(min(a_t - a_s, 0)) for s <= t in a chunk, per head,
+
+    dCB[t, s] = sum over the group's heads of pairs[t, s]          # the gradient of CB[t, s] = C_t . B_s
+    ddA[j] = sum over s < j <= t of pairs[t, s] CB[t, s]          # of the increment dt_j A inside a_t - a_s
+
+ddA is taken as mamba-ssm's stable kernel takes it, with no difference of running sums: a row's running sum over s,
+summed over the rows t >= j. Here one program owns a tile of a chunk's positions t against all its positions s, and
+walks its group's heads, one product each, summing dCB in float32 registers and writing that head's ddA, so that x
+and dy are read once for both (x once per row tile, the tiles of a chunk side by side) and CB once per program.
 """
 
 import torch
@@ -220,8 +232,7 @@ def chunk_inputs_backward_reference(x, dt_chunks, dA_cumsum, B, CB, dy, dstates,
     batch, seqlen, heads, _ = x.shape
     chunks, chunk = dt_chunks.shape[2:]
     per_group = heads // B.shape[2]
-    pad = chunks * chunk - seqlen
-    chunked = lambda t: F.pad(t, (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, chunk))  # noqa: E731  (b, c, k, ., .)
+    chunked = lambda t: _in_chunks(t, chunk)  # noqa: E731
     a = dA_cumsum.float()  # (b, h, c, k)
     causal = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=x.device))  # [t, s]: t >= s
     decay = torch.exp(torch.clamp(a[..., :, None] - a[..., None, :], max=0))  # (b, h, c, t, s)
@@ -384,14 +395,20 @@ def launch_chunk_inputs_backward(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D,
     return dx, ddt, dD
 
 
-def _check_chunk_inputs(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D, dx) -> None:
+def _in_chunks(t, chunk):
+    """(b, l, ., .) -> (b, c, k, ., .): the positions in chunks of k, zeros past the sequence's end."""
+    chunks = triton.cdiv(t.shape[1], chunk)
+    return F.pad(t, (0, 0, 0, 0, 0, chunks * chunk - t.shape[1])).unflatten(1, (chunks, chunk))
+
+
+def _check_chunked(x, dt_chunks, dA_cumsum, dy, CB, groups) -> None:
+    """What the kernels that read a chunk's pairs of positions share: x and dy (b, l, h, p); dt_chunks and dA_cumsum
+    (b, h, c, k) float32, c chunks of k covering the l positions; CB (b, c, g, k, k) float32, g dividing h."""
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, length, heads, head_dim), got {tuple(x.shape)}")
     batch, seqlen, heads, headdim = x.shape
     if dy.shape != x.shape:
         raise ValueError(f"dy must be x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if dx is not None and dx.shape != x.shape:
-        raise ValueError(f"dx must be x's shape {tuple(x.shape)}, got {tuple(dx.shape)}")
     if dt_chunks.dim() != 4 or dt_chunks.shape[:2] != (batch, heads):
         raise ValueError(f"dt_chunks must be (batch, heads, chunks, chunk) = ({batch}, {heads}, ...), got "
                          f"{tuple(dt_chunks.shape)}")
@@ -400,21 +417,171 @@ def _check_chunk_inputs(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D, dx) -> N
         raise ValueError(f"dt_chunks' {chunks} chunks of {chunk} must cover x's {seqlen} positions")
     if dA_cumsum.shape != dt_chunks.shape:
         raise ValueError(f"dA_cumsum must be dt_chunks' shape {tuple(dt_chunks.shape)}, got {tuple(dA_cumsum.shape)}")
-    if B.dim() != 4 or B.shape[:2] != (batch, seqlen) or heads % B.shape[2]:
-        raise ValueError(f"B must be (batch, length, groups, state) with groups dividing x's {heads} heads, got "
-                         f"{tuple(B.shape)} for x {tuple(x.shape)}")
-    groups, dstate = B.shape[2:]
+    if groups < 1 or heads % groups:
+        raise ValueError(f"ngroups must divide x's {heads} heads, got {groups}")
     if CB.shape != (batch, chunks, groups, chunk, chunk):
         raise ValueError(f"CB must be {(batch, chunks, groups, chunk, chunk)}, got {tuple(CB.shape)}")
-    if dstates.shape != (batch, chunks, heads, headdim, dstate):
-        raise ValueError(f"dstates must be {(batch, chunks, heads, headdim, dstate)}, got {tuple(dstates.shape)}")
-    if D is not None and D.shape not in ((heads,), (heads, headdim)):
-        raise ValueError(f"D must be ({heads},) or ({heads}, {headdim}), got {tuple(D.shape)}")
     for name, tensor in dict(dt_chunks=dt_chunks, dA_cumsum=dA_cumsum, CB=CB).items():
         if tensor.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {tensor.dtype}")
 
 
-__all__ = ["LAUNCH_CHUNK_INPUTS", "chunk_inputs_backward", "chunk_inputs_backward_reference",
-           "entering_states_backward", "entering_states_backward_reference", "launch_chunk_inputs_backward",
+def _check_chunk_inputs(x, dt_chunks, dA_cumsum, B, CB, dy, dstates, D, dx) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, length, heads, head_dim), got {tuple(x.shape)}")
+    batch, seqlen, heads, headdim = x.shape
+    if B.dim() != 4 or B.shape[:2] != (batch, seqlen) or heads % B.shape[2]:
+        raise ValueError(f"B must be (batch, length, groups, state) with groups dividing x's {heads} heads, got "
+                         f"{tuple(B.shape)} for x {tuple(x.shape)}")
+    _check_chunked(x, dt_chunks, dA_cumsum, dy, CB, B.shape[2])
+    if dx is not None and dx.shape != x.shape:
+        raise ValueError(f"dx must be x's shape {tuple(x.shape)}, got {tuple(dx.shape)}")
+    chunks, dstate = dt_chunks.shape[2], B.shape[3]
+    if dstates.shape != (batch, chunks, heads, headdim, dstate):
+        raise ValueError(f"dstates must be {(batch, chunks, heads, headdim, dstate)}, got {tuple(dstates.shape)}")
+    if D is not None and D.shape not in ((heads,), (heads, headdim)):
+        raise ValueError(f"D must be ({heads},) or ({heads}, {headdim}), got {tuple(D.shape)}")
+
+
+# The launch of `chunk_pairs_backward`: 32 of a chunk's positions t a program (four programs a chunk of 128), every
+# head of its group in one program (no partial sums of dCB), 4 warps, 2 stages over the heads. Not yet timed on a GPU
+# (benchmarks/ssd_backward_pairs.py sweeps it): chosen for the 1.3B step's 128 chunks of 16K tokens, where it gives 512
+# programs, about four for each of an H100's 132 multiprocessors, each holding three 32 x 128 float32 tiles (its dCB,
+# CB, and one head's pairs: 96 registers a thread of 4 warps), and four partial rows of ddA per head to sum after, as
+# mamba-ssm's stable kernel has with its rows of 32.
+LAUNCH_CHUNK_PAIRS = dict(block_m=32, head_splits=1, num_warps=4, num_stages=2)
+
+
+def chunk_pairs_backward_reference(x, dt_chunks, dA_cumsum, dy, CB, ngroups):
+    """`chunk_pairs_backward` in PyTorch (same arguments, same results), every chunk's pairs at once."""
+    _check_chunked(x, dt_chunks, dA_cumsum, dy, CB, ngroups)
+    heads, chunk = x.shape[2], dt_chunks.shape[3]
+    a = dA_cumsum.float()  # (b, h, c, k)
+    decay = torch.exp(torch.clamp(a[..., :, None] - a[..., None, :], max=0))  # (b, h, c, t, s)
+    pairs = torch.einsum("bcthp,bcshp->bhcts", _in_chunks(dy.float(), chunk), _in_chunks(x.float(), chunk))
+    pairs = pairs * dt_chunks[..., None, :] * decay
+    pairs = pairs.tril()  # the pairs s <= t
+    dCB = pairs.unflatten(1, (ngroups, heads // ngroups)).sum(dim=2).transpose(1, 2)  # (b, c, g, t, s)
+    within = (pairs * CB.repeat_interleave(heads // ngroups, dim=2).transpose(1, 2)).tril(-1)  # (b, h, c, t, s)
+    # Position j collects the pairs s < j <= t: over t >= j, the running sum over s of each row, up to s = j - 1.
+    ddA = F.pad(within.cumsum(dim=-1).tril(-1).sum(dim=-2)[..., :-1], (1, 0))  # (b, h, c, k)
+    return dCB, ddA
+
+
+@triton.jit
+def _chunk_pairs_backward_kernel(
+    x_ptr, dt_ptr, dA_cumsum_ptr, dy_ptr, CB_ptr, dCB_ptr, ddA_ptr,
+    seqlen, nchunks, headdim, heads_per_group, heads_per_split, splits,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_k,
+    stride_dA_b, stride_dA_h, stride_dA_c, stride_dA_k,
+    stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
+    stride_CB_b, stride_CB_c, stride_CB_g, stride_CB_t, stride_CB_s,
+    stride_dCB_split, stride_dCB_b, stride_dCB_c, stride_dCB_g, stride_dCB_t, stride_dCB_s,
+    stride_ddA_tile, stride_ddA_b, stride_ddA_h, stride_ddA_c, stride_ddA_k,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # The row tiles of one chunk run side by side: they read the same x, each up to its last position.
+    m_tile, bc, group_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, c = bc // nchunks, bc % nchunks
+    g, split = group_split // splits, group_split % splits
+    start = c * CHUNK
+    limit = tl.minimum(CHUNK, seqlen - start)  # the chunk's positions inside the sequence
+    first_head = g * heads_per_group + split * heads_per_split
+    x_ptr += b * stride_x_b + start * stride_x_l + first_head * stride_x_h
+    dy_ptr += b * stride_dy_b + start * stride_dy_l + first_head * stride_dy_h
+    dt_ptr += b * stride_dt_b + first_head * stride_dt_h + c * stride_dt_c
+    dA_cumsum_ptr += b * stride_dA_b + first_head * stride_dA_h + c * stride_dA_c
+    ddA_ptr += m_tile * stride_ddA_tile + b * stride_ddA_b + first_head * stride_ddA_h + c * stride_ddA_c
+
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # the positions t (the outputs') this program owns
+    offs_s = tl.arange(0, BLOCK_S)  # the positions s (the inputs') of the whole chunk
+    offs_p = tl.arange(0, BLOCK_P)
+    rows = offs_m < limit
+    cols = offs_s < tl.minimum(limit, (m_tile + 1) * BLOCK_M)  # no later s than the tile's last t
+    in_chunk_m, in_chunk_s = offs_m < CHUNK, offs_s < CHUNK
+    CB = tl.load(CB_ptr + b * stride_CB_b + c * stride_CB_c + g * stride_CB_g + offs_m[:, None] * stride_CB_t
+                 + offs_s[None, :] * stride_CB_s, mask=rows[:, None] & cols[None, :], other=0.0)  # (M, S)
+    strictly_later = offs_m[:, None] > offs_s[None, :]  # the pairs whose decay a later position's increment enters
+
+    dCB = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
+    for _ in range(tl.minimum(heads_per_split, heads_per_group - split * heads_per_split)):
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
+                     mask=rows[:, None] & (offs_p < headdim)[None, :], other=0.0)  # (M, P)
+        x = tl.load(x_ptr + offs_s[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
+                    mask=(offs_p < headdim)[:, None] & cols[None, :], other=0.0)  # (P, S)
+        dt_s = tl.load(dt_ptr + offs_s * stride_dt_k, mask=in_chunk_s, other=0.0)
+        a_m = tl.load(dA_cumsum_ptr + offs_m * stride_dA_k, mask=in_chunk_m, other=0.0)
+        a_s = tl.load(dA_cumsum_ptr + offs_s * stride_dA_k, mask=in_chunk_s, other=0.0)
+        pairs = tl.dot(dy, x, input_precision=DOT_PRECISION) * dt_s[None, :]
+        pairs *= tl.exp(tl.minimum(a_m[:, None] - a_s[None, :], 0.0))  # (M, S): zero where t or s is masked
+        dCB += pairs
+        # Position j = s + 1 collects the pairs s' <= s < t: this tile's rows' running sums over s', summed over t.
+        within = tl.where(strictly_later, pairs * CB, 0.0)
+        ddA = tl.sum(tl.where(strictly_later, tl.cumsum(within, axis=1), 0.0), axis=0)  # (S,)
+        tl.store(ddA_ptr + (offs_s + 1) * stride_ddA_k, ddA, mask=offs_s + 1 < CHUNK)
+        tl.store(ddA_ptr, 0.0)  # the first position's increment is in every pair's a_t and a_s alike
+        x_ptr += stride_x_h
+        dy_ptr += stride_dy_h
+        dt_ptr += stride_dt_h
+        dA_cumsum_ptr += stride_dA_h
+        ddA_ptr += stride_ddA_h
+    tl.store(dCB_ptr + split * stride_dCB_split + b * stride_dCB_b + c * stride_dCB_c + g * stride_dCB_g
+             + offs_m[:, None] * stride_dCB_t + offs_s[None, :] * stride_dCB_s,
+             tl.where(offs_m[:, None] >= offs_s[None, :], dCB, 0.0), mask=in_chunk_m[:, None] & in_chunk_s[None, :])
+
+
+def chunk_pairs_backward(x, dt_chunks, dA_cumsum, dy, CB, ngroups):
+    """The two parts of the SSD backward that take the product of the outputs' gradient with the inputs at every pair
+    of a chunk's positions, (dy_t . x_s) dt_s exp(a_t - a_s) for s <= t (a = dA_cumsum, the exponent clamped to at
+    most 0), from one product: what mamba-ssm's `_chunk_scan_bwd_dcb(x, dt_chunks, dA_cumsum, dy, ngroups=ngroups)`
+    and `_chunk_scan_bwd_ddAcs_stable(x, dt_chunks, dA_cumsum, dy, CB)` compute, for a pass without documents (no
+    seq_idx). x, dy (b, l, h, p); dt_chunks and dA_cumsum (b, h, c, k) float32 (mamba-ssm's chunk cumsum, chunks of k
+    positions, zero and constant past the sequence's end); CB (b, c, g, k, k) float32, C_t . B_s at [t, s], g =
+    ngroups. Returns dCB (b, c, g, k, k) float32, those products summed over each group's heads (zero above the
+    diagonal), and ddA (b, h, c, k) float32, the gradient of each position's log-decay increment dt A through the
+    chunk's own outputs: position j collects the products times CB over the pairs s < j <= t (zero at j = 0).
+
+    The same products and roundings as mamba-ssm's (x and dy in their dtype, the products accumulated in float32,
+    exact in float32 where mamba-ssm's are TF32); the float32 sums differ in order, and the product with CB and with
+    the decay in order (each one rounding)."""
+    _check_chunked(x, dt_chunks, dA_cumsum, dy, CB, ngroups)
+    launch = dict(LAUNCH_CHUNK_PAIRS)
+    launch["block_m"] = min(launch["block_m"], max(16, triton.next_power_of_2(dt_chunks.shape[3])))
+    return launch_chunk_pairs_backward(x, dt_chunks, dA_cumsum, dy, CB, ngroups, **launch)
+
+
+def launch_chunk_pairs_backward(x, dt_chunks, dA_cumsum, dy, CB, ngroups, block_m, head_splits, num_warps,
+                                num_stages):
+    """The kernel with explicit tiles and launch (`chunk_pairs_backward` checks the inputs and picks them): one program
+    per (block_m of a chunk's positions t, sequence x chunk, group x split of its heads), over every position s of the
+    chunk at once, through its heads one at a time (pipelined over num_stages). Each program writes its rows' part of
+    ddA for every position of its heads, and its heads' part of dCB; where a chunk takes several row tiles or a group's
+    heads several splits (head_splits), those parts are summed after."""
+    batch, seqlen, heads, headdim = x.shape
+    chunks, chunk = dt_chunks.shape[2:]
+    heads_per_group = heads // ngroups
+    heads_per_split = triton.cdiv(heads_per_group, head_splits)
+    splits = triton.cdiv(heads_per_group, heads_per_split)  # none empty
+    m_tiles = triton.cdiv(chunk, block_m)
+    dCB_parts = torch.empty(splits, batch, chunks, ngroups, chunk, chunk, device=x.device, dtype=torch.float32)
+    ddA_parts = torch.empty(m_tiles, batch, heads, chunks, chunk, device=x.device, dtype=torch.float32)
+    with on_device_of(x):
+        _chunk_pairs_backward_kernel[(m_tiles, batch * chunks, ngroups * splits)](
+            x, dt_chunks, dA_cumsum, dy, CB, dCB_parts, ddA_parts, seqlen, chunks, headdim, heads_per_group,
+            heads_per_split, splits, *x.stride(), *dt_chunks.stride(), *dA_cumsum.stride(), *dy.stride(),
+            *CB.stride(), *dCB_parts.stride(), *ddA_parts.stride(),
+            DOT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32", CHUNK=chunk, BLOCK_M=block_m,
+            BLOCK_S=max(16, triton.next_power_of_2(chunk)), BLOCK_P=max(16, triton.next_power_of_2(headdim)),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    dCB = dCB_parts[0] if splits == 1 else dCB_parts.sum(dim=0)  # (b, c, g, k, k)
+    ddA = ddA_parts[0] if m_tiles == 1 else ddA_parts.sum(dim=0)  # (b, h, c, k)
+    return dCB, ddA
+
+
+__all__ = ["LAUNCH_CHUNK_INPUTS", "LAUNCH_CHUNK_PAIRS", "chunk_inputs_backward", "chunk_inputs_backward_reference",
+           "chunk_pairs_backward", "chunk_pairs_backward_reference", "entering_states_backward",
+           "entering_states_backward_reference", "launch_chunk_inputs_backward", "launch_chunk_pairs_backward",
            "launch_entering_states_backward", "launch_settings"]

@@ -941,3 +941,26 @@ def test_conv1d_backward_matches_causal_conv1d_at_the_1_3b_sizes(weight_dtype):
         tolerance = 4e-3 if name == "dx" or weight_dtype == torch.bfloat16 else 1e-5
         assert rel_err(got, theirs) <= tolerance, name
         assert rel_err(got, reference) <= tolerance, name
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch, length", [(4, 4096), (1, 16384)], ids=["4 x 4K", "1 x 16K"])
+def test_chunk_pairs_match_mamba_ssm_two_kernels_at_the_1_3b_sizes(batch, length):
+    """`ssd_backward_triton.chunk_pairs_backward` against mamba-ssm's `_chunk_scan_bwd_dcb` and
+    `_chunk_scan_bwd_ddAcs_stable` (what the training pass calls) at a 1.3B training step's sizes (64 heads of 64 in
+    one group, chunks of 128), bf16 x and dy, float32 CB, dt and decays; and against its reference. The same bf16
+    products accumulated in float32; the float32 sums (over the heads, the pairs) differ in order."""
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable
+
+    from diffuapriel_hf.modeling.ssd_backward_triton import chunk_pairs_backward, chunk_pairs_backward_reference
+
+    (x, dt_chunks, dA_cumsum, _, CB, dy, _), _ = chunk_inputs(batch, length, 64, 64, 1, 128, 128,
+                                                              dtype=torch.bfloat16, device="cuda")
+    ours = chunk_pairs_backward(x, dt_chunks, dA_cumsum, dy, CB, 1)
+    theirs = (_chunk_scan_bwd_dcb(x, dt_chunks, dA_cumsum, dy, ngroups=1),
+              _chunk_scan_bwd_ddAcs_stable(x, dt_chunks, dA_cumsum, dy, CB))
+    expected = chunk_pairs_backward_reference(x, dt_chunks, dA_cumsum, dy, CB, 1)
+    for name, got, mamba, reference in zip(("dCB", "ddA"), ours, theirs, expected):
+        assert got.dtype == mamba.dtype == torch.float32 and got.shape == mamba.shape, name
+        assert rel_err(got, mamba) <= FP32_TOL, name
+        assert rel_err(got, reference) <= FP32_TOL, name

@@ -1,8 +1,8 @@
-"""The SSD backward's kernels (`ssd_backward_triton.py`), the walk of the states' gradient and the gradient of the
-chunks' inputs: their PyTorch references against autograd through the `mamba_ops` references, and the Triton kernels
-against the references on the CPU under Triton's interpreter (TRITON_INTERPRET=1), in float32 (the interpreter's bf16
-products are wrong, as of Triton 3.9). In bf16, against mamba-ssm's kernels, at the 1.3B sizes:
-`test_gpu_kernels.py`."""
+"""The SSD backward's kernels (`ssd_backward_triton.py`), the walk of the states' gradient, the gradient of the
+chunks' inputs and the products at a chunk's pairs of positions (dCB and ddA): their PyTorch references against
+autograd through the `mamba_ops` references, and the Triton kernels against the references on the CPU under Triton's
+interpreter (TRITON_INTERPRET=1), in float32 (the interpreter's bf16 products are wrong, as of Triton 3.9). In bf16,
+against mamba-ssm's kernels, at the 1.3B sizes: `test_gpu_kernels.py`."""
 
 import pytest
 import torch
@@ -16,9 +16,10 @@ pytest.importorskip("triton")
 
 from diffuapriel_hf.modeling.ssd_backward_triton import (LAUNCH_FEW_WALKS,  # noqa: E402 (needs triton)
                                                          LAUNCH_MANY_WALKS, chunk_inputs_backward,
-                                                         chunk_inputs_backward_reference, entering_states_backward,
+                                                         chunk_inputs_backward_reference, chunk_pairs_backward,
+                                                         chunk_pairs_backward_reference, entering_states_backward,
                                                          entering_states_backward_reference,
-                                                         launch_chunk_inputs_backward,
+                                                         launch_chunk_inputs_backward, launch_chunk_pairs_backward,
                                                          launch_entering_states_backward, launch_settings)
 
 # (batch, length, heads, head_dim, groups, state, chunk): a last chunk that is partial, sizes under a tile (masked),
@@ -98,7 +99,7 @@ def interpreted_checks() -> dict:
             call()
         except (ValueError, TypeError) as error:
             refusals[name] = str(error)
-    return dict(errors=errors, refusals=refusals, chunk_inputs=chunk_inputs_checks())
+    return dict(errors=errors, refusals=refusals, chunk_inputs=chunk_inputs_checks(), chunk_pairs=chunk_pairs_checks())
 
 
 @pytest.mark.parametrize("case", [str(index) for index in range(len(CASES))]
@@ -239,3 +240,90 @@ def test_chunk_inputs_gradient_refuses_inconsistent_inputs(interpreted):
     assert "dstates must be (2, 3, 4, 8, 8)" in refusals["dstates of another state"]
     assert "D must be (4,) or (4, 8)" in refusals["D per group"]
     assert "CB must be float32" in refusals["bf16 CB"]
+
+
+# The products at a chunk's pairs of positions. (batch, length, heads, head_dim, groups, state, chunk, launch): a
+# partial last chunk, two groups of two heads and sizes under a tile under the default launch (one row tile of 16);
+# two row tiles of 16 a chunk and a group's three heads split in two and one, a head's 20 channels masked in a tile of
+# 32; one chunk of two row tiles under the default launch (32 rows a program), one group of three heads.
+CHUNK_PAIR_CASES = {
+    "partial chunk, groups": ((2, 45, 4, 8, 2, 8, 16), None),
+    "row tiles, head splits": ((1, 100, 6, 20, 2, 24, 32), dict(block_m=16, head_splits=2, num_warps=4, num_stages=2)),
+    "one chunk, one group": ((1, 64, 3, 16, 1, 8, 64), None),
+}
+
+
+def pairs_inputs(sizes, seed: int = 0):
+    """x, dt_chunks, dA_cumsum, dy, CB and the number of groups (`chunk_pairs_backward`'s arguments), and B and C."""
+    (x, dt_chunks, dA_cumsum, B, CB, dy, _), C = chunk_inputs(*sizes, seed=seed)
+    return (x, dt_chunks, dA_cumsum, dy, CB, sizes[4]), B, C
+
+
+@pytest.mark.parametrize("case", list(CHUNK_PAIR_CASES))
+def test_chunk_pairs_reference_gives_autograds_gradients(case):
+    """Through `chunk_scan_from_states_reference` from zero entering states (the part of y that x reaches inside its
+    chunk, CB[t, s] = C_t . B_s), with dA_cumsum the running sum of leaf increments dA inside each chunk: dA's
+    gradient is ddA (mamba-ssm's stable kernel's: the chunk's own outputs' part, which is all of it here), and C's and
+    B's are dCB's products with B and C, dC_t = sum_s dCB[t, s] B_s and dB_s = sum_t dCB[t, s] C_t."""
+    sizes = CHUNK_PAIR_CASES[case][0]
+    (x, dt_chunks, dA_cumsum, dy, CB, groups), B, C = pairs_inputs(sizes)
+    batch, length, heads, head_dim, _, state, chunk = sizes
+    chunks = dt_chunks.shape[2]
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, chunks * chunk - length))  # noqa: E731
+    B_leaf, C_leaf = (t.detach().float().requires_grad_(True) for t in (B, C))
+    increments = torch.diff(dA_cumsum, dim=-1, prepend=torch.zeros_like(dA_cumsum[..., :1])).requires_grad_(True)
+    zero_states = torch.zeros(batch, chunks, heads, head_dim, state)
+    y = chunk_scan_from_states_reference(pad(B_leaf), pad(C_leaf), pad(x), dt_chunks, torch.cumsum(increments, -1),
+                                         zero_states)
+    (y[:, :length] * dy).sum().backward()
+
+    dCB, ddA = chunk_pairs_backward_reference(x, dt_chunks, dA_cumsum, dy, CB, groups)
+    assert dCB.shape == CB.shape and ddA.shape == dA_cumsum.shape
+    assert dCB.dtype == ddA.dtype == torch.float32
+    assert rel_err(ddA, increments.grad) <= 1e-5
+    assert torch.all(ddA[..., 0] == 0) and torch.all(dCB.triu(1) == 0)
+    B_chunks, C_chunks = (pad(t.float()).unflatten(1, (chunks, chunk)) for t in (B, C))  # (b, c, k, g, n)
+    dC = torch.einsum("bcgts,bcsgn->bctgn", dCB, B_chunks).flatten(1, 2)[:, :length]
+    dB = torch.einsum("bcgts,bctgn->bcsgn", dCB, C_chunks).flatten(1, 2)[:, :length]
+    assert rel_err(dC, C_leaf.grad) <= 1e-5
+    assert rel_err(dB, B_leaf.grad) <= 1e-5
+
+
+def chunk_pairs_checks() -> dict:
+    """The products at a chunk's pairs of positions under the interpreter (see `interpreted_checks`)."""
+    errors = {}
+    for seed, (name, (sizes, launch)) in enumerate(CHUNK_PAIR_CASES.items()):
+        inputs, _, _ = pairs_inputs(sizes, seed)
+        got = chunk_pairs_backward(*inputs) if launch is None else launch_chunk_pairs_backward(*inputs, **launch)
+        expected = chunk_pairs_backward_reference(*inputs)
+        errors[name] = dict(dCB=rel_err(got[0], expected[0]), ddA=rel_err(got[1], expected[1]),
+                            shapes=[list(t.shape) for t in got] == [list(t.shape) for t in expected],
+                            float32=all(t.dtype == torch.float32 for t in got))
+    x, dt_chunks, dA_cumsum, dy, CB, groups = pairs_inputs(CHUNK_PAIR_CASES["partial chunk, groups"][0])[0]
+    refusals = {}
+    for name, call in {
+        "dy of another shape": lambda: chunk_pairs_backward(x, dt_chunks, dA_cumsum, dy[:, 1:], CB, groups),
+        "another number of groups": lambda: chunk_pairs_backward(x, dt_chunks, dA_cumsum, dy, CB, 1),
+        "bf16 decays": lambda: chunk_pairs_backward(x, dt_chunks, dA_cumsum.bfloat16(), dy, CB, groups),
+        "groups not dividing the heads": lambda: chunk_pairs_backward(x, dt_chunks, dA_cumsum, dy, CB, 3),
+    }.items():
+        try:
+            call()
+        except (ValueError, TypeError) as error:
+            refusals[name] = f"{type(error).__name__}: {error}"
+    return dict(errors=errors, refusals=refusals)
+
+
+@pytest.mark.parametrize("case", list(CHUNK_PAIR_CASES))
+def test_interpreted_chunk_pairs_match_the_reference(interpreted, case):
+    errors = interpreted["chunk_pairs"]["errors"][case]
+    assert errors["shapes"] and errors["float32"]
+    assert errors["dCB"] <= 1e-5 and errors["ddA"] <= 1e-5
+
+
+def test_chunk_pairs_refuse_inconsistent_inputs(interpreted):
+    refusals = interpreted["chunk_pairs"]["refusals"]
+    assert refusals["dy of another shape"] == "ValueError: dy must be x's shape (2, 45, 4, 8), got (2, 44, 4, 8)"
+    assert refusals["another number of groups"].startswith("ValueError: CB must be (2, 3, 1, 16, 16)")
+    assert refusals["bf16 decays"] == "TypeError: dA_cumsum must be float32, got torch.bfloat16"
+    assert refusals["groups not dividing the heads"] == "ValueError: ngroups must divide x's 4 heads, got 3"
