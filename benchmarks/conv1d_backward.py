@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from diffuapriel_hf.modeling.conv1d_triton import DEFAULT_LAUNCH, ConvLaunch, launch_causal_conv1d_backward
-from harness import median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from harness import kernel_comparison_row, new_result, save  # benchmarks/harness.py, beside this script
 
 SHAPES = [(4, 4096), (1, 16384)]
 DIM, STATE, HEADS, WIDTH = 4096, 128, 64, 4
@@ -69,44 +69,25 @@ def ours(inputs: dict, launch: ConvLaunch):
                                          dx=inputs["dx_ours"], launch=launch)
 
 
-def differences(got, reference) -> dict:
-    return {name: (a.float() - b.float()).abs().max().item() for name, a, b in zip(OUTPUTS, got, reference)}
+def swept_launches(inputs: dict) -> list:
+    """(launch fields, call) for `SWEEP`'s settings with at most `MOST_CHANNELS_PER_THREAD` channels a thread and at
+    least one."""
+    def call(launch):
+        return lambda: ours(inputs, launch)
 
-
-def swept_launches() -> list:
-    """`SWEEP`'s settings with at most `MOST_CHANNELS_PER_THREAD` channels a thread and at least one."""
     launches = [ConvLaunch(*values) for values in itertools.product(*SWEEP.values())]
-    return [launch for launch in launches if 32 * launch.num_warps <= launch.block_c
-            <= MOST_CHANNELS_PER_THREAD * 32 * launch.num_warps]
-
-
-def swept_launch(inputs: dict, reference, launch: ConvLaunch) -> dict:
-    """One setting of the sweep: its time and its largest differences from `reference`, or, where it does not fit
-    the multiprocessor or fails to compile, the error as its time."""
-    run = lambda: ours(inputs, launch)  # noqa: E731
-    try:
-        return dict(launch._asdict(), max_abs_diff=differences(run(), reference), ms=median_ms(run, reps=20, warmup=2))
-    except Exception as error:
-        return dict(launch._asdict(), max_abs_diff=None, ms=repr(error).splitlines()[0][:120])
+    return [(launch._asdict(), call(launch)) for launch in launches
+            if 32 * launch.num_warps <= launch.block_c <= MOST_CHANNELS_PER_THREAD * 32 * launch.num_warps]
 
 
 def conv_rows() -> list[dict]:
     rows = []
     for batch, length in SHAPES:
         inputs = conv_inputs(batch, length)
-        reference = [t.clone() for t in theirs(inputs)]
-        gigabytes = bytes_moved(inputs) / 1e9
-        row = dict(batch=batch, length=length, launch=DEFAULT_LAUNCH._asdict(), gigabytes=gigabytes,
-                   causal_conv1d_ms=median_ms(lambda: theirs(inputs), reps=20, warmup=2),
-                   ours_ms=median_ms(lambda: ours(inputs, DEFAULT_LAUNCH), reps=20, warmup=2),
-                   max_abs_diff=differences(ours(inputs, DEFAULT_LAUNCH), reference),
-                   reference_max_abs={name: t.float().abs().max().item() for name, t in zip(OUTPUTS, reference)},
-                   sweep=[swept_launch(inputs, reference, launch) for launch in swept_launches()])
-        row["best"] = min((s for s in row["sweep"] if isinstance(s["ms"], float)), key=lambda s: s["ms"])
-        rows.append(row)
-        print(f"conv1d backward {batch} x {length}: causal-conv1d {row['causal_conv1d_ms']:.3f} ms, ours "
-              f"{row['ours_ms']:.3f} ms ({gigabytes / row['ours_ms']:.2f} TB/s; best swept {row['best']}), max diff "
-              f"{row['max_abs_diff']} of {row['reference_max_abs']}", flush=True)
+        rows.append(kernel_comparison_row(
+            "conv1d backward", "causal_conv1d", OUTPUTS, lambda: theirs(inputs), lambda: ours(inputs, DEFAULT_LAUNCH),
+            swept_launches(inputs), sweep_reps=20, sweep_warmup=2, batch=batch, length=length,
+            launch=DEFAULT_LAUNCH._asdict(), gigabytes=bytes_moved(inputs) / 1e9))
     return rows
 
 

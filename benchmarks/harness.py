@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the stamp every result carries (the commit measured, whether the tracked files
-differed from it, the device, the library versions), the writing of results, and the timing helpers and model
-builder of the GPU scripts. The scripts import it from beside them:
+differed from it, the device, the library versions), the writing of results, and the timing helpers, model builder
+and kernel-against-library comparison (timed launch sweeps, shared SSD inputs) of the GPU scripts. The scripts import
+it from beside them:
 
     from harness import build, graphed_step_ms, new_result, save
 
@@ -224,6 +225,62 @@ def graphed_step_ms(model, ids, reps: int, warmup: int = 1) -> float:
     del denoiser
     torch.cuda.empty_cache()
     return ms
+
+
+def max_abs_differences(names, got, reference) -> dict:
+    """The largest absolute difference of each output from its reference, by name."""
+    return {name: (a.float() - b.float()).abs().max().item() for name, a, b in zip(names, got, reference)}
+
+
+def timed_launch(fields: dict, run, difference, reps: int, warmup: int = 1) -> dict:
+    """One launch setting of a kernel sweep: `fields` with `difference(run())` and the median ms of `run`, or, where the
+    setting does not fit the multiprocessor (registers, shared memory) or fails to compile, the error as its time."""
+    try:
+        return dict(fields, max_abs_diff=difference(run()), ms=median_ms(run, reps=reps, warmup=warmup))
+    except Exception as error:
+        return dict(fields, max_abs_diff=None, ms=repr(error).splitlines()[0][:120])
+
+
+def fastest(sweep: list) -> dict:
+    """The sweep's setting of least time (among those that ran)."""
+    return min((s for s in sweep if isinstance(s["ms"], float)), key=lambda s: s["ms"])
+
+
+def kernel_comparison_row(label: str, library: str, names, theirs, ours, sweep, sweep_reps: int = 10,
+                          sweep_warmup: int = 1, **fields) -> dict:
+    """A kernel of ours against the library's at one shape: `fields`, the median ms of `theirs()` (as
+    `{library}_ms`) and of `ours()` (its default launch), ours' largest differences from theirs and their scale,
+    then `sweep`, pairs (launch fields, call) each timed by `timed_launch`, and the fastest of them. `fields` may
+    carry `gigabytes`, what the kernel must read and write once, for the bandwidth printed."""
+    reference = [t.clone() for t in theirs()]  # apart from the buffers the next call writes
+    row = dict(fields, **{f"{library}_ms": median_ms(theirs, reps=20, warmup=2)},
+               ours_ms=median_ms(ours, reps=20, warmup=2),
+               max_abs_diff=max_abs_differences(names, ours(), reference),
+               reference_max_abs={name: t.float().abs().max().item() for name, t in zip(names, reference)})
+    difference = lambda got: max_abs_differences(names, got, reference)  # noqa: E731
+    row["sweep"] = [timed_launch(launch, run, difference, sweep_reps, sweep_warmup) for launch, run in sweep]
+    row["best"] = fastest(row["sweep"])
+    bandwidth = f"{row['gigabytes'] / row['ours_ms']:.2f} TB/s; " if "gigabytes" in row else ""
+    print(f"{label} {row.get('batch')} x {row.get('length')}: {library} {row[f'{library}_ms']:.3f} ms, ours "
+          f"{row['ours_ms']:.3f} ms ({bandwidth}best swept {row['best']}), max diff {row['max_abs_diff']} of "
+          f"{row['reference_max_abs']}", flush=True)
+    return row
+
+
+def chunked_ssd_inputs(batch: int, length: int, heads: int, head_dim: int, groups: int, state: int, chunk: int,
+                       generator: torch.Generator):
+    """The SSD backward kernels' common inputs as the training pass gives them, drawn from `generator`: the
+    convolution's output xBC (b, l, h * p + 2 * g * n) bf16, whose x, B and C are views; dy (b, l, h, p) bf16; dt
+    (b, h, c, chunk) float32, zero past the sequence's end; dA_cumsum (b, h, c, chunk), the running log decays."""
+    chunks = -(-length // chunk)
+    xBC = torch.randn(batch, length, heads * head_dim + 2 * groups * state, device="cuda",
+                      generator=generator).to(torch.bfloat16)
+    dy = torch.randn(batch, length, heads, head_dim, device="cuda", generator=generator).to(torch.bfloat16)
+    dt = torch.rand(batch, heads, chunks * chunk, device="cuda", generator=generator) * 0.1
+    dt[..., length:] = 0
+    A = -torch.exp(torch.rand(heads, device="cuda", generator=generator))
+    dA_cumsum = torch.cumsum((dt * A[:, None]).unflatten(-1, (chunks, chunk)), dim=-1)
+    return xBC, dy, dt.unflatten(-1, (chunks, chunk)), dA_cumsum
 
 
 def matmul_ceiling() -> float:

@@ -21,7 +21,7 @@ import torch
 
 from diffuapriel_hf.modeling.ssd_backward_triton import (LAUNCH_CHUNK_INPUTS, chunk_inputs_backward,
                                                          launch_chunk_inputs_backward)
-from harness import median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from harness import chunked_ssd_inputs, kernel_comparison_row, new_result, save  # benchmarks/harness.py, beside this
 
 SHAPES = [(16, 1024), (4, 4096), (2, 8192), (1, 16384)]
 HEADS, HEAD_DIM, STATE, GROUPS, CHUNK = 64, 64, 128, 1, 128
@@ -37,22 +37,15 @@ def dx_inputs(batch: int, length: int):
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    chunks = -(-length // CHUNK)
-    width = HEADS * HEAD_DIM + 2 * GROUPS * STATE
-    xBC = torch.randn(batch, length, width, device="cuda", generator=g).to(torch.bfloat16)
+    xBC, dy, dt_chunks, dA_cumsum = chunked_ssd_inputs(batch, length, HEADS, HEAD_DIM, GROUPS, STATE, CHUNK, g)
     x, B, C = xBC.split([HEADS * HEAD_DIM, GROUPS * STATE, GROUPS * STATE], dim=-1)
     x, B, C = x.unflatten(-1, (HEADS, HEAD_DIM)), B.unflatten(-1, (GROUPS, STATE)), C.unflatten(-1, (GROUPS, STATE))
-    dy = torch.randn(batch, length, HEADS, HEAD_DIM, device="cuda", generator=g).to(torch.bfloat16)
-    dt = torch.rand(batch, HEADS, chunks * CHUNK, device="cuda", generator=g) * 0.1
-    dt[..., length:] = 0
-    A = -torch.exp(torch.rand(HEADS, device="cuda", generator=g))
-    dA_cumsum = torch.cumsum((dt * A[:, None]).unflatten(-1, (chunks, CHUNK)), dim=-1)
     CB = _bmm_chunk_fwd(C, B, CHUNK, output_dtype=torch.float32)
-    dstates = torch.randn(batch, chunks, HEADS, HEAD_DIM, STATE, device="cuda", generator=g).to(torch.bfloat16)
+    dstates = torch.randn(batch, dA_cumsum.shape[2], HEADS, HEAD_DIM, STATE, device="cuda",
+                          generator=g).to(torch.bfloat16)
     D = 1 + 0.2 * torch.randn(HEADS, device="cuda", generator=g)
-    dx = torch.empty(batch, length, width, device="cuda", dtype=torch.bfloat16)[..., :HEADS * HEAD_DIM]
-    inputs = (x, dt.unflatten(-1, (chunks, CHUNK)), dA_cumsum, B, CB, dy, dstates)
-    return inputs, D, dx.unflatten(-1, (HEADS, HEAD_DIM))
+    dx = torch.empty_like(xBC)[..., :HEADS * HEAD_DIM]
+    return (x, dt_chunks, dA_cumsum, B, CB, dy, dstates), D, dx.unflatten(-1, (HEADS, HEAD_DIM))
 
 
 def bytes_moved(inputs) -> int:
@@ -63,20 +56,15 @@ def bytes_moved(inputs) -> int:
     return read + x.numel() * x.element_size() + dt_chunks.numel() * 4
 
 
-def differences(got, reference) -> dict:
-    return {name: (a.float() - b.float()).abs().max().item() for name, a, b in zip(OUTPUTS, got, reference)}
+def swept_launches(inputs, D, dx) -> list:
+    """(launch, call) for each setting of `SWEEP`."""
+    def call(launch):
+        return lambda: launch_chunk_inputs_backward(*inputs, D, dx, **launch)
 
-
-def swept_launch(inputs, D, dx, reference, block_m, block_k, num_warps, num_stages) -> dict:
-    """One setting of the sweep: its time and its largest differences from `reference`, or, where it does not fit the
-    multiprocessor (registers, shared memory), the error as its time."""
-    launch = dict(block_m=block_m, block_p=HEAD_DIM, block_k=block_k, block_n=STATE, num_warps=num_warps,
-                  num_stages=num_stages)
-    run = lambda: launch_chunk_inputs_backward(*inputs, D, dx, **launch)  # noqa: E731
-    try:
-        return dict(launch, max_abs_diff=differences(run(), reference), ms=median_ms(run, reps=10))
-    except Exception as error:
-        return dict(launch, max_abs_diff=None, ms=repr(error).splitlines()[0][:120])
+    launches = [dict(block_m=block_m, block_p=HEAD_DIM, block_k=block_k, block_n=STATE, num_warps=num_warps,
+                     num_stages=num_stages)
+                for (block_m, block_k), num_warps, num_stages in itertools.product(*SWEEP.values())]
+    return [(launch, call(launch)) for launch in launches]
 
 
 def dx_rows() -> list[dict]:
@@ -85,21 +73,10 @@ def dx_rows() -> list[dict]:
     rows = []
     for batch, length in SHAPES:
         inputs, D, dx = dx_inputs(batch, length)
-        theirs = lambda: _chunk_scan_chunk_state_bwd_dx(*inputs, D=D, dx=dx)  # noqa: E731
-        ours = lambda: chunk_inputs_backward(*inputs, D=D, dx=dx)  # noqa: E731
-        reference = [t.clone() for t in theirs()]
-        gigabytes = bytes_moved(inputs) / 1e9
-        row = dict(batch=batch, length=length, launch=LAUNCH_CHUNK_INPUTS, gigabytes=gigabytes,
-                   mamba_ssm_ms=median_ms(theirs, reps=20, warmup=2), ours_ms=median_ms(ours, reps=20, warmup=2),
-                   max_abs_diff=differences(ours(), reference),
-                   reference_max_abs={name: t.float().abs().max().item() for name, t in zip(OUTPUTS, reference)},
-                   sweep=[swept_launch(inputs, D, dx, reference, block_m, block_k, num_warps, num_stages)
-                          for (block_m, block_k), num_warps, num_stages in itertools.product(*SWEEP.values())])
-        row["best"] = min((s for s in row["sweep"] if isinstance(s["ms"], float)), key=lambda s: s["ms"])
-        rows.append(row)
-        print(f"dx {batch:2d} x {length:6d}: mamba-ssm {row['mamba_ssm_ms']:.3f} ms, ours {row['ours_ms']:.3f} ms "
-              f"({gigabytes / row['ours_ms']:.2f} TB/s; best swept {row['best']}), max diff {row['max_abs_diff']} "
-              f"of {row['reference_max_abs']}", flush=True)
+        rows.append(kernel_comparison_row(
+            "dx", "mamba_ssm", OUTPUTS, lambda: _chunk_scan_chunk_state_bwd_dx(*inputs, D=D, dx=dx),
+            lambda: chunk_inputs_backward(*inputs, D=D, dx=dx), swept_launches(inputs, D, dx), batch=batch,
+            length=length, launch=LAUNCH_CHUNK_INPUTS, gigabytes=bytes_moved(inputs) / 1e9))
     return rows
 
 

@@ -22,7 +22,7 @@ import torch
 
 from diffuapriel_hf.modeling.ssd_backward_triton import (LAUNCH_CHUNK_PAIRS, chunk_pairs_backward,
                                                          launch_chunk_pairs_backward)
-from harness import median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from harness import chunked_ssd_inputs, kernel_comparison_row, new_result, save  # benchmarks/harness.py, beside this
 
 SHAPES = [(16, 1024), (4, 4096), (2, 8192), (1, 16384)]
 HEADS, HEAD_DIM, STATE, GROUPS, CHUNK = 64, 64, 128, 1, 128
@@ -38,17 +38,11 @@ def pairs_inputs(batch: int, length: int):
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    chunks = -(-length // CHUNK)
-    xBC = torch.randn(batch, length, HEADS * HEAD_DIM + 2 * GROUPS * STATE, device="cuda", generator=g)
-    x, B, C = xBC.to(torch.bfloat16).split([HEADS * HEAD_DIM, GROUPS * STATE, GROUPS * STATE], dim=-1)
-    dy = torch.randn(batch, length, HEADS, HEAD_DIM, device="cuda", generator=g).to(torch.bfloat16)
-    dt = torch.rand(batch, HEADS, chunks * CHUNK, device="cuda", generator=g) * 0.1
-    dt[..., length:] = 0
-    A = -torch.exp(torch.rand(HEADS, device="cuda", generator=g))
-    dA_cumsum = torch.cumsum((dt * A[:, None]).unflatten(-1, (chunks, CHUNK)), dim=-1)
+    xBC, dy, dt_chunks, dA_cumsum = chunked_ssd_inputs(batch, length, HEADS, HEAD_DIM, GROUPS, STATE, CHUNK, g)
+    x, B, C = xBC.split([HEADS * HEAD_DIM, GROUPS * STATE, GROUPS * STATE], dim=-1)
     CB = _bmm_chunk_fwd(C.unflatten(-1, (GROUPS, STATE)), B.unflatten(-1, (GROUPS, STATE)), CHUNK,
                         output_dtype=torch.float32)
-    return x.unflatten(-1, (HEADS, HEAD_DIM)), dt.unflatten(-1, (chunks, CHUNK)), dA_cumsum, dy, CB, GROUPS
+    return x.unflatten(-1, (HEADS, HEAD_DIM)), dt_chunks, dA_cumsum, dy, CB, GROUPS
 
 
 def bytes_moved(inputs) -> int:
@@ -59,18 +53,13 @@ def bytes_moved(inputs) -> int:
     return read + CB.numel() * 4 + dA_cumsum.numel() * 4
 
 
-def differences(got, reference) -> dict:
-    return {name: (a.float() - b.float()).abs().max().item() for name, a, b in zip(OUTPUTS, got, reference)}
+def swept_launches(inputs) -> list:
+    """(launch, call) for each setting of `SWEEP`."""
+    def call(launch):
+        return lambda: launch_chunk_pairs_backward(*inputs, **launch)
 
-
-def swept_launch(inputs, reference, launch: dict) -> dict:
-    """One setting of the sweep: its time and its largest differences from `reference`, or, where it does not fit the
-    multiprocessor (registers, shared memory), the error as its time."""
-    run = lambda: launch_chunk_pairs_backward(*inputs, **launch)  # noqa: E731
-    try:
-        return dict(launch, max_abs_diff=differences(run(), reference), ms=median_ms(run, reps=10))
-    except Exception as error:
-        return dict(launch, max_abs_diff=None, ms=repr(error).splitlines()[0][:120])
+    return [(launch, call(launch)) for launch in (dict(zip(SWEEP, values))
+                                                  for values in itertools.product(*SWEEP.values()))]
 
 
 def pairs_rows() -> list[dict]:
@@ -82,20 +71,9 @@ def pairs_rows() -> list[dict]:
         x, dt_chunks, dA_cumsum, dy, CB, groups = inputs
         theirs = lambda: (_chunk_scan_bwd_dcb(x, dt_chunks, dA_cumsum, dy, ngroups=groups),  # noqa: E731
                           _chunk_scan_bwd_ddAcs_stable(x, dt_chunks, dA_cumsum, dy, CB))
-        ours = lambda: chunk_pairs_backward(*inputs)  # noqa: E731
-        reference = [t.clone() for t in theirs()]
-        gigabytes = bytes_moved(inputs) / 1e9
-        row = dict(batch=batch, length=length, launch=LAUNCH_CHUNK_PAIRS, gigabytes=gigabytes,
-                   mamba_ssm_ms=median_ms(theirs, reps=20, warmup=2), ours_ms=median_ms(ours, reps=20, warmup=2),
-                   max_abs_diff=differences(ours(), reference),
-                   reference_max_abs={name: t.float().abs().max().item() for name, t in zip(OUTPUTS, reference)},
-                   sweep=[swept_launch(inputs, reference, dict(zip(SWEEP, values)))
-                          for values in itertools.product(*SWEEP.values())])
-        row["best"] = min((s for s in row["sweep"] if isinstance(s["ms"], float)), key=lambda s: s["ms"])
-        rows.append(row)
-        print(f"pairs {batch:2d} x {length:6d}: mamba-ssm {row['mamba_ssm_ms']:.3f} ms, ours {row['ours_ms']:.3f} ms "
-              f"({gigabytes / row['ours_ms']:.2f} TB/s; best swept {row['best']}), max diff {row['max_abs_diff']} "
-              f"of {row['reference_max_abs']}", flush=True)
+        rows.append(kernel_comparison_row(
+            "pairs", "mamba_ssm", OUTPUTS, theirs, lambda: chunk_pairs_backward(*inputs), swept_launches(inputs),
+            batch=batch, length=length, launch=LAUNCH_CHUNK_PAIRS, gigabytes=bytes_moved(inputs) / 1e9))
     return rows
 
 

@@ -20,7 +20,7 @@ import torch
 
 from diffuapriel_hf.modeling.ssd_backward_triton import (entering_states_backward, launch_entering_states_backward,
                                                          launch_settings)
-from harness import median_ms, new_result, save  # benchmarks/harness.py, beside this script
+from harness import chunked_ssd_inputs, fastest, median_ms, new_result, save, timed_launch  # beside this script
 
 SHAPES = [(16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384)]
 HEADS, HEAD_DIM, STATE, GROUPS, CHUNK = 64, 64, 128, 1, 256
@@ -34,15 +34,9 @@ def walk_inputs(batch: int, length: int):
     """C (b, l, g, n) a view of the convolution's output, dA_cumsum (b, h, c, chunk), dy (b, l, h, p), the float32
     states entering each chunk."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    chunks = -(-length // CHUNK)
-    xBC = torch.randn(batch, length, HEADS * HEAD_DIM + 2 * GROUPS * STATE, device="cuda", generator=g)
-    C = xBC.to(torch.bfloat16)[..., -GROUPS * STATE:].unflatten(-1, (GROUPS, STATE))
-    dy = torch.randn(batch, length, HEADS, HEAD_DIM, device="cuda", generator=g).to(torch.bfloat16)
-    dt = torch.rand(batch, HEADS, chunks * CHUNK, device="cuda", generator=g) * 0.1
-    dt[..., length:] = 0
-    A = -torch.exp(torch.rand(HEADS, device="cuda", generator=g))
-    dA_cumsum = torch.cumsum((dt * A[:, None]).unflatten(-1, (chunks, CHUNK)), dim=-1)
-    chunk_states = torch.randn(batch, chunks, HEADS, HEAD_DIM, STATE, device="cuda", generator=g)
+    xBC, dy, _, dA_cumsum = chunked_ssd_inputs(batch, length, HEADS, HEAD_DIM, GROUPS, STATE, CHUNK, g)
+    C = xBC[..., -GROUPS * STATE:].unflatten(-1, (GROUPS, STATE))
+    chunk_states = torch.randn(batch, dA_cumsum.shape[2], HEADS, HEAD_DIM, STATE, device="cuda", generator=g)
     chunk_states[:, 0] = 0
     return C, dA_cumsum, dy, chunk_states
 
@@ -66,17 +60,13 @@ def walk_rows() -> list[dict]:
                    ours_ms=median_ms(lambda: entering_states_backward(*inputs, torch.bfloat16), reps=20, warmup=2),
                    max_abs_diff=(ours.float() - reference.float()).abs().max().item(),
                    reference_max_abs=reference.float().abs().max().item(), sweep=[])
+        difference = lambda got: (got[0].float() - reference.float()).abs().max().item()  # noqa: E731
         for (block_p, block_n), block_k, num_warps, num_stages, unroll_chunk in itertools.product(*SWEEP.values()):
             launch = dict(block_p=block_p, block_n=block_n, block_k=block_k, num_warps=num_warps,
                           num_stages=num_stages, unroll_chunk=unroll_chunk)
-            try:
-                swept = launch_entering_states_backward(*inputs, torch.bfloat16, **launch)[0]
-                diff = (swept.float() - reference.float()).abs().max().item()
-                ms = median_ms(lambda: launch_entering_states_backward(*inputs, torch.bfloat16, **launch), reps=10)
-            except Exception as error:  # a setting that does not fit the multiprocessor (registers, shared memory)
-                ms, diff = repr(error).splitlines()[0][:120], None
-            row["sweep"].append(dict(launch, ms=ms, max_abs_diff=diff))
-        row["best"] = min((s for s in row["sweep"] if isinstance(s["ms"], float)), key=lambda s: s["ms"])
+            run = lambda: launch_entering_states_backward(*inputs, torch.bfloat16, **launch)  # noqa: E731
+            row["sweep"].append(timed_launch(launch, run, difference, reps=10))
+        row["best"] = fastest(row["sweep"])
         rows.append(row)
         print(f"walk {batch:2d} x {length:6d}: mamba-ssm {row['mamba_ssm_ms']:.3f} ms, ours {row['ours_ms']:.3f} ms "
               f"(best swept {row['best']}), max diff {row['max_abs_diff']:.3g} of {row['reference_max_abs']:.3g}",
